@@ -1,0 +1,340 @@
+"""Task-aligned label assignment (TOOD), batched with ``vmap`` and fixed shapes.
+
+The assignment for one image, in the steps of the seed walkthrough:
+
+1. in-box mask: an anchor centre strictly inside a valid GT box (boxes with a side
+   under ``min_box_side`` are widened to it about their centre, for this test only);
+2. align metric ``s^alpha * u^beta`` on in-box pairs: ``s`` is the predicted
+   probability of the GT's class, ``u`` the CIoU of GT and predicted box clamped at 0;
+3. top-k: each GT keeps its ``topk`` anchors of highest metric, then only in-box ones;
+4. conflict resolution: an anchor claimed by several GTs goes to the in-box GT with the
+   highest overlap; ``topk2`` optionally re-filters each GT's positives by metric;
+5. targets: the GT's class one-hot times ``metric * max overlap of the GT / max metric of
+   the GT``, the GT's box, a foreground mask and the GT index.
+
+Implementation notes. Steps 1-3 are the only ones that need every (GT, anchor) pair; they
+run over blocks of ``gt_chunk`` GTs with ``lax.scan`` so memory is ``O(gt_chunk * A)``
+whatever ``M`` is, and keep only each GT's top-k list plus, per anchor, its best in-box
+overlap. Steps 4-5 then work on per-anchor vectors, ``O(A + M * topk)``. Chunked and
+dense (one block) runs compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxtal.boxes import aspect_angle, box_iou
+from jaxtal.labels import GroundTruth
+
+# Above this many (GT, anchor) pairs per image the GTs are processed in blocks.
+_DENSE_PAIRS = 1 << 20
+_AUTO_CHUNK = 32
+
+
+class Assignment(NamedTuple):
+  """Per-anchor training targets.
+
+  Attributes:
+    labels: ``(b, A)`` int32 class of the assigned GT; 0 on background.
+    boxes: ``(b, A, 4)`` float32 xyxy box of the assigned GT in pixels; 0 on background.
+    scores: ``(b, A, nc)`` float32 soft targets (one-hot times the normalised metric);
+      0 on background.
+    fg_mask: ``(b, A)`` bool, True on foreground (positive) anchors.
+    gt_index: ``(b, A)`` int32 index into ``M`` of the assigned GT; 0 on background.
+  """
+
+  labels: jax.Array
+  boxes: jax.Array
+  scores: jax.Array
+  fg_mask: jax.Array
+  gt_index: jax.Array
+
+
+def valid_gt(gt_labels: jax.Array, gt_boxes: jax.Array, gt_mask: jax.Array, num_classes: int) -> jax.Array:
+  """Which GT rows may own anchors: real rows with finite, positive-area boxes and a class in ``[0, nc)``.
+
+  Shapes: ``(..., M)``, ``(..., M, 4)``, ``(..., M)`` -> ``(..., M)`` bool.
+  """
+  finite = jnp.isfinite(gt_boxes).all(axis=-1)
+  positive = (gt_boxes[..., 2] > gt_boxes[..., 0]) & (gt_boxes[..., 3] > gt_boxes[..., 1])
+  in_range = (gt_labels >= 0) & (gt_labels < num_classes)
+  return gt_mask.astype(bool) & finite & positive & in_range
+
+
+def _power(x: jax.Array, p: float) -> jax.Array:
+  if float(p).is_integer() and 0 <= p <= 64:
+    return jax.lax.integer_pow(x, int(p))
+  if p == 0.5:
+    return jnp.sqrt(x)
+  return jnp.power(x, p)
+
+
+def _top_k_mask_lists(
+    scores_t: jax.Array,
+    pred_boxes: jax.Array,
+    pred_angle: jax.Array,
+    anchors: jax.Array,
+    labels: jax.Array,
+    boxes: jax.Array,
+    valid: jax.Array,
+    *,
+    topk: int,
+    alpha: float,
+    beta: float,
+    eps: float,
+    min_box_side: float,
+):
+  """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors of one image.
+
+  Returns per GT ``(C, k)`` top-k anchor indices, whether each is a positive (in-box and
+  valid), and its overlap and metric; per anchor ``(A,)`` the best in-box overlap in the
+  block, its GT (block-local index) and that pair's metric.
+  """
+  ctr = (boxes[:, :2] + boxes[:, 2:]) / 2
+  wh = boxes[:, 2:] - boxes[:, :2]
+  if min_box_side > 0:
+    wh = jnp.where(valid[:, None] & (wh < min_box_side), jnp.asarray(min_box_side, wh.dtype), wh)
+  lt, rb = ctr - wh / 2, ctr + wh / 2
+  ax, ay = anchors[None, :, 0], anchors[None, :, 1]
+  in_box = (
+      (ax - lt[:, 0:1] > eps) & (ay - lt[:, 1:2] > eps) & (rb[:, 0:1] - ax > eps) & (rb[:, 1:2] - ay > eps)
+  )
+  cand = in_box & valid[:, None]  # (C, A)
+
+  ciou = box_iou(
+      boxes[:, None, :], pred_boxes[None, :, :], "ciou", angle1=aspect_angle(boxes)[:, None], angle2=pred_angle[None]
+  )
+  overlaps = jnp.where(cand & jnp.isfinite(ciou), jnp.maximum(ciou, 0.0), 0.0)
+  cls_score = jnp.take(scores_t, jnp.clip(labels, 0, scores_t.shape[0] - 1), axis=0)  # (C, A)
+  metric = jnp.where(cand, _power(cls_score, alpha) * _power(overlaps, beta), 0.0)
+
+  top_metric, top_idx = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
+  top_pos = jnp.take_along_axis(cand, top_idx, axis=1)
+  top_ov = jnp.take_along_axis(overlaps, top_idx, axis=1)
+
+  masked = jnp.where(cand, overlaps, -1.0)
+  best_local = jnp.argmax(masked, axis=0)  # first GT on ties, as argmax over GTs
+  best_ov = jnp.take_along_axis(masked, best_local[None], axis=0)[0]
+  best_metric = jnp.take_along_axis(metric, best_local[None], axis=0)[0]
+  return top_idx, top_pos, top_ov, top_metric, best_ov, best_local, best_metric
+
+
+def _assign_one(
+    scores: jax.Array,
+    pred_boxes: jax.Array,
+    anchors: jax.Array,
+    gt_labels: jax.Array,
+    gt_boxes: jax.Array,
+    gt_mask: jax.Array,
+    *,
+    topk: int,
+    topk2: int | None,
+    alpha: float,
+    beta: float,
+    eps: float,
+    min_box_side: float,
+    gt_chunk: int,
+):
+  """Assignment of one image: ``(A, nc), (A, 4), (A, 2), (M,), (M, 4), (M,)``."""
+  num_anchors, nc = scores.shape
+  m = gt_labels.shape[0]
+  valid = valid_gt(gt_labels, gt_boxes, gt_mask, nc)
+  # Non-finite or out-of-range predictions never become targets: they score 0.
+  scores = jnp.where(jnp.isfinite(scores), jnp.clip(scores, 0.0, 1.0), 0.0)
+  pred_boxes = jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0)
+  safe_gt_boxes = jnp.where(valid[:, None], gt_boxes, 0.0)
+  scores_t = scores.T  # (nc, A): one row gather per GT instead of a gather per pair
+  pred_angle = aspect_angle(pred_boxes)
+  block = dict(topk=topk, alpha=alpha, beta=beta, eps=eps, min_box_side=min_box_side)
+
+  if gt_chunk >= m:
+    top_idx, top_pos, top_ov, top_metric, best_ov, best_gt, best_metric = _top_k_mask_lists(
+        scores_t, pred_boxes, pred_angle, anchors, gt_labels, safe_gt_boxes, valid, **block
+    )
+  else:
+    n_blocks = -(-m // gt_chunk)
+    pad = n_blocks * gt_chunk - m
+
+    def blocks(x):
+      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+      return x.reshape(n_blocks, gt_chunk, *x.shape[1:])
+
+    def step(carry, xs):
+      best_ov, best_gt, best_metric = carry
+      start, labels_c, boxes_c, valid_c = xs
+      t_idx, t_pos, t_ov, t_metric, b_ov, b_gt, b_metric = _top_k_mask_lists(
+          scores_t, pred_boxes, pred_angle, anchors, labels_c, boxes_c, valid_c, **block
+      )
+      better = b_ov > best_ov  # strict: an earlier GT keeps ties, as a global argmax would
+      carry = (
+          jnp.where(better, b_ov, best_ov),
+          jnp.where(better, b_gt + start, best_gt),
+          jnp.where(better, b_metric, best_metric),
+      )
+      return carry, (t_idx, t_pos, t_ov, t_metric)
+
+    init = (
+        jnp.full((num_anchors,), -1.0, jnp.float32),
+        jnp.zeros((num_anchors,), jnp.int32),
+        jnp.zeros((num_anchors,), jnp.float32),
+    )
+    starts = jnp.arange(n_blocks, dtype=jnp.int32) * gt_chunk
+    (best_ov, best_gt, best_metric), tops = jax.lax.scan(
+        step, init, (starts, blocks(gt_labels), blocks(safe_gt_boxes), blocks(valid))
+    )
+    top_idx, top_pos, top_ov, top_metric = (t.reshape(n_blocks * gt_chunk, topk)[:m] for t in tops)
+
+  # Step 4: per-anchor claim counts from the (M, topk) lists.
+  flat_idx = top_idx.reshape(-1)
+  flat_pos = top_pos.reshape(-1)
+  owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), topk)
+  count = jnp.zeros((num_anchors,), jnp.int32).at[flat_idx].add(flat_pos.astype(jnp.int32))
+  claimant = jnp.full((num_anchors,), -1, jnp.int32).at[flat_idx].max(jnp.where(flat_pos, owner, -1))
+  neg_inf = jnp.float32(-jnp.inf)
+  claim_ov = jnp.full((num_anchors,), neg_inf).at[flat_idx].max(jnp.where(flat_pos, top_ov.reshape(-1), neg_inf))
+  claim_metric = jnp.full((num_anchors,), neg_inf).at[flat_idx].max(
+      jnp.where(flat_pos, top_metric.reshape(-1), neg_inf)
+  )
+  multi = count > 1
+  fg = count > 0
+  gt_index = jnp.where(multi, best_gt, jnp.maximum(claimant, 0))
+  overlap = jnp.where(fg, jnp.where(multi, best_ov, claim_ov), 0.0)
+  metric = jnp.where(fg, jnp.where(multi, best_metric, claim_metric), 0.0)
+
+  if topk2 is not None and topk2 != topk:
+    # Keep each GT's topk2 positives of highest metric (ties: lower anchor index).
+    group = jnp.where(fg, gt_index, m)
+    anchor_ids = jnp.arange(num_anchors, dtype=jnp.int32)
+    # Sort by (GT, metric descending); lax.sort is stable, so ties keep the lower anchor index.
+    sorted_group, _, sorted_ids = jax.lax.sort((group, -metric, anchor_ids), num_keys=2)
+    group_start = jnp.searchsorted(sorted_group, jnp.arange(m + 1, dtype=sorted_group.dtype), side="left")
+    position = jnp.arange(num_anchors, dtype=jnp.int32)
+    rank = position - group_start[sorted_group]
+    keep = jnp.zeros((num_anchors,), bool).at[sorted_ids].set(rank < topk2)
+    fg = fg & keep
+    metric = jnp.where(fg, metric, 0.0)
+    overlap = jnp.where(fg, overlap, 0.0)
+  gt_index = jnp.where(fg, gt_index, 0)
+
+  # Step 5: normalise each GT's metrics so its best anchor gets its best overlap.
+  gt_max_metric = jnp.zeros((m,), jnp.float32).at[gt_index].max(metric)
+  gt_max_overlap = jnp.zeros((m,), jnp.float32).at[gt_index].max(overlap)
+  norm = jnp.where(fg, metric * gt_max_overlap[gt_index] / (gt_max_metric[gt_index] + eps), 0.0)
+
+  labels = jnp.where(fg, gt_labels[gt_index], 0).astype(jnp.int32)
+  boxes = jnp.where(fg[:, None], gt_boxes[gt_index], 0.0).astype(jnp.float32)
+  target_scores = jax.nn.one_hot(labels, nc, dtype=jnp.float32) * norm[:, None]
+  return Assignment(labels, boxes, target_scores, fg, gt_index.astype(jnp.int32))
+
+
+def check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt: GroundTruth, topk: int, topk2: int | None) -> None:
+  """Trace-time validation of :func:`task_aligned_assign` arguments (raises ValueError / TypeError)."""
+  for name, x, rank in (("pred_scores", pred_scores, 3), ("pred_boxes", pred_boxes, 3), ("anchor_points", anchor_points, 2)):
+    if getattr(x, "ndim", None) != rank:
+      raise ValueError(f"task_aligned_assign: {name} must have rank {rank}, got shape {getattr(x, 'shape', None)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"task_aligned_assign: {name} must be a float array, got dtype {x.dtype}")
+  b, a, nc = pred_scores.shape
+  if pred_boxes.shape != (b, a, 4):
+    raise ValueError(
+        f"task_aligned_assign: pred_boxes must be (b, A, 4) = ({b}, {a}, 4) to match pred_scores {pred_scores.shape},"
+        f" got {pred_boxes.shape}"
+    )
+  if anchor_points.shape != (a, 2):
+    raise ValueError(f"task_aligned_assign: anchor_points must be (A, 2) = ({a}, 2), got {anchor_points.shape}")
+  if not isinstance(gt, GroundTruth):
+    raise TypeError(f"task_aligned_assign: gt must be a jaxtal.GroundTruth, got {type(gt).__name__}")
+  if gt.labels.ndim != 2 or gt.labels.shape[0] != b:
+    raise ValueError(f"task_aligned_assign: gt.labels must be (b, M) with b = {b}, got {gt.labels.shape}")
+  m = gt.labels.shape[1]
+  if gt.boxes.shape != (b, m, 4):
+    raise ValueError(f"task_aligned_assign: gt.boxes must be (b, M, 4) = ({b}, {m}, 4), got {gt.boxes.shape}")
+  if gt.mask.shape != (b, m):
+    raise ValueError(f"task_aligned_assign: gt.mask must be (b, M) = ({b}, {m}), got {gt.mask.shape}")
+  if not jnp.issubdtype(gt.labels.dtype, jnp.integer):
+    raise TypeError(f"task_aligned_assign: gt.labels must be integer class ids, got dtype {gt.labels.dtype}")
+  if not jnp.issubdtype(gt.boxes.dtype, jnp.floating):
+    raise TypeError(f"task_aligned_assign: gt.boxes must be a float array, got dtype {gt.boxes.dtype}")
+  if int(topk) != topk or not 1 <= topk <= a:
+    raise ValueError(f"task_aligned_assign: topk must be a whole number in [1, A = {a}], got {topk!r}")
+  if topk2 is not None and (int(topk2) != topk2 or not 1 <= topk2 <= a):
+    raise ValueError(f"task_aligned_assign: topk2 must be None or a whole number in [1, A = {a}], got {topk2!r}")
+
+
+def task_aligned_assign(
+    pred_scores: jax.Array,
+    pred_boxes: jax.Array,
+    anchor_points: jax.Array,
+    gt: GroundTruth,
+    *,
+    topk: int = 10,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+    eps: float = 1e-9,
+    topk2: int | None = None,
+    min_box_side: float = 0.0,
+    gt_chunk: int | None = None,
+) -> Assignment:
+  """Assigns every anchor a target with the task-aligned assigner of TOOD.
+
+  Written for one image and vmapped over the batch; jittable with the keyword
+  arguments static; the whole computation is under ``stop_gradient``.
+
+  Args:
+    pred_scores: ``(b, A, nc)`` predicted class probabilities (sigmoid of the logits).
+    pred_boxes: ``(b, A, 4)`` predicted xyxy boxes in input pixels.
+    anchor_points: ``(A, 2)`` anchor centres in input pixels.
+    gt: a :class:`~jaxtal.GroundTruth` with ``M`` slots per image. Rows that are padding,
+      have a non-finite or zero/negative-area box, or a class outside ``[0, nc)`` never own anchors.
+    topk: candidates kept per GT.
+    alpha: exponent of the class score in the metric.
+    beta: exponent of the CIoU in the metric.
+    eps: margin of the strict in-box test and the normaliser's guard.
+    topk2: if set (and different from ``topk``), each GT keeps at most ``topk2`` positives
+      after conflict resolution, those of highest metric (YOLO26's one-to-one branch uses
+      ``topk=7, topk2=1``).
+    min_box_side: GT sides shorter than this (pixels) are widened to it about the box
+      centre for the in-box test only; ``0`` disables (the original YOLOv8), the current
+      Ultralytics release uses ``strides[1]``.
+    gt_chunk: process GTs in blocks of this many (memory ``O(b * gt_chunk * A)``);
+      ``None`` picks dense for small ``M * A`` and blocks of 32 otherwise. Results do not
+      depend on it.
+
+  Returns:
+    An :class:`Assignment`: ``labels (b, A)``, ``boxes (b, A, 4)``, ``scores (b, A, nc)``,
+    ``fg_mask (b, A)``, ``gt_index (b, A)``.
+
+  References:
+    Feng et al., 2021, "TOOD: Task-aligned One-stage Object Detection",
+    https://arxiv.org/abs/2108.07755.
+  """
+  check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt, topk, topk2)
+  m = gt.labels.shape[1]
+  num_anchors = pred_scores.shape[1]
+  if gt_chunk is None:
+    gt_chunk = m if m * num_anchors <= _DENSE_PAIRS else _AUTO_CHUNK
+  elif int(gt_chunk) != gt_chunk or gt_chunk < 1:
+    raise ValueError(f"task_aligned_assign: gt_chunk must be None or a whole number >= 1, got {gt_chunk!r}")
+  sg = jax.lax.stop_gradient
+  one = functools.partial(
+      _assign_one,
+      topk=int(topk),
+      topk2=None if topk2 is None else int(topk2),
+      alpha=float(alpha),
+      beta=float(beta),
+      eps=float(eps),
+      min_box_side=float(min_box_side),
+      gt_chunk=int(min(gt_chunk, m)),
+  )
+  return jax.vmap(one, in_axes=(0, 0, None, 0, 0, 0))(
+      sg(pred_scores).astype(jnp.float32),
+      sg(pred_boxes).astype(jnp.float32),
+      sg(anchor_points).astype(jnp.float32),
+      sg(gt.labels).astype(jnp.int32),
+      sg(gt.boxes).astype(jnp.float32),
+      sg(gt.mask).astype(bool),
+  )

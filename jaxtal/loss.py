@@ -1,0 +1,178 @@
+"""YOLOv8-style detection loss: BCE (classes) + CIoU (boxes) + DFL (box distributions)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtal.anchors import make_anchors
+from jaxtal.assigner import task_aligned_assign
+from jaxtal.boxes import box_iou
+from jaxtal.head import Layout, check_head, dfl_expectation, flatten_head, ltrb_to_xyxy, xyxy_to_ltrb
+from jaxtal.labels import GroundTruth
+
+
+class LossParts(NamedTuple):
+  """Gain-scaled loss terms (scalars).
+
+  Attributes:
+    box: ``box_gain * CIoU loss``.
+    cls: ``cls_gain * BCE loss``.
+    dfl: ``dfl_gain * DFL loss`` (the L1 distance loss when ``reg_max == 1``).
+  """
+
+  box: jax.Array
+  cls: jax.Array
+  dfl: jax.Array
+
+
+def check_strides_match(shapes: Sequence[tuple[int, int]], strides: Sequence[float]) -> tuple[int, int]:
+  """Checks one stride per level and that every level maps to the same input size; returns (H, W)."""
+  if isinstance(strides, (int, float)) or len(strides) != len(shapes):
+    raise ValueError(f"strides must give one stride per feature level ({len(shapes)} levels), got {strides!r}")
+  for i, s in enumerate(strides):
+    if not float(s) > 0:
+      raise ValueError(f"strides[{i}] must be a positive number, got {s!r}")
+  h0, w0 = shapes[0][0] * strides[0], shapes[0][1] * strides[0]
+  for i, ((h, w), s) in enumerate(zip(shapes, strides)):
+    if (h * s, w * s) != (h0, w0):
+      raise ValueError(
+          f"strides do not match the feature maps: level {i} is {h}x{w} with stride {s}, i.e. an input of"
+          f" {h * s}x{w * s} pixels, but level 0 ({shapes[0][0]}x{shapes[0][1]}, stride {strides[0]}) implies"
+          f" {h0}x{w0}"
+      )
+  return h0, w0
+
+
+def detection_loss(
+    feats: Sequence[jax.Array],
+    gt: GroundTruth,
+    *,
+    num_classes: int,
+    strides: Sequence[float],
+    reg_max: int = 16,
+    layout: Layout = "NHWC",
+    topk: int = 10,
+    topk2: int | None = None,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+    box: float = 7.5,
+    cls: float = 0.5,
+    dfl: float = 1.5,
+    min_box_side: float = 0.0,
+    class_weights: jax.Array | None = None,
+    gt_chunk: int | None = None,
+    axis_name: str | None = None,
+) -> tuple[jax.Array, LossParts]:
+  """YOLOv8 detection loss of raw head maps against padded ground truth.
+
+  The assigner sees sigmoid scores and decoded boxes in pixels under ``stop_gradient``.
+  With ``N = max(sum of target scores, 1)`` and per-anchor weight ``w = sum of its target
+  scores``:
+
+  * ``cls = sum over all anchors and classes of BCE-with-logits (times class_weights) / N``;
+  * ``box = sum over foreground of (1 - CIoU(pred, target)) * w / N``, CIoU's aspect
+    trade-off weight held out of the gradient;
+  * ``dfl = sum over foreground of w * mean over 4 sides of the two-bin cross-entropy
+    around the target distance (clamped to R - 1 - 0.01) / N``; with ``reg_max == 1`` an
+    L1 loss on ltrb distances normalised by the input size replaces it (YOLO26's head).
+
+  Foreground is a mask that weights terms, never an index: shapes are fixed and the loss
+  and gradients are finite for empty images and degenerate boxes.
+
+  Args:
+    feats: per-level raw head maps, ``(b, H, W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)``
+      (NCHW); any float dtype, the loss is computed in float32.
+    gt: :class:`~jaxtal.GroundTruth` with boxes in input pixels.
+    num_classes: ``nc``.
+    strides: one stride per level; the input size is level 0's ``(H, W) * strides[0]``.
+    reg_max: ``R`` bins per box side (``1``: direct ltrb regression).
+    layout: ``"NHWC"`` or ``"NCHW"``.
+    topk, topk2, alpha, beta, min_box_side, gt_chunk: assigner settings, see
+      :func:`~jaxtal.task_aligned_assign`.
+    box, cls, dfl: gains of the three terms.
+    class_weights: optional ``(nc,)`` weights of the BCE per class.
+    axis_name: inside ``shard_map``/``pmap`` over the batch, the mapped axis name: the
+      normaliser ``N`` and the batch size are then reduced over it, so every device
+      returns the loss of the global batch.
+
+  Returns:
+    ``(total, LossParts(box, cls, dfl))`` with gain-scaled parts and
+    ``total = (box + cls + dfl) * batch_size``, the convention of Ultralytics'
+    ``v8DetectionLoss`` (its optimiser step expects a loss summed over images).
+
+  References:
+    Zheng et al., 2020 (CIoU), https://arxiv.org/abs/1911.08287; Li et al., 2020,
+    "Generalized Focal Loss" (DFL), https://arxiv.org/abs/2006.04388; Feng et al., 2021,
+    "TOOD" (assignment), https://arxiv.org/abs/2108.07755.
+  """
+  batch, shapes = check_head(feats, num_classes, reg_max, layout)
+  img_h, img_w = check_strides_match(shapes, strides)
+  if class_weights is not None and jnp.shape(class_weights) != (num_classes,):
+    raise ValueError(f"class_weights must have shape (nc,) = ({num_classes},), got {jnp.shape(class_weights)}")
+  if gt.labels.shape[:1] != (batch,):
+    raise ValueError(f"gt has batch size {gt.labels.shape[:1]} but the head maps have {batch}")
+
+  pred_dist, logits = flatten_head(feats, num_classes, reg_max, layout)
+  pred_dist = pred_dist.astype(jnp.float32)
+  logits = logits.astype(jnp.float32)
+  anchors, anchor_strides = make_anchors(shapes, strides)
+  ltrb = dfl_expectation(pred_dist, reg_max)  # (b, A, 4) grid units
+  pred_boxes = ltrb_to_xyxy(ltrb, anchors)
+
+  target = task_aligned_assign(
+      jax.nn.sigmoid(logits),
+      pred_boxes * anchor_strides,
+      anchors * anchor_strides,
+      gt,
+      topk=topk,
+      topk2=topk2,
+      alpha=alpha,
+      beta=beta,
+      min_box_side=min_box_side,
+      gt_chunk=gt_chunk,
+  )
+  scores_sum = jnp.sum(target.scores)
+  if axis_name is not None:
+    scores_sum = jax.lax.psum(scores_sum, axis_name)
+  normaliser = jnp.maximum(scores_sum, 1.0)
+
+  bce = optax.sigmoid_binary_cross_entropy(logits, target.scores)
+  if class_weights is not None:
+    bce = bce * jnp.asarray(class_weights, jnp.float32)
+  loss_cls = jnp.sum(bce) / normaliser
+
+  fg = target.fg_mask
+  weight = jnp.sum(target.scores, axis=-1)  # (b, A)
+  # Background anchors get a stand-in unit box so no padding value reaches CIoU (double-where).
+  stand_in = jnp.concatenate([anchors - 0.5, anchors + 0.5], axis=-1)
+  target_boxes = jnp.where(fg[..., None], target.boxes / anchor_strides, stand_in)
+  iou = box_iou(pred_boxes, target_boxes, "ciou")
+  loss_box = jnp.sum(jnp.where(fg, (1.0 - iou) * weight, 0.0)) / normaliser
+
+  target_ltrb = xyxy_to_ltrb(target_boxes, anchors)
+  if reg_max > 1:
+    target_ltrb = jnp.clip(target_ltrb, 0.0, reg_max - 1 - 0.01)
+    left = jnp.floor(target_ltrb)
+    w_left = left + 1 - target_ltrb
+    logp = jax.nn.log_softmax(pred_dist.reshape(batch, -1, 4, reg_max), axis=-1)
+    left_i = left.astype(jnp.int32)[..., None]
+    ce = -(
+        jnp.take_along_axis(logp, left_i, axis=-1)[..., 0] * w_left
+        + jnp.take_along_axis(logp, left_i + 1, axis=-1)[..., 0] * (1 - w_left)
+    )
+  else:
+    scale = anchor_strides / jnp.array([img_w, img_h, img_w, img_h], jnp.float32)
+    ce = jnp.abs(ltrb * scale - target_ltrb * scale)
+  loss_dfl = jnp.sum(jnp.where(fg, jnp.mean(ce, axis=-1) * weight, 0.0)) / normaliser
+
+  parts = LossParts(box * loss_box, cls * loss_cls, dfl * loss_dfl)
+  batch_size = jnp.float32(batch)
+  if axis_name is not None:
+    batch_size = jax.lax.psum(batch_size, axis_name)
+  total = (parts.box + parts.cls + parts.dfl) * batch_size
+  return total, parts

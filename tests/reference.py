@@ -1,0 +1,130 @@
+"""Runs the pinned reference (Ultralytics 8.4.190, PyTorch) on NumPy inputs.
+
+Used only by tests (live parity) and by ``make_fixtures.py``; the reference is a black
+box here: we build its inputs, call its public classes and read back NumPy arrays.
+Importing this module requires ``torch`` and ``ultralytics`` (the ``parity`` extra).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+
+import numpy as np
+import torch
+import ultralytics
+from ultralytics.utils.loss import v8DetectionLoss
+from ultralytics.utils.tal import TaskAlignedAssigner
+
+REFERENCE_VERSION = "8.4.190"
+VERSION = ultralytics.__version__
+
+
+def assign(
+    pred_scores,
+    pred_boxes,
+    anchor_points,
+    gt_labels,
+    gt_boxes,
+    gt_mask,
+    *,
+    topk=10,
+    topk2=None,
+    alpha=0.5,
+    beta=6.0,
+    eps=1e-9,
+    min_box_side=0.0,
+):
+  """Reference assignment. Shapes as jaxtal's; returns a dict of NumPy arrays."""
+  nc = pred_scores.shape[-1]
+  assigner = TaskAlignedAssigner(topk=topk, num_classes=nc, alpha=alpha, beta=beta, eps=eps, topk2=topk2)
+  assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
+  t = lambda x, dt=torch.float32: torch.as_tensor(np.asarray(x)).to(dt)
+  labels, boxes, scores, fg, gt_idx = assigner(
+      t(pred_scores),
+      t(pred_boxes),
+      t(anchor_points),
+      t(gt_labels)[..., None],
+      t(gt_boxes),
+      t(gt_mask)[..., None],
+  )
+  return dict(
+      labels=labels.numpy().astype(np.int32),
+      boxes=boxes.numpy().astype(np.float32),
+      scores=scores.numpy().astype(np.float32),
+      fg_mask=fg.numpy().astype(bool),
+      gt_index=gt_idx.numpy().astype(np.int32),
+  )
+
+
+class _Head(torch.nn.Module):
+  def __init__(self, nc, reg_max, strides):
+    super().__init__()
+    self.nc, self.reg_max = nc, reg_max
+    self.stride = torch.tensor(strides, dtype=torch.float32)
+
+
+class _Model(torch.nn.Module):
+  """The attributes v8DetectionLoss reads from a model, and nothing else."""
+
+  def __init__(self, nc, reg_max, strides, gains, class_weights):
+    super().__init__()
+    self.dummy = torch.nn.Parameter(torch.zeros(1))
+    self.model = torch.nn.ModuleList([_Head(nc, reg_max, strides)])
+    self.args = SimpleNamespace(**gains)
+    if class_weights is not None:
+      self.class_weights = torch.as_tensor(np.asarray(class_weights, np.float32))
+
+
+def loss(
+    feats_nchw,
+    label_rows,
+    *,
+    num_classes,
+    strides,
+    reg_max=16,
+    topk=10,
+    topk2=None,
+    alpha=0.5,
+    beta=6.0,
+    box=7.5,
+    cls=0.5,
+    dfl=1.5,
+    min_box_side=0.0,
+    class_weights=None,
+):
+  """Reference loss and its gradient w.r.t. every NCHW head map.
+
+  Args:
+    feats_nchw: list of ``(b, 4R + nc, H, W)`` float32 arrays.
+    label_rows: ``(n, 6)`` YOLO rows ``[batch_idx, cls, cx, cy, w, h]`` (normalised).
+
+  Returns:
+    ``dict(total, box, cls, dfl, grads=[per-level NCHW gradients])``.
+  """
+  model = _Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl), class_weights)
+  crit = v8DetectionLoss(model, tal_topk=topk, tal_topk2=topk2)
+  crit.assigner.alpha, crit.assigner.beta = alpha, beta
+  crit.assigner.stride_val = float(min_box_side)
+  feats = [torch.tensor(np.asarray(f, np.float32), requires_grad=True) for f in feats_nchw]
+  b = feats[0].shape[0]
+  preds = {
+      "boxes": torch.cat([f[:, : 4 * reg_max].reshape(b, 4 * reg_max, -1) for f in feats], -1),
+      "scores": torch.cat([f[:, 4 * reg_max :].reshape(b, num_classes, -1) for f in feats], -1),
+      "feats": feats,
+  }
+  rows = torch.as_tensor(np.asarray(label_rows, np.float32).reshape(-1, 6))
+  batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:6]}
+  total, items = crit(preds, batch)
+  total.sum().backward()
+  parts = total.detach().numpy() / b
+  return dict(
+      total=float(total.sum()),
+      box=float(parts[0]),
+      cls=float(parts[1]),
+      dfl=float(parts[2]),
+      grads=[f.grad.numpy().copy() for f in feats],
+  )
