@@ -73,8 +73,23 @@ def _power(x: jax.Array, p: float) -> jax.Array:
   return jnp.power(x, p)
 
 
+def _class_scores(score_levels: tuple[jax.Array, ...], labels: jax.Array, from_logits: bool) -> jax.Array:
+  """``(C, A)`` predicted probability of each GT's class at every anchor.
+
+  ``score_levels`` are ``(A_l, nc)`` blocks of anchors (one per head level, or a single one);
+  gathering the GT classes per block avoids concatenating the ``(A, nc)`` scores.
+  """
+  nc = score_levels[0].shape[-1]
+  safe = jnp.clip(labels, 0, nc - 1)
+  scores = jnp.concatenate([jnp.take(s, safe, axis=1) for s in score_levels], axis=0).T
+  if from_logits:
+    scores = jax.nn.sigmoid(scores.astype(jnp.float32))
+  # Non-finite or out-of-range predictions never become targets: they score 0.
+  return jnp.where(jnp.isfinite(scores), jnp.clip(scores, 0.0, 1.0), 0.0).astype(jnp.float32)
+
+
 def _top_k_mask_lists(
-    scores_t: jax.Array,
+    score_levels: tuple[jax.Array, ...],
     pred_boxes: jax.Array,
     pred_angle: jax.Array,
     anchors: jax.Array,
@@ -82,6 +97,7 @@ def _top_k_mask_lists(
     boxes: jax.Array,
     valid: jax.Array,
     *,
+    from_logits: bool,
     topk: int,
     alpha: float,
     beta: float,
@@ -109,7 +125,7 @@ def _top_k_mask_lists(
       boxes[:, None, :], pred_boxes[None, :, :], "ciou", angle1=aspect_angle(boxes)[:, None], angle2=pred_angle[None]
   )
   overlaps = jnp.where(cand & jnp.isfinite(ciou), jnp.maximum(ciou, 0.0), 0.0)
-  cls_score = jnp.take(scores_t, jnp.clip(labels, 0, scores_t.shape[0] - 1), axis=0)  # (C, A)
+  cls_score = _class_scores(score_levels, labels, from_logits)
   metric = jnp.where(cand, _power(cls_score, alpha) * _power(overlaps, beta), 0.0)
 
   top_metric, top_idx = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
@@ -123,8 +139,18 @@ def _top_k_mask_lists(
   return top_idx, top_pos, top_ov, top_metric, best_ov, best_local, best_metric
 
 
+class Targets(NamedTuple):
+  """Per-anchor targets with the class scores kept factored: ``scores = one_hot(labels) * norm``."""
+
+  labels: jax.Array  # (..., A) int32
+  boxes: jax.Array  # (..., A, 4) float32 pixels
+  norm: jax.Array  # (..., A) float32 normalised metric, 0 on background
+  fg_mask: jax.Array  # (..., A) bool
+  gt_index: jax.Array  # (..., A) int32
+
+
 def _assign_one(
-    scores: jax.Array,
+    score_levels: tuple[jax.Array, ...],
     pred_boxes: jax.Array,
     anchors: jax.Array,
     gt_labels: jax.Array,
@@ -138,22 +164,21 @@ def _assign_one(
     eps: float,
     min_box_side: float,
     gt_chunk: int,
-):
-  """Assignment of one image: ``(A, nc), (A, 4), (A, 2), (M,), (M, 4), (M,)``."""
-  num_anchors, nc = scores.shape
+    from_logits: bool,
+) -> Targets:
+  """Assignment of one image: score blocks ``(A_l, nc)``, ``(A, 4), (A, 2), (M,), (M, 4), (M,)``."""
+  num_anchors = pred_boxes.shape[0]
+  nc = score_levels[0].shape[-1]
   m = gt_labels.shape[0]
   valid = valid_gt(gt_labels, gt_boxes, gt_mask, nc)
-  # Non-finite or out-of-range predictions never become targets: they score 0.
-  scores = jnp.where(jnp.isfinite(scores), jnp.clip(scores, 0.0, 1.0), 0.0)
   pred_boxes = jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0)
   safe_gt_boxes = jnp.where(valid[:, None], gt_boxes, 0.0)
-  scores_t = scores.T  # (nc, A): one row gather per GT instead of a gather per pair
   pred_angle = aspect_angle(pred_boxes)
-  block = dict(topk=topk, alpha=alpha, beta=beta, eps=eps, min_box_side=min_box_side)
+  block = dict(from_logits=from_logits, topk=topk, alpha=alpha, beta=beta, eps=eps, min_box_side=min_box_side)
 
   if gt_chunk >= m:
     top_idx, top_pos, top_ov, top_metric, best_ov, best_gt, best_metric = _top_k_mask_lists(
-        scores_t, pred_boxes, pred_angle, anchors, gt_labels, safe_gt_boxes, valid, **block
+        score_levels, pred_boxes, pred_angle, anchors, gt_labels, safe_gt_boxes, valid, **block
     )
   else:
     n_blocks = -(-m // gt_chunk)
@@ -167,7 +192,7 @@ def _assign_one(
       best_ov, best_gt, best_metric = carry
       start, labels_c, boxes_c, valid_c = xs
       t_idx, t_pos, t_ov, t_metric, b_ov, b_gt, b_metric = _top_k_mask_lists(
-          scores_t, pred_boxes, pred_angle, anchors, labels_c, boxes_c, valid_c, **block
+          score_levels, pred_boxes, pred_angle, anchors, labels_c, boxes_c, valid_c, **block
       )
       better = b_ov > best_ov  # strict: an earlier GT keeps ties, as a global argmax would
       carry = (
@@ -227,8 +252,7 @@ def _assign_one(
 
   labels = jnp.where(fg, gt_labels[gt_index], 0).astype(jnp.int32)
   boxes = jnp.where(fg[:, None], gt_boxes[gt_index], 0.0).astype(jnp.float32)
-  target_scores = jax.nn.one_hot(labels, nc, dtype=jnp.float32) * norm[:, None]
-  return Assignment(labels, boxes, target_scores, fg, gt_index.astype(jnp.int32))
+  return Targets(labels, boxes, norm, fg, gt_index.astype(jnp.int32))
 
 
 def check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt: GroundTruth, topk: int, topk2: int | None) -> None:
@@ -313,12 +337,52 @@ def task_aligned_assign(
     https://arxiv.org/abs/2108.07755.
   """
   check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt, topk, topk2)
+  targets = assign_targets(
+      (pred_scores,),
+      pred_boxes,
+      anchor_points,
+      gt,
+      from_logits=False,
+      topk=topk,
+      alpha=alpha,
+      beta=beta,
+      eps=eps,
+      topk2=topk2,
+      min_box_side=min_box_side,
+      gt_chunk=gt_chunk,
+  )
+  nc = pred_scores.shape[-1]
+  scores = jax.nn.one_hot(targets.labels, nc, dtype=jnp.float32) * targets.norm[..., None]
+  return Assignment(targets.labels, targets.boxes, scores, targets.fg_mask, targets.gt_index)
+
+
+def assign_targets(
+    score_levels: tuple[jax.Array, ...],
+    pred_boxes: jax.Array,
+    anchor_points: jax.Array,
+    gt: GroundTruth,
+    *,
+    from_logits: bool,
+    topk: int,
+    alpha: float,
+    beta: float,
+    eps: float,
+    topk2: int | None,
+    min_box_side: float,
+    gt_chunk: int | None,
+) -> Targets:
+  """Batched assignment without the dense ``(b, A, nc)`` scores (used by the loss).
+
+  ``score_levels`` are ``(b, A_l, nc)`` blocks whose anchors concatenate to ``A``: class
+  probabilities, or logits with ``from_logits=True`` (the sigmoid is then taken only on
+  the GT classes). Arguments are not validated here; see :func:`task_aligned_assign`.
+  """
   m = gt.labels.shape[1]
-  num_anchors = pred_scores.shape[1]
+  num_anchors = pred_boxes.shape[1]
   if gt_chunk is None:
     gt_chunk = m if m * num_anchors <= _DENSE_PAIRS else _AUTO_CHUNK
   elif int(gt_chunk) != gt_chunk or gt_chunk < 1:
-    raise ValueError(f"task_aligned_assign: gt_chunk must be None or a whole number >= 1, got {gt_chunk!r}")
+    raise ValueError(f"gt_chunk must be None or a whole number >= 1, got {gt_chunk!r}")
   sg = jax.lax.stop_gradient
   one = functools.partial(
       _assign_one,
@@ -329,9 +393,10 @@ def task_aligned_assign(
       eps=float(eps),
       min_box_side=float(min_box_side),
       gt_chunk=int(min(gt_chunk, m)),
+      from_logits=bool(from_logits),
   )
   return jax.vmap(one, in_axes=(0, 0, None, 0, 0, 0))(
-      sg(pred_scores).astype(jnp.float32),
+      tuple(sg(s) for s in score_levels),
       sg(pred_boxes).astype(jnp.float32),
       sg(anchor_points).astype(jnp.float32),
       sg(gt.labels).astype(jnp.int32),

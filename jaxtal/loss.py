@@ -7,12 +7,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxtal.anchors import make_anchors
-from jaxtal.assigner import task_aligned_assign
+from jaxtal.assigner import assign_targets
 from jaxtal.boxes import box_iou
-from jaxtal.head import Layout, check_head, dfl_expectation, flatten_head, ltrb_to_xyxy, xyxy_to_ltrb
+from jaxtal.head import Layout, check_head, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth
 
 
@@ -117,37 +118,57 @@ def detection_loss(
   if gt.labels.shape[:1] != (batch,):
     raise ValueError(f"gt has batch size {gt.labels.shape[:1]} but the head maps have {batch}")
 
-  pred_dist, logits = flatten_head(feats, num_classes, reg_max, layout)
-  pred_dist = pred_dist.astype(jnp.float32)
-  logits = logits.astype(jnp.float32)
+  # Work level by level on views of the maps: the big (b, A, 4R + nc) tensor is never concatenated.
+  levels = []
+  for f in feats:
+    if layout == "NCHW":
+      f = jnp.transpose(f, (0, 2, 3, 1))
+    levels.append(f.reshape(batch, -1, f.shape[-1]))
+  sizes = [h * w for h, w in shapes]
+  logits = [x[..., 4 * reg_max :].astype(jnp.float32) for x in levels]
+  if reg_max > 1:
+    # One log-softmax per level serves both the decoded boxes (its exp) and the DFL cross-entropy.
+    logp = [jax.nn.log_softmax(x[..., : 4 * reg_max].astype(jnp.float32).reshape(batch, -1, 4, reg_max)) for x in levels]
+    bins = jnp.arange(reg_max, dtype=jnp.float32)
+    ltrb = jnp.concatenate([jnp.sum(jnp.exp(lp) * bins, axis=-1) for lp in logp], axis=1)
+  else:
+    ltrb = jnp.concatenate([x[..., :4].astype(jnp.float32) for x in levels], axis=1)
   anchors, anchor_strides = make_anchors(shapes, strides)
-  ltrb = dfl_expectation(pred_dist, reg_max)  # (b, A, 4) grid units
-  pred_boxes = ltrb_to_xyxy(ltrb, anchors)
+  pred_boxes = ltrb_to_xyxy(ltrb, anchors)  # (b, A, 4) grid units
 
-  target = task_aligned_assign(
-      jax.nn.sigmoid(logits),
+  target = assign_targets(
+      tuple(logits),
       pred_boxes * anchor_strides,
       anchors * anchor_strides,
       gt,
+      from_logits=True,
       topk=topk,
       topk2=topk2,
       alpha=alpha,
       beta=beta,
+      eps=1e-9,
       min_box_side=min_box_side,
       gt_chunk=gt_chunk,
   )
-  scores_sum = jnp.sum(target.scores)
+  # Target scores are one_hot(labels) * norm, so their per-anchor sum is norm.
+  weight = target.norm  # (b, A)
+  scores_sum = jnp.sum(weight)
   if axis_name is not None:
     scores_sum = jax.lax.psum(scores_sum, axis_name)
   normaliser = jnp.maximum(scores_sum, 1.0)
 
-  bce = optax.sigmoid_binary_cross_entropy(logits, target.scores)
-  if class_weights is not None:
-    bce = bce * jnp.asarray(class_weights, jnp.float32)
-  loss_cls = jnp.sum(bce) / normaliser
+  bounds = np.cumsum([0] + sizes)
+  loss_cls = 0.0
+  for x, lo, hi in zip(logits, bounds[:-1], bounds[1:]):
+    # The one-hot targets are built inside the BCE's fusion, never stored as (b, A, nc).
+    z = jax.nn.one_hot(target.labels[:, lo:hi], num_classes, dtype=jnp.float32) * weight[:, lo:hi, None]
+    bce = optax.sigmoid_binary_cross_entropy(x, z)
+    if class_weights is not None:
+      bce = bce * jnp.asarray(class_weights, jnp.float32)
+    loss_cls = loss_cls + jnp.sum(bce)
+  loss_cls = loss_cls / normaliser
 
   fg = target.fg_mask
-  weight = jnp.sum(target.scores, axis=-1)  # (b, A)
   # Background anchors get a stand-in unit box so no padding value reaches CIoU (double-where).
   stand_in = jnp.concatenate([anchors - 0.5, anchors + 0.5], axis=-1)
   target_boxes = jnp.where(fg[..., None], target.boxes / anchor_strides, stand_in)
@@ -159,12 +180,17 @@ def detection_loss(
     target_ltrb = jnp.clip(target_ltrb, 0.0, reg_max - 1 - 0.01)
     left = jnp.floor(target_ltrb)
     w_left = left + 1 - target_ltrb
-    logp = jax.nn.log_softmax(pred_dist.reshape(batch, -1, 4, reg_max), axis=-1)
     left_i = left.astype(jnp.int32)[..., None]
-    ce = -(
-        jnp.take_along_axis(logp, left_i, axis=-1)[..., 0] * w_left
-        + jnp.take_along_axis(logp, left_i + 1, axis=-1)[..., 0] * (1 - w_left)
-    )
+    ce = []
+    for lp, lo, hi in zip(logp, bounds[:-1], bounds[1:]):
+      li, wl = left_i[:, lo:hi], w_left[:, lo:hi]
+      ce.append(
+          -(
+              jnp.take_along_axis(lp, li, axis=-1)[..., 0] * wl
+              + jnp.take_along_axis(lp, li + 1, axis=-1)[..., 0] * (1 - wl)
+          )
+      )
+    ce = jnp.concatenate(ce, axis=1)
   else:
     scale = anchor_strides / jnp.array([img_w, img_h, img_w, img_h], jnp.float32)
     ce = jnp.abs(ltrb * scale - target_ltrb * scale)
