@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -11,10 +12,10 @@ import numpy as np
 import optax
 
 from jaxtal.anchors import make_anchors
-from jaxtal.assigner import assign_targets
+from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, ltrb_to_xyxy, xyxy_to_ltrb
-from jaxtal.labels import GroundTruth
+from jaxtal.labels import GroundTruth, check_ground_truth
 
 
 class LossParts(NamedTuple):
@@ -31,13 +32,44 @@ class LossParts(NamedTuple):
   dfl: jax.Array
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _global_sum(x: jax.Array, axis_name: str) -> jax.Array:
+  """``psum`` whose gradient is this device's share only (the cotangent passes through).
+
+  The default transpose of ``psum`` depends on the mapping API (``shard_map`` with or
+  without ``check_vma``, ``pmap``); fixing it here makes gradients exact in all of them.
+  """
+  return jax.lax.psum(x, axis_name)
+
+
+def _global_sum_fwd(x, axis_name):
+  return jax.lax.psum(x, axis_name), x
+
+
+def _varying_axes(x) -> frozenset:
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def _global_sum_bwd(axis_name, x, ct):
+  # Under shard_map's type checking the cotangent must vary over the same axes as x.
+  missing = tuple(_varying_axes(x) - _varying_axes(ct))
+  if missing:
+    ct = jax.lax.pcast(ct, missing, to="varying")
+  return (ct,)
+
+
+_global_sum.defvjp(_global_sum_fwd, _global_sum_bwd)
+
+
 def check_strides_match(shapes: Sequence[tuple[int, int]], strides: Sequence[float]) -> tuple[int, int]:
   """Checks one stride per level and that every level maps to the same input size; returns (H, W)."""
   if isinstance(strides, (int, float)) or len(strides) != len(shapes):
     raise ValueError(f"strides must give one stride per feature level ({len(shapes)} levels), got {strides!r}")
   for i, s in enumerate(strides):
-    if not float(s) > 0:
-      raise ValueError(f"strides[{i}] must be a positive number, got {s!r}")
+    if not (np.isfinite(float(s)) and float(s) > 0):
+      raise ValueError(f"strides[{i}] must be a finite positive number, got {s!r}")
   h0, w0 = shapes[0][0] * strides[0], shapes[0][1] * strides[0]
   for i, ((h, w), s) in enumerate(zip(shapes, strides)):
     if (h * s, w * s) != (h0, w0):
@@ -97,9 +129,11 @@ def detection_loss(
       :func:`~jaxtal.task_aligned_assign`.
     box, cls, dfl: gains of the three terms.
     class_weights: optional ``(nc,)`` weights of the BCE per class.
-    axis_name: inside ``shard_map``/``pmap`` over the batch, the mapped axis name: the
-      normaliser ``N`` and the batch size are then reduced over it, so every device
-      returns the loss of the global batch.
+    axis_name: inside ``shard_map``/``pmap`` over the batch, the mapped axis name. The
+      normaliser ``N`` and the batch size are reduced over it, every device returns the
+      loss *value* of the global batch, and the gradient w.r.t. a device's own maps is the
+      global loss's gradient for those maps (each device differentiates only its share, so
+      ``psum`` the parameter gradients across devices as usual, without rescaling).
 
   Returns:
     ``(total, LossParts(box, cls, dfl))`` with gain-scaled parts and
@@ -115,8 +149,10 @@ def detection_loss(
   img_h, img_w = check_strides_match(shapes, strides)
   if class_weights is not None and jnp.shape(class_weights) != (num_classes,):
     raise ValueError(f"class_weights must have shape (nc,) = ({num_classes},), got {jnp.shape(class_weights)}")
-  if gt.labels.shape[:1] != (batch,):
-    raise ValueError(f"gt has batch size {gt.labels.shape[:1]} but the head maps have {batch}")
+  check_ground_truth(gt, batch, "detection_loss")
+  check_topk(topk, topk2, sum(h * w for h, w in shapes), "detection_loss")
+  if not (np.isfinite(float(min_box_side)) and min_box_side >= 0):
+    raise ValueError(f"detection_loss: min_box_side must be a finite number >= 0 (pixels), got {min_box_side!r}")
 
   # Work level by level on views of the maps: the big (b, A, 4R + nc) tensor is never concatenated.
   levels = []
@@ -136,6 +172,11 @@ def detection_loss(
   anchors, anchor_strides = make_anchors(shapes, strides)
   pred_boxes = ltrb_to_xyxy(ltrb, anchors)  # (b, A, 4) grid units
 
+  # A GT box with no overlap with the image is data, not an error: it never owns an anchor
+  # (with min_box_side > 0 it could otherwise be widened onto a border anchor).
+  boxes_px = jnp.asarray(gt.boxes)
+  on_image = (boxes_px[..., 0] < img_w) & (boxes_px[..., 2] > 0) & (boxes_px[..., 1] < img_h) & (boxes_px[..., 3] > 0)
+  gt = gt._replace(mask=jnp.asarray(gt.mask).astype(bool) & on_image)
   target = assign_targets(
       tuple(logits),
       pred_boxes * anchor_strides,
@@ -200,5 +241,6 @@ def detection_loss(
   batch_size = jnp.float32(batch)
   if axis_name is not None:
     batch_size = jax.lax.psum(batch_size, axis_name)
+    parts = jax.tree.map(lambda x: _global_sum(x, axis_name), parts)
   total = (parts.box + parts.cls + parts.dfl) * batch_size
   return total, parts
