@@ -13,7 +13,20 @@ from jaxtal.labels import GroundTruth
 from jaxtal.loss import LossParts, detection_loss
 
 
-class DetectionLoss(nnx.Module):
+class _AcceptsClsKeyword(type(nnx.Module)):
+  """Lets ``DetectionLoss(cls=...)`` through.
+
+  Flax's module metaclass names its first parameter ``cls``, so a ``cls=`` keyword (the class
+  loss gain, named as in Ultralytics) would collide with it; it travels as ``_cls`` instead.
+  """
+
+  def __call__(klass, /, *args, **kwargs):
+    if "cls" in kwargs:
+      kwargs["_cls"] = kwargs.pop("cls")
+    return super().__call__(*args, **kwargs)
+
+
+class DetectionLoss(nnx.Module, metaclass=_AcceptsClsKeyword):
   """YOLOv8 detection loss (BCE + CIoU + DFL with task-aligned assignment) as an NNX module.
 
   It holds configuration only (no trainable state); ``__call__`` delegates to
@@ -44,7 +57,10 @@ class DetectionLoss(nnx.Module):
       class_weights: jax.Array | None = None,
       gt_chunk: int | None = None,
       axis_name: str | None = None,
+      _cls: float | None = None,
   ):
+    if _cls is not None:
+      cls = _cls
     self.num_classes = int(num_classes)
     self.strides = tuple(float(s) if not float(s).is_integer() else int(s) for s in strides)
     self.reg_max = int(reg_max)

@@ -1,0 +1,52 @@
+"""Shared test setup: ``tests/`` on ``sys.path`` and the ``reference`` fixture for live parity.
+
+``reference`` is the module ``tests/reference.py`` (Ultralytics 8.4.190 on NumPy inputs).
+When torch or ultralytics cannot be imported, or the installed Ultralytics is not the
+pinned version, tests that use it are skipped, unless ``JAXTAL_REQUIRE_REFERENCE=1`` (set
+in CI): then a missing reference fails those tests instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+  sys.path.insert(0, TESTS_DIR)
+
+
+def reference_required() -> bool:
+  """Whether a missing reference must fail the live tests (``JAXTAL_REQUIRE_REFERENCE=1``)."""
+  return os.environ.get("JAXTAL_REQUIRE_REFERENCE", "").strip() == "1"
+
+
+@functools.cache
+def _import_reference():
+  """``(module, None)`` or ``(None, reason)``; imported once per session."""
+  try:
+    import reference  # noqa: PLC0415  (imports torch and ultralytics)
+  except ImportError as e:
+    return None, f"reference not importable (torch + ultralytics, the 'parity' extra): {e}"
+  if reference.VERSION != reference.REFERENCE_VERSION:
+    return None, f"reference is ultralytics {reference.VERSION}, parity is pinned to {reference.REFERENCE_VERSION}"
+  return reference, None
+
+
+def load_reference():
+  """The ``reference`` module, or skip (fail under ``JAXTAL_REQUIRE_REFERENCE=1``) when it is unavailable."""
+  module, reason = _import_reference()
+  if module is None:
+    if reference_required():
+      pytest.fail(f"JAXTAL_REQUIRE_REFERENCE=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+  return module
+
+
+@pytest.fixture(scope="session")
+def reference():
+  """Ultralytics 8.4.190 as a black-box reference (``tests/reference.py``)."""
+  return load_reference()
