@@ -42,7 +42,7 @@ def assign(
   nc = pred_scores.shape[-1]
   assigner = TaskAlignedAssigner(topk=topk, num_classes=nc, alpha=alpha, beta=beta, eps=eps, topk2=topk2)
   assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
-  t = lambda x, dt=torch.float32: torch.as_tensor(np.asarray(x)).to(dt)
+  t = lambda x, dt=torch.float32: torch.as_tensor(np.array(x)).to(dt)  # a writable copy
   labels, boxes, scores, fg, gt_idx = assigner(
       t(pred_scores),
       t(pred_boxes),
@@ -122,7 +122,7 @@ def loss(
   total.sum().backward()
   parts = total.detach().numpy() / b
   return dict(
-      total=float(total.sum()),
+      total=float(total.detach().sum()),
       box=float(parts[0]),
       cls=float(parts[1]),
       dfl=float(parts[2]),
