@@ -2,6 +2,7 @@
 
 from jaxtal.anchors import make_anchors
 from jaxtal.assigner import Assignment, task_aligned_assign
+from jaxtal.checks import check_values, checked_detection_loss, checked_task_aligned_assign
 from jaxtal.boxes import box_iou, xywh_to_xyxy, xyxy_to_xywh
 from jaxtal.head import decode_boxes, flatten_head
 from jaxtal.labels import GroundTruth, pack_labels
@@ -16,6 +17,9 @@ __all__ = [
     "GroundTruth",
     "LossParts",
     "box_iou",
+    "check_values",
+    "checked_detection_loss",
+    "checked_task_aligned_assign",
     "decode_boxes",
     "detection_loss",
     "flatten_head",

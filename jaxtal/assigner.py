@@ -16,7 +16,7 @@ Implementation notes. Steps 1-3 are the only ones that need every (GT, anchor) p
 run over blocks of ``gt_chunk`` GTs with ``lax.scan`` so memory is ``O(gt_chunk * A)``
 whatever ``M`` is, and keep only each GT's top-k list plus, per anchor, its best in-box
 overlap. Steps 4-5 then work on per-anchor vectors, ``O(A + M * topk)``. Chunked and
-dense (one block) runs compute the same numbers.
+dense (one block) runs give the same assignment, scores equal to float32 rounding.
 """
 
 from __future__ import annotations
@@ -283,10 +283,24 @@ def check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt: GroundTruth,
     raise TypeError(f"task_aligned_assign: gt.labels must be integer class ids, got dtype {gt.labels.dtype}")
   if not jnp.issubdtype(gt.boxes.dtype, jnp.floating):
     raise TypeError(f"task_aligned_assign: gt.boxes must be a float array, got dtype {gt.boxes.dtype}")
-  if int(topk) != topk or not 1 <= topk <= a:
-    raise ValueError(f"task_aligned_assign: topk must be a whole number in [1, A = {a}], got {topk!r}")
-  if topk2 is not None and (int(topk2) != topk2 or not 1 <= topk2 <= a):
-    raise ValueError(f"task_aligned_assign: topk2 must be None or a whole number in [1, A = {a}], got {topk2!r}")
+  check_topk(topk, topk2, a, "task_aligned_assign")
+
+
+def check_topk(topk, topk2, num_anchors: int, caller: str) -> None:
+  """Trace-time check that ``topk`` (and ``topk2`` unless None) are whole numbers in ``[1, A]``."""
+
+  def whole_in_range(x) -> bool:
+    try:
+      return not isinstance(x, bool) and int(x) == x and 1 <= x <= num_anchors
+    except (TypeError, ValueError):
+      return False
+
+  if not whole_in_range(topk):
+    raise ValueError(
+        f"{caller}: topk must be a whole number in [1, A = {num_anchors}] (A = number of anchors), got {topk!r}"
+    )
+  if topk2 is not None and not whole_in_range(topk2):
+    raise ValueError(f"{caller}: topk2 must be None or a whole number in [1, A = {num_anchors}], got {topk2!r}")
 
 
 def task_aligned_assign(
@@ -325,8 +339,8 @@ def task_aligned_assign(
       centre for the in-box test only; ``0`` disables (the original YOLOv8), the current
       Ultralytics release uses ``strides[1]``.
     gt_chunk: process GTs in blocks of this many (memory ``O(b * gt_chunk * A)``);
-      ``None`` picks dense for small ``M * A`` and blocks of 32 otherwise. Results do not
-      depend on it.
+      ``None`` picks dense for small ``M * A`` and blocks of 32 otherwise. The assignment
+      does not depend on it; target scores agree to float32 rounding.
 
   Returns:
     An :class:`Assignment`: ``labels (b, A)``, ``boxes (b, A, 4)``, ``scores (b, A, nc)``,

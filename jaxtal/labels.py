@@ -24,6 +24,34 @@ class GroundTruth(NamedTuple):
   mask: jax.Array
 
 
+def check_ground_truth(gt: GroundTruth, batch: int | None, caller: str) -> int:
+  """Trace-time validation of a :class:`GroundTruth`; returns ``M``.
+
+  Checks the type, ``labels (b, M)`` integer, ``boxes (b, M, 4)`` float, ``mask (b, M)`` bool
+  or integer, and (when ``batch`` is given) that ``b == batch``. Raises TypeError / ValueError
+  naming the field, what was expected and what was received. Values are never read here.
+  """
+  if not isinstance(gt, GroundTruth):
+    raise TypeError(f"{caller}: gt must be a jaxtal.GroundTruth(labels, boxes, mask), got {type(gt).__name__}")
+  labels, boxes, mask = (getattr(x, "shape", None) for x in gt)
+  if labels is None or len(labels) != 2:
+    raise ValueError(f"{caller}: gt.labels must be (b, M) class ids, got shape {labels}")
+  b, m = labels
+  if batch is not None and b != batch:
+    raise ValueError(f"{caller}: gt has batch size {b} (gt.labels {tuple(labels)}) but the predictions have {batch}")
+  if boxes is None or tuple(boxes) != (b, m, 4):
+    raise ValueError(f"{caller}: gt.boxes must be (b, M, 4) = ({b}, {m}, 4) xyxy pixels, got shape {boxes}")
+  if mask is None or tuple(mask) != (b, m):
+    raise ValueError(f"{caller}: gt.mask must be (b, M) = ({b}, {m}), got shape {mask}")
+  if not jax.numpy.issubdtype(gt.labels.dtype, jax.numpy.integer):
+    raise TypeError(f"{caller}: gt.labels must be integer class ids, got dtype {gt.labels.dtype}")
+  if not jax.numpy.issubdtype(gt.boxes.dtype, jax.numpy.floating):
+    raise TypeError(f"{caller}: gt.boxes must be a float array of xyxy pixels, got dtype {gt.boxes.dtype}")
+  if not (gt.mask.dtype == bool or jax.numpy.issubdtype(gt.mask.dtype, jax.numpy.integer)):
+    raise TypeError(f"{caller}: gt.mask must be bool (True on real rows), got dtype {gt.mask.dtype}")
+  return int(m)
+
+
 def _row_error(row: int, what: str, value) -> ValueError:
   return ValueError(f"pack_labels: label row {row} {what} (row = {value})")
 
@@ -72,9 +100,11 @@ def pack_labels(
     raise _row_error(int(r), "has a non-finite value", arr[r].tolist())
   bidx, cls = arr64[:, 0], arr64[:, 1]
   for r in np.flatnonzero((bidx != np.round(bidx)) | (bidx < 0) | (bidx >= batch_size))[:1]:
-    raise _row_error(int(r), f"has batch index {arr[r, 0]!r}, expected a whole number in [0, {batch_size})", arr[r].tolist())
+    raise _row_error(
+        int(r), f"has batch index {arr[r, 0].item()!r}, expected a whole number in [0, {batch_size})", arr[r].tolist()
+    )
   for r in np.flatnonzero((cls != np.round(cls)) | (cls < 0))[:1]:
-    raise _row_error(int(r), f"has class {arr[r, 1]!r}, expected a whole number >= 0", arr[r].tolist())
+    raise _row_error(int(r), f"has class {arr[r, 1].item()!r}, expected a whole number >= 0", arr[r].tolist())
 
   n = arr.shape[0]
   image = bidx.astype(np.int64)

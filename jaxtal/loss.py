@@ -132,8 +132,10 @@ def detection_loss(
     axis_name: inside ``shard_map``/``pmap`` over the batch, the mapped axis name. The
       normaliser ``N`` and the batch size are reduced over it, every device returns the
       loss *value* of the global batch, and the gradient w.r.t. a device's own maps is the
-      global loss's gradient for those maps (each device differentiates only its share, so
-      ``psum`` the parameter gradients across devices as usual, without rescaling).
+      global loss's gradient for those maps (each device differentiates only its share).
+      For replicated parameters: under ``jax.shard_map`` with its default
+      ``check_vma=True`` their gradients come back already summed over devices; under
+      ``pmap`` or ``check_vma=False``, ``psum`` them.
 
   Returns:
     ``(total, LossParts(box, cls, dfl))`` with gain-scaled parts and
@@ -147,8 +149,8 @@ def detection_loss(
   """
   batch, shapes = check_head(feats, num_classes, reg_max, layout)
   img_h, img_w = check_strides_match(shapes, strides)
-  if class_weights is not None and jnp.shape(class_weights) != (num_classes,):
-    raise ValueError(f"class_weights must have shape (nc,) = ({num_classes},), got {jnp.shape(class_weights)}")
+  if class_weights is not None and np.shape(class_weights) != (num_classes,):
+    raise ValueError(f"class_weights must have shape (nc,) = ({num_classes},), got {np.shape(class_weights)}")
   check_ground_truth(gt, batch, "detection_loss")
   check_topk(topk, topk2, sum(h * w for h, w in shapes), "detection_loss")
   if not (np.isfinite(float(min_box_side)) and min_box_side >= 0):
