@@ -1,0 +1,497 @@
+"""Benchmarks of jaxtal's loss and assigner, with Ultralytics and KerasCV for comparison.
+
+    python benchmarks/bench.py                 # full run (repeats as printed)
+    python benchmarks/bench.py --quick         # smoke run: fewer repeats
+    python benchmarks/bench.py --json out.json # also write every row as JSON
+
+Rows (see benchmarks/README.md for what each one measures):
+
+1. ``loss fwd+bwd``: ``jax.jit(jax.value_and_grad(total of jaxtal.detection_loss))`` w.r.t. the
+   list of NHWC head maps, b=16, nc=80, input 640 (strides 8/16/32, A=8400), reg_max 16, for
+   M = 8, 50, 200 GT boxes per image;
+2. ``assign``: jitted ``jaxtal.task_aligned_assign`` on the same predictions;
+3. ``floor``: fwd+bwd of only the BCE over all (b, A, nc) logits plus the DFL softmax
+   expectation, per level on the NHWC maps: work any implementation of the loss must do;
+4. Ultralytics 8.4.190 (when ``torch`` and ``ultralytics`` import): ``v8DetectionLoss``
+   forward+backward and ``TaskAlignedAssigner`` alone on the same numbers (NCHW);
+5. compile time of the loss step, and XLA's compiled memory analysis of the assignment at
+   b=8, A=8400, M = 50, 500, 1000, automatic GT chunking vs dense (``gt_chunk=M``);
+6. KerasCV 0.9's ``YOLOV8LabelEncoder`` on the JAX backend, run by the Python of a separate
+   virtual environment (``--kerascv-python``, default ``/tmp/kcv/bin/python``) if one exists.
+
+Times are medians over ``--repeats`` timed runs after ``--warmup`` untimed ones, each run
+ending in ``block_until_ready`` (JAX) or after ``backward()`` returns (PyTorch, CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BATCH = 16
+NUM_CLASSES = 80
+IMAGE_SIZE = 640
+STRIDES = (8, 16, 32)
+REG_MAX = 16
+BOX_COUNTS = (8, 50, 200)
+MEMORY_BATCH = 8
+MEMORY_BOX_COUNTS = (50, 500, 1000)
+SEED = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Data (NumPy, fixed seeds)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_head_maps(seed: int = SEED, batch: int = BATCH) -> list[np.ndarray]:
+  """Random NHWC head maps ``(b, 640/s, 640/s, 4R + nc)`` float32: box-bin logits N(0, 1), class logits N(-4, 1)."""
+  rng = np.random.default_rng(seed)
+  maps = []
+  for s in STRIDES:
+    h = IMAGE_SIZE // s
+    box = rng.standard_normal((batch, h, h, 4 * REG_MAX), dtype=np.float32)
+    cls = rng.standard_normal((batch, h, h, NUM_CLASSES), dtype=np.float32) - 4.0
+    maps.append(np.concatenate([box, cls], axis=-1))
+  return maps
+
+
+def make_label_rows(num_boxes: int, seed: int = SEED, batch: int = BATCH) -> np.ndarray:
+  """``num_boxes`` GT boxes in every image as YOLO rows ``[image, cls, cx, cy, w, h]`` (normalised).
+
+  Sides are log-uniform in 6 to 400 pixels with aspect ratios log-uniform in [1/3, 3] (small
+  and large objects, as in COCO), centres uniform with the box kept inside the image, classes
+  uniform in [0, nc).
+  """
+  rng = np.random.default_rng(seed + 1000 * num_boxes)
+  n = batch * num_boxes
+  area_side = np.exp(rng.uniform(np.log(6.0), np.log(400.0), n))
+  aspect = np.exp(rng.uniform(np.log(1 / 3), np.log(3.0), n))
+  w = np.clip(area_side * np.sqrt(aspect), 2.0, IMAGE_SIZE - 1.0)
+  h = np.clip(area_side / np.sqrt(aspect), 2.0, IMAGE_SIZE - 1.0)
+  cx = rng.uniform(w / 2, IMAGE_SIZE - w / 2)
+  cy = rng.uniform(h / 2, IMAGE_SIZE - h / 2)
+  image = np.repeat(np.arange(batch), num_boxes)
+  cls = rng.integers(0, NUM_CLASSES, n)
+  rows = np.stack([image, cls, cx / IMAGE_SIZE, cy / IMAGE_SIZE, w / IMAGE_SIZE, h / IMAGE_SIZE], axis=1)
+  return rows.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def time_runs(run, warmup: int, repeats: int) -> list[float]:
+  """Wall times in seconds of ``repeats`` calls of ``run`` (which must wait for its result) after ``warmup`` calls."""
+  for _ in range(warmup):
+    run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+class Table:
+  """Collects rows and prints them as they come."""
+
+  def __init__(self):
+    self.rows = []
+    print(f"{'row':<34} {'M':>5} {'median':>12} {'runs':>5}  note")
+    print("-" * 100)
+
+  def add(self, name: str, m, value: float | None, unit: str, runs: int | None = None, note: str = "", **extra):
+    self.rows.append(dict(name=name, M=m, value=value, unit=unit, runs=runs, note=note, **extra))
+    if value is None:
+      shown = "n/a"
+    elif unit == "x":
+      shown = f"{value:10.2f} x"
+    else:
+      shown = f"{value:.1f} {unit}"
+    print(f"{name:<34} {'' if m is None else m:>5} {shown:>12} {'' if runs is None else runs:>5}  {note}", flush=True)
+
+
+def median_ms(times: list[float]) -> float:
+  return float(np.median(times) * 1e3)
+
+
+# ---------------------------------------------------------------------------------------------
+# jaxtal
+# ---------------------------------------------------------------------------------------------
+
+
+def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
+  """Rows 1, 2, 3 and 5; returns the median times (ms) keyed by (row, M) for the ratios."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jaxtal
+
+  kw = dict(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+  feats = [jax.device_put(jnp.asarray(m)) for m in maps_np]  # NHWC, prepared outside the timing
+  shapes = [m.shape[1:3] for m in maps_np]
+  anchors, anchor_strides = jaxtal.make_anchors(shapes, STRIDES)
+  pred_dist, pred_logits = jaxtal.flatten_head(feats, NUM_CLASSES, REG_MAX)
+  pred_scores = jax.block_until_ready(jax.nn.sigmoid(pred_logits))
+  pred_boxes = jax.block_until_ready(jaxtal.decode_boxes(pred_dist, anchors, REG_MAX) * anchor_strides)
+  anchor_px = anchors * anchor_strides
+  medians = {}
+
+  def loss_step(feats, gt):
+    return jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, **kw)[0])(feats)
+
+  assign = jax.jit(jaxtal.task_aligned_assign)
+
+  def floor_step(feats, labels, weight):
+    """BCE over every logit against one-hot(labels) * weight, plus the DFL expectation; per level."""
+
+    def floor(feats):
+      total, lo = 0.0, 0
+      bins = jnp.arange(REG_MAX, dtype=jnp.float32)
+      for f in feats:
+        x = f.reshape(f.shape[0], -1, f.shape[-1])
+        hi = lo + x.shape[1]
+        z = jax.nn.one_hot(labels[:, lo:hi], NUM_CLASSES, dtype=jnp.float32) * weight[:, lo:hi, None]
+        total = total + jnp.sum(optax.sigmoid_binary_cross_entropy(x[..., 4 * REG_MAX :], z))
+        probs = jax.nn.softmax(x[..., : 4 * REG_MAX].reshape(x.shape[0], -1, 4, REG_MAX), axis=-1)
+        total = total + jnp.sum(jnp.sum(probs * bins, axis=-1))  # expectation as an elementwise weighted sum
+        lo = hi
+      return total
+
+    return jax.value_and_grad(floor)(feats)
+
+  floor_jit = jax.jit(floor_step)
+  for m in args.box_counts:
+    gt = jaxtal.GroundTruth(
+        *map(jnp.asarray, jaxtal.pack_labels(rows_by_m[m], BATCH, m, (IMAGE_SIZE, IMAGE_SIZE)))
+    )
+    # Compile time: the first lower + compile of the step (no cache hit: a new computation).
+    start = time.perf_counter()
+    compiled = jax.jit(loss_step).lower(feats, gt).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    times = time_runs(lambda: jax.block_until_ready(compiled(feats, gt)), args.warmup, args.repeats)
+    medians[("loss", m)] = median_ms(times)
+    table.add("jaxtal loss fwd+bwd", m, medians[("loss", m)], "ms", len(times), f"b={BATCH} A={anchors.shape[0]} nc={NUM_CLASSES}")
+
+    times = time_runs(lambda: jax.block_until_ready(assign(pred_scores, pred_boxes, anchor_px, gt)), args.warmup, args.repeats)
+    medians[("assign", m)] = median_ms(times)
+    table.add("jaxtal task_aligned_assign", m, medians[("assign", m)], "ms", len(times))
+
+    # The floor uses the real targets of this M (computed once, outside the timing).
+    target = assign(pred_scores, pred_boxes, anchor_px, gt)
+    labels, weight = target.labels, jnp.sum(target.scores, axis=-1)
+    times = time_runs(lambda: jax.block_until_ready(floor_jit(feats, labels, weight)), args.warmup, args.repeats)
+    medians[("floor", m)] = median_ms(times)
+    table.add("floor: BCE + DFL expectation", m, medians[("floor", m)], "ms", len(times))
+    table.add(
+        "ratio loss / floor", m, medians[("loss", m)] / medians[("floor", m)], "x", note="full loss time over the floor"
+    )
+    table.add("jaxtal loss step compile", m, compile_s * 1e3, "ms", 1, "jit lower + compile, wall time")
+    if mem is not None:
+      table.add(
+          "jaxtal loss step XLA memory", m, memory_mib(mem), "MiB", note="temp + argument + output bytes"
+      )
+  return medians
+
+
+def memory_mib(stats) -> float:
+  return (stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes) / 2**20
+
+
+def memory_benchmarks(args, table: Table) -> None:
+  """Row 5b: compiled memory of the assignment alone, automatic chunking vs dense, from shapes only."""
+  import jax
+  import jax.numpy as jnp
+
+  import jaxtal
+
+  a = sum((IMAGE_SIZE // s) ** 2 for s in STRIDES)
+  b = MEMORY_BATCH
+  spec = jax.ShapeDtypeStruct
+  for m in args.memory_box_counts:
+    inputs = (
+        spec((b, a, NUM_CLASSES), jnp.float32),
+        spec((b, a, 4), jnp.float32),
+        spec((a, 2), jnp.float32),
+        jaxtal.GroundTruth(spec((b, m), jnp.int32), spec((b, m, 4), jnp.float32), spec((b, m), jnp.bool_)),
+    )
+    for label, chunk in (("auto", None), ("dense", m)):
+      fn = jax.jit(lambda s, p, an, gt, chunk=chunk: jaxtal.task_aligned_assign(s, p, an, gt, gt_chunk=chunk))
+      try:
+        stats = fn.lower(*inputs).compile().memory_analysis()
+      except Exception as e:  # noqa: BLE001 - report whatever stops XLA (e.g. a buffer too large)
+        table.add(f"assign memory, {label}", m, None, "MiB", note=f"b={b} A={a}: {type(e).__name__}: {e}"[:120])
+        continue
+      peak = getattr(stats, "peak_memory_in_bytes", 0) / 2**20
+      table.add(
+          f"assign memory, {label}",
+          m,
+          memory_mib(stats),
+          "MiB",
+          note=f"b={b} A={a} nc={NUM_CLASSES}; of which temp {stats.temp_size_in_bytes / 2**20:.1f} MiB",
+          temp_mib=stats.temp_size_in_bytes / 2**20,
+          xla_peak_mib=peak or None,  # JSON only: on CPU it did not track the temp size
+      )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ultralytics (PyTorch, CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: dict) -> None:
+  """Row 4: v8DetectionLoss forward+backward and TaskAlignedAssigner alone, same numbers as jaxtal's rows."""
+  try:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import reference  # tests/reference.py: the fake model v8DetectionLoss reads its settings from
+    from ultralytics.utils.loss import v8DetectionLoss
+    from ultralytics.utils.tal import TaskAlignedAssigner
+  except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+    table.add("Ultralytics", None, None, "ms", note=f"skipped: cannot import torch/ultralytics ({type(e).__name__}: {e})")
+    return
+  torch.set_num_threads(os.cpu_count())
+  version = reference.VERSION
+  note_v = f"ultralytics {version}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+  if version != reference.REFERENCE_VERSION:
+    note_v += f" (the pinned reference is {reference.REFERENCE_VERSION})"
+
+  b = BATCH
+  nchw = [torch.from_numpy(np.ascontiguousarray(m.transpose(0, 3, 1, 2))) for m in maps_np]
+  # v8DetectionLoss's native input: what its Detect head returns in training, built outside the timing.
+  boxes = torch.cat([f[:, : 4 * REG_MAX].reshape(b, 4 * REG_MAX, -1) for f in nchw], -1).contiguous()
+  scores = torch.cat([f[:, 4 * REG_MAX :].reshape(b, NUM_CLASSES, -1) for f in nchw], -1).contiguous()
+  boxes.requires_grad_(True)
+  scores.requires_grad_(True)
+  feats_meta = [f[:1, :1] for f in nchw]  # only their spatial shapes are read (anchors)
+  model = reference._Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5), None)
+  crit = v8DetectionLoss(model, tal_topk=10)
+  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0 (the original YOLOv8 in-box test)
+
+  # Assignment inputs: the same predictions jaxtal's assign row uses, computed here in PyTorch.
+  with torch.no_grad():
+    from ultralytics.utils.tal import make_anchors
+
+    anchor_points, stride_tensor = make_anchors(nchw, torch.tensor(STRIDES, dtype=torch.float32), 0.5)
+    pred_scores = scores.detach().permute(0, 2, 1).sigmoid().contiguous()
+    pred_boxes = crit.bbox_decode(anchor_points, boxes.detach().permute(0, 2, 1).contiguous()) * stride_tensor
+    anchor_px = anchor_points * stride_tensor
+  assigner = TaskAlignedAssigner(topk=10, num_classes=NUM_CLASSES, alpha=0.5, beta=6.0, eps=1e-9)
+  assigner.stride_val = 0.0
+
+  for m in args.box_counts:
+    rows = torch.from_numpy(rows_by_m[m])
+    batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:6]}
+    preds = {"boxes": boxes, "scores": scores, "feats": feats_meta}
+
+    def loss_run():
+      boxes.grad = scores.grad = None
+      total, _ = crit(preds, batch)
+      total.sum().backward()
+
+    times = time_runs(loss_run, args.warmup, args.repeats)
+    ms = median_ms(times)
+    table.add("Ultralytics v8DetectionLoss fwd+bwd", m, ms, "ms", len(times), note_v)
+    table.add("ratio Ultralytics / jaxtal loss", m, ms / jaxtal_ms[("loss", m)], "x")
+
+    gt_labels = rows[:, 1].reshape(b, m, 1)
+    gt_boxes = torch.from_numpy(
+        np.concatenate(
+            [(rows_by_m[m][:, 2:4] - rows_by_m[m][:, 4:6] / 2), (rows_by_m[m][:, 2:4] + rows_by_m[m][:, 4:6] / 2)], axis=1
+        ).astype(np.float32)
+        * IMAGE_SIZE
+    ).reshape(b, m, 4)
+    mask = torch.ones(b, m, 1, dtype=torch.bool)
+
+    def assign_run():
+      with torch.no_grad():
+        assigner(pred_scores, pred_boxes, anchor_px, gt_labels, gt_boxes, mask)
+
+    times = time_runs(assign_run, args.warmup, args.repeats)
+    ms = median_ms(times)
+    table.add("Ultralytics TaskAlignedAssigner", m, ms, "ms", len(times))
+    table.add("ratio Ultralytics / jaxtal assign", m, ms / jaxtal_ms[("assign", m)], "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# KerasCV (separate virtual environment, JAX backend)
+# ---------------------------------------------------------------------------------------------
+
+KERASCV_HINT = (
+    "python -m venv --system-site-packages /tmp/kcv && /tmp/kcv/bin/pip install 'keras-cv==0.9.*' 'keras>=3'"
+    " tensorflow-cpu  (KerasCV imports TensorFlow even on the JAX backend)"
+)
+
+
+def kerascv_inputs(path: pathlib.Path, maps_np, rows_by_m, box_counts) -> None:
+  """Writes the assignment inputs (the same predictions as jaxtal's assign row) for the KerasCV worker."""
+  import jax
+
+  import jaxtal
+
+  feats = [jax.numpy.asarray(m) for m in maps_np]
+  anchors, anchor_strides = jaxtal.make_anchors([m.shape[1:3] for m in maps_np], STRIDES)
+  pred_dist, pred_logits = jaxtal.flatten_head(feats, NUM_CLASSES, REG_MAX)
+  data = dict(
+      scores=np.asarray(jax.nn.sigmoid(pred_logits)),
+      boxes=np.asarray(jaxtal.decode_boxes(pred_dist, anchors, REG_MAX) * anchor_strides),
+      anchors=np.asarray(anchors * anchor_strides),
+      box_counts=np.array(box_counts),
+  )
+  for m in box_counts:
+    gt = jaxtal.pack_labels(rows_by_m[m], BATCH, m, (IMAGE_SIZE, IMAGE_SIZE))
+    data[f"labels{m}"], data[f"gt_boxes{m}"], data[f"mask{m}"] = gt.labels, gt.boxes, gt.mask
+  np.savez(path, **data)
+
+
+def kerascv_worker(path: str, warmup: int, repeats: int) -> None:
+  """Runs inside the KerasCV environment (KERAS_BACKEND=jax); prints one JSON line of results."""
+  import jax
+  import jax.numpy as jnp
+  import keras
+  import keras_cv
+  from keras_cv.src.models.object_detection.yolo_v8.yolo_v8_label_encoder import YOLOV8LabelEncoder
+
+  if keras.backend.backend() != "jax":
+    raise SystemExit(f"KerasCV worker: Keras backend is {keras.backend.backend()!r}, expected 'jax' (KERAS_BACKEND=jax)")
+  data = np.load(path)
+  scores, boxes, anchors = (jnp.asarray(data[k]) for k in ("scores", "boxes", "anchors"))
+  encoder = YOLOV8LabelEncoder(num_classes=scores.shape[-1], max_anchor_matches=10, alpha=0.5, beta=6.0, epsilon=1e-9)
+  encode = jax.jit(lambda s, b, a, labels, gt_boxes, mask: encoder(s, b, a, labels, gt_boxes, mask))
+  out = dict(versions=f"keras-cv {keras_cv.__version__}, keras {keras.__version__}, jax {jax.__version__}", rows=[])
+  for m in data["box_counts"].tolist():
+    labels = jnp.asarray(data[f"labels{m}"])
+    gt_boxes = jnp.asarray(data[f"gt_boxes{m}"])
+    mask = jnp.asarray(data[f"mask{m}"])[..., None]  # KerasCV broadcasts a (b, M, 1) mask over anchors
+    args = (scores, boxes, anchors, labels, gt_boxes, mask)
+    times = time_runs(lambda: jax.block_until_ready(encode(*args)), warmup, repeats)
+    out["rows"].append(dict(M=m, median_ms=median_ms(times), runs=len(times)))
+  print("KERASCV_RESULT " + json.dumps(out), flush=True)
+
+
+def kerascv_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: dict) -> None:
+  """Row 6: KerasCV's YOLOV8LabelEncoder in its own environment, or why it could not run."""
+  python = pathlib.Path(args.kerascv_python)
+  if not python.exists():
+    table.add("KerasCV YOLOV8LabelEncoder", None, None, "ms", note=f"skipped: {python} not found; to set up: {KERASCV_HINT}")
+    return
+  with tempfile.TemporaryDirectory() as tmp:
+    inputs = pathlib.Path(tmp) / "kerascv_inputs.npz"
+    kerascv_inputs(inputs, maps_np, rows_by_m, args.box_counts)
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3")
+    cmd = [
+        str(python), str(pathlib.Path(__file__).resolve()), "--kerascv-worker", str(inputs),
+        "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    try:
+      proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.kerascv_timeout)
+    except subprocess.TimeoutExpired:
+      table.add("KerasCV YOLOV8LabelEncoder", None, None, "ms", note=f"failed: timed out after {args.kerascv_timeout} s")
+      return
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("KERASCV_RESULT ")]
+  if proc.returncode != 0 or not lines:
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    table.add("KerasCV YOLOV8LabelEncoder", None, None, "ms", note=f"failed (rc {proc.returncode}): {last[:150]}")
+    return
+  result = json.loads(lines[-1][len("KERASCV_RESULT ") :])
+  for row in result["rows"]:
+    m = row["M"]
+    table.add("KerasCV YOLOV8LabelEncoder (jax)", m, row["median_ms"], "ms", row["runs"], result["versions"])
+    table.add("ratio KerasCV / jaxtal assign", m, row["median_ms"] / jaxtal_ms[("assign", m)], "x")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def environment() -> dict:
+  import jax
+
+  import jaxtal
+
+  info = dict(
+      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      python=platform.python_version(),
+      platform=platform.platform(),
+      cpu_count=os.cpu_count(),
+      jax=jax.__version__,
+      jax_backend=jax.default_backend(),
+      jax_devices=[str(d) for d in jax.devices()],
+      jaxtal=jaxtal.__version__,
+  )
+  try:
+    import torch
+    import ultralytics
+
+    info.update(torch=torch.__version__, ultralytics=ultralytics.__version__)
+  except Exception:  # noqa: BLE001
+    pass
+  return info
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true", help="smoke run: 1 warm-up and 3 timed runs per row")
+  parser.add_argument("--json", metavar="FILE", help="write the rows and the environment as JSON")
+  parser.add_argument("--warmup", type=int, default=None, help="untimed runs per row (default 2, --quick 1)")
+  parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10, --quick 3)")
+  parser.add_argument("--box-counts", type=int, nargs="+", default=list(BOX_COUNTS), help="M values of rows 1-4, 6")
+  parser.add_argument("--memory-box-counts", type=int, nargs="+", default=list(MEMORY_BOX_COUNTS))
+  parser.add_argument("--no-ultralytics", action="store_true", help="skip the Ultralytics rows")
+  parser.add_argument("--kerascv-python", default="/tmp/kcv/bin/python", help="Python of an env with keras-cv")
+  parser.add_argument("--kerascv-timeout", type=int, default=1800, help="seconds")
+  parser.add_argument("--kerascv-worker", metavar="NPZ", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.warmup is None:
+    args.warmup = 1 if args.quick else 2
+  if args.repeats is None:
+    args.repeats = 3 if args.quick else 10
+  return args
+
+
+def main(argv=None) -> list[dict]:
+  args = parse_args(argv)
+  if args.kerascv_worker:
+    kerascv_worker(args.kerascv_worker, args.warmup, args.repeats)
+    return []
+  env = environment()
+  print(
+      f"jaxtal benchmarks {env['date']}: jax {env['jax']} on {env['jax_backend']} ({len(env['jax_devices'])} device(s)),"
+      f" {env['cpu_count']} CPUs, python {env['python']}; medians of {args.repeats} runs after {args.warmup} warm-up"
+      + (" [--quick]" if args.quick else "")
+  )
+  start = time.perf_counter()
+  maps_np = make_head_maps()
+  rows_by_m = {m: make_label_rows(m) for m in args.box_counts}
+  table = Table()
+  jaxtal_ms = jaxtal_benchmarks(args, table, maps_np, rows_by_m)
+  memory_benchmarks(args, table)
+  if not args.no_ultralytics:
+    ultralytics_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
+  kerascv_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
+  print(f"total wall time {time.perf_counter() - start:.0f} s")
+  if args.json:
+    pathlib.Path(args.json).write_text(
+        json.dumps(dict(environment=env, quick=args.quick, warmup=args.warmup, repeats=args.repeats, rows=table.rows), indent=2)
+    )
+    print(f"wrote {args.json}")
+  return table.rows
+
+
+if __name__ == "__main__":
+  main()
