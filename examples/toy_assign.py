@@ -95,7 +95,11 @@ def assignment_grid(fg_mask, gt_index, feature_shapes=FEATURE_SHAPES) -> list[st
 
 def main(seed: int = 0) -> dict:
   """Runs and prints every stage; returns the intermediate arrays (for tests)."""
-  np.set_printoptions(precision=4, suppress=True, linewidth=120)
+  with np.printoptions(precision=4, suppress=True, linewidth=120):  # scoped: callers keep theirs
+    return _main(seed)
+
+
+def _main(seed: int) -> dict:
   feats = [jnp.asarray(f) for f in head_outputs(seed)]
   print("== inputs: head maps (NCHW, like the seed's torch.randn) ==")
   for i, f in enumerate(feats):

@@ -31,7 +31,7 @@ from jaxtal.boxes import aspect_angle, box_iou
 from jaxtal.labels import GroundTruth
 
 # Above this many (GT, anchor) pairs per image the GTs are processed in blocks.
-_DENSE_PAIRS = 1 << 20
+_DENSE_PAIRS = 1 << 22
 _AUTO_CHUNK = 32
 
 
@@ -73,70 +73,86 @@ def _power(x: jax.Array, p: float) -> jax.Array:
   return jnp.power(x, p)
 
 
-def _class_scores(score_levels: tuple[jax.Array, ...], labels: jax.Array, from_logits: bool) -> jax.Array:
-  """``(C, A)`` predicted probability of each GT's class at every anchor.
+def _class_score_rows(score_levels: tuple[jax.Array, ...], from_logits: bool, alpha: float) -> tuple[jax.Array, ...]:
+  """Per level ``(nc, A_l)`` rows of ``score ** alpha``, ready for one contiguous row gather per GT.
 
   ``score_levels`` are ``(A_l, nc)`` blocks of anchors (one per head level, or a single one);
-  gathering the GT classes per block avoids concatenating the ``(A, nc)`` scores.
+  transposing once costs ``nc * A`` and makes every GT's gather contiguous, where a gather
+  along the class axis would touch one cache line per (GT, anchor) pair.
   """
-  nc = score_levels[0].shape[-1]
-  safe = jnp.clip(labels, 0, nc - 1)
-  scores = jnp.concatenate([jnp.take(s, safe, axis=1) for s in score_levels], axis=0).T
-  if from_logits:
-    scores = jax.nn.sigmoid(scores.astype(jnp.float32))
-  # Non-finite or out-of-range predictions never become targets: they score 0.
-  return jnp.where(jnp.isfinite(scores), jnp.clip(scores, 0.0, 1.0), 0.0).astype(jnp.float32)
+  rows = []
+  for s in score_levels:
+    s = s.T.astype(jnp.float32)
+    if from_logits:
+      s = jax.nn.sigmoid(s)
+    # Non-finite or out-of-range predictions never become targets: they score 0.
+    s = jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0)
+    rows.append(_power(s, alpha))
+  return tuple(rows)
 
 
-def _top_k_mask_lists(
-    score_levels: tuple[jax.Array, ...],
-    pred_boxes: jax.Array,
-    pred_angle: jax.Array,
-    anchors: jax.Array,
-    labels: jax.Array,
-    boxes: jax.Array,
-    valid: jax.Array,
-    *,
-    from_logits: bool,
-    topk: int,
-    alpha: float,
-    beta: float,
-    eps: float,
-    min_box_side: float,
-):
-  """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors of one image.
+def _class_scores(score_rows: tuple[jax.Array, ...], labels: jax.Array) -> jax.Array:
+  """``(C, A)`` ``score ** alpha`` of each GT's class at every anchor."""
+  safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
+  return jnp.concatenate([jnp.take(r, safe, axis=0) for r in score_rows], axis=1)
 
-  Returns per GT ``(C, k)`` top-k anchor indices, whether each is a positive (in-box and
-  valid), and its overlap and metric; per anchor ``(A,)`` the best in-box overlap in the
-  block, its GT (block-local index) and that pair's metric.
-  """
-  ctr = (boxes[:, :2] + boxes[:, 2:]) / 2
-  wh = boxes[:, 2:] - boxes[:, :2]
+
+def _in_box_rect(boxes: jax.Array, valid: jax.Array, min_box_side: float) -> tuple[jax.Array, jax.Array]:
+  """``(..., 2)`` left-top and right-bottom of the in-box test rectangle (sides floored at ``min_box_side``)."""
+  ctr = (boxes[..., :2] + boxes[..., 2:]) / 2
+  wh = boxes[..., 2:] - boxes[..., :2]
   if min_box_side > 0:
-    wh = jnp.where(valid[:, None] & (wh < min_box_side), jnp.asarray(min_box_side, wh.dtype), wh)
-  lt, rb = ctr - wh / 2, ctr + wh / 2
-  ax, ay = anchors[None, :, 0], anchors[None, :, 1]
-  in_box = (
-      (ax - lt[:, 0:1] > eps) & (ay - lt[:, 1:2] > eps) & (rb[:, 0:1] - ax > eps) & (rb[:, 1:2] - ay > eps)
-  )
-  cand = in_box & valid[:, None]  # (C, A)
+    wh = jnp.where(valid[..., None] & (wh < min_box_side), jnp.asarray(min_box_side, wh.dtype), wh)
+  return ctr - wh / 2, ctr + wh / 2
 
-  ciou = box_iou(
-      boxes[:, None, :], pred_boxes[None, :, :], "ciou", angle1=aspect_angle(boxes)[:, None], angle2=pred_angle[None]
-  )
-  overlaps = jnp.where(cand & jnp.isfinite(ciou), jnp.maximum(ciou, 0.0), 0.0)
-  cls_score = _class_scores(score_levels, labels, from_logits)
-  metric = jnp.where(cand, _power(cls_score, alpha) * _power(overlaps, beta), 0.0)
 
+def _pair_overlap(boxes, rect_lt, rect_rb, valid, gt_angle, pred_boxes, pred_angle, anchors, eps):
+  """Broadcasting (GT, anchor) terms: whether the pair is a candidate and its clamped CIoU.
+
+  Every place that needs a pair's overlap calls this, so the dense pass and the per-entry
+  passes compute the same floats. Shapes broadcast: GT terms ``(..., 1)`` against anchor
+  terms ``(1, ...)`` (or aligned).
+  """
+  ax, ay = anchors[..., 0], anchors[..., 1]
+  cand = (
+      (ax - rect_lt[..., 0] > eps)
+      & (ay - rect_lt[..., 1] > eps)
+      & (rect_rb[..., 0] - ax > eps)
+      & (rect_rb[..., 1] - ay > eps)
+      & valid
+  )
+  ciou = box_iou(boxes, pred_boxes, "ciou", angle1=gt_angle, angle2=pred_angle)
+  return cand, jnp.where(cand & jnp.isfinite(ciou), jnp.maximum(ciou, 0.0), 0.0)
+
+
+def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
+  """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors: ``(C, k)`` top-k anchors and metrics.
+
+  ``gts`` = (labels, boxes, rect_lt, rect_rb, valid, angle) of the block; ``preds`` =
+  (boxes, angle, anchors) of the image. The ``(C, A)`` metric is the only pairwise array
+  this materialises (top-k needs it).
+  """
+  labels, boxes, lt, rb, valid, angle = gts
+  pboxes, pangle, anchors = preds
+  cand, overlaps = _pair_overlap(
+      boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None], pboxes[None], pangle[None], anchors[None], eps
+  )
+  metric = jnp.where(cand, _class_scores(score_rows, labels) * _power(overlaps, beta), 0.0)
   top_metric, top_idx = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
-  top_pos = jnp.take_along_axis(cand, top_idx, axis=1)
-  top_ov = jnp.take_along_axis(overlaps, top_idx, axis=1)
+  return top_idx, top_metric
 
+
+def _best_gt_of_entries(gts, entry_preds, *, eps):
+  """Step 4 helper for a block of ``C`` GTs: for each entry's anchor ``(E,)``, the block's in-box GT of
+  highest overlap (first on ties), that overlap (-1 if none) and the block-local index."""
+  labels, boxes, lt, rb, valid, angle = gts
+  pboxes, pangle, anchors = entry_preds
+  cand, overlaps = _pair_overlap(
+      boxes[None], lt[None], rb[None], valid[None], angle[None], pboxes[:, None], pangle[:, None], anchors[:, None], eps
+  )  # (E, C)
   masked = jnp.where(cand, overlaps, -1.0)
-  best_local = jnp.argmax(masked, axis=0)  # first GT on ties, as argmax over GTs
-  best_ov = jnp.take_along_axis(masked, best_local[None], axis=0)[0]
-  best_metric = jnp.take_along_axis(metric, best_local[None], axis=0)[0]
-  return top_idx, top_pos, top_ov, top_metric, best_ov, best_local, best_metric
+  best = jnp.argmax(masked, axis=1)
+  return jnp.take_along_axis(masked, best[:, None], axis=1)[:, 0], best.astype(jnp.int32)
 
 
 class Targets(NamedTuple):
@@ -174,56 +190,66 @@ def _assign_one(
   pred_boxes = jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0)
   safe_gt_boxes = jnp.where(valid[:, None], gt_boxes, 0.0)
   pred_angle = aspect_angle(pred_boxes)
-  block = dict(from_logits=from_logits, topk=topk, alpha=alpha, beta=beta, eps=eps, min_box_side=min_box_side)
+  score_rows = _class_score_rows(score_levels, from_logits, alpha)
+  rect_lt, rect_rb = _in_box_rect(safe_gt_boxes, valid, min_box_side)
+  gts = (gt_labels, safe_gt_boxes, rect_lt, rect_rb, valid, aspect_angle(safe_gt_boxes))
+  preds = (pred_boxes, pred_angle, anchors)
+  gt_chunk = min(gt_chunk, m)
+  n_blocks = -(-m // gt_chunk)
 
-  if gt_chunk >= m:
-    top_idx, top_pos, top_ov, top_metric, best_ov, best_gt, best_metric = _top_k_mask_lists(
-        score_levels, pred_boxes, pred_angle, anchors, gt_labels, safe_gt_boxes, valid, **block
-    )
+  def blocks(x):
+    x = jnp.pad(x, [(0, n_blocks * gt_chunk - m)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(n_blocks, gt_chunk, *x.shape[1:])
+
+  # Steps 1-3: each GT's top-k anchors by metric, a block of GTs at a time.
+  if n_blocks == 1:
+    top_idx, top_metric = _top_k_lists(score_rows, gts, preds, topk=topk, beta=beta, eps=eps)
   else:
-    n_blocks = -(-m // gt_chunk)
-    pad = n_blocks * gt_chunk - m
+    _, (top_idx, top_metric) = jax.lax.scan(
+        lambda c, g: (c, _top_k_lists(score_rows, g, preds, topk=topk, beta=beta, eps=eps)), None, jax.tree.map(blocks, gts)
+    )
+    top_idx, top_metric = top_idx.reshape(-1, topk)[:m], top_metric.reshape(-1, topk)[:m]
 
-    def blocks(x):
-      x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-      return x.reshape(n_blocks, gt_chunk, *x.shape[1:])
+  # Each list entry (GT m, anchor a): is it a positive (in-box, valid), and its overlap.
+  entry_anchor = top_idx.reshape(-1)  # (E,) with E = M * topk
+  owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), topk)
+  # One gather of everything known per anchor; the anchors ride along with the (per-image)
+  # predictions so the gather stays local to an image when the batch is sharded.
+  entry_preds = (pred_boxes[entry_anchor], pred_angle[entry_anchor], anchors[entry_anchor])
+  entry_pos, entry_ov = _pair_overlap(
+      safe_gt_boxes[owner], rect_lt[owner], rect_rb[owner], valid[owner], gts[5][owner], *entry_preds, eps
+  )
+  entry_metric = top_metric.reshape(-1)
+
+  # Step 4 needs, for contested anchors, the in-box GT of highest overlap among all M
+  # (not only the claimants): computed for the E listed anchors only, not for all A.
+  if n_blocks == 1:
+    best_ov, best_gt = _best_gt_of_entries(gts, entry_preds, eps=eps)
+  else:
 
     def step(carry, xs):
-      best_ov, best_gt, best_metric = carry
-      start, labels_c, boxes_c, valid_c = xs
-      t_idx, t_pos, t_ov, t_metric, b_ov, b_gt, b_metric = _top_k_mask_lists(
-          score_levels, pred_boxes, pred_angle, anchors, labels_c, boxes_c, valid_c, **block
-      )
-      better = b_ov > best_ov  # strict: an earlier GT keeps ties, as a global argmax would
-      carry = (
-          jnp.where(better, b_ov, best_ov),
-          jnp.where(better, b_gt + start, best_gt),
-          jnp.where(better, b_metric, best_metric),
-      )
-      return carry, (t_idx, t_pos, t_ov, t_metric)
+      start, g = xs
+      b_ov, b_gt = _best_gt_of_entries(g, entry_preds, eps=eps)
+      better = b_ov > carry[0]  # strict: an earlier GT keeps ties, as a global argmax would
+      return (jnp.where(better, b_ov, carry[0]), jnp.where(better, b_gt + start, carry[1])), None
 
-    init = (
-        jnp.full((num_anchors,), -1.0, jnp.float32),
-        jnp.zeros((num_anchors,), jnp.int32),
-        jnp.zeros((num_anchors,), jnp.float32),
-    )
     starts = jnp.arange(n_blocks, dtype=jnp.int32) * gt_chunk
-    (best_ov, best_gt, best_metric), tops = jax.lax.scan(
-        step, init, (starts, blocks(gt_labels), blocks(safe_gt_boxes), blocks(valid))
-    )
-    top_idx, top_pos, top_ov, top_metric = (t.reshape(n_blocks * gt_chunk, topk)[:m] for t in tops)
+    init = (jnp.full(entry_anchor.shape, -1.0, jnp.float32), jnp.zeros(entry_anchor.shape, jnp.int32))
+    (best_ov, best_gt), _ = jax.lax.scan(step, init, (starts, jax.tree.map(blocks, gts)))
+  all_rows = jnp.concatenate(score_rows, axis=1)  # (nc, A) score ** alpha
+  best_label = jnp.clip(gt_labels[best_gt], 0, nc - 1)
+  best_metric = jnp.where(best_ov >= 0, all_rows[best_label, entry_anchor] * _power(jnp.maximum(best_ov, 0.0), beta), 0.0)
 
-  # Step 4: per-anchor claim counts from the (M, topk) lists.
-  flat_idx = top_idx.reshape(-1)
-  flat_pos = top_pos.reshape(-1)
-  owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), topk)
-  count = jnp.zeros((num_anchors,), jnp.int32).at[flat_idx].add(flat_pos.astype(jnp.int32))
-  claimant = jnp.full((num_anchors,), -1, jnp.int32).at[flat_idx].max(jnp.where(flat_pos, owner, -1))
+  # Per-anchor claim counts from the (M, topk) lists.
+  count = jnp.zeros((num_anchors,), jnp.int32).at[entry_anchor].add(entry_pos.astype(jnp.int32))
+  claimant = jnp.full((num_anchors,), -1, jnp.int32).at[entry_anchor].max(jnp.where(entry_pos, owner, -1))
   neg_inf = jnp.float32(-jnp.inf)
-  claim_ov = jnp.full((num_anchors,), neg_inf).at[flat_idx].max(jnp.where(flat_pos, top_ov.reshape(-1), neg_inf))
-  claim_metric = jnp.full((num_anchors,), neg_inf).at[flat_idx].max(
-      jnp.where(flat_pos, top_metric.reshape(-1), neg_inf)
-  )
+  claim_ov = jnp.full((num_anchors,), neg_inf).at[entry_anchor].max(jnp.where(entry_pos, entry_ov, neg_inf))
+  claim_metric = jnp.full((num_anchors,), neg_inf).at[entry_anchor].max(jnp.where(entry_pos, entry_metric, neg_inf))
+  # Every entry of one anchor carries the same best-GT values; scatter them to the anchor.
+  best_ov = jnp.full((num_anchors,), -1.0).at[entry_anchor].max(best_ov)
+  best_gt = jnp.zeros((num_anchors,), jnp.int32).at[entry_anchor].max(best_gt)
+  best_metric = jnp.zeros((num_anchors,), jnp.float32).at[entry_anchor].max(best_metric)
   multi = count > 1
   fg = count > 0
   gt_index = jnp.where(multi, best_gt, jnp.maximum(claimant, 0))
@@ -388,8 +414,8 @@ def assign_targets(
   """Batched assignment without the dense ``(b, A, nc)`` scores (used by the loss).
 
   ``score_levels`` are ``(b, A_l, nc)`` blocks whose anchors concatenate to ``A``: class
-  probabilities, or logits with ``from_logits=True`` (the sigmoid is then taken only on
-  the GT classes). Arguments are not validated here; see :func:`task_aligned_assign`.
+  probabilities, or logits with ``from_logits=True`` (no ``(b, A, nc)`` concatenation is
+  made either way). Arguments are not validated here; see :func:`task_aligned_assign`.
   """
   m = gt.labels.shape[1]
   num_anchors = pred_boxes.shape[1]
@@ -409,11 +435,18 @@ def assign_targets(
       gt_chunk=int(min(gt_chunk, m)),
       from_logits=bool(from_logits),
   )
-  return jax.vmap(one, in_axes=(0, 0, None, 0, 0, 0))(
-      tuple(sg(s) for s in score_levels),
-      sg(pred_boxes).astype(jnp.float32),
-      sg(anchor_points).astype(jnp.float32),
-      sg(gt.labels).astype(jnp.int32),
-      sg(gt.boxes).astype(jnp.float32),
-      sg(gt.mask).astype(bool),
+  pred_boxes = sg(jnp.asarray(pred_boxes, jnp.float32))
+  # Anchors per image, laid out like the predictions: a gather from an unbatched operand with
+  # batch-sharded indices has no unambiguous sharding under a batch-sharded jit.
+  anchors = jnp.broadcast_to(sg(jnp.asarray(anchor_points, jnp.float32)), (pred_boxes.shape[0], *anchor_points.shape))
+  sharding = getattr(jax.typeof(pred_boxes), "sharding", None)
+  if sharding is not None and getattr(sharding, "mesh", None) is not None and not sharding.mesh.empty:
+    anchors = jax.sharding.reshard(anchors, sharding)
+  return jax.vmap(one)(
+      tuple(sg(jnp.asarray(s)) for s in score_levels),
+      pred_boxes,
+      anchors,
+      sg(jnp.asarray(gt.labels, jnp.int32)),
+      sg(jnp.asarray(gt.boxes, jnp.float32)),
+      sg(jnp.asarray(gt.mask, bool)),
   )

@@ -9,13 +9,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxtal.anchors import make_anchors
 from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
+from jaxtal.ops import bce_one_hot_sum, softmax_expectation, two_bin_cross_entropy
 
 
 class LossParts(NamedTuple):
@@ -164,13 +164,11 @@ def detection_loss(
     levels.append(f.reshape(batch, -1, f.shape[-1]))
   sizes = [h * w for h, w in shapes]
   logits = [x[..., 4 * reg_max :].astype(jnp.float32) for x in levels]
+  dists = [x[..., : 4 * reg_max].astype(jnp.float32).reshape(batch, -1, 4, reg_max) for x in levels]
   if reg_max > 1:
-    # One log-softmax per level serves both the decoded boxes (its exp) and the DFL cross-entropy.
-    logp = [jax.nn.log_softmax(x[..., : 4 * reg_max].astype(jnp.float32).reshape(batch, -1, 4, reg_max)) for x in levels]
-    bins = jnp.arange(reg_max, dtype=jnp.float32)
-    ltrb = jnp.concatenate([jnp.sum(jnp.exp(lp) * bins, axis=-1) for lp in logp], axis=1)
+    ltrb = jnp.concatenate([softmax_expectation(d) for d in dists], axis=1)
   else:
-    ltrb = jnp.concatenate([x[..., :4].astype(jnp.float32) for x in levels], axis=1)
+    ltrb = jnp.concatenate([d[..., 0] for d in dists], axis=1)
   anchors, anchor_strides = make_anchors(shapes, strides)
   pred_boxes = ltrb_to_xyxy(ltrb, anchors)  # (b, A, 4) grid units
 
@@ -201,14 +199,11 @@ def detection_loss(
   normaliser = jnp.maximum(scores_sum, 1.0)
 
   bounds = np.cumsum([0] + sizes)
-  loss_cls = 0.0
-  for x, lo, hi in zip(logits, bounds[:-1], bounds[1:]):
-    # The one-hot targets are built inside the BCE's fusion, never stored as (b, A, nc).
-    z = jax.nn.one_hot(target.labels[:, lo:hi], num_classes, dtype=jnp.float32) * weight[:, lo:hi, None]
-    bce = optax.sigmoid_binary_cross_entropy(x, z)
-    if class_weights is not None:
-      bce = bce * jnp.asarray(class_weights, jnp.float32)
-    loss_cls = loss_cls + jnp.sum(bce)
+  spans = list(zip(bounds[:-1], bounds[1:]))
+  cw = jnp.ones((num_classes,), jnp.float32) if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+  cw = jax.lax.stop_gradient(cw)
+  # BCE against one_hot(labels) * norm, summed without materialising the (b, A, nc) targets.
+  loss_cls = sum(bce_one_hot_sum(x, target.labels[:, lo:hi], weight[:, lo:hi], cw) for x, (lo, hi) in zip(logits, spans))
   loss_cls = loss_cls / normaliser
 
   fg = target.fg_mask
@@ -223,17 +218,10 @@ def detection_loss(
     target_ltrb = jnp.clip(target_ltrb, 0.0, reg_max - 1 - 0.01)
     left = jnp.floor(target_ltrb)
     w_left = left + 1 - target_ltrb
-    left_i = left.astype(jnp.int32)[..., None]
-    ce = []
-    for lp, lo, hi in zip(logp, bounds[:-1], bounds[1:]):
-      li, wl = left_i[:, lo:hi], w_left[:, lo:hi]
-      ce.append(
-          -(
-              jnp.take_along_axis(lp, li, axis=-1)[..., 0] * wl
-              + jnp.take_along_axis(lp, li + 1, axis=-1)[..., 0] * (1 - wl)
-          )
-      )
-    ce = jnp.concatenate(ce, axis=1)
+    left = left.astype(jnp.int32)
+    ce = jnp.concatenate(
+        [two_bin_cross_entropy(d, left[:, lo:hi], w_left[:, lo:hi]) for d, (lo, hi) in zip(dists, spans)], axis=1
+    )
   else:
     scale = anchor_strides / jnp.array([img_w, img_h, img_w, img_h], jnp.float32)
     ce = jnp.abs(ltrb * scale - target_ltrb * scale)

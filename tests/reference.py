@@ -14,10 +14,16 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 import numpy as np
-import torch
-import ultralytics
-from ultralytics.utils.loss import v8DetectionLoss
-from ultralytics.utils.tal import TaskAlignedAssigner
+
+# Importing ultralytics changes NumPy's global print options (a float formatter, linewidth 320);
+# restore them so tests that read formatted arrays behave the same in any order.
+_print_options = np.get_printoptions()
+import torch  # noqa: E402
+import ultralytics  # noqa: E402
+from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
+from ultralytics.utils.tal import TaskAlignedAssigner  # noqa: E402
+
+np.set_printoptions(**_print_options)
 
 REFERENCE_VERSION = "8.4.190"
 VERSION = ultralytics.__version__

@@ -155,7 +155,9 @@ def test_many_identical_gts():
   feats = head_maps(seed=6)
   one, lots = loss_and_grads(feats, single), loss_and_grads(feats, many)
   assert_finite(*lots)
-  np.testing.assert_array_equal(one[0], lots[0])
+  # Same targets (checked exactly above); M differs, so XLA compiles two programs whose float
+  # reductions may round differently: equal to float32 rounding, not bit for bit.
+  np.testing.assert_allclose(one[0], lots[0], rtol=1e-6)
 
 
 def test_all_predictions_identical():

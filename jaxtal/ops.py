@@ -1,0 +1,137 @@
+"""The dense per-anchor terms of the loss, with analytic gradients.
+
+These run over every anchor and class (``b * A * nc`` logits, ``b * A * 4R`` bins), so they
+dominate a training step's loss time. Each is a ``jax.custom_vjp`` whose backward pass is
+the closed-form gradient (``sigmoid(x) - z`` for BCE, ``p - target`` for cross-entropy,
+``p * (i - E)`` for the expectation), computed in one elementwise pass from the saved input
+instead of replaying autodiff's chain of intermediates. Values equal
+``optax.sigmoid_binary_cross_entropy`` and the softmax formulas to float32 rounding
+(``tests/test_ops.py``); gradients equal autodiff's.
+
+Why not call optax/jax.nn directly: on XLA:CPU, ``optax.sigmoid_binary_cross_entropy`` and
+``jax.nn.softplus`` lower through ``logaddexp`` and a one-hot target broadcast inside a
+reduction, which XLA does not vectorise; with autodiff the BCE forward and backward of a
+``(16, 8400, 80)`` block took ~60 ms here against ~9 ms for this form.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _softplus(x: jax.Array) -> jax.Array:
+  # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every finite x.
+  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@jax.custom_vjp
+def bce_one_hot_sum(logits: jax.Array, labels: jax.Array, weight: jax.Array, class_weights: jax.Array) -> jax.Array:
+  """``sum(BCE-with-logits(logits, one_hot(labels) * weight[..., None]) * class_weights)``.
+
+  Args:
+    logits: ``(..., nc)`` float32 class logits.
+    labels: ``(...)`` int32 target class of each row (any value where ``weight`` is 0).
+    weight: ``(...)`` float32 target probability of that class (0 on background).
+    class_weights: ``(nc,)`` float32 per-class weights. Treated as a constant: its
+      cotangent is 0 (callers pass it through ``stop_gradient``).
+
+  Returns:
+    The scalar sum. Uses ``BCE(x, z) = softplus(x) - x * z``, so the one-hot target is
+    never materialised; the gradient w.r.t. ``logits`` is ``(sigmoid(x) - z) * class_weights``.
+  """
+  return jnp.sum(_softplus(logits) * class_weights) - jnp.sum(_picked(logits, labels, class_weights) * weight)
+
+
+def _picked(logits, labels, class_weights):
+  # (logits * class_weights)[..., label]: gathered from a batched operand, so the gather keeps
+  # the batch's sharding under jit (indexing the unbatched (nc,) weights would not).
+  return jnp.take_along_axis(logits * class_weights, labels[..., None], axis=-1)[..., 0]
+
+
+def _bce_fwd(logits, labels, weight, class_weights):
+  return bce_one_hot_sum(logits, labels, weight, class_weights), (logits, labels, weight, class_weights)
+
+
+def _bce_bwd(res, g):
+  logits, labels, weight, class_weights = res
+  nc = logits.shape[-1]
+  z = (labels[..., None] == jnp.arange(nc, dtype=labels.dtype)) * weight[..., None]
+  d_logits = g * (jax.nn.sigmoid(logits) - z) * class_weights
+  d_weight = -g * _picked(logits, labels, class_weights)
+  d_labels = jax.custom_derivatives.zero_from_primal(labels)
+  return d_logits, d_labels, d_weight, jnp.zeros_like(class_weights)
+
+
+bce_one_hot_sum.defvjp(_bce_fwd, _bce_bwd)
+
+
+@jax.custom_vjp
+def softmax_expectation(logits: jax.Array) -> jax.Array:
+  """``sum_i softmax(logits)_i * i`` over the last axis (the DFL decoded distance).
+
+  Args:
+    logits: ``(..., R)`` float32 bin logits.
+
+  Returns:
+    ``(...)`` expected bin index, written as an elementwise weighted sum (no matmul).
+  """
+  p = jax.nn.softmax(logits, axis=-1)
+  return jnp.sum(p * jnp.arange(logits.shape[-1], dtype=logits.dtype), axis=-1)
+
+
+def _expect_fwd(logits):
+  e = softmax_expectation(logits)
+  return e, (logits, e)
+
+
+def _expect_bwd(res, g):
+  logits, e = res
+  p = jax.nn.softmax(logits, axis=-1)
+  bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
+  return (g[..., None] * p * (bins - e[..., None]),)
+
+
+softmax_expectation.defvjp(_expect_fwd, _expect_bwd)
+
+
+@jax.custom_vjp
+def two_bin_cross_entropy(logits: jax.Array, left: jax.Array, w_left: jax.Array) -> jax.Array:
+  """Cross-entropy of ``softmax(logits)`` against mass ``w_left`` on bin ``left`` and the rest on ``left + 1``.
+
+  This is DFL's per-side term: ``-(w_left * log p[left] + (1 - w_left) * log p[left + 1])``.
+
+  Args:
+    logits: ``(..., R)`` float32 bin logits.
+    left: ``(...)`` int32 left bin, in ``[0, R - 2]``.
+    w_left: ``(...)`` float32 weight of the left bin, in ``[0, 1]``. Treated as a constant
+      (its cotangent is 0; callers pass it through ``stop_gradient``).
+
+  Returns:
+    ``(...)`` cross-entropy.
+
+  References:
+    Li et al., 2020, "Generalized Focal Loss", https://arxiv.org/abs/2006.04388.
+  """
+  target = _two_bin_target(logits.shape[-1], left, w_left, logits.dtype)
+  return -jnp.sum(jax.nn.log_softmax(logits, axis=-1) * target, axis=-1)
+
+
+def _two_bin_target(num_bins, left, w_left, dtype):
+  bins = jnp.arange(num_bins, dtype=left.dtype)
+  w = w_left[..., None].astype(dtype)
+  return jnp.where(bins == left[..., None], w, 0.0) + jnp.where(bins == left[..., None] + 1, 1.0 - w, 0.0)
+
+
+def _ce_fwd(logits, left, w_left):
+  return two_bin_cross_entropy(logits, left, w_left), (logits, left, w_left)
+
+
+def _ce_bwd(res, g):
+  logits, left, w_left = res
+  target = _two_bin_target(logits.shape[-1], left, w_left, logits.dtype)
+  d_logits = g[..., None] * (jax.nn.softmax(logits, axis=-1) - target)
+  return d_logits, jax.custom_derivatives.zero_from_primal(left), jnp.zeros_like(w_left)
+
+
+two_bin_cross_entropy.defvjp(_ce_fwd, _ce_bwd)

@@ -1,0 +1,77 @@
+"""jaxtal.ops kernels against optax / jax.nn and autodiff (values and gradients)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+
+from jaxtal import ops
+
+
+def _inputs(seed=0, shape=(3, 7), nc=5, scale=4.0):
+  rng = np.random.default_rng(seed)
+  logits = jnp.asarray(rng.standard_normal((*shape, nc)) * scale, jnp.float32)
+  labels = jnp.asarray(rng.integers(0, nc, shape), jnp.int32)
+  weight = jnp.asarray(rng.uniform(size=shape) * (rng.uniform(size=shape) > 0.5), jnp.float32)
+  cw = jnp.asarray(rng.uniform(0.5, 2.0, nc), jnp.float32)
+  return logits, labels, weight, cw
+
+
+def _bce_reference(logits, labels, weight, cw):
+  z = jax.nn.one_hot(labels, logits.shape[-1]) * weight[..., None]
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(logits, z) * cw)
+
+
+class BceTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0.1, 4.0, 40.0)
+  def test_value_and_gradients_match_optax(self, scale):
+    logits, labels, weight, cw = _inputs(scale=scale)
+    got = self.variant(jax.value_and_grad(ops.bce_one_hot_sum, argnums=(0, 2)))(logits, labels, weight, cw)
+    want = jax.value_and_grad(_bce_reference, argnums=(0, 2))(logits, labels, weight, cw)
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
+
+  def test_extreme_logits_are_finite(self):
+    logits, labels, weight, cw = _inputs()
+    logits = logits.at[0, 0].set(jnp.array([1e4, -1e4, 0.0, 88.0, -88.0]))
+    value, grad = jax.value_and_grad(ops.bce_one_hot_sum)(logits, labels, weight, cw)
+    self.assertTrue(np.isfinite(value))
+    self.assertTrue(np.isfinite(np.asarray(grad)).all())
+    np.testing.assert_allclose(value, _bce_reference(logits, labels, weight, cw), rtol=1e-5)
+
+
+class DflTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_expectation_matches_autodiff(self):
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 6, 4, 16)) * 3, jnp.float32)
+    cot = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6, 4)), jnp.float32)
+    ref = lambda x: jnp.sum(jax.nn.softmax(x, -1) * jnp.arange(16.0), -1)
+    got = self.variant(lambda x: jax.vjp(ops.softmax_expectation, x)[1](cot)[0])(x)
+    want = jax.vjp(ref, x)[1](cot)[0]
+    np.testing.assert_allclose(ops.softmax_expectation(x), ref(x), rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_two_bin_cross_entropy_matches_optax(self):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((5, 4, 16)) * 3, jnp.float32)
+    target = jnp.asarray(rng.uniform(0, 14.99, (5, 4)), jnp.float32)
+    left = jnp.floor(target).astype(jnp.int32)
+    w_left = left + 1 - target
+
+    def ref(x):
+      ce = optax.softmax_cross_entropy_with_integer_labels
+      return ce(x, left) * w_left + ce(x, left + 1) * (1 - w_left)
+
+    cot = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+    np.testing.assert_allclose(self.variant(ops.two_bin_cross_entropy)(x, left, w_left), ref(x), rtol=1e-5, atol=1e-5)
+    got = jax.vjp(lambda x: ops.two_bin_cross_entropy(x, left, w_left), x)[1](cot)[0]
+    np.testing.assert_allclose(got, jax.vjp(ref, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+  absltest.main()
