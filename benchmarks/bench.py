@@ -174,7 +174,7 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
         hi = lo + x.shape[1]
         total = total + jaxtal.ops.bce_one_hot_sum(x[..., 4 * REG_MAX :], labels[:, lo:hi], weight[:, lo:hi], cw)
         dist = x[..., : 4 * REG_MAX].reshape(x.shape[0], -1, 4, REG_MAX)
-        total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist))  # an elementwise weighted sum
+        total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist)[0])  # an elementwise weighted sum
         lo = hi
       return total
 

@@ -15,7 +15,7 @@ from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.ops import bce_one_hot_sum, softmax_expectation, two_bin_cross_entropy
+from jaxtal.ops import bce_one_hot_sum, softmax_expectation, two_bin_target
 
 
 class LossParts(NamedTuple):
@@ -166,7 +166,8 @@ def detection_loss(
   logits = [x[..., 4 * reg_max :].astype(jnp.float32) for x in levels]
   dists = [x[..., : 4 * reg_max].astype(jnp.float32).reshape(batch, -1, 4, reg_max) for x in levels]
   if reg_max > 1:
-    ltrb = jnp.concatenate([softmax_expectation(d) for d in dists], axis=1)
+    stats = [softmax_expectation(d) for d in dists]  # (expectation, logsumexp) per level
+    ltrb = jnp.concatenate([e for e, _ in stats], axis=1)
   else:
     ltrb = jnp.concatenate([d[..., 0] for d in dists], axis=1)
   anchors, anchor_strides = make_anchors(shapes, strides)
@@ -219,8 +220,13 @@ def detection_loss(
     left = jnp.floor(target_ltrb)
     w_left = left + 1 - target_ltrb
     left = left.astype(jnp.int32)
+    # Two-bin cross-entropy: logsumexp of the bins minus the target-weighted logits.
     ce = jnp.concatenate(
-        [two_bin_cross_entropy(d, left[:, lo:hi], w_left[:, lo:hi]) for d, (lo, hi) in zip(dists, spans)], axis=1
+        [
+            lse - jnp.sum(d * two_bin_target(reg_max, left[:, lo:hi], w_left[:, lo:hi]), axis=-1)
+            for d, (_, lse), (lo, hi) in zip(dists, stats, spans)
+        ],
+        axis=1,
     )
   else:
     scale = anchor_strides / jnp.array([img_w, img_h, img_w, img_h], jnp.float32)

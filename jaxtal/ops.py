@@ -2,11 +2,11 @@
 
 These run over every anchor and class (``b * A * nc`` logits, ``b * A * 4R`` bins), so they
 dominate a training step's loss time. Each is a ``jax.custom_vjp`` whose backward pass is
-the closed-form gradient (``sigmoid(x) - z`` for BCE, ``p - target`` for cross-entropy,
-``p * (i - E)`` for the expectation), computed in one elementwise pass from the saved input
+the closed-form gradient (``sigmoid(x) - z`` for BCE; ``p * (g_E * (i - E) + g_lse)`` for the
+DFL expectation and log-sum-exp), computed in one elementwise pass from the saved input
 instead of replaying autodiff's chain of intermediates. Values equal
-``optax.sigmoid_binary_cross_entropy`` and the softmax formulas to float32 rounding
-(``tests/test_ops.py``); gradients equal autodiff's.
+``optax.sigmoid_binary_cross_entropy``, ``optax.softmax_cross_entropy_with_integer_labels`` and
+the softmax formulas to float32 rounding (``tests/test_ops.py``); gradients equal autodiff's.
 
 Why not call optax/jax.nn directly: on XLA:CPU, ``optax.sigmoid_binary_cross_entropy`` and
 ``jax.nn.softplus`` lower through ``logaddexp`` and a one-hot target broadcast inside a
@@ -67,71 +67,54 @@ bce_one_hot_sum.defvjp(_bce_fwd, _bce_bwd)
 
 
 @jax.custom_vjp
-def softmax_expectation(logits: jax.Array) -> jax.Array:
-  """``sum_i softmax(logits)_i * i`` over the last axis (the DFL decoded distance).
+def softmax_expectation(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Expected bin ``sum_i softmax(logits)_i * i`` and ``logsumexp(logits)`` over the last axis.
+
+  The expectation is DFL's decoded distance; the log-sum-exp is what DFL's cross-entropy needs
+  besides two target logits (``CE = lse - sum_i target_i * logits_i``). Computing both in one
+  pass, with one backward pass ``p * (g_E * (i - E) + g_lse)``, reads the bins once each way.
 
   Args:
     logits: ``(..., R)`` float32 bin logits.
 
   Returns:
-    ``(...)`` expected bin index, written as an elementwise weighted sum (no matmul).
+    ``(expectation, lse)``, each ``(...)``. The expectation is an elementwise weighted sum
+    (no matmul with a length-R vector).
   """
-  p = jax.nn.softmax(logits, axis=-1)
-  return jnp.sum(p * jnp.arange(logits.shape[-1], dtype=logits.dtype), axis=-1)
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  e = jnp.exp(logits - top)
+  total = jnp.sum(e, axis=-1)
+  bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
+  return jnp.sum(e * bins, axis=-1) / total, top[..., 0] + jnp.log(total)
 
 
 def _expect_fwd(logits):
-  e = softmax_expectation(logits)
-  return e, (logits, e)
+  e, lse = softmax_expectation(logits)
+  return (e, lse), (logits, e)
 
 
 def _expect_bwd(res, g):
   logits, e = res
+  g_e, g_lse = g
   p = jax.nn.softmax(logits, axis=-1)
   bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
-  return (g[..., None] * p * (bins - e[..., None]),)
+  return (p * (g_e[..., None] * (bins - e[..., None]) + g_lse[..., None]),)
 
 
 softmax_expectation.defvjp(_expect_fwd, _expect_bwd)
 
 
-@jax.custom_vjp
-def two_bin_cross_entropy(logits: jax.Array, left: jax.Array, w_left: jax.Array) -> jax.Array:
-  """Cross-entropy of ``softmax(logits)`` against mass ``w_left`` on bin ``left`` and the rest on ``left + 1``.
-
-  This is DFL's per-side term: ``-(w_left * log p[left] + (1 - w_left) * log p[left + 1])``.
+def two_bin_target(num_bins: int, left: jax.Array, w_left: jax.Array) -> jax.Array:
+  """``(..., R)`` DFL target: mass ``w_left`` on bin ``left`` and ``1 - w_left`` on ``left + 1``.
 
   Args:
-    logits: ``(..., R)`` float32 bin logits.
-    left: ``(...)`` int32 left bin, in ``[0, R - 2]``.
-    w_left: ``(...)`` float32 weight of the left bin, in ``[0, 1]``. Treated as a constant
-      (its cotangent is 0; callers pass it through ``stop_gradient``).
-
-  Returns:
-    ``(...)`` cross-entropy.
+    num_bins: ``R``.
+    left: ``(...)`` int32 left bin in ``[0, R - 2]``.
+    w_left: ``(...)`` float32 weight of the left bin in ``[0, 1]``.
 
   References:
     Li et al., 2020, "Generalized Focal Loss", https://arxiv.org/abs/2006.04388.
   """
-  target = _two_bin_target(logits.shape[-1], left, w_left, logits.dtype)
-  return -jnp.sum(jax.nn.log_softmax(logits, axis=-1) * target, axis=-1)
-
-
-def _two_bin_target(num_bins, left, w_left, dtype):
   bins = jnp.arange(num_bins, dtype=left.dtype)
-  w = w_left[..., None].astype(dtype)
+  w = w_left[..., None]
   return jnp.where(bins == left[..., None], w, 0.0) + jnp.where(bins == left[..., None] + 1, 1.0 - w, 0.0)
-
-
-def _ce_fwd(logits, left, w_left):
-  return two_bin_cross_entropy(logits, left, w_left), (logits, left, w_left)
-
-
-def _ce_bwd(res, g):
-  logits, left, w_left = res
-  target = _two_bin_target(logits.shape[-1], left, w_left, logits.dtype)
-  d_logits = g[..., None] * (jax.nn.softmax(logits, axis=-1) - target)
-  return d_logits, jax.custom_derivatives.zero_from_primal(left), jnp.zeros_like(w_left)
-
-
-two_bin_cross_entropy.defvjp(_ce_fwd, _ce_bwd)

@@ -46,30 +46,37 @@ class BceTest(parameterized.TestCase):
 class DflTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_expectation_matches_autodiff(self):
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 6, 4, 16)) * 3, jnp.float32)
-    cot = jnp.asarray(np.random.default_rng(2).standard_normal((4, 6, 4)), jnp.float32)
-    ref = lambda x: jnp.sum(jax.nn.softmax(x, -1) * jnp.arange(16.0), -1)
+  def test_expectation_and_lse_match_autodiff(self):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((4, 6, 4, 16)) * 3, jnp.float32)
+    cot = (jnp.asarray(rng.standard_normal((4, 6, 4)), jnp.float32), jnp.asarray(rng.standard_normal((4, 6, 4)), jnp.float32))
+
+    def ref(x):
+      return jnp.sum(jax.nn.softmax(x, -1) * jnp.arange(16.0), -1), jax.nn.logsumexp(x, -1)
+
+    chex.assert_trees_all_close(self.variant(ops.softmax_expectation)(x), ref(x), rtol=1e-6, atol=1e-5)
     got = self.variant(lambda x: jax.vjp(ops.softmax_expectation, x)[1](cot)[0])(x)
-    want = jax.vjp(ref, x)[1](cot)[0]
-    np.testing.assert_allclose(ops.softmax_expectation(x), ref(x), rtol=1e-6, atol=1e-5)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, jax.vjp(ref, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_two_bin_cross_entropy_matches_optax(self):
+  def test_dfl_cross_entropy_matches_optax(self):
+    """lse - sum(target * x), as the loss writes it, is optax's two-label cross-entropy (value and grad)."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((5, 4, 16)) * 3, jnp.float32)
     target = jnp.asarray(rng.uniform(0, 14.99, (5, 4)), jnp.float32)
     left = jnp.floor(target).astype(jnp.int32)
     w_left = left + 1 - target
 
+    def ours(x):
+      return ops.softmax_expectation(x)[1] - jnp.sum(x * ops.two_bin_target(16, left, w_left), -1)
+
     def ref(x):
       ce = optax.softmax_cross_entropy_with_integer_labels
       return ce(x, left) * w_left + ce(x, left + 1) * (1 - w_left)
 
     cot = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
-    np.testing.assert_allclose(self.variant(ops.two_bin_cross_entropy)(x, left, w_left), ref(x), rtol=1e-5, atol=1e-5)
-    got = jax.vjp(lambda x: ops.two_bin_cross_entropy(x, left, w_left), x)[1](cot)[0]
+    np.testing.assert_allclose(self.variant(ours)(x), ref(x), rtol=1e-5, atol=1e-5)
+    got = self.variant(lambda x: jax.vjp(ours, x)[1](cot)[0])(x)
     np.testing.assert_allclose(got, jax.vjp(ref, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
 
 
