@@ -14,9 +14,13 @@ The assignment for one image, in the steps of the seed walkthrough:
 
 Implementation notes. Steps 1-3 are the only ones that need every (GT, anchor) pair; they
 run over blocks of ``gt_chunk`` GTs with ``lax.scan`` so memory is ``O(gt_chunk * A)``
-whatever ``M`` is, and keep only each GT's top-k list plus, per anchor, its best in-box
-overlap. Steps 4-5 then work on per-anchor vectors, ``O(A + M * topk)``. Chunked and
-dense (one block) runs give the same assignment, scores equal to float32 rounding.
+whatever ``M`` is, and keep only each GT's top-k list (the ``(C, A)`` metric is the one
+pairwise array materialised). Step 4 needs, for an anchor claimed twice, the in-box GT of
+highest overlap among *all* GTs: it is computed only for the ``M * topk`` listed anchors,
+again a block of GTs at a time. Steps 4-5 then work on per-anchor vectors,
+``O(A + M * topk)``. Class scores are transposed once per image to ``(nc, A)`` so each
+GT's gather is one contiguous row. Chunked and dense (one block) runs give the same
+assignment, scores equal to float32 rounding.
 """
 
 from __future__ import annotations
