@@ -71,14 +71,19 @@ def flatten_head(
     ``pred_dist``: ``(b, A, 4R)`` and ``pred_logits``: ``(b, A, nc)``, anchors ordered
     level by level and row-major within a level (the order of ``make_anchors``).
   """
-  batch, _ = check_head(feats, num_classes, reg_max, layout)
-  flat = []
+  check_head(feats, num_classes, reg_max, layout)
+  x = jnp.concatenate(level_rows(feats, layout), axis=1)
+  return x[..., : 4 * reg_max], x[..., 4 * reg_max :]
+
+
+def level_rows(feats: Sequence[jax.Array], layout: Layout) -> list[jax.Array]:
+  """Each level's map as ``(b, H * W, C)`` rows of anchors (a reshape for NHWC, a transpose for NCHW)."""
+  rows = []
   for f in feats:
     if layout == "NCHW":
       f = jnp.transpose(f, (0, 2, 3, 1))
-    flat.append(f.reshape(batch, -1, f.shape[-1]))
-  x = jnp.concatenate(flat, axis=1)
-  return x[..., : 4 * reg_max], x[..., 4 * reg_max :]
+    rows.append(f.reshape(f.shape[0], -1, f.shape[-1]))
+  return rows
 
 
 def dfl_expectation(pred_dist: jax.Array, reg_max: int = 16) -> jax.Array:
@@ -97,8 +102,10 @@ def dfl_expectation(pred_dist: jax.Array, reg_max: int = 16) -> jax.Array:
   pred_dist = pred_dist.astype(jnp.float32)
   if reg_max == 1:
     return pred_dist
+  # Softmax, then an elementwise weighted sum (not a matmul with a length-R vector): the
+  # reference's rounding. The loss uses jaxtal.ops.softmax_expectation, which also returns
+  # the log-sum-exp and has a one-pass gradient; the two agree to float32 rounding.
   probs = jax.nn.softmax(pred_dist.reshape(*pred_dist.shape[:-1], 4, reg_max), axis=-1)
-  # An elementwise weighted sum, not a matmul with a length-R vector.
   return jnp.sum(probs * jnp.arange(reg_max, dtype=jnp.float32), axis=-1)
 
 

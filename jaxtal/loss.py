@@ -13,7 +13,7 @@ import numpy as np
 from jaxtal.anchors import make_anchors
 from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
-from jaxtal.head import Layout, check_head, ltrb_to_xyxy, xyxy_to_ltrb
+from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
 from jaxtal.ops import bce_one_hot_sum, softmax_expectation, two_bin_target
 
@@ -157,11 +157,7 @@ def detection_loss(
     raise ValueError(f"detection_loss: min_box_side must be a finite number >= 0 (pixels), got {min_box_side!r}")
 
   # Work level by level on views of the maps: the big (b, A, 4R + nc) tensor is never concatenated.
-  levels = []
-  for f in feats:
-    if layout == "NCHW":
-      f = jnp.transpose(f, (0, 2, 3, 1))
-    levels.append(f.reshape(batch, -1, f.shape[-1]))
+  levels = level_rows(feats, layout)
   sizes = [h * w for h, w in shapes]
   logits = [x[..., 4 * reg_max :].astype(jnp.float32) for x in levels]
   dists = [x[..., : 4 * reg_max].astype(jnp.float32).reshape(batch, -1, 4, reg_max) for x in levels]
