@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtal.boxes import aspect_angle, box_iou
-from jaxtal.labels import GroundTruth
+from jaxtal.labels import GroundTruth, check_ground_truth
 
 # Above this many (GT, anchor) pairs per image the GTs are processed in blocks.
 _DENSE_PAIRS = 1 << 22
@@ -300,19 +300,7 @@ def check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt: GroundTruth,
     )
   if anchor_points.shape != (a, 2):
     raise ValueError(f"task_aligned_assign: anchor_points must be (A, 2) = ({a}, 2), got {anchor_points.shape}")
-  if not isinstance(gt, GroundTruth):
-    raise TypeError(f"task_aligned_assign: gt must be a jaxtal.GroundTruth, got {type(gt).__name__}")
-  if gt.labels.ndim != 2 or gt.labels.shape[0] != b:
-    raise ValueError(f"task_aligned_assign: gt.labels must be (b, M) with b = {b}, got {gt.labels.shape}")
-  m = gt.labels.shape[1]
-  if gt.boxes.shape != (b, m, 4):
-    raise ValueError(f"task_aligned_assign: gt.boxes must be (b, M, 4) = ({b}, {m}, 4), got {gt.boxes.shape}")
-  if gt.mask.shape != (b, m):
-    raise ValueError(f"task_aligned_assign: gt.mask must be (b, M) = ({b}, {m}), got {gt.mask.shape}")
-  if not jnp.issubdtype(gt.labels.dtype, jnp.integer):
-    raise TypeError(f"task_aligned_assign: gt.labels must be integer class ids, got dtype {gt.labels.dtype}")
-  if not jnp.issubdtype(gt.boxes.dtype, jnp.floating):
-    raise TypeError(f"task_aligned_assign: gt.boxes must be a float array, got dtype {gt.boxes.dtype}")
+  check_ground_truth(gt, b, "task_aligned_assign")
   check_topk(topk, topk2, a, "task_aligned_assign")
 
 

@@ -38,7 +38,10 @@ def check_ground_truth(gt: GroundTruth, batch: int | None, caller: str) -> int:
     raise ValueError(f"{caller}: gt.labels must be (b, M) class ids, got shape {labels}")
   b, m = labels
   if batch is not None and b != batch:
-    raise ValueError(f"{caller}: gt has batch size {b} (gt.labels {tuple(labels)}) but the predictions have {batch}")
+    raise ValueError(
+        f"{caller}: gt has batch size {b} (gt.labels {tuple(labels)}) but the predictions have {batch};"
+        f" gt.labels must be (b, M) with b = {batch}"
+    )
   if boxes is None or tuple(boxes) != (b, m, 4):
     raise ValueError(f"{caller}: gt.boxes must be (b, M, 4) = ({b}, {m}, 4) xyxy pixels, got shape {boxes}")
   if mask is None or tuple(mask) != (b, m):
