@@ -165,14 +165,12 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
     floor is as fast as jaxtal could possibly do it: the ratio loss / floor is the cost of
     everything else (assignment, CIoU, DFL cross-entropy, gathering the gradient).
     """
-    cw = jnp.ones((NUM_CLASSES,), jnp.float32)
-
     def floor(feats):
       total, lo = 0.0, 0
       for f in feats:
         x = f.reshape(f.shape[0], -1, f.shape[-1])
         hi = lo + x.shape[1]
-        total = total + jaxtal.ops.bce_one_hot_sum(x[..., 4 * REG_MAX :], labels[:, lo:hi], weight[:, lo:hi], cw)
+        total = total + jaxtal.ops.bce_one_hot_sum(x[..., 4 * REG_MAX :], labels[:, lo:hi], weight[:, lo:hi])
         dist = x[..., : 4 * REG_MAX].reshape(x.shape[0], -1, 4, REG_MAX)
         total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist)[0])  # an elementwise weighted sum
         lo = hi

@@ -18,9 +18,11 @@ whatever ``M`` is, and keep only each GT's top-k list (the ``(C, A)`` metric is 
 pairwise array materialised). Step 4 needs, for an anchor claimed twice, the in-box GT of
 highest overlap among *all* GTs: it is computed only for the ``M * topk`` listed anchors,
 again a block of GTs at a time. Steps 4-5 then work on per-anchor vectors,
-``O(A + M * topk)``. Class scores are transposed once per image to ``(nc, A)`` so each
-GT's gather is one contiguous row. Chunked and dense (one block) runs give the same
-assignment, scores equal to float32 rounding.
+``O(A + M * topk)``. Class scores are read as ``(nc, A_l)`` rows, one gather per GT. When the
+scores come in per-level blocks (the loss passes one per head level), steps 1-3 run level by
+level: a ``(C, A_l)`` metric and top-k per level, then the top-k of the merged lists, so no
+``(C, A)`` array is concatenated and the global tie order (lower anchor index first) is kept.
+Chunked and dense (one block) runs give the same assignment, scores equal to float32 rounding.
 """
 
 from __future__ import annotations
@@ -95,10 +97,23 @@ def _class_score_rows(score_levels: tuple[jax.Array, ...], from_logits: bool, al
   return tuple(rows)
 
 
-def _class_scores(score_rows: tuple[jax.Array, ...], labels: jax.Array) -> jax.Array:
-  """``(C, A)`` ``score ** alpha`` of each GT's class at every anchor."""
+def _level_spans(score_rows: tuple[jax.Array, ...]) -> list[tuple[int, int]]:
+  """Static ``(start, stop)`` anchor range of each score block."""
+  spans, start = [], 0
+  for r in score_rows:
+    spans.append((start, start + r.shape[1]))
+    start += r.shape[1]
+  return spans
+
+
+def _score_at(score_rows: tuple[jax.Array, ...], labels: jax.Array, anchor_ids: jax.Array) -> jax.Array:
+  """``score ** alpha`` of class ``labels`` at anchors ``anchor_ids`` (same shape), from the per-level rows."""
   safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
-  return jnp.concatenate([jnp.take(r, safe, axis=0) for r in score_rows], axis=1)
+  out = jnp.zeros(anchor_ids.shape, score_rows[0].dtype)
+  for r, (lo, hi) in zip(score_rows, _level_spans(score_rows)):
+    inside = (anchor_ids >= lo) & (anchor_ids < hi)
+    out = jnp.where(inside, r[safe, jnp.clip(anchor_ids - lo, 0, hi - lo - 1)], out)
+  return out
 
 
 def _in_box_rect(boxes: jax.Array, valid: jax.Array, min_box_side: float) -> tuple[jax.Array, jax.Array]:
@@ -133,17 +148,28 @@ def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
   """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors: ``(C, k)`` top-k anchors and metrics.
 
   ``gts`` = (labels, boxes, rect_lt, rect_rb, valid, angle) of the block; ``preds`` =
-  (boxes, angle, anchors) of the image. The ``(C, A)`` metric is the only pairwise array
-  this materialises (top-k needs it).
+  (boxes, angle, anchors) of the image. Works level by level: a ``(C, A_l)`` metric and its
+  top-k per level, then the top-k of the merged ``(C, levels * k)`` lists, so the pairwise
+  metric is never concatenated. Merging keeps the global tie order (lower anchor index
+  first): levels are in anchor order and each level's list is ordered by value, then index.
   """
   labels, boxes, lt, rb, valid, angle = gts
   pboxes, pangle, anchors = preds
-  cand, overlaps = _pair_overlap(
-      boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None], pboxes[None], pangle[None], anchors[None], eps
-  )
-  metric = jnp.where(cand, _class_scores(score_rows, labels) * _power(overlaps, beta), 0.0)
-  top_metric, top_idx = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
-  return top_idx, top_metric
+  safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
+  values, indices = [], []
+  for r, (lo, hi) in zip(score_rows, _level_spans(score_rows)):
+    cand, overlaps = _pair_overlap(
+        boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None],
+        pboxes[None, lo:hi], pangle[None, lo:hi], anchors[None, lo:hi], eps,
+    )
+    metric = jnp.where(cand, jnp.take(r, safe, axis=0) * _power(overlaps, beta), 0.0)
+    v, i = jax.lax.top_k(metric, min(topk, hi - lo))  # ties go to the lower anchor index
+    values.append(v)
+    indices.append(i + lo)
+  if len(values) == 1:
+    return indices[0], values[0]
+  top_metric, pos = jax.lax.top_k(jnp.concatenate(values, axis=1), topk)
+  return jnp.take_along_axis(jnp.concatenate(indices, axis=1), pos, axis=1), top_metric
 
 
 def _best_gt_of_entries(gts, entry_preds, *, eps):
@@ -240,9 +266,8 @@ def _assign_one(
     starts = jnp.arange(n_blocks, dtype=jnp.int32) * gt_chunk
     init = (jnp.full(entry_anchor.shape, -1.0, jnp.float32), jnp.zeros(entry_anchor.shape, jnp.int32))
     (best_ov, best_gt), _ = jax.lax.scan(step, init, (starts, jax.tree.map(blocks, gts)))
-  all_rows = jnp.concatenate(score_rows, axis=1)  # (nc, A) score ** alpha
-  best_label = jnp.clip(gt_labels[best_gt], 0, nc - 1)
-  best_metric = jnp.where(best_ov >= 0, all_rows[best_label, entry_anchor] * _power(jnp.maximum(best_ov, 0.0), beta), 0.0)
+  best_score = _score_at(score_rows, gt_labels[best_gt], entry_anchor)
+  best_metric = jnp.where(best_ov >= 0, best_score * _power(jnp.maximum(best_ov, 0.0), beta), 0.0)
 
   # Per-anchor claim counts from the (M, topk) lists.
   count = jnp.zeros((num_anchors,), jnp.int32).at[entry_anchor].add(entry_pos.astype(jnp.int32))

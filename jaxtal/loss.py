@@ -197,8 +197,7 @@ def detection_loss(
 
   bounds = np.cumsum([0] + sizes)
   spans = list(zip(bounds[:-1], bounds[1:]))
-  cw = jnp.ones((num_classes,), jnp.float32) if class_weights is None else jnp.asarray(class_weights, jnp.float32)
-  cw = jax.lax.stop_gradient(cw)
+  cw = None if class_weights is None else jax.lax.stop_gradient(jnp.asarray(class_weights, jnp.float32))
   # BCE against one_hot(labels) * norm, summed without materialising the (b, A, nc) targets.
   loss_cls = sum(bce_one_hot_sum(x, target.labels[:, lo:hi], weight[:, lo:hi], cw) for x, (lo, hi) in zip(logits, spans))
   loss_cls = loss_cls / normaliser

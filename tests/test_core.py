@@ -583,6 +583,23 @@ class TaskAlignedAssignTest(chex.TestCase):
     chex.assert_trees_all_close(eager, jitted, rtol=1e-6, atol=1e-8)
     assert np.asarray(jitted.fg_mask).sum() > 0
 
+  @parameterized.parameters(dict(topk=3), dict(topk=6), dict(topk=6, gt_chunk=2))
+  def test_scores_split_by_level_equal_one_block(self, topk, gt_chunk=None):
+    # The loss hands the assigner one score block per level; each level gets its own top-k and the
+    # lists are merged. Quantised scores (many exact ties, some 0) check that the merge keeps the
+    # global order of ties (lower anchor index first); topk=6 exceeds level 1's 4 anchors.
+    scores, boxes, anchors, gt = assign_problem(seed=6)
+    scores = (jnp.round(scores * 4) / 4).at[0].set(0.0)  # image 0: every metric is 0, top-k is all ties
+    split = FEATURE_SHAPES[0][0] * FEATURE_SHAPES[0][1]
+    kw = dict(from_logits=False, topk=topk, topk2=None, alpha=0.5, beta=6.0, eps=1e-9, min_box_side=0.0, gt_chunk=gt_chunk)
+    one = jaxtal.assigner.assign_targets((scores,), boxes, anchors, gt, **kw)
+    levels = jaxtal.assigner.assign_targets((scores[:, :split], scores[:, split:]), boxes, anchors, gt, **kw)
+    chex.assert_trees_all_close(levels, one, rtol=1e-6, atol=1e-8)
+    expected = np_assign(scores, boxes, anchors, gt, topk=topk)
+    np.testing.assert_array_equal(np.asarray(levels.fg_mask), expected["fg_mask"])
+    np.testing.assert_array_equal(np.asarray(levels.gt_index), expected["gt_index"])
+    assert np.asarray(levels.fg_mask).sum() > 0
+
   @parameterized.parameters(1, 2, 3, 4)
   def test_gt_chunk_does_not_change_the_result(self, gt_chunk):
     scores, boxes, anchors, gt = assign_problem(seed=3)

@@ -34,13 +34,23 @@ class BceTest(parameterized.TestCase):
     want = jax.value_and_grad(_bce_reference, argnums=(0, 2))(logits, labels, weight, cw)
     chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_without_class_weights_equals_unit_weights(self):
+    logits, labels, weight, _ = _inputs(scale=4.0)
+    ones = jnp.ones((logits.shape[-1],), jnp.float32)
+    got = self.variant(jax.value_and_grad(ops.bce_one_hot_sum, argnums=(0, 2)))(logits, labels, weight)
+    want = jax.value_and_grad(_bce_reference, argnums=(0, 2))(logits, labels, weight, ones)
+    chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
+
   def test_extreme_logits_are_finite(self):
     logits, labels, weight, cw = _inputs()
     logits = logits.at[0, 0].set(jnp.array([1e4, -1e4, 0.0, 88.0, -88.0]))
-    value, grad = jax.value_and_grad(ops.bce_one_hot_sum)(logits, labels, weight, cw)
-    self.assertTrue(np.isfinite(value))
-    self.assertTrue(np.isfinite(np.asarray(grad)).all())
-    np.testing.assert_allclose(value, _bce_reference(logits, labels, weight, cw), rtol=1e-5)
+    for weights in (cw, None):
+      value, grad = jax.value_and_grad(ops.bce_one_hot_sum)(logits, labels, weight, weights)
+      self.assertTrue(np.isfinite(value))
+      self.assertTrue(np.isfinite(np.asarray(grad)).all())
+      ref_weights = jnp.ones_like(cw) if weights is None else weights
+      np.testing.assert_allclose(value, _bce_reference(logits, labels, weight, ref_weights), rtol=1e-5)
 
 
 class DflTest(parameterized.TestCase):
