@@ -18,10 +18,12 @@ whatever ``M`` is, and keep only each GT's top-k list (the ``(C, A)`` metric is 
 pairwise array materialised). Step 4 needs, for an anchor claimed twice, the in-box GT of
 highest overlap among *all* GTs: it is computed only for the ``M * topk`` listed anchors,
 again a block of GTs at a time. Steps 4-5 then work on per-anchor vectors,
-``O(A + M * topk)``. Class scores are read as ``(nc, A_l)`` rows, one gather per GT. When the
-scores come in per-level blocks (the loss passes one per head level), steps 1-3 run level by
-level: a ``(C, A_l)`` metric and top-k per level, then the top-k of the merged lists, so no
-``(C, A)`` array is concatenated and the global tie order (lower anchor index first) is kept.
+``O(A + M * topk)``. Class scores are read as ``(nc, A_l)`` rows, one gather per GT, level by
+level when the scores come in per-level blocks (the loss passes one per head level), so no
+``(C, A)`` array is concatenated. Top-k is exact and two-stage: per tile of 16 anchors the
+dense pass keeps only the maximum metric; a GT's k best anchors lie in its k best tiles, and
+the final top-k runs over those ``16 * k`` candidates (XLA:CPU's top-k over all ``A`` was
+the largest single cost). Ties go to the lower anchor index throughout.
 Chunked and dense (one block) runs give the same assignment, scores equal to float32 rounding.
 """
 
@@ -39,6 +41,8 @@ from jaxtal.labels import GroundTruth, check_ground_truth
 # Above this many (GT, anchor) pairs per image the GTs are processed in blocks.
 _DENSE_PAIRS = 1 << 22
 _AUTO_CHUNK = 32
+# Anchors per tile of the two-stage top-k: the dense pass keeps one maximum per tile.
+_TILE = 16
 
 
 class Assignment(NamedTuple):
@@ -148,28 +152,49 @@ def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
   """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors: ``(C, k)`` top-k anchors and metrics.
 
   ``gts`` = (labels, boxes, rect_lt, rect_rb, valid, angle) of the block; ``preds`` =
-  (boxes, angle, anchors) of the image. Works level by level: a ``(C, A_l)`` metric and its
-  top-k per level, then the top-k of the merged ``(C, levels * k)`` lists, so the pairwise
-  metric is never concatenated. Merging keeps the global tie order (lower anchor index
-  first): levels are in anchor order and each level's list is ordered by value, then index.
+  (boxes, angle, anchors) of the image. An exact two-stage top-k: the anchors of each level
+  are cut into tiles of ``_TILE``; the dense pass computes the ``(C, A_l)`` metric and only
+  each tile's maximum; each GT's ``k`` best tiles (by maximum) hold its ``k`` best anchors,
+  so the final top-k runs over those ``k * _TILE`` candidates, their metric recomputed by
+  the same function. Candidates are taken in anchor order, so ties still go to the lower
+  anchor index. Tile padding scores -1, below every real metric (>= 0).
   """
   labels, boxes, lt, rb, valid, angle = gts
   pboxes, pangle, anchors = preds
+  c = labels.shape[0]
   safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
-  values, indices = [], []
+  maxima, tile_levels = [], []  # tile_levels: (first tile, tile count, first anchor, anchor stop) per level
   for r, (lo, hi) in zip(score_rows, _level_spans(score_rows)):
+    n = -(-(hi - lo) // _TILE)
     cand, overlaps = _pair_overlap(
         boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None],
         pboxes[None, lo:hi], pangle[None, lo:hi], anchors[None, lo:hi], eps,
     )
     metric = jnp.where(cand, jnp.take(r, safe, axis=0) * _power(overlaps, beta), 0.0)
-    v, i = jax.lax.top_k(metric, min(topk, hi - lo))  # ties go to the lower anchor index
-    values.append(v)
-    indices.append(i + lo)
-  if len(values) == 1:
-    return indices[0], values[0]
-  top_metric, pos = jax.lax.top_k(jnp.concatenate(values, axis=1), topk)
-  return jnp.take_along_axis(jnp.concatenate(indices, axis=1), pos, axis=1), top_metric
+    metric = jnp.pad(metric, ((0, 0), (0, n * _TILE - (hi - lo))), constant_values=-1.0)
+    maxima.append(metric.reshape(c, n, _TILE).max(axis=2))
+    first = tile_levels[-1][0] + tile_levels[-1][1] if tile_levels else 0
+    tile_levels.append((first, n, lo, hi))
+  num_tiles = tile_levels[-1][0] + tile_levels[-1][1]
+  _, tiles = jax.lax.top_k(jnp.concatenate(maxima, axis=1), min(topk, num_tiles))
+  tiles = jnp.sort(tiles, axis=1)  # candidates in anchor order
+  # Tile -> first anchor and level end by arithmetic, not a lookup table: indexing an unbatched
+  # table with batch-sharded indices has no unambiguous sharding under a batch-sharded jit.
+  start, stop = jnp.zeros_like(tiles), jnp.zeros_like(tiles)
+  for first, n, lo, hi in tile_levels:
+    here = (tiles >= first) & (tiles < first + n)
+    start = jnp.where(here, lo + (tiles - first) * _TILE, start)
+    stop = jnp.where(here, hi, stop)
+  ids = start[..., None] + jnp.arange(_TILE, dtype=jnp.int32)
+  real = (ids < stop[..., None]).reshape(c, -1)
+  ids = jnp.where(real, ids.reshape(c, -1), 0)
+  cand, overlaps = _pair_overlap(
+      boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None], pboxes[ids], pangle[ids], anchors[ids], eps
+  )
+  score = _score_at(score_rows, jnp.broadcast_to(labels[:, None], ids.shape), ids)
+  metric = jnp.where(real, jnp.where(cand, score * _power(overlaps, beta), 0.0), -1.0)
+  top_metric, pos = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
+  return jnp.take_along_axis(ids, pos, axis=1), top_metric
 
 
 def _best_gt_of_entries(gts, entry_preds, *, eps):

@@ -600,6 +600,35 @@ class TaskAlignedAssignTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(levels.gt_index), expected["gt_index"])
     assert np.asarray(levels.fg_mask).sum() > 0
 
+  @parameterized.parameters(dict(topk=10), dict(topk=13), dict(topk=10, quantise=True))
+  def test_many_anchors_match_numpy(self, topk, quantise=False):
+    # A = 2100 anchors over three levels (sizes 1600, 400, 100: the last is not a whole number of
+    # top-k tiles), so the two-stage top-k really prunes tiles; quantised scores add exact ties.
+    rng = np.random.default_rng(7)
+    shapes, strides = ((40, 40), (20, 20), (10, 10)), (8, 16, 32)
+    anchors, anchor_strides = jaxtal.make_anchors(shapes, strides)
+    anchor_px = np.asarray(anchors * anchor_strides)
+    b, m, a = 2, 12, anchor_px.shape[0]
+    half = rng.uniform(4.0, 60.0, (b, a, 4)).astype(np.float32)
+    pred_boxes = np.concatenate([anchor_px - half[..., :2], anchor_px + half[..., 2:]], axis=-1)
+    scores = rng.uniform(0.01, 0.99, (b, a, NC)).astype(np.float32)
+    if quantise:
+      scores = np.round(scores * 3) / 3
+    gt = jaxtal.GroundTruth(
+        jnp.asarray(rng.integers(0, NC, (b, m)), jnp.int32),
+        jnp.asarray(random_boxes(rng, (b, m), lo=40, hi=280, min_side=10, max_side=200)),
+        jnp.ones((b, m), bool),
+    )
+    target = assign_jit(jnp.asarray(scores), jnp.asarray(pred_boxes), jnp.asarray(anchor_px), gt, topk=topk)
+    expected = np_assign(scores, pred_boxes, anchor_px, gt, topk=topk)
+    assert expected["num_in_box"].max() > 16 * topk  # some GT has more in-box anchors than the kept tiles
+    assert_assignment_equal(target, expected, rtol=1e-4, atol=1e-6)
+    sizes = np.cumsum([h * w for h, w in shapes])[:-1]
+    kw = dict(from_logits=False, topk=topk, topk2=None, alpha=0.5, beta=6.0, eps=1e-9, min_box_side=0.0, gt_chunk=5)
+    levels = jaxtal.assigner.assign_targets(tuple(np.split(scores, sizes, axis=1)), pred_boxes, anchor_px, gt, **kw)
+    np.testing.assert_array_equal(np.asarray(levels.fg_mask), expected["fg_mask"])
+    np.testing.assert_array_equal(np.asarray(levels.gt_index), expected["gt_index"])
+
   @parameterized.parameters(1, 2, 3, 4)
   def test_gt_chunk_does_not_change_the_result(self, gt_chunk):
     scores, boxes, anchors, gt = assign_problem(seed=3)
