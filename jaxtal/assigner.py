@@ -163,7 +163,7 @@ def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
   pboxes, pangle, anchors = preds
   c = labels.shape[0]
   safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
-  maxima, tile_levels = [], []  # tile_levels: (first tile, tile count, first anchor, anchor stop) per level
+  maxima, tile_levels, num_tiles = [], [], 0  # tile_levels: (first tile, tile count, first anchor, stop) per level
   for r, (lo, hi) in zip(score_rows, _level_spans(score_rows)):
     n = -(-(hi - lo) // _TILE)
     cand, overlaps = _pair_overlap(
@@ -173,9 +173,8 @@ def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
     metric = jnp.where(cand, jnp.take(r, safe, axis=0) * _power(overlaps, beta), 0.0)
     metric = jnp.pad(metric, ((0, 0), (0, n * _TILE - (hi - lo))), constant_values=-1.0)
     maxima.append(metric.reshape(c, n, _TILE).max(axis=2))
-    first = tile_levels[-1][0] + tile_levels[-1][1] if tile_levels else 0
-    tile_levels.append((first, n, lo, hi))
-  num_tiles = tile_levels[-1][0] + tile_levels[-1][1]
+    tile_levels.append((num_tiles, n, lo, hi))
+    num_tiles += n
   _, tiles = jax.lax.top_k(jnp.concatenate(maxima, axis=1), min(topk, num_tiles))
   tiles = jnp.sort(tiles, axis=1)  # candidates in anchor order
   # Tile -> first anchor and level end by arithmetic, not a lookup table: indexing an unbatched

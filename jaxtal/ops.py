@@ -34,67 +34,45 @@ def bce_one_hot_sum(
     logits: ``(..., nc)`` float32 class logits.
     labels: ``(...)`` int32 target class of each row (any value where ``weight`` is 0).
     weight: ``(...)`` float32 target probability of that class (0 on background).
-    class_weights: optional ``(nc,)`` float32 per-class weights, ``None`` for all ones.
-      Treated as a constant: its cotangent is 0 (callers pass it through ``stop_gradient``).
+    class_weights: optional ``(nc,)`` float32 per-class weights, ``None`` for all ones (a
+      constant that XLA folds away). Treated as a constant: its cotangent is 0 (callers pass
+      it through ``stop_gradient``).
 
   Returns:
     The scalar sum. Uses ``BCE(x, z) = softplus(x) - x * z``, so the one-hot target is
     never materialised; the gradient w.r.t. ``logits`` is ``(sigmoid(x) - z) * class_weights``.
-    Without ``class_weights`` no ``(..., nc)`` product with a weight vector is formed at all
-    (on XLA:CPU that product, broadcast over every logit, cost more than the BCE itself).
   """
   if class_weights is None:
-    return _bce_sum(logits, labels, weight)
-  return _weighted_bce_sum(logits, labels, weight, class_weights)
+    class_weights = jnp.ones((logits.shape[-1],), jnp.float32)
+  return _bce_sum(logits, labels, weight, class_weights)
 
 
-def _picked(logits, labels):
-  return jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-
-
-def _one_hot_target(labels, weight, nc):
-  return (labels[..., None] == jnp.arange(nc, dtype=labels.dtype)) * weight[..., None]
-
-
-@jax.custom_vjp
-def _bce_sum(logits, labels, weight):
-  return jnp.sum(_softplus(logits)) - jnp.sum(_picked(logits, labels) * weight)
-
-
-def _bce_sum_fwd(logits, labels, weight):
-  return _bce_sum(logits, labels, weight), (logits, labels, weight)
-
-
-def _bce_sum_bwd(res, g):
-  logits, labels, weight = res
-  d_logits = g * (jax.nn.sigmoid(logits) - _one_hot_target(labels, weight, logits.shape[-1]))
-  d_weight = -g * _picked(logits, labels)
-  return d_logits, jax.custom_derivatives.zero_from_primal(labels), d_weight
-
-
-_bce_sum.defvjp(_bce_sum_fwd, _bce_sum_bwd)
+def _picked(logits, labels, class_weights):
+  # (logits * class_weights)[..., label]: gathered from a batched operand, so the gather keeps
+  # the batch's sharding under jit (indexing the unbatched (nc,) weights would not).
+  return jnp.take_along_axis(logits * class_weights, labels[..., None], axis=-1)[..., 0]
 
 
 @jax.custom_vjp
-def _weighted_bce_sum(logits, labels, weight, class_weights):
-  # The weights are folded into the logits before the gather: gathering from a batched
-  # operand keeps the batch's sharding under jit (indexing the unbatched (nc,) weights would not).
-  return jnp.sum(_softplus(logits) * class_weights) - jnp.sum(_picked(logits * class_weights, labels) * weight)
+def _bce_sum(logits, labels, weight, class_weights):
+  return jnp.sum(_softplus(logits) * class_weights) - jnp.sum(_picked(logits, labels, class_weights) * weight)
 
 
-def _weighted_fwd(logits, labels, weight, class_weights):
-  return _weighted_bce_sum(logits, labels, weight, class_weights), (logits, labels, weight, class_weights)
+def _bce_fwd(logits, labels, weight, class_weights):
+  return _bce_sum(logits, labels, weight, class_weights), (logits, labels, weight, class_weights)
 
 
-def _weighted_bwd(res, g):
+def _bce_bwd(res, g):
   logits, labels, weight, class_weights = res
-  d_logits = g * (jax.nn.sigmoid(logits) - _one_hot_target(labels, weight, logits.shape[-1])) * class_weights
-  d_weight = -g * _picked(logits * class_weights, labels)
+  nc = logits.shape[-1]
+  z = (labels[..., None] == jnp.arange(nc, dtype=labels.dtype)) * weight[..., None]
+  d_logits = g * (jax.nn.sigmoid(logits) - z) * class_weights
+  d_weight = -g * _picked(logits, labels, class_weights)
   d_labels = jax.custom_derivatives.zero_from_primal(labels)
   return d_logits, d_labels, d_weight, jnp.zeros_like(class_weights)
 
 
-_weighted_bce_sum.defvjp(_weighted_fwd, _weighted_bwd)
+_bce_sum.defvjp(_bce_fwd, _bce_bwd)
 
 
 @jax.custom_vjp
