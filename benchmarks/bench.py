@@ -170,8 +170,9 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
       for f in feats:
         x = f.reshape(f.shape[0], -1, f.shape[-1])
         hi = lo + x.shape[1]
-        total = total + jaxtal.ops.bce_one_hot_sum(x[..., 4 * REG_MAX :], labels[:, lo:hi], weight[:, lo:hi])
-        dist = x[..., : 4 * REG_MAX].reshape(x.shape[0], -1, 4, REG_MAX)
+        dist, cls_logits = jaxtal.ops.split_channels(x, 4 * REG_MAX)  # gradient: one concatenation
+        total = total + jaxtal.ops.bce_one_hot_sum(cls_logits, labels[:, lo:hi], weight[:, lo:hi])
+        dist = dist.reshape(x.shape[0], -1, 4, REG_MAX)
         total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist)[0])  # an elementwise weighted sum
         lo = hi
       return total

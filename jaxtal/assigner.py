@@ -35,6 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxtal import ops
 from jaxtal.boxes import aspect_angle, box_iou
 from jaxtal.labels import GroundTruth, check_ground_truth
 
@@ -92,12 +93,17 @@ def _class_score_rows(score_levels: tuple[jax.Array, ...], from_logits: bool, al
   """
   rows = []
   for s in score_levels:
-    s = s.T.astype(jnp.float32)
-    if from_logits:
-      s = jax.nn.sigmoid(s)
-    # Non-finite or out-of-range predictions never become targets: they score 0.
-    s = jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0)
-    rows.append(_power(s, alpha))
+    s = s.astype(jnp.float32)
+    if from_logits and alpha == 0.5:
+      # The loss's BCE gradient computes ops.sigmoid from the same rsqrt: one pass serves both.
+      s = ops.sqrt_sigmoid(s)
+      s = jnp.where(jnp.isnan(s), 0.0, s)  # in [0, 1] otherwise
+    else:
+      if from_logits:
+        s = ops.sigmoid(s)
+      # Non-finite or out-of-range predictions never become targets: they score 0.
+      s = _power(jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0), alpha)
+    rows.append(s.T)
   return tuple(rows)
 
 

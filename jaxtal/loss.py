@@ -15,7 +15,7 @@ from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.ops import bce_one_hot_sum, softmax_expectation, two_bin_target
+from jaxtal.ops import bce_one_hot_sum, softmax_expectation, split_channels, two_bin_target
 
 
 class LossParts(NamedTuple):
@@ -159,8 +159,9 @@ def detection_loss(
   # Work level by level on views of the maps: the big (b, A, 4R + nc) tensor is never concatenated.
   levels = level_rows(feats, layout)
   sizes = [h * w for h, w in shapes]
-  logits = [x[..., 4 * reg_max :].astype(jnp.float32) for x in levels]
-  dists = [x[..., : 4 * reg_max].astype(jnp.float32).reshape(batch, -1, 4, reg_max) for x in levels]
+  levels = [split_channels(x.astype(jnp.float32), 4 * reg_max) for x in levels]  # (bins, class logits)
+  logits = [c for _, c in levels]
+  dists = [d.reshape(batch, -1, 4, reg_max) for d, _ in levels]
   if reg_max > 1:
     stats = [softmax_expectation(d) for d in dists]  # (expectation, logsumexp) per level
     ltrb = jnp.concatenate([e for e, _ in stats], axis=1)

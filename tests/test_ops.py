@@ -53,6 +53,44 @@ class BceTest(parameterized.TestCase):
       np.testing.assert_allclose(value, _bce_reference(logits, labels, weight, ref_weights), rtol=1e-5)
 
 
+class SigmoidTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sigmoid_and_its_square_root_match_jax_nn(self):
+    x = jnp.concatenate([jnp.linspace(-80.0, 80.0, 20001), jnp.array([-1e4, -88.8, 88.8, 1e4, 0.0])])
+    ref = np.asarray(jax.nn.sigmoid(x.astype(jnp.float64) if jax.config.jax_enable_x64 else x), np.float64)
+    s = np.asarray(self.variant(ops.sigmoid)(x), np.float64)
+    r = np.asarray(self.variant(ops.sqrt_sigmoid)(x), np.float64)
+    np.testing.assert_allclose(s, ref, rtol=5e-7, atol=1e-30)
+    np.testing.assert_allclose(r, np.sqrt(ref), rtol=5e-7, atol=1e-15)
+    self.assertTrue(((s >= 0) & (s <= 1) & (r >= 0) & (r <= 1)).all())
+
+
+class SplitChannelsTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values_and_gradient_equal_two_slices(self):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 9)), jnp.float32)
+    w1, w2 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 4), (2, 5, 5)))
+
+    def f(split):
+      def loss(x):
+        a, b = split(x)
+        return jnp.sum(jnp.sin(a) * w1) + jnp.sum(b * b * w2)
+      return loss
+
+    ours = f(lambda x: ops.split_channels(x, 4))
+    ref = f(lambda x: (x[..., :4], x[..., 4:]))
+    chex.assert_trees_all_close(self.variant(ops.split_channels, static_argnums=1)(x, 4), (x[..., :4], x[..., 4:]))
+    chex.assert_trees_all_close(self.variant(jax.value_and_grad(ours))(x), jax.value_and_grad(ref)(x), rtol=1e-6)
+
+  def test_one_part_unused_gets_zero_gradient(self):
+    x = jnp.ones((3, 6))
+    grad = jax.grad(lambda x: jnp.sum(ops.split_channels(x, 2)[1]))(x)
+    np.testing.assert_array_equal(grad, np.concatenate([np.zeros((3, 2)), np.ones((3, 4))], -1))
+
+
 class DflTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
