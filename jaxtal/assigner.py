@@ -216,13 +216,20 @@ def _best_gt_of_entries(gts, entry_preds, *, eps):
 
 
 class Targets(NamedTuple):
-  """Per-anchor targets with the class scores kept factored: ``scores = one_hot(labels) * norm``."""
+  """Per-anchor targets with the class scores kept factored: ``scores = one_hot(labels) * norm``.
+
+  ``entry_anchor`` lists the anchors of every GT's top-k (``E = M * topk``), and
+  ``entry_first`` marks exactly one entry of each foreground anchor: a fixed-size list that
+  holds every foreground anchor once, for terms that only foreground anchors contribute to.
+  """
 
   labels: jax.Array  # (..., A) int32
   boxes: jax.Array  # (..., A, 4) float32 pixels
   norm: jax.Array  # (..., A) float32 normalised metric, 0 on background
   fg_mask: jax.Array  # (..., A) bool
   gt_index: jax.Array  # (..., A) int32
+  entry_anchor: jax.Array  # (..., E) int32 anchor of each top-k entry
+  entry_first: jax.Array  # (..., E) bool, True once per foreground anchor
 
 
 def _assign_one(
@@ -337,7 +344,13 @@ def _assign_one(
 
   labels = jnp.where(fg, gt_labels[gt_index], 0).astype(jnp.int32)
   boxes = jnp.where(fg[:, None], gt_boxes[gt_index], 0.0).astype(jnp.float32)
-  return Targets(labels, boxes, norm, fg, gt_index.astype(jnp.int32))
+  # A foreground anchor is one some GT listed as a positive entry: mark the first such entry.
+  entry_ids = jnp.arange(entry_anchor.shape[0], dtype=jnp.int32)
+  first = jnp.full((num_anchors,), entry_anchor.shape[0], jnp.int32).at[entry_anchor].min(
+      jnp.where(entry_pos, entry_ids, entry_anchor.shape[0])
+  )
+  entry_first = fg[entry_anchor] & (first[entry_anchor] == entry_ids)
+  return Targets(labels, boxes, norm, fg, gt_index.astype(jnp.int32), entry_anchor.astype(jnp.int32), entry_first)
 
 
 def check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt: GroundTruth, topk: int, topk2: int | None) -> None:

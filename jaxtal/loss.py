@@ -15,7 +15,7 @@ from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.ops import bce_one_hot_sum, softmax_expectation, split_channels, two_bin_target
+from jaxtal.ops import bce_one_hot_sum, softmax_expectation, split_channels, two_bin_logit_sum
 
 
 class LossParts(NamedTuple):
@@ -216,18 +216,21 @@ def detection_loss(
     left = jnp.floor(target_ltrb)
     w_left = left + 1 - target_ltrb
     left = left.astype(jnp.int32)
-    # Two-bin cross-entropy: logsumexp of the bins minus the target-weighted logits.
-    ce = jnp.concatenate(
-        [
-            lse - jnp.sum(d * two_bin_target(reg_max, left[:, lo:hi], w_left[:, lo:hi]), axis=-1)
-            for d, (_, lse), (lo, hi) in zip(dists, stats, spans)
-        ],
-        axis=1,
-    )
+    # Two-bin cross-entropy, averaged over the 4 sides and weighted per anchor:
+    # coef * (sum of the bins' logsumexp - sum of the target-weighted logit pairs). The pair
+    # term is read only at foreground anchors (each listed once by the assignment).
+    coef = jax.lax.stop_gradient(jnp.where(fg, weight, 0.0) / 4)
+    lse = jnp.concatenate([lse for _, lse in stats], axis=1)
+    loss_dfl = jnp.sum(jnp.where(fg, coef * jnp.sum(lse, axis=-1), 0.0))
+    for d, (lo, hi) in zip(dists, spans):
+      rows = jnp.clip(target.entry_anchor - lo, 0, hi - lo - 1)
+      take = target.entry_first & (target.entry_anchor >= lo) & (target.entry_anchor < hi)
+      loss_dfl = loss_dfl - two_bin_logit_sum(d, left[:, lo:hi], w_left[:, lo:hi], coef[:, lo:hi], rows, take)
   else:
     scale = anchor_strides / jnp.array([img_w, img_h, img_w, img_h], jnp.float32)
     ce = jnp.abs(ltrb * scale - target_ltrb * scale)
-  loss_dfl = jnp.sum(jnp.where(fg, jnp.mean(ce, axis=-1) * weight, 0.0)) / normaliser
+    loss_dfl = jnp.sum(jnp.where(fg, jnp.mean(ce, axis=-1) * weight, 0.0))
+  loss_dfl = loss_dfl / normaliser
 
   parts = LossParts(box * loss_box, cls * loss_cls, dfl * loss_dfl)
   batch_size = jnp.float32(batch)

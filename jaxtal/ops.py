@@ -155,6 +155,55 @@ def _expect_bwd(res, g):
 softmax_expectation.defvjp(_expect_fwd, _expect_bwd)
 
 
+@jax.custom_vjp
+def two_bin_logit_sum(
+    logits: jax.Array, left: jax.Array, w_left: jax.Array, coef: jax.Array, rows: jax.Array, take: jax.Array
+) -> jax.Array:
+  """``sum_a coef[a] * sum_s (w_left * logits[a, s, left] + (1 - w_left) * logits[a, s, left + 1])``, sparse forward.
+
+  DFL's target term (with ``lse`` from :func:`softmax_expectation`, the two-bin
+  cross-entropy is ``lse - `` this), summed over the anchors where ``coef`` is non-zero.
+  The forward pass reads only the listed rows (``b * E * S * R`` bins: the foreground
+  anchors, not all ``A``); the backward pass is the dense closed form
+  ``g * coef * two_bin_target(R, left, w_left)``, elementwise, so no target array and no
+  scatter is made.
+
+  Precondition (the loss guarantees it): every anchor with ``coef != 0`` is listed in
+  ``rows`` exactly once with ``take`` True. ``left``, ``w_left`` and ``coef`` are treated as
+  constants (cotangent 0; callers pass them through ``stop_gradient``).
+
+  Args:
+    logits: ``(b, A, S, R)`` float32 bin logits (``S`` sides).
+    left: ``(b, A, S)`` int32 left bin in ``[0, R - 2]``.
+    w_left: ``(b, A, S)`` float32 weight of the left bin.
+    coef: ``(b, A)`` float32 weight of each anchor (0 where it does not count).
+    rows: ``(b, E)`` int32 anchors listed, in ``[0, A)``.
+    take: ``(b, E)`` bool, which listed rows count.
+
+  Returns:
+    The scalar sum.
+  """
+  per_image = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))  # row gathers within each image
+  x = per_image(logits, rows)  # (b, E, S, R)
+  picked = jnp.sum(x * two_bin_target(logits.shape[-1], per_image(left, rows), per_image(w_left, rows)), axis=-1)
+  return jnp.sum(jnp.where(take, per_image(coef, rows) * jnp.sum(picked, axis=-1), 0.0))
+
+
+def _two_bin_sum_fwd(logits, left, w_left, coef, rows, take):
+  # The logits ride along only for their bin count (they are an input, so nothing is copied).
+  return two_bin_logit_sum(logits, left, w_left, coef, rows, take), (logits, left, w_left, coef, rows, take)
+
+
+def _two_bin_sum_bwd(res, g):
+  logits, left, w_left, coef, rows, take = res
+  d_logits = (g * coef)[..., None, None] * two_bin_target(logits.shape[-1], left, w_left)
+  zero = jax.custom_derivatives.zero_from_primal
+  return d_logits, zero(left), jnp.zeros_like(w_left), jnp.zeros_like(coef), zero(rows), zero(take)
+
+
+two_bin_logit_sum.defvjp(_two_bin_sum_fwd, _two_bin_sum_bwd)
+
+
 def two_bin_target(num_bins: int, left: jax.Array, w_left: jax.Array) -> jax.Array:
   """``(..., R)`` DFL target: mass ``w_left`` on bin ``left`` and ``1 - w_left`` on ``left + 1``.
 

@@ -629,6 +629,22 @@ class TaskAlignedAssignTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(levels.fg_mask), expected["fg_mask"])
     np.testing.assert_array_equal(np.asarray(levels.gt_index), expected["gt_index"])
 
+  @parameterized.parameters(dict(topk=3), dict(topk=6, gt_chunk=2), dict(topk=4, topk2=1), dict(topk=10))
+  def test_entry_list_holds_each_foreground_anchor_once(self, topk, topk2=None, gt_chunk=None):
+    # The loss reads DFL's target term only at the listed entries marked first: exactly the
+    # foreground anchors, each once, even when several GTs list the same anchor.
+    scores, boxes, anchors, gt = assign_problem(seed=5)
+    m = gt.labels.shape[1]
+    kw = dict(from_logits=False, topk=topk, topk2=topk2, alpha=0.5, beta=6.0, eps=1e-9, min_box_side=0.0, gt_chunk=gt_chunk)
+    t = jax.jit(functools.partial(jaxtal.assigner.assign_targets, **kw))((scores,), boxes, anchors, gt)
+    assert t.entry_anchor.shape == (scores.shape[0], m * topk)
+    entry_anchor, first = np.asarray(t.entry_anchor), np.asarray(t.entry_first)
+    for i in range(scores.shape[0]):
+      counts = np.bincount(entry_anchor[i][first[i]], minlength=anchors.shape[0])
+      np.testing.assert_array_equal(counts, np.asarray(t.fg_mask[i]).astype(int))
+    repeated = [np.unique(a).size < a.size for a in entry_anchor]
+    assert any(repeated) and np.asarray(t.fg_mask).sum() > 0
+
   @parameterized.parameters(1, 2, 3, 4)
   def test_gt_chunk_does_not_change_the_result(self, gt_chunk):
     scores, boxes, anchors, gt = assign_problem(seed=3)

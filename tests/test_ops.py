@@ -128,5 +128,37 @@ class DflTest(parameterized.TestCase):
     np.testing.assert_allclose(got, jax.vjp(ref, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
 
 
+class TwoBinLogitSumTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_sparse_forward_equals_dense_formula_and_gradient(self):
+    rng = np.random.default_rng(4)
+    b, a, r = 2, 9, 16
+    x = jnp.asarray(rng.standard_normal((b, a, 4, r)) * 3, jnp.float32)
+    target = jnp.asarray(rng.uniform(0, r - 1.01, (b, a, 4)), jnp.float32)
+    left = jnp.floor(target).astype(jnp.int32)
+    w_left = left + 1 - target
+    fg = rng.uniform(size=(b, a)) < 0.5
+    coef = jnp.asarray(np.where(fg, rng.uniform(0.1, 1.0, (b, a)), 0.0), jnp.float32)
+    # Each foreground anchor listed once with take=True, plus repeats and background rows with take=False.
+    rows, take = [], []
+    for i in range(b):
+      fg_rows = np.flatnonzero(fg[i])
+      extra = rng.integers(0, a, 7)
+      order = rng.permutation(fg_rows.size + extra.size)
+      rows.append(np.concatenate([fg_rows, extra])[order])
+      take.append(np.concatenate([np.ones(fg_rows.size, bool), np.zeros(extra.size, bool)])[order])
+    size = max(map(len, rows))
+    rows = jnp.asarray([np.pad(v, (0, size - len(v))) for v in rows], jnp.int32)
+    take = jnp.asarray([np.pad(v, (0, size - len(v))) for v in take])
+
+    def dense(x):
+      return jnp.sum(coef[..., None] * jnp.sum(x * ops.two_bin_target(r, left, w_left), axis=-1))
+
+    got = self.variant(jax.value_and_grad(ops.two_bin_logit_sum))(x, left, w_left, coef, rows, take)
+    want = jax.value_and_grad(dense)(x)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 if __name__ == "__main__":
   absltest.main()
