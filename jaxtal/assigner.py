@@ -23,7 +23,9 @@ level when the scores come in per-level blocks (the loss passes one per head lev
 ``(C, A)`` array is concatenated. Top-k is exact and two-stage: per tile of 16 anchors the
 dense pass keeps only the maximum metric; a GT's k best anchors lie in its k best tiles, and
 the final top-k runs over those ``16 * k`` candidates (XLA:CPU's top-k over all ``A`` was
-the largest single cost). Ties go to the lower anchor index throughout.
+the largest single cost). Ties go to the lower anchor index throughout. The loss's targets
+also carry that fixed-size ``M * topk`` entry list with one entry marked per foreground
+anchor, so foreground-only terms are read without a dynamic shape.
 Chunked and dense (one block) runs give the same assignment, scores equal to float32 rounding.
 """
 

@@ -7,6 +7,10 @@ DFL expectation and log-sum-exp), computed in one elementwise pass from the save
 instead of replaying autodiff's chain of intermediates. Values equal
 ``optax.sigmoid_binary_cross_entropy``, ``optax.softmax_cross_entropy_with_integer_labels`` and
 the softmax formulas to float32 rounding (``tests/test_ops.py``); gradients equal autodiff's.
+Two helpers shape how XLA schedules those passes: :func:`split_channels` (the head map's
+gradient as one concatenation) and :func:`sqrt_sigmoid` / :func:`sigmoid` (one pass for the
+BCE gradient and the assigner's scores). :func:`two_bin_logit_sum` is DFL's target term,
+read only at the listed foreground anchors, with a dense elementwise gradient.
 
 Why not call optax/jax.nn directly: on XLA:CPU, ``optax.sigmoid_binary_cross_entropy`` and
 ``jax.nn.softplus`` lower through ``logaddexp`` and a one-hot target broadcast inside a
