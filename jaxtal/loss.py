@@ -159,11 +159,18 @@ def detection_loss(
   # Work level by level on views of the maps: the big (b, A, 4R + nc) tensor is never concatenated.
   levels = level_rows(feats, layout)
   sizes = [h * w for h, w in shapes]
-  levels = [split_channels(x.astype(jnp.float32), 4 * reg_max) for x in levels]  # (bins, class logits)
+  levels = [x.astype(jnp.float32) for x in levels]
+  if reg_max > 1 and num_classes % reg_max == 0:
+    # Each side's bin maximum from one reduction over the whole rows, viewed as groups of R
+    # channels (a reshape, no copy); reducing the bin channels alone would copy that strided slice.
+    tops = [jnp.max(x.reshape(batch, -1, x.shape[-1] // reg_max, reg_max), axis=-1)[..., :4] for x in levels]
+  else:
+    tops = [None] * len(levels)
+  levels = [split_channels(x, 4 * reg_max) for x in levels]  # (bins, class logits)
   logits = [c for _, c in levels]
   dists = [d.reshape(batch, -1, 4, reg_max) for d, _ in levels]
   if reg_max > 1:
-    stats = [softmax_expectation(d) for d in dists]  # (expectation, logsumexp) per level
+    stats = [softmax_expectation(d, t) for d, t in zip(dists, tops)]  # (expectation, logsumexp) per level
     ltrb = jnp.concatenate([e for e, _ in stats], axis=1)
   else:
     ltrb = jnp.concatenate([d[..., 0] for d in dists], axis=1)

@@ -121,8 +121,7 @@ def _bce_bwd(res, g):
 _bce_sum.defvjp(_bce_fwd, _bce_bwd)
 
 
-@jax.custom_vjp
-def softmax_expectation(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+def softmax_expectation(logits: jax.Array, top: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Expected bin ``sum_i softmax(logits)_i * i`` and ``logsumexp(logits)`` over the last axis.
 
   The expectation is DFL's decoded distance; the log-sum-exp is what DFL's cross-entropy needs
@@ -131,32 +130,46 @@ def softmax_expectation(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   Args:
     logits: ``(..., R)`` float32 bin logits.
+    top: optional ``(...)`` row maximum of ``logits``, when the caller has it already (the
+      loss takes it from one reduction over the whole head map, which needs no copy of the
+      strided bin channels). Only a numerical shift: results do not depend on it, and it gets
+      no gradient.
 
   Returns:
     ``(expectation, lse)``, each ``(...)``. The expectation is an elementwise weighted sum
     (no matmul with a length-R vector).
   """
-  top = jnp.max(logits, axis=-1, keepdims=True)
-  e = jnp.exp(logits - top)
+  if top is None:
+    top = jnp.max(logits, axis=-1)
+  return _softmax_stats(logits, jax.lax.stop_gradient(top))
+
+
+def _softmax_parts(logits, top):
+  e = jnp.exp(logits - top[..., None])
   total = jnp.sum(e, axis=-1)
   bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
-  return jnp.sum(e * bins, axis=-1) / total, top[..., 0] + jnp.log(total)
+  return jnp.sum(e * bins, axis=-1) / total, top + jnp.log(total), total
 
 
-def _expect_fwd(logits):
-  e, lse = softmax_expectation(logits)
-  return (e, lse), (logits, e)
+@jax.custom_vjp
+def _softmax_stats(logits, top):
+  return _softmax_parts(logits, top)[:2]
 
 
-def _expect_bwd(res, g):
-  logits, e = res
+def _stats_fwd(logits, top):
+  e, lse, total = _softmax_parts(logits, top)
+  return (e, lse), (logits, top, e, total)
+
+
+def _stats_bwd(res, g):
+  logits, top, e, total = res
   g_e, g_lse = g
-  p = jax.nn.softmax(logits, axis=-1)
+  p = jnp.exp(logits - top[..., None]) / total[..., None]  # the forward's exponentials again
   bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
-  return (p * (g_e[..., None] * (bins - e[..., None]) + g_lse[..., None]),)
+  return p * (g_e[..., None] * (bins - e[..., None]) + g_lse[..., None]), jnp.zeros_like(top)
 
 
-softmax_expectation.defvjp(_expect_fwd, _expect_bwd)
+_softmax_stats.defvjp(_stats_fwd, _stats_bwd)
 
 
 @jax.custom_vjp

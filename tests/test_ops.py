@@ -107,6 +107,19 @@ class DflTest(parameterized.TestCase):
     np.testing.assert_allclose(got, jax.vjp(ref, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
 
   @chex.variants(with_jit=True, without_jit=True)
+  def test_given_row_maximum_changes_nothing(self):
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((3, 5, 4, 16)) * 20, jnp.float32)
+    cot = (jnp.asarray(rng.standard_normal((3, 5, 4)), jnp.float32), jnp.asarray(rng.standard_normal((3, 5, 4)), jnp.float32))
+
+    def with_top(x):
+      return ops.softmax_expectation(x, jnp.max(x, axis=-1))
+
+    chex.assert_trees_all_close(self.variant(with_top)(x), ops.softmax_expectation(x), rtol=1e-6, atol=1e-6)
+    got = self.variant(lambda x: jax.vjp(with_top, x)[1](cot)[0])(x)
+    np.testing.assert_allclose(got, jax.vjp(ops.softmax_expectation, x)[1](cot)[0], rtol=1e-6, atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
   def test_dfl_cross_entropy_matches_optax(self):
     """lse - sum(target * x), as the loss writes it, is optax's two-label cross-entropy (value and grad)."""
     rng = np.random.default_rng(3)
