@@ -26,9 +26,17 @@ import jax
 import jax.numpy as jnp
 
 
-def _softplus(x: jax.Array) -> jax.Array:
-  # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): finite for every finite x.
-  return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+def _twice_softplus(x: jax.Array) -> jax.Array:
+  """``2 * softplus(x) = (x + |x|) + 2 * log1p(e^-|x|)``: finite for every finite x.
+
+  Written without constants (``max(x, 0)`` would be): XLA:CPU hands the sum of this to a
+  YNNPACK reduction, which takes every broadcast constant as a materialised full-size
+  operand. Doubling and the caller's halving are exact, so the sum is bit-for-bit that of
+  ``softplus``.
+  """
+  a = jnp.abs(x)
+  l = jnp.log1p(jnp.exp(-a))
+  return (x + a) + (l + l)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -101,7 +109,7 @@ def _picked(logits, labels, class_weights):
 
 @jax.custom_vjp
 def _bce_sum(logits, labels, weight, class_weights):
-  return jnp.sum(_softplus(logits) * class_weights) - jnp.sum(_picked(logits, labels, class_weights) * weight)
+  return 0.5 * jnp.sum(_twice_softplus(logits) * class_weights) - jnp.sum(_picked(logits, labels, class_weights) * weight)
 
 
 def _bce_fwd(logits, labels, weight, class_weights):
