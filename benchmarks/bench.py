@@ -12,8 +12,9 @@ Rows (see benchmarks/README.md for what each one measures):
 2. ``assign``: jitted ``jaxtal.task_aligned_assign`` on the same predictions;
 3. ``floor``: fwd+bwd of only the BCE over all (b, A, nc) logits plus the DFL softmax
    expectation, per level on the NHWC maps: work any implementation of the loss must do,
-   written with jaxtal's analytic-gradient kernels (``jaxtal.ops``); also shown written with
-   optax + autodiff, for reference;
+   written with jaxtal's analytic-gradient kernels (``jaxtal.ops``) and the loss's layout tricks
+   (one-concatenation gradient, bin maxima from the rows viewed as groups of R channels); also
+   shown written with optax + autodiff, for reference;
 4. Ultralytics 8.4.190 (when ``torch`` and ``ultralytics`` import): ``v8DetectionLoss``
    forward+backward and ``TaskAlignedAssigner`` alone on the same numbers (NCHW);
 5. compile time of the loss step, and XLA's compiled memory analysis of the assignment at
@@ -189,10 +190,13 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
       for f in feats:
         x = f.reshape(f.shape[0], -1, f.shape[-1])
         hi = lo + x.shape[1]
-        dist, cls_logits = jaxtal.ops.split_channels(x, 4 * REG_MAX)  # gradient: one concatenation
+        # The same tricks as the loss: bin maxima from the rows viewed as groups of R channels (no
+        # copy of the strided bin slice), and a gradient that is one concatenation.
+        top = jnp.max(x.reshape(x.shape[0], -1, x.shape[-1] // REG_MAX, REG_MAX), axis=-1)[..., :4]
+        dist, cls_logits = jaxtal.ops.split_channels(x, 4 * REG_MAX)
         total = total + jaxtal.ops.bce_one_hot_sum(cls_logits, labels[:, lo:hi], weight[:, lo:hi])
         dist = dist.reshape(x.shape[0], -1, 4, REG_MAX)
-        total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist)[0])  # an elementwise weighted sum
+        total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist, top)[0])  # an elementwise weighted sum
         lo = hi
       return total
 
