@@ -479,6 +479,10 @@ def assign_targets(
   probabilities, or logits with ``from_logits=True`` (no ``(b, A, nc)`` concatenation is
   made either way). Arguments are not validated here; see :func:`task_aligned_assign`.
   """
+  if gt.labels.shape[1] == 0:
+    # No GT slots at all: the same as one slot that is padding (every anchor is background).
+    b = gt.labels.shape[0]
+    gt = GroundTruth(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1, 4), jnp.float32), jnp.zeros((b, 1), bool))
   m = gt.labels.shape[1]
   num_anchors = pred_boxes.shape[1]
   if gt_chunk is None:

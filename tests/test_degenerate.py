@@ -121,6 +121,22 @@ def test_gt_covering_the_whole_image(box):
   assert parts[0] > 0
 
 
+def test_zero_gt_slots_is_an_empty_batch():
+  """M = 0 (no slots at all) gives the same loss and gradients as slots that are all padding."""
+  feats = head_maps(seed=6)
+  none = make_gt([[], []], 0)
+  padding = make_gt([[], []], 2)
+  total, parts, grads = loss_and_grads(feats, none)
+  assert_finite(total, parts, grads)
+  want = loss_and_grads(feats, padding)
+  assert total == want[0] and parts == want[1]
+  for g, w in zip(grads, want[2]):
+    np.testing.assert_array_equal(g, w)
+  scores, boxes = preds_around_anchors()
+  target = assign(0.0)(scores, boxes, jnp.asarray(ANCHORS_PX), none)
+  assert not np.asarray(target.fg_mask).any() and not np.asarray(target.scores).any()
+
+
 def test_gt_smaller_than_one_cell():
   """A box between anchor centres owns nothing with min_box_side = 0, and anchors once widened."""
   tiny = [13.2, 13.4, 13.9, 14.0]  # level-0 anchor centres are at 2, 6, 10, 14, ...: none strictly inside
