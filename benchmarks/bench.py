@@ -156,7 +156,7 @@ def median_ms(times: list[float]) -> float:
 
 
 def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
-  """Rows 1, 2, 3 and 5; returns the median times (ms) keyed by (row, M), and the timed calls keyed by ("run", row, M)."""
+  """Rows 1, 2, 3 and 5; returns the median times (ms) keyed by (row, M), and the timed calls by the same keys."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -171,7 +171,7 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
   pred_scores = jax.block_until_ready(jax.nn.sigmoid(pred_logits))
   pred_boxes = jax.block_until_ready(jaxtal.decode_boxes(pred_dist, anchors, REG_MAX) * anchor_strides)
   anchor_px = anchors * anchor_strides
-  medians = {}
+  medians, runs = {}, {}
 
   def loss_step(feats, gt):
     return jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, **kw)[0])(feats)
@@ -192,7 +192,7 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
         hi = lo + x.shape[1]
         # The same tricks as the loss: bin maxima from the rows viewed as groups of R channels (no
         # copy of the strided bin slice), and a gradient that is one concatenation.
-        top = jnp.max(x.reshape(x.shape[0], -1, x.shape[-1] // REG_MAX, REG_MAX), axis=-1)[..., :4]
+        top = jaxtal.ops.side_bin_maxima(x, REG_MAX)
         dist, cls_logits = jaxtal.ops.split_channels(x, 4 * REG_MAX)
         total = total + jaxtal.ops.bce_one_hot_sum(cls_logits, labels[:, lo:hi], weight[:, lo:hi])
         dist = dist.reshape(x.shape[0], -1, 4, REG_MAX)
@@ -231,13 +231,13 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
     compiled = jax.jit(loss_step).lower(feats, gt).compile()
     compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
-    medians[("run", "loss", m)] = lambda compiled=compiled, gt=gt: jax.block_until_ready(compiled(feats, gt))
-    times = time_runs(medians[("run", "loss", m)], args.warmup, args.repeats)
+    runs[("loss", m)] = lambda compiled=compiled, gt=gt: jax.block_until_ready(compiled(feats, gt))
+    times = time_runs(runs[("loss", m)], args.warmup, args.repeats)
     medians[("loss", m)] = median_ms(times)
     table.add("jaxtal loss fwd+bwd", m, medians[("loss", m)], "ms", len(times), f"b={BATCH} A={anchors.shape[0]} nc={NUM_CLASSES}")
 
-    medians[("run", "assign", m)] = lambda gt=gt: jax.block_until_ready(assign(pred_scores, pred_boxes, anchor_px, gt))
-    times = time_runs(medians[("run", "assign", m)], args.warmup, args.repeats)
+    runs[("assign", m)] = lambda gt=gt: jax.block_until_ready(assign(pred_scores, pred_boxes, anchor_px, gt))
+    times = time_runs(runs[("assign", m)], args.warmup, args.repeats)
     medians[("assign", m)] = median_ms(times)
     table.add("jaxtal task_aligned_assign", m, medians[("assign", m)], "ms", len(times))
 
@@ -258,7 +258,7 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
       table.add(
           "jaxtal loss step XLA memory", m, memory_mib(mem), "MiB", note="temp + argument + output bytes"
       )
-  return medians
+  return medians, runs
 
 
 def memory_mib(stats) -> float:
@@ -306,7 +306,7 @@ def memory_benchmarks(args, table: Table) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: dict) -> None:
+def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: dict, jaxtal_runs: dict) -> None:
   """Row 4: v8DetectionLoss forward+backward and TaskAlignedAssigner alone, same numbers as jaxtal's rows."""
   try:
     import torch
@@ -361,7 +361,7 @@ def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: di
     ms = median_ms(times)
     table.add("Ultralytics v8DetectionLoss fwd+bwd", m, ms, "ms", len(times), note_v)
     table.add("ratio Ultralytics / jaxtal loss", m, ms / jaxtal_ms[("loss", m)], "x", note="of the two medians")
-    ratio = paired_ratio(loss_run, jaxtal_ms[("run", "loss", m)], args.repeats)
+    ratio = paired_ratio(loss_run, jaxtal_runs[("loss", m)], args.repeats)
     table.add("ratio Ultralytics / jaxtal loss, paired", m, ratio, "x", args.repeats, "median of alternating pairs")
 
     gt_labels = rows[:, 1].reshape(b, m, 1)
@@ -381,7 +381,7 @@ def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: di
     ms = median_ms(times)
     table.add("Ultralytics TaskAlignedAssigner", m, ms, "ms", len(times))
     table.add("ratio Ultralytics / jaxtal assign", m, ms / jaxtal_ms[("assign", m)], "x", note="of the two medians")
-    ratio = paired_ratio(assign_run, jaxtal_ms[("run", "assign", m)], args.repeats)
+    ratio = paired_ratio(assign_run, jaxtal_runs[("assign", m)], args.repeats)
     table.add("ratio Ultralytics / jaxtal assign, paired", m, ratio, "x", args.repeats, "median of alternating pairs")
 
 
@@ -563,10 +563,10 @@ def main(argv=None) -> list[dict]:
   maps_np = make_head_maps()
   rows_by_m = {m: make_label_rows(m) for m in args.box_counts}
   table = Table()
-  jaxtal_ms = jaxtal_benchmarks(args, table, maps_np, rows_by_m)
+  jaxtal_ms, jaxtal_runs = jaxtal_benchmarks(args, table, maps_np, rows_by_m)
   memory_benchmarks(args, table)
   if not args.no_ultralytics:
-    ultralytics_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
+    ultralytics_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms, jaxtal_runs)
   kerascv_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
   print(f"total wall time {time.perf_counter() - start:.0f} s")
   if args.json:

@@ -15,7 +15,7 @@ from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.ops import bce_one_hot_sum, softmax_expectation, split_channels, two_bin_logit_sum
+from jaxtal.ops import bce_one_hot_sum, side_bin_maxima, softmax_expectation, split_channels, two_bin_logit_sum
 
 
 class LossParts(NamedTuple):
@@ -160,12 +160,7 @@ def detection_loss(
   levels = level_rows(feats, layout)
   sizes = [h * w for h, w in shapes]
   levels = [x.astype(jnp.float32) for x in levels]
-  if reg_max > 1 and num_classes % reg_max == 0:
-    # Each side's bin maximum from one reduction over the whole rows, viewed as groups of R
-    # channels (a reshape, no copy); reducing the bin channels alone would copy that strided slice.
-    tops = [jnp.max(x.reshape(batch, -1, x.shape[-1] // reg_max, reg_max), axis=-1)[..., :4] for x in levels]
-  else:
-    tops = [None] * len(levels)
+  tops = [side_bin_maxima(x, reg_max) for x in levels]  # softmax shifts, read without a slice copy
   levels = [split_channels(x, 4 * reg_max) for x in levels]  # (bins, class logits)
   logits = [c for _, c in levels]
   dists = [d.reshape(batch, -1, 4, reg_max) for d, _ in levels]

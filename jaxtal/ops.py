@@ -129,6 +129,19 @@ def _bce_bwd(res, g):
 _bce_sum.defvjp(_bce_fwd, _bce_bwd)
 
 
+def side_bin_maxima(rows: jax.Array, reg_max: int) -> jax.Array | None:
+  """``(b, A, 4)`` maximum of each side's ``R`` bin logits, read from whole head-map rows.
+
+  ``rows`` are ``(b, A, 4R + nc)`` (bins first). When the channel count is a multiple of
+  ``R`` the rows are viewed as groups of ``R`` channels (a reshape) and reduced in place;
+  reducing the bin channels alone makes XLA:CPU copy that strided slice first. Returns
+  ``None`` otherwise (callers then let :func:`softmax_expectation` take the maximum).
+  """
+  if reg_max < 2 or rows.shape[-1] % reg_max:
+    return None
+  return jnp.max(rows.reshape(*rows.shape[:-1], rows.shape[-1] // reg_max, reg_max), axis=-1)[..., :4]
+
+
 def softmax_expectation(logits: jax.Array, top: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Expected bin ``sum_i softmax(logits)_i * i`` and ``logsumexp(logits)`` over the last axis.
 
@@ -139,8 +152,8 @@ def softmax_expectation(logits: jax.Array, top: jax.Array | None = None) -> tupl
   Args:
     logits: ``(..., R)`` float32 bin logits.
     top: optional ``(...)`` row maximum of ``logits``, when the caller has it already (the
-      loss takes it from one reduction over the whole head map, which needs no copy of the
-      strided bin channels). Only a numerical shift: results do not depend on it, and it gets
+      loss takes it from :func:`side_bin_maxima`, which needs no copy of the strided bin
+      channels). Only a numerical shift: results do not depend on it, and it gets
       no gradient.
 
   Returns:

@@ -91,13 +91,18 @@ class SplitChannelsTest(parameterized.TestCase):
     np.testing.assert_array_equal(grad, np.concatenate([np.zeros((3, 2)), np.ones((3, 4))], -1))
 
 
+def _bins_and_cotangents(seed, shape, scale):
+  """``(*shape, 16)`` bin logits and a random cotangent pair for ``(expectation, lse)``."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((*shape, 16)) * scale, jnp.float32)
+  return x, tuple(jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(2))
+
+
 class DflTest(parameterized.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
   def test_expectation_and_lse_match_autodiff(self):
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((4, 6, 4, 16)) * 3, jnp.float32)
-    cot = (jnp.asarray(rng.standard_normal((4, 6, 4)), jnp.float32), jnp.asarray(rng.standard_normal((4, 6, 4)), jnp.float32))
+    x, cot = _bins_and_cotangents(1, (4, 6, 4), 3)
 
     def ref(x):
       return jnp.sum(jax.nn.softmax(x, -1) * jnp.arange(16.0), -1), jax.nn.logsumexp(x, -1)
@@ -106,11 +111,17 @@ class DflTest(parameterized.TestCase):
     got = self.variant(lambda x: jax.vjp(ops.softmax_expectation, x)[1](cot)[0])(x)
     np.testing.assert_allclose(got, jax.vjp(ref, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
 
+  def test_side_bin_maxima_from_whole_rows(self):
+    rng = np.random.default_rng(6)
+    rows = jnp.asarray(rng.standard_normal((2, 5, 4 * 16 + 32)), jnp.float32)
+    want = jnp.max(rows[..., :64].reshape(2, 5, 4, 16), axis=-1)
+    np.testing.assert_array_equal(ops.side_bin_maxima(rows, 16), want)
+    self.assertIsNone(ops.side_bin_maxima(rows[..., :-1], 16))  # 95 channels: not groups of 16
+    self.assertIsNone(ops.side_bin_maxima(rows, 1))
+
   @chex.variants(with_jit=True, without_jit=True)
   def test_given_row_maximum_changes_nothing(self):
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((3, 5, 4, 16)) * 20, jnp.float32)
-    cot = (jnp.asarray(rng.standard_normal((3, 5, 4)), jnp.float32), jnp.asarray(rng.standard_normal((3, 5, 4)), jnp.float32))
+    x, cot = _bins_and_cotangents(5, (3, 5, 4), 20)
 
     def with_top(x):
       return ops.softmax_expectation(x, jnp.max(x, axis=-1))
