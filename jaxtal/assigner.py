@@ -86,27 +86,35 @@ def _power(x: jax.Array, p: float) -> jax.Array:
   return jnp.power(x, p)
 
 
-def _class_score_rows(score_levels: tuple[jax.Array, ...], from_logits: bool, alpha: float) -> tuple[jax.Array, ...]:
-  """Per level ``(nc, A_l)`` rows of ``score ** alpha``, ready for one contiguous row gather per GT.
+def _score_power(s: jax.Array, from_logits: bool, alpha: float) -> jax.Array:
+  """``score ** alpha`` of raw predictions (probabilities, or logits with ``from_logits``), float32.
+
+  Non-finite or out-of-range predictions never become targets: they score 0.
+  """
+  s = s.astype(jnp.float32)
+  if from_logits and alpha == 0.5:
+    # The loss's BCE gradient computes ops.sigmoid from the same rsqrt: one pass serves both.
+    s = ops.sqrt_sigmoid(s)
+    return jnp.where(jnp.isnan(s), 0.0, s)  # in [0, 1] otherwise
+  if from_logits:
+    s = ops.sigmoid(s)
+  return _power(jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0), alpha)
+
+
+def _class_score_rows(score_levels: tuple[jax.Array, ...], from_logits: bool, alpha: float, num_gts: int):
+  """Per level ``(nc, A_l)`` class-score rows, and the map from a value read from them to ``score ** alpha``.
 
   ``score_levels`` are ``(A_l, nc)`` blocks of anchors (one per head level, or a single one);
-  transposing once costs ``nc * A`` and makes every GT's gather contiguous, where a gather
-  along the class axis would touch one cache line per (GT, anchor) pair.
+  each GT reads the row of its class (the transpose is a view XLA folds into that gather).
+  ``score ** alpha`` is computed over the whole map once when that pays: from logits with
+  ``alpha = 0.5`` the loss's BCE gradient reuses the pass, and with ``M >= nc`` the pairs
+  outnumber the scores. Otherwise (few GTs) only the values a pair reads are transformed,
+  ``M * A`` instead of ``nc * A``; the floats are the same either way.
   """
-  rows = []
-  for s in score_levels:
-    s = s.astype(jnp.float32)
-    if from_logits and alpha == 0.5:
-      # The loss's BCE gradient computes ops.sigmoid from the same rsqrt: one pass serves both.
-      s = ops.sqrt_sigmoid(s)
-      s = jnp.where(jnp.isnan(s), 0.0, s)  # in [0, 1] otherwise
-    else:
-      if from_logits:
-        s = ops.sigmoid(s)
-      # Non-finite or out-of-range predictions never become targets: they score 0.
-      s = _power(jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0), alpha)
-    rows.append(s.T)
-  return tuple(rows)
+  nc = score_levels[0].shape[-1]
+  if (from_logits and alpha == 0.5) or num_gts >= nc:
+    return tuple(_score_power(s, from_logits, alpha).T for s in score_levels), lambda v: v
+  return tuple(s.T for s in score_levels), functools.partial(_score_power, from_logits=from_logits, alpha=alpha)
 
 
 def _level_spans(score_rows: tuple[jax.Array, ...]) -> list[tuple[int, int]]:
@@ -118,14 +126,14 @@ def _level_spans(score_rows: tuple[jax.Array, ...]) -> list[tuple[int, int]]:
   return spans
 
 
-def _score_at(score_rows: tuple[jax.Array, ...], labels: jax.Array, anchor_ids: jax.Array) -> jax.Array:
+def _score_at(score_rows: tuple[jax.Array, ...], power, labels: jax.Array, anchor_ids: jax.Array) -> jax.Array:
   """``score ** alpha`` of class ``labels`` at anchors ``anchor_ids`` (same shape), from the per-level rows."""
   safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
   out = jnp.zeros(anchor_ids.shape, score_rows[0].dtype)
   for r, (lo, hi) in zip(score_rows, _level_spans(score_rows)):
     inside = (anchor_ids >= lo) & (anchor_ids < hi)
     out = jnp.where(inside, r[safe, jnp.clip(anchor_ids - lo, 0, hi - lo - 1)], out)
-  return out
+  return power(out)
 
 
 def _in_box_rect(boxes: jax.Array, valid: jax.Array, min_box_side: float) -> tuple[jax.Array, jax.Array]:
@@ -156,7 +164,7 @@ def _pair_overlap(boxes, rect_lt, rect_rb, valid, gt_angle, pred_boxes, pred_ang
   return cand, jnp.where(cand & jnp.isfinite(ciou), jnp.maximum(ciou, 0.0), 0.0)
 
 
-def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
+def _top_k_lists(score_rows, power, gts, preds, *, topk, beta, eps):
   """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors: ``(C, k)`` top-k anchors and metrics.
 
   ``gts`` = (labels, boxes, rect_lt, rect_rb, valid, angle) of the block; ``preds`` =
@@ -178,7 +186,7 @@ def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
         boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None],
         pboxes[None, lo:hi], pangle[None, lo:hi], anchors[None, lo:hi], eps,
     )
-    metric = jnp.where(cand, jnp.take(r, safe, axis=0) * _power(overlaps, beta), 0.0)
+    metric = jnp.where(cand, power(jnp.take(r, safe, axis=0)) * _power(overlaps, beta), 0.0)
     metric = jnp.pad(metric, ((0, 0), (0, n * _TILE - (hi - lo))), constant_values=-1.0)
     maxima.append(metric.reshape(c, n, _TILE).max(axis=2))
     tile_levels.append((num_tiles, n, lo, hi))
@@ -198,7 +206,7 @@ def _top_k_lists(score_rows, gts, preds, *, topk, beta, eps):
   cand, overlaps = _pair_overlap(
       boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None], pboxes[ids], pangle[ids], anchors[ids], eps
   )
-  score = _score_at(score_rows, jnp.broadcast_to(labels[:, None], ids.shape), ids)
+  score = _score_at(score_rows, power, jnp.broadcast_to(labels[:, None], ids.shape), ids)
   metric = jnp.where(real, jnp.where(cand, score * _power(overlaps, beta), 0.0), -1.0)
   top_metric, pos = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
   return jnp.take_along_axis(ids, pos, axis=1), top_metric
@@ -259,7 +267,7 @@ def _assign_one(
   pred_boxes = jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0)
   safe_gt_boxes = jnp.where(valid[:, None], gt_boxes, 0.0)
   pred_angle = aspect_angle(pred_boxes)
-  score_rows = _class_score_rows(score_levels, from_logits, alpha)
+  score_rows, power = _class_score_rows(score_levels, from_logits, alpha, m)
   rect_lt, rect_rb = _in_box_rect(safe_gt_boxes, valid, min_box_side)
   gts = (gt_labels, safe_gt_boxes, rect_lt, rect_rb, valid, aspect_angle(safe_gt_boxes))
   preds = (pred_boxes, pred_angle, anchors)
@@ -272,10 +280,10 @@ def _assign_one(
 
   # Steps 1-3: each GT's top-k anchors by metric, a block of GTs at a time.
   if n_blocks == 1:
-    top_idx, top_metric = _top_k_lists(score_rows, gts, preds, topk=topk, beta=beta, eps=eps)
+    top_idx, top_metric = _top_k_lists(score_rows, power, gts, preds, topk=topk, beta=beta, eps=eps)
   else:
     _, (top_idx, top_metric) = jax.lax.scan(
-        lambda c, g: (c, _top_k_lists(score_rows, g, preds, topk=topk, beta=beta, eps=eps)), None, jax.tree.map(blocks, gts)
+        lambda c, g: (c, _top_k_lists(score_rows, power, g, preds, topk=topk, beta=beta, eps=eps)), None, jax.tree.map(blocks, gts)
     )
     top_idx, top_metric = top_idx.reshape(-1, topk)[:m], top_metric.reshape(-1, topk)[:m]
 
@@ -305,7 +313,7 @@ def _assign_one(
     starts = jnp.arange(n_blocks, dtype=jnp.int32) * gt_chunk
     init = (jnp.full(entry_anchor.shape, -1.0, jnp.float32), jnp.zeros(entry_anchor.shape, jnp.int32))
     (best_ov, best_gt), _ = jax.lax.scan(step, init, (starts, jax.tree.map(blocks, gts)))
-  best_score = _score_at(score_rows, gt_labels[best_gt], entry_anchor)
+  best_score = _score_at(score_rows, power, gt_labels[best_gt], entry_anchor)
   best_metric = jnp.where(best_ov >= 0, best_score * _power(jnp.maximum(best_ov, 0.0), beta), 0.0)
 
   # Per-anchor claim counts from the (M, topk) lists.

@@ -188,6 +188,24 @@ def head_maps(seed=0, b=2, layout="NHWC", reg_max=R):
   return [jnp.asarray(f) for f in maps]
 
 
+def many_anchor_problem(rng, nc, m, b=2):
+  """A 320 x 320 input (A = 2100 anchors: levels of 1600, 400 and 100) with ``m`` GTs per image, some
+  large; returns NumPy scores, predicted boxes, anchor pixels, a GroundTruth and the level split points."""
+  shapes, strides = ((40, 40), (20, 20), (10, 10)), (8, 16, 32)
+  anchors, anchor_strides = jaxtal.make_anchors(shapes, strides)
+  anchor_px = np.asarray(anchors * anchor_strides)
+  a = anchor_px.shape[0]
+  half = rng.uniform(4.0, 60.0, (b, a, 4)).astype(np.float32)
+  pred_boxes = np.concatenate([anchor_px - half[..., :2], anchor_px + half[..., 2:]], axis=-1)
+  scores = rng.uniform(0.01, 0.99, (b, a, nc)).astype(np.float32)
+  gt = jaxtal.GroundTruth(
+      jnp.asarray(rng.integers(0, nc, (b, m)), jnp.int32),
+      jnp.asarray(random_boxes(rng, (b, m), lo=40, hi=280, min_side=10, max_side=200)),
+      jnp.ones((b, m), bool),
+  )
+  return scores, pred_boxes, anchor_px, gt, np.cumsum([h * w for h, w in shapes])[:-1]
+
+
 def assert_assignment_shapes(target, b, a, nc):
   chex.assert_shape(target.labels, (b, a))
   chex.assert_shape(target.boxes, (b, a, 4))
@@ -604,30 +622,44 @@ class TaskAlignedAssignTest(chex.TestCase):
   def test_many_anchors_match_numpy(self, topk, quantise=False):
     # A = 2100 anchors over three levels (sizes 1600, 400, 100: the last is not a whole number of
     # top-k tiles), so the two-stage top-k really prunes tiles; quantised scores add exact ties.
-    rng = np.random.default_rng(7)
-    shapes, strides = ((40, 40), (20, 20), (10, 10)), (8, 16, 32)
-    anchors, anchor_strides = jaxtal.make_anchors(shapes, strides)
-    anchor_px = np.asarray(anchors * anchor_strides)
-    b, m, a = 2, 12, anchor_px.shape[0]
-    half = rng.uniform(4.0, 60.0, (b, a, 4)).astype(np.float32)
-    pred_boxes = np.concatenate([anchor_px - half[..., :2], anchor_px + half[..., 2:]], axis=-1)
-    scores = rng.uniform(0.01, 0.99, (b, a, NC)).astype(np.float32)
+    scores, pred_boxes, anchor_px, gt, sizes = many_anchor_problem(np.random.default_rng(7), NC, 12)
     if quantise:
       scores = np.round(scores * 3) / 3
-    gt = jaxtal.GroundTruth(
-        jnp.asarray(rng.integers(0, NC, (b, m)), jnp.int32),
-        jnp.asarray(random_boxes(rng, (b, m), lo=40, hi=280, min_side=10, max_side=200)),
-        jnp.ones((b, m), bool),
-    )
     target = assign_jit(jnp.asarray(scores), jnp.asarray(pred_boxes), jnp.asarray(anchor_px), gt, topk=topk)
     expected = np_assign(scores, pred_boxes, anchor_px, gt, topk=topk)
     assert expected["num_in_box"].max() > 16 * topk  # some GT has more in-box anchors than the kept tiles
     assert_assignment_equal(target, expected, rtol=1e-4, atol=1e-6)
-    sizes = np.cumsum([h * w for h, w in shapes])[:-1]
     kw = dict(from_logits=False, topk=topk, topk2=None, alpha=0.5, beta=6.0, eps=1e-9, min_box_side=0.0, gt_chunk=5)
     levels = jaxtal.assigner.assign_targets(tuple(np.split(scores, sizes, axis=1)), pred_boxes, anchor_px, gt, **kw)
     np.testing.assert_array_equal(np.asarray(levels.fg_mask), expected["fg_mask"])
     np.testing.assert_array_equal(np.asarray(levels.gt_index), expected["gt_index"])
+
+  @parameterized.parameters(dict(alpha=0.5), dict(alpha=1.0, beta=2.0), dict(alpha=0.3, topk=13))
+  def test_fewer_gt_slots_than_classes_give_the_same_assignment(self, **kw):
+    # With M < nc, score ** alpha is taken only at the (GT, anchor) pairs read; with M >= nc, over the
+    # whole score map first. Padding slots change nothing, so padding M = 12 up to M = nc = 16
+    # switches paths: the results must agree (scores to float32 rounding: M changes how XLA vectorises),
+    # invalid scores (NaN, inf, < 0, > 1) included.
+    # A = 2100 anchors, so the dense pass's tile maxima decide which anchors are kept.
+    nc, m = 16, 12
+    scores, pred_boxes, anchor_px, gt, _ = many_anchor_problem(np.random.default_rng(8), nc, m)
+    scores, pred_boxes, anchor_px = jnp.asarray(scores), jnp.asarray(pred_boxes), jnp.asarray(anchor_px)
+    pad = nc - m
+    padded = jaxtal.GroundTruth(
+        jnp.concatenate([gt.labels, jnp.zeros((2, pad), jnp.int32)], axis=1),
+        jnp.concatenate([gt.boxes, jnp.zeros((2, pad, 4), jnp.float32)], axis=1),
+        jnp.concatenate([gt.mask, jnp.zeros((2, pad), bool)], axis=1),
+    )
+    target = assign_jit(scores, pred_boxes, anchor_px, gt, **kw)
+    expected = np_assign(scores, pred_boxes, anchor_px, gt, **kw)
+    assert expected["num_in_box"].max() > 16 * kw.get("topk", 10)
+    assert_assignment_equal(target, expected, rtol=1e-4, atol=1e-6)
+    bad = scores.at[0, :6, 0].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf, -0.5, 1.5, 2.0]))
+    bad = bad.at[1, ::5].set(jnp.nan).at[1, 1::7].set(3.0)
+    for s in (scores, bad):
+      few_slots = assign_jit(s, pred_boxes, anchor_px, gt, **kw)
+      chex.assert_trees_all_close(few_slots, assign_jit(s, pred_boxes, anchor_px, padded, **kw), rtol=1e-6, atol=1e-8)
+      assert np.asarray(few_slots.fg_mask).sum() > 0
 
   @parameterized.parameters(dict(topk=3), dict(topk=6, gt_chunk=2), dict(topk=4, topk2=1), dict(topk=10))
   def test_entry_list_holds_each_foreground_anchor_once(self, topk, topk2=None, gt_chunk=None):
