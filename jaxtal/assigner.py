@@ -20,12 +20,14 @@ highest overlap among *all* GTs: it is computed only for the ``M * topk`` listed
 again a block of GTs at a time. Steps 4-5 then work on per-anchor vectors,
 ``O(A + M * topk)``. Class scores are read as ``(nc, A_l)`` rows, one gather per GT, level by
 level when the scores come in per-level blocks (the loss passes one per head level), so no
-``(C, A)`` array is concatenated. Top-k is exact and two-stage: per tile of 16 anchors the
-dense pass keeps only the maximum metric; a GT's k best anchors lie in its k best tiles, and
-the final top-k runs over those ``16 * k`` candidates (XLA:CPU's top-k over all ``A`` was
-the largest single cost). Ties go to the lower anchor index throughout. The loss's targets
-also carry that fixed-size ``M * topk`` entry list with one entry marked per foreground
-anchor, so foreground-only terms are read without a dynamic shape.
+``(C, A)`` array is concatenated; with fewer GT slots than classes, ``score ** alpha`` is
+taken only at the values those gathers read, not over the whole ``(A, nc)`` map. Top-k is
+exact and two-stage: per tile of 16 anchors the dense pass keeps only the maximum metric; a
+GT's k best anchors lie in its k best tiles, and the final top-k runs over those ``16 * k``
+candidates (XLA:CPU's top-k over all ``A`` was the largest single cost). Ties go to the lower
+anchor index throughout. The loss's targets also carry that fixed-size ``M * topk`` entry list
+with one entry marked per foreground anchor, so foreground-only terms are read without a
+dynamic shape.
 Chunked and dense (one block) runs give the same assignment, scores equal to float32 rounding.
 """
 
