@@ -644,12 +644,7 @@ class TaskAlignedAssignTest(chex.TestCase):
     nc, m = 16, 12
     scores, pred_boxes, anchor_px, gt, _ = many_anchor_problem(np.random.default_rng(8), nc, m)
     scores, pred_boxes, anchor_px = jnp.asarray(scores), jnp.asarray(pred_boxes), jnp.asarray(anchor_px)
-    pad = nc - m
-    padded = jaxtal.GroundTruth(
-        jnp.concatenate([gt.labels, jnp.zeros((2, pad), jnp.int32)], axis=1),
-        jnp.concatenate([gt.boxes, jnp.zeros((2, pad, 4), jnp.float32)], axis=1),
-        jnp.concatenate([gt.mask, jnp.zeros((2, pad), bool)], axis=1),
-    )
+    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, nc - m)] + [(0, 0)] * (x.ndim - 2)), gt)  # mask False
     target = assign_jit(scores, pred_boxes, anchor_px, gt, **kw)
     expected = np_assign(scores, pred_boxes, anchor_px, gt, **kw)
     assert expected["num_in_box"].max() > 16 * kw.get("topk", 10)
