@@ -15,7 +15,14 @@ from jaxtal.assigner import assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.ops import bce_one_hot_sum, side_bin_maxima, softmax_expectation, split_channels, two_bin_logit_sum
+from jaxtal.ops import (
+    bce_one_hot_sum,
+    side_bin_maxima,
+    softmax_expectation,
+    split_channels,
+    take_rows,
+    two_bin_logit_sum,
+)
 
 
 class LossParts(NamedTuple):
@@ -209,8 +216,11 @@ def detection_loss(
   # Background anchors get a stand-in unit box so no padding value reaches CIoU (double-where).
   stand_in = jnp.concatenate([anchors - 0.5, anchors + 0.5], axis=-1)
   target_boxes = jnp.where(fg[..., None], target.boxes / anchor_strides, stand_in)
-  iou = box_iou(pred_boxes, target_boxes, "ciou")
-  loss_box = jnp.sum(jnp.where(fg, (1.0 - iou) * weight, 0.0)) / normaliser
+  # CIoU only at the assignment's entry list (E = M * topk rows, each foreground anchor marked
+  # once): a few hundred boxes per image instead of all A, and its gradient a scatter of E rows.
+  entries, first = target.entry_anchor, target.entry_first
+  iou = box_iou(take_rows(pred_boxes, entries), take_rows(target_boxes, entries), "ciou")
+  loss_box = jnp.sum(jnp.where(first, (1.0 - iou) * take_rows(weight, entries), 0.0)) / normaliser
 
   target_ltrb = xyxy_to_ltrb(target_boxes, anchors)
   if reg_max > 1:

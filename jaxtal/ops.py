@@ -10,7 +10,8 @@ the softmax formulas to float32 rounding (``tests/test_ops.py``); gradients equa
 Two helpers shape how XLA schedules those passes: :func:`split_channels` (the head map's
 gradient as one concatenation) and :func:`sqrt_sigmoid` / :func:`sigmoid` (one pass for the
 BCE gradient and the assigner's scores). :func:`two_bin_logit_sum` is DFL's target term,
-read only at the listed foreground anchors, with a dense elementwise gradient.
+read only at the listed foreground anchors, with a dense elementwise gradient; :func:`take_rows`
+is the per-image row gather the loss reads that list with.
 
 Why not call optax/jax.nn directly: on XLA:CPU, ``optax.sigmoid_binary_cross_entropy`` and
 ``jax.nn.softplus`` lower through ``logaddexp`` and a one-hot target broadcast inside a
@@ -221,10 +222,9 @@ def two_bin_logit_sum(
   Returns:
     The scalar sum.
   """
-  per_image = jax.vmap(lambda x, i: jnp.take(x, i, axis=0))  # row gathers within each image
-  x = per_image(logits, rows)  # (b, E, S, R)
-  picked = jnp.sum(x * two_bin_target(logits.shape[-1], per_image(left, rows), per_image(w_left, rows)), axis=-1)
-  return jnp.sum(jnp.where(take, per_image(coef, rows) * jnp.sum(picked, axis=-1), 0.0))
+  x = take_rows(logits, rows)  # (b, E, S, R)
+  picked = jnp.sum(x * two_bin_target(logits.shape[-1], take_rows(left, rows), take_rows(w_left, rows)), axis=-1)
+  return jnp.sum(jnp.where(take, take_rows(coef, rows) * jnp.sum(picked, axis=-1), 0.0))
 
 
 def _two_bin_sum_fwd(logits, left, w_left, coef, rows, take):
@@ -240,6 +240,15 @@ def _two_bin_sum_bwd(res, g):
 
 
 two_bin_logit_sum.defvjp(_two_bin_sum_fwd, _two_bin_sum_bwd)
+
+
+def take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+  """``x[i, rows[i]]`` for every image ``i``: ``(b, A, ...)`` and ``(b, E)`` int -> ``(b, E, ...)``.
+
+  A gather within each image (both operands batched), so it keeps the batch's sharding under a
+  batch-sharded ``jit``. Rows must be in ``[0, A)``.
+  """
+  return jax.vmap(lambda v, i: jnp.take(v, i, axis=0))(x, rows)
 
 
 def two_bin_target(num_bins: int, left: jax.Array, w_left: jax.Array) -> jax.Array:
