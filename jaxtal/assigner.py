@@ -349,19 +349,22 @@ def _assign_one(
     overlap = jnp.where(fg, overlap, 0.0)
   gt_index = jnp.where(fg, gt_index, 0)
 
-  # Step 5: normalise each GT's metrics so its best anchor gets its best overlap.
-  gt_max_metric = jnp.zeros((m,), jnp.float32).at[gt_index].max(metric)
-  gt_max_overlap = jnp.zeros((m,), jnp.float32).at[gt_index].max(overlap)
-  norm = jnp.where(fg, metric * gt_max_overlap[gt_index] / (gt_max_metric[gt_index] + eps), 0.0)
-
-  labels = jnp.where(fg, gt_labels[gt_index], 0).astype(jnp.int32)
-  boxes = jnp.where(fg[:, None], gt_boxes[gt_index], 0.0).astype(jnp.float32)
   # A foreground anchor is one some GT listed as a positive entry: mark the first such entry.
   entry_ids = jnp.arange(entry_anchor.shape[0], dtype=jnp.int32)
   first = jnp.full((num_anchors,), entry_anchor.shape[0], jnp.int32).at[entry_anchor].min(
       jnp.where(entry_pos, entry_ids, entry_anchor.shape[0])
   )
   entry_first = fg[entry_anchor] & (first[entry_anchor] == entry_ids)
+
+  # Step 5: normalise each GT's metrics so its best anchor gets its best overlap. The per-GT
+  # maxima run over the marked entries (every foreground anchor once), E values instead of A.
+  owner_of_first = jnp.where(entry_first, gt_index[entry_anchor], m)  # m: dropped
+  gt_max_metric = jnp.zeros((m,), jnp.float32).at[owner_of_first].max(metric[entry_anchor], mode="drop")
+  gt_max_overlap = jnp.zeros((m,), jnp.float32).at[owner_of_first].max(overlap[entry_anchor], mode="drop")
+  norm = jnp.where(fg, metric * gt_max_overlap[gt_index] / (gt_max_metric[gt_index] + eps), 0.0)
+
+  labels = jnp.where(fg, gt_labels[gt_index], 0).astype(jnp.int32)
+  boxes = jnp.where(fg[:, None], gt_boxes[gt_index], 0.0).astype(jnp.float32)
   return Targets(labels, boxes, norm, fg, gt_index.astype(jnp.int32), entry_anchor.astype(jnp.int32), entry_first)
 
 
