@@ -171,17 +171,18 @@ def _top_k_lists(score_rows, power, gts, preds, *, topk, beta, eps):
 
   ``gts`` = (labels, boxes, rect_lt, rect_rb, valid, angle) of the block; ``preds`` =
   (boxes, angle, anchors) of the image. An exact two-stage top-k: the anchors of each level
-  are cut into tiles of ``_TILE``; the dense pass computes the ``(C, A_l)`` metric and only
-  each tile's maximum; each GT's ``k`` best tiles (by maximum) hold its ``k`` best anchors,
-  so the final top-k runs over those ``k * _TILE`` candidates, their metric recomputed by
-  the same function. Candidates are taken in anchor order, so ties still go to the lower
-  anchor index. Tile padding scores -1, below every real metric (>= 0).
+  are cut into tiles of ``_TILE``; the dense pass computes the ``(C, A_l)`` metric and each
+  tile's maximum; each GT's ``k`` best tiles (by maximum) hold its ``k`` best anchors, so the
+  final top-k runs over those ``k * _TILE`` candidates, their metrics read back from the
+  dense pass (a gather, not a second in-box + CIoU evaluation). Candidates are taken in anchor
+  order, so ties still go to the lower anchor index. Tile padding scores -1, below every
+  real metric (>= 0), and there are always at least ``k`` real candidates (``k <= A``).
   """
   labels, boxes, lt, rb, valid, angle = gts
   pboxes, pangle, anchors = preds
   c = labels.shape[0]
   safe = jnp.clip(labels, 0, score_rows[0].shape[0] - 1)
-  maxima, tile_levels, num_tiles = [], [], 0  # tile_levels: (first tile, tile count, first anchor, stop) per level
+  maxima, metrics, tile_levels, num_tiles = [], [], [], 0  # tile_levels: (first tile, tile count, first anchor, stop)
   for r, (lo, hi) in zip(score_rows, _level_spans(score_rows)):
     n = -(-(hi - lo) // _TILE)
     cand, overlaps = _pair_overlap(
@@ -191,6 +192,7 @@ def _top_k_lists(score_rows, power, gts, preds, *, topk, beta, eps):
     metric = jnp.where(cand, power(jnp.take(r, safe, axis=0)) * _power(overlaps, beta), 0.0)
     metric = jnp.pad(metric, ((0, 0), (0, n * _TILE - (hi - lo))), constant_values=-1.0)
     maxima.append(metric.reshape(c, n, _TILE).max(axis=2))
+    metrics.append(metric)
     tile_levels.append((num_tiles, n, lo, hi))
     num_tiles += n
   _, tiles = jax.lax.top_k(jnp.concatenate(maxima, axis=1), min(topk, num_tiles))
@@ -198,18 +200,17 @@ def _top_k_lists(score_rows, power, gts, preds, *, topk, beta, eps):
   # Tile -> first anchor and level end by arithmetic, not a lookup table: indexing an unbatched
   # table with batch-sharded indices has no unambiguous sharding under a batch-sharded jit.
   start, stop = jnp.zeros_like(tiles), jnp.zeros_like(tiles)
-  for first, n, lo, hi in tile_levels:
+  metric = jnp.zeros((c, tiles.shape[1] * _TILE), jnp.float32)
+  offsets = jnp.arange(_TILE, dtype=jnp.int32)
+  for (first, n, lo, hi), level_metric in zip(tile_levels, metrics):
     here = (tiles >= first) & (tiles < first + n)
     start = jnp.where(here, lo + (tiles - first) * _TILE, start)
     stop = jnp.where(here, hi, stop)
-  ids = start[..., None] + jnp.arange(_TILE, dtype=jnp.int32)
-  real = (ids < stop[..., None]).reshape(c, -1)
-  ids = jnp.where(real, ids.reshape(c, -1), 0)
-  cand, overlaps = _pair_overlap(
-      boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None], pboxes[ids], pangle[ids], anchors[ids], eps
-  )
-  score = _score_at(score_rows, power, jnp.broadcast_to(labels[:, None], ids.shape), ids)
-  metric = jnp.where(real, jnp.where(cand, score * _power(overlaps, beta), 0.0), -1.0)
+    # The candidates' metrics are read back from the dense pass (its tile padding holds -1).
+    local = (jnp.where(here, tiles - first, 0)[..., None] * _TILE + offsets).reshape(c, -1)
+    metric = jnp.where(jnp.repeat(here, _TILE, axis=1), jnp.take_along_axis(level_metric, local, axis=1), metric)
+  ids = start[..., None] + offsets
+  ids = jnp.where(ids < stop[..., None], ids, 0).reshape(c, -1)  # padding (metric -1) is never among the top k
   top_metric, pos = jax.lax.top_k(metric, topk)  # ties go to the lower anchor index
   return jnp.take_along_axis(ids, pos, axis=1), top_metric
 
