@@ -20,7 +20,8 @@ highest overlap among *all* GTs: it is computed only for the ``M * topk`` listed
 again a block of GTs at a time. Steps 4-5 then work on per-anchor vectors,
 ``O(A + M * topk)``. Class scores are read as ``(nc, A_l)`` rows, one gather per GT, level by
 level when the scores come in per-level blocks (the loss passes one per head level), so no
-``(C, A)`` array is concatenated; with fewer GT slots than classes, ``score ** alpha`` is
+``(C, A)`` array is concatenated; with fewer GT slots than classes (than half the classes
+from logits, where the loss's BCE gradient shares the whole-map pass), ``score ** alpha`` is
 taken only at the values those gathers read, not over the whole ``(A, nc)`` map. Top-k is
 exact and two-stage: per tile of 16 anchors the dense pass keeps only the maximum metric; a
 GT's k best anchors lie in its k best tiles, and the final top-k runs over those ``16 * k``
@@ -108,13 +109,15 @@ def _class_score_rows(score_levels: tuple[jax.Array, ...], from_logits: bool, al
 
   ``score_levels`` are ``(A_l, nc)`` blocks of anchors (one per head level, or a single one);
   each GT reads the row of its class (the transpose is a view XLA folds into that gather).
-  ``score ** alpha`` is computed over the whole map once when that pays: from logits with
-  ``alpha = 0.5`` the loss's BCE gradient reuses the pass, and with ``M >= nc`` the pairs
-  outnumber the scores. Otherwise (few GTs) only the values a pair reads are transformed,
-  ``M * A`` instead of ``nc * A``; the floats are the same either way.
+  ``score ** alpha`` is computed over the whole map once when that pays: with ``M >= nc`` the
+  pairs outnumber the scores, and from logits with ``alpha = 0.5`` and ``M >= nc / 2`` the
+  loss's BCE gradient reuses the pass (with fewer slots the per-pair transform was faster in
+  the loss even so). Otherwise only the values a pair reads are transformed, ``M * A`` instead
+  of ``nc * A``; the floats are the same either way.
   """
   nc = score_levels[0].shape[-1]
-  if (from_logits and alpha == 0.5) or num_gts >= nc:
+  shared_with_bce = from_logits and alpha == 0.5 and 2 * num_gts >= nc
+  if shared_with_bce or num_gts >= nc:
     return tuple(_score_power(s, from_logits, alpha).T for s in score_levels), lambda v: v
   return tuple(s.T for s in score_levels), functools.partial(_score_power, from_logits=from_logits, alpha=alpha)
 

@@ -656,6 +656,29 @@ class TaskAlignedAssignTest(chex.TestCase):
       chex.assert_trees_all_close(few_slots, assign_jit(s, pred_boxes, anchor_px, padded, **kw), rtol=1e-6, atol=1e-8)
       assert np.asarray(few_slots.fg_mask).sum() > 0
 
+  def test_few_gt_slots_from_logits_give_the_same_targets(self):
+    # From logits (the loss's path) the whole-map sqrt(sigmoid) pass is shared with the BCE gradient
+    # from M >= nc / 2 on; below that the transform is taken per pair. Padding M = 6 up to 8 = nc / 2
+    # switches paths; NaN and infinite logits included.
+    nc, m = 16, 6
+    scores, pred_boxes, anchor_px, gt, split = many_anchor_problem(np.random.default_rng(9), nc, m)
+    logits = jnp.asarray(np.log(scores / (1 - scores)))
+    logits = logits.at[0, :4, 0].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 90.0])).at[1, ::7].set(jnp.nan)
+    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, nc // 2 - m)] + [(0, 0)] * (x.ndim - 2)), gt)
+    kw = dict(from_logits=True, topk=10, topk2=None, alpha=0.5, beta=6.0, eps=1e-9, min_box_side=0.0, gt_chunk=None)
+    run = jax.jit(functools.partial(jaxtal.assigner.assign_targets, **kw))
+    levels = tuple(jnp.split(logits, split, axis=1))
+    per_pair, shared = run(levels, jnp.asarray(pred_boxes), jnp.asarray(anchor_px), gt), run(
+        levels, jnp.asarray(pred_boxes), jnp.asarray(anchor_px), padded
+    )
+    for name in ("labels", "fg_mask", "gt_index"):
+      np.testing.assert_array_equal(getattr(per_pair, name), getattr(shared, name), err_msg=name)
+    np.testing.assert_allclose(per_pair.norm, shared.norm, rtol=1e-6, atol=1e-8)
+    probs = np.asarray(jax.nn.sigmoid(logits))  # NaN logits score 0 in both paths, as in the reference
+    expected = np_assign(np.where(np.isnan(probs), 0.0, probs), pred_boxes, anchor_px, gt)
+    np.testing.assert_array_equal(per_pair.fg_mask, expected["fg_mask"])
+    assert np.asarray(per_pair.fg_mask).sum() > 0
+
   @parameterized.parameters(dict(topk=3), dict(topk=6, gt_chunk=2), dict(topk=4, topk2=1), dict(topk=10))
   def test_entry_list_holds_each_foreground_anchor_once(self, topk, topk2=None, gt_chunk=None):
     # The loss reads DFL's target term only at the listed entries marked first: exactly the
