@@ -224,11 +224,13 @@ def _best_gt_of_entries(gts, entry_preds, *, eps):
   labels, boxes, lt, rb, valid, angle = gts
   pboxes, pangle, anchors = entry_preds
   cand, overlaps = _pair_overlap(
-      boxes[None], lt[None], rb[None], valid[None], angle[None], pboxes[:, None], pangle[:, None], anchors[:, None], eps
-  )  # (E, C)
+      boxes[:, None], lt[:, None], rb[:, None], valid[:, None], angle[:, None], pboxes[None], pangle[None], anchors[None], eps
+  )  # (C, E): the reductions below run across GTs, vectorised along the entries
   masked = jnp.where(cand, overlaps, -1.0)
-  best = jnp.argmax(masked, axis=1)
-  return jnp.take_along_axis(masked, best[:, None], axis=1)[:, 0], best.astype(jnp.int32)
+  best_ov = jnp.max(masked, axis=0)
+  gt_ids = jnp.arange(masked.shape[0], dtype=jnp.int32)[:, None]
+  best = jnp.min(jnp.where(masked == best_ov, gt_ids, masked.shape[0]), axis=0)  # the first GT on ties
+  return best_ov, best
 
 
 class Targets(NamedTuple):
