@@ -445,7 +445,8 @@ def task_aligned_assign(
     min_box_side: GT sides shorter than this (pixels) are widened to it about the box
       centre for the in-box test only; ``0`` disables (the original YOLOv8), the current
       Ultralytics release uses ``strides[1]``.
-    gt_chunk: process GTs in blocks of this many (memory ``O(b * gt_chunk * A)``);
+    gt_chunk: process GTs in blocks of this many (memory ``O(b * gt_chunk * max(A, M * topk))``:
+      the pairwise pass and the conflict step's overlaps with the ``M * topk`` listed anchors);
       ``None`` picks dense for small ``M * A`` and blocks of 32 otherwise. The assignment
       does not depend on it; target scores agree to float32 rounding.
 
