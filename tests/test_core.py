@@ -206,6 +206,11 @@ def many_anchor_problem(rng, nc, m, b=2):
   return scores, pred_boxes, anchor_px, gt, np.cumsum([h * w for h, w in shapes])[:-1]
 
 
+def pad_gt_slots(gt, m):
+  """``gt`` with padding slots (zeros, mask False) appended up to ``m`` slots per image."""
+  return jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, m - x.shape[1])] + [(0, 0)] * (x.ndim - 2)), gt)
+
+
 def assert_assignment_shapes(target, b, a, nc):
   chex.assert_shape(target.labels, (b, a))
   chex.assert_shape(target.boxes, (b, a, 4))
@@ -644,7 +649,7 @@ class TaskAlignedAssignTest(chex.TestCase):
     nc, m = 16, 12
     scores, pred_boxes, anchor_px, gt, _ = many_anchor_problem(np.random.default_rng(8), nc, m)
     scores, pred_boxes, anchor_px = jnp.asarray(scores), jnp.asarray(pred_boxes), jnp.asarray(anchor_px)
-    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, nc - m)] + [(0, 0)] * (x.ndim - 2)), gt)  # mask False
+    padded = pad_gt_slots(gt, nc)
     target = assign_jit(scores, pred_boxes, anchor_px, gt, **kw)
     expected = np_assign(scores, pred_boxes, anchor_px, gt, **kw)
     assert expected["num_in_box"].max() > 16 * kw.get("topk", 10)
@@ -664,13 +669,10 @@ class TaskAlignedAssignTest(chex.TestCase):
     scores, pred_boxes, anchor_px, gt, split = many_anchor_problem(np.random.default_rng(9), nc, m)
     logits = jnp.asarray(np.log(scores / (1 - scores)))
     logits = logits.at[0, :4, 0].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 90.0])).at[1, ::7].set(jnp.nan)
-    padded = jax.tree.map(lambda x: jnp.pad(x, [(0, 0), (0, nc // 2 - m)] + [(0, 0)] * (x.ndim - 2)), gt)
     kw = dict(from_logits=True, topk=10, topk2=None, alpha=0.5, beta=6.0, eps=1e-9, min_box_side=0.0, gt_chunk=None)
-    run = jax.jit(functools.partial(jaxtal.assigner.assign_targets, **kw))
-    levels = tuple(jnp.split(logits, split, axis=1))
-    per_pair, shared = run(levels, jnp.asarray(pred_boxes), jnp.asarray(anchor_px), gt), run(
-        levels, jnp.asarray(pred_boxes), jnp.asarray(anchor_px), padded
-    )
+    run = jax.jit(functools.partial(jaxtal.assigner.assign_targets, tuple(jnp.split(logits, split, axis=1)), **kw))
+    per_pair = run(jnp.asarray(pred_boxes), jnp.asarray(anchor_px), gt)
+    shared = run(jnp.asarray(pred_boxes), jnp.asarray(anchor_px), pad_gt_slots(gt, nc // 2))
     for name in ("labels", "fg_mask", "gt_index"):
       np.testing.assert_array_equal(getattr(per_pair, name), getattr(shared, name), err_msg=name)
     np.testing.assert_allclose(per_pair.norm, shared.norm, rtol=1e-6, atol=1e-8)
