@@ -9,6 +9,8 @@ Rows (see benchmarks/README.md for what each one measures):
 1. ``loss fwd+bwd``: ``jax.jit(jax.value_and_grad(total of jaxtal.detection_loss))`` w.r.t. the
    list of NHWC head maps, b=16, nc=80, input 640 (strides 8/16/32, A=8400), reg_max 16, for
    M = 8, 50, 200 GT boxes per image;
+   and the same step with the assignment precomputed (its targets made outside the timing), to
+   split the time over the floor between the assignment and the rest of the loss;
 2. ``assign``: jitted ``jaxtal.task_aligned_assign`` on the same predictions;
 3. ``floor``: fwd+bwd of only the BCE over all (b, A, nc) logits plus the DFL softmax
    expectation, per level on the NHWC maps: work any implementation of the loss must do,
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -176,6 +179,10 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
   def loss_step(feats, gt):
     return jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, **kw)[0])(feats)
 
+  def loss_given_step(feats, gt, targets):
+    return jax.value_and_grad(lambda f: jaxtal.loss._detection_loss(f, gt, targets=targets, **kw)[0])(feats)
+
+  loss_given_jit = jax.jit(loss_given_step)
   assign = jax.jit(jaxtal.task_aligned_assign)
 
   def floor_step(feats, labels, weight):
@@ -236,6 +243,13 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
     medians[("loss", m)] = median_ms(times)
     table.add("jaxtal loss fwd+bwd", m, medians[("loss", m)], "ms", len(times), f"b={BATCH} A={anchors.shape[0]} nc={NUM_CLASSES}")
 
+    # The same step with the assignment taken out (its targets computed once, outside the timing),
+    # so the table shows how the time over the floor splits between the assignment and the rest.
+    _, _, targets = jax.jit(functools.partial(jaxtal.loss._detection_loss, **kw))(feats, gt)
+    times = time_runs(lambda gt=gt, t=targets: jax.block_until_ready(loss_given_jit(feats, gt, t)), args.warmup, args.repeats)
+    medians[("loss_given", m)] = median_ms(times)
+    table.add("jaxtal loss fwd+bwd, assignment precomputed", m, medians[("loss_given", m)], "ms", len(times))
+
     runs[("assign", m)] = lambda gt=gt: jax.block_until_ready(assign(pred_scores, pred_boxes, anchor_px, gt))
     times = time_runs(runs[("assign", m)], args.warmup, args.repeats)
     medians[("assign", m)] = median_ms(times)
@@ -252,6 +266,13 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
     table.add("floor, optax + autodiff", m, medians[("floor_autodiff", m)], "ms", len(times), "for reference")
     table.add(
         "ratio loss / floor", m, medians[("loss", m)] / medians[("floor", m)], "x", note="full loss time over the floor"
+    )
+    table.add(
+        "ratio loss (assignment precomputed) / floor",
+        m,
+        medians[("loss_given", m)] / medians[("floor", m)],
+        "x",
+        note="the same, the assignment's time taken out",
     )
     table.add("jaxtal loss step compile", m, compile_s * 1e3, "ms", 1, "jit lower + compile, wall time")
     if mem is not None:

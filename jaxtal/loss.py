@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtal.anchors import make_anchors
-from jaxtal.assigner import assign_targets, check_topk
+from jaxtal.assigner import Targets, assign_targets, check_topk
 from jaxtal.boxes import box_iou
 from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth, check_ground_truth
@@ -154,6 +154,54 @@ def detection_loss(
     "Generalized Focal Loss" (DFL), https://arxiv.org/abs/2006.04388; Feng et al., 2021,
     "TOOD" (assignment), https://arxiv.org/abs/2108.07755.
   """
+  total, parts, _ = _detection_loss(
+      feats,
+      gt,
+      num_classes=num_classes,
+      strides=strides,
+      reg_max=reg_max,
+      layout=layout,
+      topk=topk,
+      topk2=topk2,
+      alpha=alpha,
+      beta=beta,
+      box=box,
+      cls=cls,
+      dfl=dfl,
+      min_box_side=min_box_side,
+      class_weights=class_weights,
+      gt_chunk=gt_chunk,
+      axis_name=axis_name,
+  )
+  return total, parts
+
+
+def _detection_loss(
+    feats: Sequence[jax.Array],
+    gt: GroundTruth,
+    *,
+    num_classes: int,
+    strides: Sequence[float],
+    reg_max: int = 16,
+    layout: Layout = "NHWC",
+    topk: int = 10,
+    topk2: int | None = None,
+    alpha: float = 0.5,
+    beta: float = 6.0,
+    box: float = 7.5,
+    cls: float = 0.5,
+    dfl: float = 1.5,
+    min_box_side: float = 0.0,
+    class_weights: jax.Array | None = None,
+    gt_chunk: int | None = None,
+    axis_name: str | None = None,
+    targets: Targets | None = None,
+) -> tuple[jax.Array, LossParts, Targets]:
+  """:func:`detection_loss`, also returning the assignment; with ``targets`` given, that assignment is used.
+
+  ``targets`` must be what this function returned for the same head maps and ground truth;
+  it lets a benchmark time the loss with the assignment taken out (``benchmarks/bench.py``).
+  """
   batch, shapes = check_head(feats, num_classes, reg_max, layout)
   img_h, img_w = check_strides_match(shapes, strides)
   if class_weights is not None and np.shape(class_weights) != (num_classes,):
@@ -184,7 +232,7 @@ def detection_loss(
   boxes_px = jnp.asarray(gt.boxes)
   on_image = (boxes_px[..., 0] < img_w) & (boxes_px[..., 2] > 0) & (boxes_px[..., 1] < img_h) & (boxes_px[..., 3] > 0)
   gt = gt._replace(mask=jnp.asarray(gt.mask).astype(bool) & on_image)
-  target = assign_targets(
+  target = targets if targets is not None else assign_targets(
       tuple(logits),
       pred_boxes * anchor_strides,
       anchors * anchor_strides,
@@ -250,4 +298,4 @@ def detection_loss(
     batch_size = jax.lax.psum(batch_size, axis_name)
     parts = jax.tree.map(lambda x: _global_sum(x, axis_name), parts)
   total = (parts.box + parts.cls + parts.dfl) * batch_size
-  return total, parts
+  return total, parts, target
