@@ -1,33 +1,28 @@
-"""Replays the seed walkthrough of YOLOv8's task-aligned assigner with jaxtal (CPU, seconds).
+"""Replays the seed walkthrough of YOLOv8's task-aligned assigner with jaxtal's public API (CPU, seconds).
 
     python examples/toy_assign.py
 
-Same setup as the seed: batch 4, 3 classes, head maps 8x8 / 4x4 / 2x2 of 67 = 4 * 16 + 3 channels for a
-640x640 input (strides 80 / 160 / 320, 8 * 8 + 4 * 4 + 2 * 2 = 84 anchors) and the seed's seven labels.
-The head outputs are seeded standard-normal noise in the seed's NCHW layout (``torch.randn(4, 67, 8, 8)``).
-The seed's own random numbers cannot be reproduced, so the align metrics and positives differ from its
-printout; the anchors, the GT boxes in pixels and the in-box mask are deterministic and match it
-(``tests/test_seed.py`` pins them).
+The seed's setup: batch 4, 3 classes, head maps 8x8 / 4x4 / 2x2 of 67 = 4 * 16 + 3 channels in NCHW for a
+640x640 input (strides 80 / 160 / 320, 8 * 8 + 4 * 4 + 2 * 2 = 84 anchors), and the seed's seven labels.
+The head maps are seeded standard-normal noise (the seed's ``torch.randn`` cannot be reproduced), so the
+align metrics and positives differ from its printout; the anchors, the GT boxes in pixels and the in-box
+mask do not depend on them and match it (``tests/test_seed.py`` pins them).
 
-Stages, each named after the seed's function: ``pred_process`` -> ``jaxtal.flatten_head``,
-``make_anchors`` -> ``jaxtal.make_anchors``, ``decode`` -> ``jaxtal.decode_boxes``, ``ann_process`` ->
-``jaxtal.pack_labels``, ``TaskAlignedAssigner`` -> ``jaxtal.task_aligned_assign``. The assigner's inner
-steps (in-box mask, align metric) are recomputed here from jaxtal's pieces so they can be printed.
+Seed step -> jaxtal: ``pred_process`` -> ``flatten_head``, ``make_anchors`` -> ``make_anchors``, ``decode`` ->
+``decode_boxes``, ``ann_process`` -> ``pack_labels``, the ``TaskAlignedAssigner``'s inner steps ->
+``assign_steps`` (dense, for reading) and the assigner itself -> ``task_aligned_assign`` (the fast path the
+loss runs). ``jaxtal.detection_targets`` does all of this in one call inside the loss.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jaxtal
-from jaxtal.head import xyxy_to_ltrb
 
-BATCH = 4
-NUM_CLASSES = 3
-REG_MAX = 16
-IMAGE_SIZE = (640, 640)  # (H, W)
+BATCH, NUM_CLASSES, REG_MAX = 4, 3, 16
+IMAGE_SIZE = 640
 FEATURE_SHAPES = ((8, 8), (4, 4), (2, 2))
 STRIDES = (80, 160, 320)  # 640 / 8, 640 / 4, 640 / 2
 MAX_BOXES = 3  # M: image 2 has the most labels
@@ -49,136 +44,87 @@ SEED_LABELS = np.array(
 def head_outputs(seed: int = 0) -> list[np.ndarray]:
   """Seeded stand-in for the network: one NCHW ``(4, 67, H, W)`` float32 map per level."""
   rng = np.random.default_rng(seed)
-  channels = 4 * REG_MAX + NUM_CLASSES
-  return [rng.standard_normal((BATCH, channels, h, w)).astype(np.float32) for h, w in FEATURE_SHAPES]
+  return [rng.standard_normal((BATCH, 4 * REG_MAX + NUM_CLASSES, h, w)).astype(np.float32) for h, w in FEATURE_SHAPES]
 
 
-@jax.jit  # each helper compiles once instead of op by op (eager JAX compiles every primitive)
-def in_box_mask(anchor_px: jax.Array, gt_boxes: jax.Array, eps: float = 1e-9) -> jax.Array:
-  """Seed's ``__get_in_gts_mask``: ``(A, 2)`` anchors, ``(M, 4)`` boxes -> ``(M, A)``, centre strictly inside."""
-  deltas = xyxy_to_ltrb(gt_boxes[:, None, :], anchor_px[None, :, :])  # (M, A, 4): anchor - lt, rb - anchor
-  return deltas.min(axis=-1) > eps
-
-
-@jax.jit
-def align_metric(scores, pred_boxes, anchor_px, gt_labels, gt_boxes, gt_mask, alpha=0.5, beta=6.0):
-  """Seed's ``__refine_select`` for one image: ``s^alpha * CIoU^beta`` on in-box pairs, ``(M, A)``.
-
-  ``scores (A, nc)`` probabilities, ``pred_boxes (A, 4)`` and ``anchor_px (A, 2)`` in pixels,
-  ``gt_labels (M,)``, ``gt_boxes (M, 4)``, ``gt_mask (M,)``. Returns ``(metric, overlaps)``.
-  """
-  keep = in_box_mask(anchor_px, gt_boxes) & gt_mask[:, None]
-  ciou = jaxtal.box_iou(gt_boxes[:, None, :], pred_boxes[None, :, :], "ciou")  # (M, A)
-  overlaps = jnp.where(keep, jnp.maximum(ciou, 0.0), 0.0)
-  class_scores = scores[:, gt_labels].T  # (M, A): each GT's class probability at every anchor
-  return jnp.where(keep, class_scores**alpha * overlaps**beta, 0.0), overlaps
-
-
-def assignment_grid(fg_mask, gt_index, feature_shapes=FEATURE_SHAPES) -> list[str]:
-  """Text picture of one image's assignment: per level a grid of GT indices, '.' for background.
-
-  ``fg_mask (A,)``, ``gt_index (A,)``; levels side by side, rows top to bottom.
-  """
+def assignment_grid(fg_mask, gt_index) -> list[str]:
+  """One image's assignment as text: per level a grid of GT indices ('.' background), levels side by side."""
   cells = np.where(np.asarray(fg_mask), np.asarray(gt_index).astype(str), ".")
   grids, start = [], 0
-  for h, w in feature_shapes:
-    level = cells[start : start + h * w].reshape(h, w)
-    grids.append([" ".join(row) for row in level])
+  for h, w in FEATURE_SHAPES:
+    grids.append([" ".join(row) for row in cells[start : start + h * w].reshape(h, w)])
     start += h * w
-  widths = [len(g[0]) for g in grids]
-  height = max(len(g) for g in grids)
-  return [
-      "   ".join((g[r] if r < len(g) else "").ljust(wd) for g, wd in zip(grids, widths)).rstrip()
-      for r in range(height)
-  ]
+  rows = max(len(g) for g in grids)
+  return ["   ".join((g[r] if r < len(g) else "").ljust(len(g[0])) for g in grids).rstrip() for r in range(rows)]
+
+
+def show(name: str, mask) -> None:
+  """Prints the anchors set in each GT row of an ``(M, A)`` mask."""
+  print(f"  {name}: " + " | ".join(f"GT {m}: {np.flatnonzero(row).tolist()}" for m, row in enumerate(np.asarray(mask))))
 
 
 def main(seed: int = 0) -> dict:
-  """Runs and prints every stage; returns the intermediate arrays (for tests)."""
-  with np.printoptions(precision=4, suppress=True, linewidth=120):  # scoped: callers keep theirs
-    return _main(seed)
+  """Runs and prints every step; returns the intermediate arrays (for tests)."""
+  with np.printoptions(precision=3, suppress=True, linewidth=120):  # scoped: callers keep theirs
+    feats = head_outputs(seed)
+    print(f"== inputs: {len(feats)} NCHW head maps {[f.shape for f in feats]}, strides {STRIDES} ==")
 
+    # pred_process: per level (b, 67, H, W) -> (b, 84, 67) rows, split into box bins and class logits.
+    pred_dist, pred_logits = jaxtal.flatten_head(feats, NUM_CLASSES, REG_MAX, layout="NCHW")
+    print(f"\n== pred_process -> flatten_head: pred_dist {pred_dist.shape}, pred_logits {pred_logits.shape} ==")
 
-def _main(seed: int) -> dict:
-  feats = [jnp.asarray(f) for f in head_outputs(seed)]
-  print("== inputs: head maps (NCHW, like the seed's torch.randn) ==")
-  for i, f in enumerate(feats):
-    print(f"  level {i}: {f.shape}  (b, 4 * reg_max + nc, H, W), stride {STRIDES[i]}")
+    # make_anchors: one anchor per cell (centre, grid units of its level) and that level's stride.
+    anchors, strides = jaxtal.make_anchors(FEATURE_SHAPES, STRIDES)
+    anchor_px = anchors * strides
+    print(f"\n== make_anchors: anchor_points {anchors.shape}, strides {strides.shape} ==")
+    print(f"  first anchors {np.asarray(anchors[:3]).tolist()}; strides per level {np.unique(strides).tolist()}")
 
-  # pred_process: (b, 67, H, W) per level -> (b, 84, 67), split into box bins and class logits.
-  pred_dist, pred_logits = jaxtal.flatten_head(feats, NUM_CLASSES, REG_MAX, layout="NCHW")
-  print("\n== pred_process -> flatten_head ==")
-  print(f"  pred_dist {pred_dist.shape} (b, A, 4R)   pred_logits {pred_logits.shape} (b, A, nc)")
+    # decode: softmax over 16 bins per side, expectation = ltrb distance, xyxy around the anchor; then pixels.
+    pred_boxes_px = jaxtal.decode_boxes(pred_dist, anchors, REG_MAX) * strides
+    pred_scores = jax.nn.sigmoid(pred_logits)
+    print(f"\n== decode -> decode_boxes: pred_boxes {pred_boxes_px.shape}; image 0, anchor 0: {pred_boxes_px[0, 0]} px ==")
 
-  # make_anchors: one anchor per cell, its centre in grid units of its level, and that level's stride.
-  anchors, anchor_strides = jaxtal.make_anchors(FEATURE_SHAPES, STRIDES)
-  anchor_px = anchors * anchor_strides
-  print("\n== make_anchors ==")
-  print(f"  anchor_points {anchors.shape}, strides {anchor_strides.shape}")
-  print(f"  first anchors (grid units): {np.asarray(anchors[:3]).tolist()}  level starts at 0, 64, 80")
-  print(f"  strides per level: {np.unique(np.asarray(anchor_strides)).tolist()}")
+    # ann_process: label rows -> (b, M) padded arrays, xywh -> xyxy pixels; padding is read from `mask`.
+    gt = jaxtal.pack_labels(SEED_LABELS, BATCH, MAX_BOXES, IMAGE_SIZE)
+    print(f"\n== ann_process -> pack_labels: labels {gt.labels.shape}, boxes {gt.boxes.shape}, mask {gt.mask.shape} ==")
+    print(f"  gt boxes (xyxy pixels, padding rows zero):\n{gt.boxes}")
+    print(f"  gt labels {gt.labels.tolist()}, mask {gt.mask.astype(int).tolist()}")
 
-  # decode: softmax over 16 bins per side, expectation = ltrb distance, then xyxy around the anchor.
-  pred_boxes = jaxtal.decode_boxes(pred_dist, anchors, REG_MAX)
-  pred_boxes_px = pred_boxes * anchor_strides
-  pred_scores = jax.nn.sigmoid(pred_logits)
-  print("\n== decode -> decode_boxes ==")
-  print(f"  pred_boxes {pred_boxes.shape} (b, A, 4) xyxy grid units; image 0, anchor 0 in pixels:")
-  print(f"  {np.asarray(pred_boxes_px[0, 0])}")
+    # TaskAlignedAssigner, step by step (dense (b, M, A) arrays), shown for image 0.
+    steps = jax.jit(jaxtal.assign_steps)(pred_scores, pred_boxes_px, anchor_px, gt)
+    print("\n== TaskAlignedAssigner -> assign_steps, image 0 ==")
+    show("1. in_gts_mask (anchor centre inside the GT)", steps.in_box[0])
+    metric = np.asarray(steps.align_metric[0])
+    print("  2. align_metric = score^0.5 * CIoU^6 on in-box pairs, non-zero entries:")
+    for m in range(MAX_BOXES):
+      print(f"     GT {m}: " + (", ".join(f"{a}: {metric[m, a]:.2e}" for a in np.flatnonzero(metric[m])) or "(none)"))
+    show("3. topk_mask (top 10 by metric, in-box only)", steps.topk_mask[0])
+    show("4. pos_mask (an anchor claimed twice goes to its GT of highest CIoU)", steps.pos_mask[0])
+    zero = [m for m in range(MAX_BOXES) if gt.mask[0, m] and not metric[m].any()]
+    if zero:  # the seed's top-k let such a GT claim anchors 0..9 wherever they lie; here only in-box ones count
+      print(f"  real GTs whose metrics are all zero (CIoU <= 0): {zero}; they keep their in-box anchors, target score 0")
 
-  # ann_process: rows -> (b, M) padded arrays, xywh -> xyxy pixels; padding is read from `mask`.
-  gt = jaxtal.pack_labels(SEED_LABELS, BATCH, MAX_BOXES, IMAGE_SIZE)
-  print("\n== ann_process -> pack_labels ==")
-  print(f"  labels {gt.labels.shape}  boxes {gt.boxes.shape}  mask {gt.mask.shape}")
-  print("  gt boxes in pixels (b, M, 4), padding rows are zero:")
-  print(np.asarray(gt.boxes))
-  print(f"  gt labels:\n{gt.labels}\n  gt mask:\n{gt.mask.astype(int)}")
+    # The fast path (what the loss runs) gives the same assignment.
+    target = jax.jit(jaxtal.task_aligned_assign)(pred_scores, pred_boxes_px, anchor_px, gt)
+    dense = steps.assignment
+    exact = ("labels", "fg_mask", "gt_index", "positives_per_gt")
+    same = all(np.array_equal(getattr(target, k), getattr(dense, k)) for k in exact)
+    same &= np.allclose(target.boxes, dense.boxes) and np.allclose(target.scores, dense.scores, rtol=1e-5, atol=1e-7)
+    print(f"\n== 5. targets -> task_aligned_assign (fast path) agrees with assign_steps: {same} ==")
+    fg0 = np.flatnonzero(target.fg_mask[0])
+    print(f"  image 0 positives {fg0.tolist()}, their GT {np.asarray(target.gt_index[0])[fg0].tolist()}")
+    print(f"  target scores (one-hot x normalised metric):\n{np.asarray(target.scores[0])[fg0]}")
+    print(f"  positives per GT slot {target.positives_per_gt.tolist()}")
 
-  # Inside the assigner, image 0: which anchor centres fall inside each GT, and the align metric.
-  mask0 = in_box_mask(anchor_px, jnp.asarray(gt.boxes[0]))
-  metric0, overlaps0 = align_metric(
-      pred_scores[0], pred_boxes_px[0], anchor_px, jnp.asarray(gt.labels[0]), jnp.asarray(gt.boxes[0]),
-      jnp.asarray(gt.mask[0]),
-  )
-  print("\n== image 0: in_gts_mask (M, A) ==")
-  print(np.asarray(mask0).astype(int))
-  print("\n== image 0: align_metric (M, A) = score^0.5 * CIoU^6 on in-box pairs; non-zero entries ==")
-  for m in range(MAX_BOXES):
-    nz = np.flatnonzero(np.asarray(metric0[m]))
-    print(f"  GT {m}: " + (", ".join(f"{a}: {float(metric0[m, a]):.3e}" for a in nz) or "(none)"))
-  zero = [m for m in range(MAX_BOXES) if gt.mask[0, m] and not np.any(np.asarray(metric0[m]))]
-  if zero:
-    # The seed's top-k gave such a GT anchors 0..9 whatever their position; here only in-box anchors count.
-    print(f"  real GTs with all-zero metrics: {zero} (their CIoUs clamp to 0); they keep in-box anchors only")
-
-  # TaskAlignedAssigner: top-k per GT, keep in-box, resolve conflicts, build targets.
-  target = jax.jit(jaxtal.task_aligned_assign)(pred_scores, pred_boxes_px, anchor_px, gt)  # one compile, not op by op
-  print("\n== TaskAlignedAssigner -> task_aligned_assign ==")
-  for name, x in target._asdict().items():
-    print(f"  {name:9s} {x.shape} {x.dtype}")
-  fg0 = np.flatnonzero(np.asarray(target.fg_mask[0]))
-  print(f"\n  image 0 positives (anchor indices): {fg0.tolist()}")
-  print(f"  their GT: {np.asarray(target.gt_index[0])[fg0].tolist()}")
-  print(f"  target labels: {np.asarray(target.labels[0])[fg0].tolist()}")
-  print(f"  target boxes (pixels):\n{np.asarray(target.boxes[0])[fg0]}")
-  print(f"  target scores (one-hot x normalised metric):\n{np.asarray(target.scores[0])[fg0]}")
-  in_box_all = jax.vmap(in_box_mask, in_axes=(None, 0))(anchor_px, jnp.asarray(gt.boxes))  # (b, M, A)
-  owner_in_box = jnp.take_along_axis(in_box_all, target.gt_index[:, None, :], axis=1)[:, 0]
-  # Unlike the seed's own top-k (which let a GT with all-zero metrics claim anchors 0..9), positives are in-box.
-  print(f"  every positive lies inside its GT: {bool(jnp.all(owner_in_box | ~target.fg_mask))}")
-
-  print("\n== assignment per image (GT index per anchor, '.' background; levels 8x8 | 4x4 | 2x2) ==")
-  for i in range(BATCH):
-    legend = ", ".join(
-        f"GT {m}: class {int(gt.labels[i, m])}" for m in range(MAX_BOXES) if gt.mask[i, m]
-    )
-    print(f"image {i} ({legend}), {int(target.fg_mask[i].sum())} positives")
-    for line in assignment_grid(target.fg_mask[i], target.gt_index[i]):
-      print("  " + line)
+    print("\n== assignment per image (GT index per anchor, '.' background; levels 8x8 | 4x4 | 2x2) ==")
+    for i in range(BATCH):
+      legend = ", ".join(f"GT {m}: class {gt.labels[i, m]}" for m in range(MAX_BOXES) if gt.mask[i, m])
+      print(f"image {i} ({legend}), {int(target.fg_mask[i].sum())} positives")
+      for line in assignment_grid(target.fg_mask[i], target.gt_index[i]):
+        print("  " + line)
   return dict(
-      feats=feats, pred_dist=pred_dist, pred_logits=pred_logits, anchors=anchors, anchor_strides=anchor_strides,
-      pred_boxes_px=pred_boxes_px, pred_scores=pred_scores, gt=gt, in_box0=mask0, metric0=metric0,
-      overlaps0=overlaps0, target=target,
+      feats=feats, anchors=anchors, strides=strides, pred_scores=pred_scores, pred_boxes_px=pred_boxes_px, gt=gt,
+      steps=steps, target=target, agree=same,
   )
 
 

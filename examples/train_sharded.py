@@ -43,10 +43,9 @@ from jax.sharding import PartitionSpec as P
 import jaxtal
 
 IMAGE_SIZE = 64
-STRIDES = (8, 16, 32)
-NUM_CLASSES = 3
-REG_MAX = 16
 MAX_BOXES = 6
+CONFIG = jaxtal.LossConfig(num_classes=3, strides=(8, 16, 32), reg_max=16)
+NUM_CLASSES, REG_MAX = CONFIG.num_classes, CONFIG.reg_max
 
 
 def make_batch(rng: np.random.Generator, batch_size: int):
@@ -65,7 +64,7 @@ def make_batch(rng: np.random.Generator, batch_size: int):
       images[i, int(y1) : int(y1 + h), int(x1) : int(x1 + w)] = colours[cls]
       rows.append([i, cls, (x1 + w / 2) / IMAGE_SIZE, (y1 + h / 2) / IMAGE_SIZE, w / IMAGE_SIZE, h / IMAGE_SIZE])
   rows = np.array(rows, np.float32).reshape(-1, 6)
-  return images, jaxtal.pack_labels(rows, batch_size, MAX_BOXES, (IMAGE_SIZE, IMAGE_SIZE))
+  return images, jaxtal.pack_labels(rows, batch_size, MAX_BOXES, IMAGE_SIZE)
 
 
 class TinyDetector(nnx.Module):
@@ -73,8 +72,8 @@ class TinyDetector(nnx.Module):
 
   def __init__(self, rngs: nnx.Rngs, width: int = 32):
     self.stem = nnx.Conv(3, width, (3, 3), strides=4, rngs=rngs)  # stride 4
-    self.downs = nnx.List([nnx.Conv(width, width, (3, 3), strides=2, rngs=rngs) for _ in STRIDES])
-    self.heads = nnx.List([nnx.Conv(width, 4 * REG_MAX + NUM_CLASSES, (1, 1), rngs=rngs) for _ in STRIDES])
+    self.downs = nnx.List([nnx.Conv(width, width, (3, 3), strides=2, rngs=rngs) for _ in CONFIG.strides])
+    self.heads = nnx.List([nnx.Conv(width, 4 * REG_MAX + NUM_CLASSES, (1, 1), rngs=rngs) for _ in CONFIG.strides])
     for head in self.heads:  # class logits start near "background" (sigmoid(-4) ~ 0.02), as YOLO heads do
       head.bias[...] = jnp.concatenate([jnp.ones(4 * REG_MAX), jnp.full(NUM_CLASSES, -4.0)]).astype(jnp.float32)
 
@@ -100,13 +99,15 @@ def make_train_step(tx: optax.GradientTransformation, grad_fn):
 
 
 def loss_and_grad(graphdef, axis_name=None):
-  """Loss per image (``box + cls + dfl``, already averaged over the batch) and its gradient."""
+  """Loss per image (``box + cls + dfl``, already averaged over the batch) and its gradient.
+
+  ``gt`` is an argument of the differentiated function, never captured by a closure (``jit`` would
+  compile a captured batch in as a constant).
+  """
 
   def loss_of(params, images, gt):
     feats = nnx.merge(graphdef, params)(images)
-    _, parts = jaxtal.detection_loss(
-        feats, gt, num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, axis_name=axis_name
-    )
+    _, parts = jaxtal.detection_loss(feats, gt, CONFIG, axis_name=axis_name)  # the keyword amends the config
     return parts.box + parts.cls + parts.dfl
 
   return jax.value_and_grad(loss_of)
@@ -162,7 +163,6 @@ def main(argv=None) -> dict:
   history = {name: [] for name in state}
   for step in range(1, args.steps + 1):
     images, gt = make_batch(rng, args.batch_size)
-    gt = jaxtal.GroundTruth(*gt)
     p, o, loss, gnorm = single(*state["single"], jnp.asarray(images), jax.tree.map(jnp.asarray, gt))
     state["single"] = (p, o)
     history["single"].append(float(loss))

@@ -1,31 +1,83 @@
-"""jaxtal: YOLO-style task-aligned label assignment and detection loss for JAX."""
+"""jaxtal: YOLO-style task-aligned label assignment and training losses for JAX.
+
+The public API is exactly ``__all__``. The pipeline, in the order data flows (see ARCHITECTURE.md):
+labels -> ``pack_labels``; head maps -> ``decode_head``; ``assign_targets`` (any ``Geometry``)
+or ``task_aligned_assign`` (axis-aligned boxes); ``Targets`` with their foreground entry list ->
+``loss_from_targets`` / ``detection_loss`` / ``DetectionLoss``. ``jaxtal.kernels``
+holds the measured speed tricks beside their plain forms; it is not API.
+"""
 
 from jaxtal.anchors import make_anchors
-from jaxtal.assigner import Assignment, task_aligned_assign
-from jaxtal.checks import check_values, checked_detection_loss, checked_task_aligned_assign
+from jaxtal.assigner import assign_targets, task_aligned_assign
 from jaxtal.boxes import box_iou, xywh_to_xyxy, xyxy_to_xywh
-from jaxtal.head import decode_boxes, flatten_head
-from jaxtal.labels import GroundTruth, pack_labels
-from jaxtal.loss import LossParts, detection_loss
+from jaxtal.checks import check_values, checked_detection_loss, checked_loss_from_targets, checked_task_aligned_assign
+from jaxtal.config import AssignerConfig, LossConfig
+from jaxtal.geometry import Geometry, axis_aligned
+from jaxtal.head import (
+    Head,
+    decode_boxes,
+    decode_head,
+    dfl_expectation,
+    flatten_head,
+    ltrb_to_xyxy,
+    xyxy_to_ltrb,
+)
+from jaxtal.labels import COORD_LIMIT, GroundTruth, pack_labels, valid_rows
+from jaxtal.loss import LossParts, detection_loss, detection_targets, loss_from_targets
 from jaxtal.module import DetectionLoss
+from jaxtal.steps import AssignSteps, assign_steps
+from jaxtal.targets import (
+    Assignment,
+    ForegroundEntries,
+    Targets,
+    entries_cover_foreground,
+    foreground_entries,
+    take_rows,
+    targets_from_assignment,
+    to_assignment,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "COORD_LIMIT",
+    "AssignSteps",
+    "AssignerConfig",
     "Assignment",
     "DetectionLoss",
+    "ForegroundEntries",
+    "Geometry",
     "GroundTruth",
+    "Head",
+    "LossConfig",
     "LossParts",
+    "Targets",
+    "assign_steps",
+    "assign_targets",
+    "axis_aligned",
     "box_iou",
     "check_values",
     "checked_detection_loss",
+    "checked_loss_from_targets",
     "checked_task_aligned_assign",
     "decode_boxes",
+    "decode_head",
     "detection_loss",
+    "detection_targets",
+    "dfl_expectation",
+    "entries_cover_foreground",
     "flatten_head",
+    "foreground_entries",
+    "loss_from_targets",
+    "ltrb_to_xyxy",
     "make_anchors",
     "pack_labels",
+    "take_rows",
+    "targets_from_assignment",
     "task_aligned_assign",
+    "to_assignment",
+    "valid_rows",
     "xywh_to_xyxy",
+    "xyxy_to_ltrb",
     "xyxy_to_xywh",
 ]

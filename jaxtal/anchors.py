@@ -12,23 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def check_strides(feature_shapes: Sequence[Sequence[int]], strides: Sequence[float]) -> tuple[tuple[int, int], ...]:
-  """Validates ``feature_shapes`` against ``strides``; returns the shapes as int pairs."""
-  shapes = tuple(tuple(int(s) for s in hw) for hw in feature_shapes)
-  if not shapes:
-    raise ValueError("make_anchors: feature_shapes is empty; expected one (H, W) per level")
-  for i, hw in enumerate(shapes):
-    if len(hw) != 2 or min(hw) < 1:
-      raise ValueError(f"make_anchors: feature_shapes[{i}] must be a positive (H, W) pair, got {hw}")
-  if len(strides) != len(shapes):
-    raise ValueError(
-        f"make_anchors: got {len(strides)} strides for {len(shapes)} feature levels; expected one stride per level"
-    )
-  for i, s in enumerate(strides):
-    if not np.isfinite(float(s)) or float(s) <= 0:
-      raise ValueError(f"make_anchors: strides[{i}] must be a positive number, got {s!r}")
-  return shapes
+from jaxtal import _validate
 
 
 def make_anchors(
@@ -49,7 +33,17 @@ def make_anchors(
     ``anchor_strides``: ``(A, 1)`` float32 stride of each anchor. Multiply the two
     for anchor centres in input pixels.
   """
-  shapes = check_strides(feature_shapes, strides)
+  strides = _validate.strides(strides)
+  shapes = tuple(tuple(int(s) for s in hw) for hw in feature_shapes)
+  if not shapes:
+    raise ValueError("make_anchors: feature_shapes is empty; expected one (H, W) per level")
+  for i, hw in enumerate(shapes):
+    if len(hw) != 2 or min(hw) < 1:
+      raise ValueError(f"make_anchors: feature_shapes[{i}] must be a positive (H, W) pair, got {hw}")
+  if len(strides) != len(shapes):
+    raise ValueError(
+        f"make_anchors: got {len(strides)} strides for {len(shapes)} feature levels; expected one stride per level"
+    )
   points, stride_col = [], []
   for (h, w), s in zip(shapes, strides):
     ys, xs = np.meshgrid(

@@ -30,10 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from jaxtal.assigner import Assignment, check_assign_inputs, task_aligned_assign
-from jaxtal.head import check_head
-from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.loss import LossParts, check_strides_match, detection_loss
+from jaxtal import _validate
+from jaxtal.assigner import task_aligned_assign
+from jaxtal.config import AssignerConfig, LossConfig, _make_config
+from jaxtal.labels import COORD_LIMIT, GroundTruth
+from jaxtal.loss import LossParts, detection_loss, loss_from_targets
+from jaxtal.targets import Assignment, Targets, entries_cover_foreground
 
 
 def _first(bad: jax.Array) -> tuple[jax.Array, ...]:
@@ -84,7 +86,7 @@ def check_values(
     return
   if num_classes is None:
     raise ValueError("check_values: num_classes is required to check gt")
-  check_ground_truth(gt, None, "check_values")
+  _validate.ground_truth(gt, None, "check_values")
   real = jnp.asarray(gt.mask).astype(bool)
   labels = jnp.asarray(gt.labels)
   boxes = jnp.asarray(gt.boxes)
@@ -104,6 +106,8 @@ def check_values(
   check_rows((labels < 0) | (labels >= num_classes), f"have a class id outside [0, {num_classes})", "class", labels)
   finite = jnp.isfinite(boxes).all(axis=-1)
   check_rows(~finite, "have a non-finite box coordinate (NaN or inf)", "box xyxy", boxes)
+  beyond = finite & (jnp.abs(boxes) > COORD_LIMIT).any(axis=-1)
+  check_rows(beyond, f"have a box coordinate beyond COORD_LIMIT = {COORD_LIMIT:g} pixels", "box xyxy", boxes)
   inverted = finite & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
   check_rows(inverted, "have an inverted box (x2 < x1 or y2 < y1)", "box xyxy", boxes)
   if image_size is not None:
@@ -112,33 +116,64 @@ def check_values(
     check_rows(outside, f"have a box with no overlap with the {h}x{w} (HxW) image", "box xyxy", boxes)
 
 
-def checked_detection_loss(feats: Sequence[jax.Array], gt: GroundTruth, **kwargs) -> tuple[jax.Array, LossParts]:
+def _loss_config(feats, config, overrides, caller):
+  cfg = _make_config(LossConfig, config, overrides, caller)
+  _, shapes = _validate.head(feats, cfg.num_classes, cfg.reg_max, cfg.layout, caller)
+  return cfg, _validate.strides_match(shapes, cfg.strides, caller)
+
+
+def checked_detection_loss(
+    feats: Sequence[jax.Array], gt: GroundTruth, config: LossConfig | None = None, *, class_weights=None, **overrides
+) -> tuple[jax.Array, LossParts]:
   """:func:`~jaxtal.detection_loss` that raises (through ``checkify``) on invalid values.
 
-  Takes exactly the arguments of :func:`~jaxtal.detection_loss`. Before computing the
-  loss, :func:`check_values` requires finite head maps, and for every real GT row a class
-  in ``[0, num_classes)``, a finite, non-inverted box and some overlap with the image
+  Takes exactly the arguments of :func:`~jaxtal.detection_loss`. Before computing the loss,
+  :func:`check_values` requires finite head maps, and for every real GT row a class in
+  ``[0, num_classes)``, a finite, bounded, non-inverted box and some overlap with the image
   (whose size comes from the maps and ``strides``). Use under ``checkify.checkify``.
 
   Returns:
     ``(total, LossParts)``, identical to :func:`~jaxtal.detection_loss` when no check fails.
   """
-  num_classes = kwargs["num_classes"]
-  _, shapes = check_head(feats, num_classes, kwargs.get("reg_max", 16), kwargs.get("layout", "NHWC"))
-  image_size = check_strides_match(shapes, kwargs["strides"])
+  cfg, image_size = _loss_config(feats, config, overrides, "checked_detection_loss")
   maps = {f"feats[{i}]": f for i, f in enumerate(feats)}
-  check_values(gt, num_classes=num_classes, predictions=maps, image_size=image_size)
-  return detection_loss(feats, gt, **kwargs)
+  check_values(gt, num_classes=cfg.num_classes, predictions=maps, image_size=image_size)
+  return detection_loss(feats, gt, cfg, class_weights=class_weights)
 
 
-def checked_task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt: GroundTruth, **kwargs) -> Assignment:
+def checked_loss_from_targets(
+    feats: Sequence[jax.Array], targets: Targets, config: LossConfig | None = None, *, class_weights=None, **overrides
+) -> tuple[jax.Array, LossParts]:
+  """:func:`~jaxtal.loss_from_targets` that checks (through ``checkify``) the entry-list contract.
+
+  Every foreground anchor must be listed exactly once as a valid entry, no background anchor may
+  be, and each valid entry must name its anchor's GT (see :mod:`jaxtal.targets`); head maps must
+  be finite. Use under ``checkify.checkify``.
+  """
+  cfg, _ = _loss_config(feats, config, overrides, "checked_loss_from_targets")
+  check_values(predictions={f"feats[{i}]": f for i, f in enumerate(feats)})
+  ok = entries_cover_foreground(targets)
+  checkify.check(
+      jnp.all(ok),
+      "targets.entries breaks the foreground entry-list contract (every foreground anchor listed once as valid,"
+      " naming its GT) in {n} image(s); the first is image {i}. Build entries with jaxtal.foreground_entries",
+      n=jnp.sum(~ok),
+      i=jnp.argmax(~ok).astype(jnp.int32),
+  )
+  return loss_from_targets(feats, targets, cfg, class_weights=class_weights)
+
+
+def checked_task_aligned_assign(
+    pred_scores, pred_boxes, anchor_points, gt: GroundTruth, config: AssignerConfig | None = None, **overrides
+) -> Assignment:
   """:func:`~jaxtal.task_aligned_assign` that raises (through ``checkify``) on invalid values.
 
-  Requires finite ``pred_scores`` in ``[0, 1]``, finite ``pred_boxes`` and anchor points,
-  and for every real GT row a class in ``[0, nc)`` and a finite, non-inverted box.
+  Requires finite ``pred_scores`` in ``[0, 1]``, finite ``pred_boxes`` and anchor points, and for
+  every real GT row a class in ``[0, nc)`` and a finite, bounded, non-inverted box.
   Use under ``checkify.checkify``.
   """
-  check_assign_inputs(pred_scores, pred_boxes, anchor_points, gt, kwargs.get("topk", 10), kwargs.get("topk2"))
+  cfg = _make_config(AssignerConfig, config, overrides, "checked_task_aligned_assign")
+  _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, "checked_task_aligned_assign")
   check_values(
       gt,
       num_classes=pred_scores.shape[-1],
@@ -153,4 +188,4 @@ def checked_task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt: Grou
       idx=jnp.stack(idx),
       v=pred_scores[idx].astype(jnp.float32),
   )
-  return task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, **kwargs)
+  return task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, cfg)

@@ -1,4 +1,8 @@
-"""Ground truth at a fixed size: YOLO label rows packed into ``(b, M)`` padded arrays."""
+"""Ground truth at a fixed size: YOLO label rows packed into ``(b, M)`` padded arrays.
+
+Also the one rule for which GT rows count (:func:`valid_rows`), used by every geometry, the
+assigner, the loss and the value checks alike.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,13 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+# Largest |coordinate| of a GT box, in pixels. Rows beyond it are rejected by the packers and
+# masked inside jit: squares of coordinates (areas, CIoU's diagonal, ProbIoU's covariances) then
+# stay far from float32's range (2^40 << 3.4e38), so every overlap stays finite.
+COORD_LIMIT = float(2**20)
 
 
 class GroundTruth(NamedTuple):
@@ -14,7 +24,8 @@ class GroundTruth(NamedTuple):
 
   Attributes:
     labels: ``(b, M)`` int32 class ids; 0 on padding rows.
-    boxes: ``(b, M, 4)`` float32 xyxy boxes in input pixels; 0 on padding rows.
+    boxes: ``(b, M, D)`` float32 boxes in input pixels: xyxy (``D = 4``), or xywhr with the angle in
+      radians (``D = 5``, :func:`pack_rotated_labels`); 0 on padding rows.
     mask: ``(b, M)`` bool, True on real rows. Padding is read from here only
       (never from "coordinates sum to zero").
   """
@@ -24,55 +35,128 @@ class GroundTruth(NamedTuple):
   mask: jax.Array
 
 
-def check_ground_truth(gt: GroundTruth, batch: int | None, caller: str) -> int:
-  """Trace-time validation of a :class:`GroundTruth`; returns ``M``.
+def valid_rows(labels: jax.Array, boxes: jax.Array, mask: jax.Array, num_classes: int, box_ok: jax.Array) -> jax.Array:
+  """Which GT rows may own anchors: the one rule, shared by every geometry.
 
-  Checks the type, ``labels (b, M)`` integer, ``boxes (b, M, 4)`` float, ``mask (b, M)`` bool
-  or integer, and (when ``batch`` is given) that ``b == batch``. Raises TypeError / ValueError
-  naming the field, what was expected and what was received. Values are never read here.
+  A row counts when it is real (``mask``), its class is in ``[0, nc)``, every box coordinate is
+  finite with ``|x| <= COORD_LIMIT`` pixels, and the geometry accepts its box (``box_ok``: for
+  xyxy boxes a positive area, and for the loss some overlap with the image).
+
+  Shapes: ``(..., M)``, ``(..., M, D)``, ``(..., M)``, ``(..., M)`` -> ``(..., M)`` bool.
   """
-  if not isinstance(gt, GroundTruth):
-    raise TypeError(f"{caller}: gt must be a jaxtal.GroundTruth(labels, boxes, mask), got {type(gt).__name__}")
-  labels, boxes, mask = (getattr(x, "shape", None) for x in gt)
-  if labels is None or len(labels) != 2:
-    raise ValueError(f"{caller}: gt.labels must be (b, M) class ids, got shape {labels}")
-  b, m = labels
-  if batch is not None and b != batch:
+  bounded = (jnp.abs(boxes) <= COORD_LIMIT).all(axis=-1)  # False for NaN and inf too
+  in_range = (labels >= 0) & (labels < num_classes)
+  return jnp.asarray(mask).astype(bool) & bounded & in_range & box_ok
+
+
+def _row_error(caller: str, row: int, what: str, value) -> ValueError:
+  return ValueError(f"{caller}: label row {row} {what} (row = {value})")
+
+
+def _image_hw(image_size, caller: str) -> tuple[float, float]:
+  """``(height, width)`` from an int (square input, as Ultralytics' ``imgsz``) or a pair."""
+  if isinstance(image_size, (int, float, np.integer, np.floating)) and not isinstance(image_size, bool):
+    image_size = (image_size, image_size)
+  try:
+    h, w = (float(v) for v in image_size)
+  except (TypeError, ValueError):
     raise ValueError(
-        f"{caller}: gt has batch size {b} (gt.labels {tuple(labels)}) but the predictions have {batch};"
-        f" gt.labels must be (b, M) with b = {batch}"
+        f"{caller}: image_size must be the network input's (height, width) in pixels, or one int for a square"
+        f" input; got {image_size!r}"
+    ) from None
+  if not (np.isfinite(h) and np.isfinite(w) and h > 0 and w > 0):
+    raise ValueError(f"{caller}: image_size must be positive, got {image_size!r}")
+  return h, w
+
+
+def _label_rows(labels, batch_size: int, max_boxes: int, columns: int, caller: str, keep=None):
+  """Validates YOLO label rows; returns ``(rows (n, columns) array, image (n,) int64, slot (n,) int64)``.
+
+  ``labels`` is one ``(n, columns)`` array ``[batch_idx, cls, ...]``, or a list of ``batch_size``
+  per-image arrays ``(n_i, columns - 1)`` without the batch index. Rows keep their order within
+  each image; the error for a bad row names it. ``keep``: optional ``rows (n, columns) -> (n,)
+  bool`` of the validated rows that take a slot; the others get slot -1 and do not count
+  towards ``max_boxes``.
+  """
+  batch_size = _validate_whole(caller, "batch_size", batch_size)
+  max_boxes = _validate_whole(caller, "max_boxes", max_boxes)
+  if isinstance(labels, (list, tuple)) and labels and all(np.ndim(x) == 2 for x in labels):
+    widths = {np.shape(x)[1] for x in labels}
+    if widths != {columns - 1} or len(labels) != batch_size:
+      raise ValueError(
+          f"{caller}: a list of labels must hold one (n_i, {columns - 1}) array per image (batch_size ="
+          f" {batch_size}), without the batch index; got {len(labels)} arrays of widths {sorted(widths)}"
+      )
+    labels = np.concatenate([np.c_[np.full((len(x), 1), i), np.asarray(x, np.float64)] for i, x in enumerate(labels)])
+  try:
+    arr = np.asarray(labels)
+  except ValueError:
+    raise ValueError(
+        f"{caller}: labels must be one (n, {columns}) array of rows [batch_idx, cls, ...], or a list of"
+        f" batch_size per-image (n_i, {columns - 1}) arrays; got a {type(labels).__name__} of mixed shapes"
+    ) from None
+  if arr.size == 0:
+    arr = arr.reshape(0, columns)
+  if arr.ndim != 2 or arr.shape[1] != columns:
+    raise ValueError(f"{caller}: labels must have shape (n, {columns}) = [batch_idx, cls, ...] per row, got shape {arr.shape}")
+  if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+    raise ValueError(f"{caller}: labels must be a real numeric array, got dtype {arr.dtype}")
+  arr64 = arr.astype(np.float64)
+  for r in np.flatnonzero(~np.isfinite(arr64).all(axis=1))[:1]:
+    raise _row_error(caller, int(r), "has a non-finite value", arr[r].tolist())
+  bidx, cls = arr64[:, 0], arr64[:, 1]
+  for r in np.flatnonzero((bidx != np.round(bidx)) | (bidx < 0) | (bidx >= batch_size))[:1]:
+    raise _row_error(
+        caller, int(r), f"has batch index {arr[r, 0].item()!r}, expected a whole number in [0, {batch_size})",
+        arr[r].tolist(),
     )
-  if boxes is None or tuple(boxes) != (b, m, 4):
-    raise ValueError(f"{caller}: gt.boxes must be (b, M, 4) = ({b}, {m}, 4) xyxy pixels, got shape {boxes}")
-  if mask is None or tuple(mask) != (b, m):
-    raise ValueError(f"{caller}: gt.mask must be (b, M) = ({b}, {m}), got shape {mask}")
-  if not jax.numpy.issubdtype(gt.labels.dtype, jax.numpy.integer):
-    raise TypeError(f"{caller}: gt.labels must be integer class ids, got dtype {gt.labels.dtype}")
-  if not jax.numpy.issubdtype(gt.boxes.dtype, jax.numpy.floating):
-    raise TypeError(f"{caller}: gt.boxes must be a float array of xyxy pixels, got dtype {gt.boxes.dtype}")
-  if not (gt.mask.dtype == bool or jax.numpy.issubdtype(gt.mask.dtype, jax.numpy.integer)):
-    raise TypeError(f"{caller}: gt.mask must be bool (True on real rows), got dtype {gt.mask.dtype}")
-  return int(m)
+  for r in np.flatnonzero((cls != np.round(cls)) | (cls < 0))[:1]:
+    raise _row_error(caller, int(r), f"has class {arr[r, 1].item()!r}, expected a whole number >= 0", arr[r].tolist())
+  image = bidx.astype(np.int64)
+  kept = np.ones(arr.shape[0], bool) if keep is None else np.asarray(keep(arr64), bool)
+  order = np.flatnonzero(kept)[np.argsort(image[kept], kind="stable")]
+  counts = np.bincount(image[kept], minlength=batch_size)
+  for img in np.flatnonzero(counts > max_boxes)[:1]:
+    row = int(order[np.searchsorted(image[order], img) + max_boxes])
+    raise _row_error(
+        caller, row, f"is box {max_boxes + 1} of image {img}, which has {counts[img]} boxes; max_boxes is {max_boxes}",
+        arr[row].tolist(),
+    )
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+  slot = np.full(arr.shape[0], -1, dtype=np.int64)
+  slot[order] = np.arange(order.size) - starts[image[order]]
+  return arr, image, slot
 
 
-def _row_error(row: int, what: str, value) -> ValueError:
-  return ValueError(f"pack_labels: label row {row} {what} (row = {value})")
+def _validate_whole(caller: str, name: str, x) -> int:
+  from jaxtal._validate import whole  # noqa: PLC0415
+
+  return whole(name, x, low=1, caller=caller)
+
+
+def _check_coordinates(caller: str, arr: np.ndarray, pixels: np.ndarray) -> None:
+  """Rejects rows whose pixel coordinates exceed :data:`COORD_LIMIT` (they would overflow squares)."""
+  for r in np.flatnonzero(~(np.abs(pixels.astype(np.float64)) <= COORD_LIMIT).all(axis=1))[:1]:
+    raise _row_error(
+        caller, int(r), f"has a box coordinate beyond {COORD_LIMIT:g} pixels once scaled to the input", arr[r].tolist()
+    )
 
 
 def pack_labels(
-    labels: np.ndarray,
+    labels,
     batch_size: int,
     max_boxes: int,
-    image_size: Sequence[int],
+    image_size: int | Sequence[int],
 ) -> GroundTruth:
   """Packs YOLO label rows into a fixed-size :class:`GroundTruth` (host side, NumPy).
 
   Args:
-    labels: ``(n, 6)`` rows ``[batch_idx, cls, cx, cy, w, h]``, the box normalised to ``[0, 1]``.
-      ``n = 0`` is valid and gives an all-padding result.
+    labels: ``(n, 6)`` rows ``[batch_idx, cls, cx, cy, w, h]``, the box normalised to ``[0, 1]``,
+      in any row order; or a list of ``batch_size`` per-image ``(n_i, 5)`` arrays without the
+      batch index. ``n = 0`` is valid and gives an all-padding result.
     batch_size: ``b``, number of images.
     max_boxes: ``M``, static number of box slots per image.
-    image_size: ``(height, width)`` of the network input in pixels.
+    image_size: ``(height, width)`` of the network input in pixels, or one int for a square input.
 
   Returns:
     A :class:`GroundTruth` of NumPy arrays (``labels (b, M) int32``, ``boxes (b, M, 4) float32``
@@ -80,59 +164,86 @@ def pack_labels(
 
   Raises:
     ValueError: naming the offending row for a batch index outside ``[0, batch_size)`` or not whole,
-      a negative or non-whole class, a non-finite value, or more than ``max_boxes`` rows for one image;
-      or naming the argument for a wrong shape or size.
+      a negative or non-whole class, a non-finite value, a coordinate beyond ``COORD_LIMIT`` pixels,
+      or more than ``max_boxes`` rows for one image; or naming the argument for a wrong shape or size.
   """
-  if int(batch_size) != batch_size or batch_size < 1:
-    raise ValueError(f"pack_labels: batch_size must be a whole number >= 1, got {batch_size!r}")
-  if int(max_boxes) != max_boxes or max_boxes < 1:
-    raise ValueError(f"pack_labels: max_boxes must be a whole number >= 1, got {max_boxes!r}")
-  if len(image_size) != 2 or min(image_size) <= 0:
-    raise ValueError(f"pack_labels: image_size must be a positive (height, width), got {tuple(image_size)!r}")
-  arr = np.asarray(labels)
-  if arr.size == 0:
-    arr = arr.reshape(0, 6)
-  if arr.ndim != 2 or arr.shape[1] != 6:
-    raise ValueError(
-        f"pack_labels: labels must have shape (n, 6) = [batch_idx, cls, cx, cy, w, h] per row, got shape {arr.shape}"
-    )
-  if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-    raise ValueError(f"pack_labels: labels must be a real numeric array, got dtype {arr.dtype}")
-  arr64 = arr.astype(np.float64)
-  for r in np.flatnonzero(~np.isfinite(arr64).all(axis=1))[:1]:
-    raise _row_error(int(r), "has a non-finite value", arr[r].tolist())
-  bidx, cls = arr64[:, 0], arr64[:, 1]
-  for r in np.flatnonzero((bidx != np.round(bidx)) | (bidx < 0) | (bidx >= batch_size))[:1]:
-    raise _row_error(
-        int(r), f"has batch index {arr[r, 0].item()!r}, expected a whole number in [0, {batch_size})", arr[r].tolist()
-    )
-  for r in np.flatnonzero((cls != np.round(cls)) | (cls < 0))[:1]:
-    raise _row_error(int(r), f"has class {arr[r, 1].item()!r}, expected a whole number >= 0", arr[r].tolist())
-
-  n = arr.shape[0]
-  image = bidx.astype(np.int64)
-  order = np.argsort(image, kind="stable")
-  counts = np.bincount(image, minlength=batch_size)
-  for img in np.flatnonzero(counts > max_boxes)[:1]:
-    row = int(order[np.searchsorted(image[order], img) + max_boxes])
-    raise _row_error(
-        row, f"is box {max_boxes + 1} of image {img}, which has {counts[img]} boxes; max_boxes is {max_boxes}",
-        arr[row].tolist(),
-    )
-  starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-  slot = np.empty(n, dtype=np.int64)
-  slot[order] = np.arange(n) - starts[image[order]]
-
-  height, width = float(image_size[0]), float(image_size[1])
-  # float32 throughout, scale first and then convert: the same rounding as the reference.
-  xywh = arr[:, 2:6].astype(np.float32) * np.array([width, height, width, height], dtype=np.float32)
-  half = xywh[:, 2:] / np.float32(2)
-  xyxy = np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], axis=1)
+  caller = "pack_labels"
+  height, width = _image_hw(image_size, caller)
+  arr, image, slot = _label_rows(labels, batch_size, max_boxes, 6, caller)
+  # float32 throughout, scale first and then convert: the same rounding as the reference. A huge
+  # value overflows to inf here, which the coordinate check below names (no NumPy warning first).
+  with np.errstate(over="ignore", invalid="ignore"):
+    xywh = arr[:, 2:6].astype(np.float32) * np.array([width, height, width, height], dtype=np.float32)
+    half = xywh[:, 2:] / np.float32(2)
+    xyxy = np.concatenate([xywh[:, :2] - half, xywh[:, :2] + half], axis=1)
+  _check_coordinates(caller, arr, xyxy)
 
   out_labels = np.zeros((batch_size, max_boxes), np.int32)
   out_boxes = np.zeros((batch_size, max_boxes, 4), np.float32)
   out_mask = np.zeros((batch_size, max_boxes), bool)
-  out_labels[image, slot] = cls.astype(np.int32)
+  out_labels[image, slot] = arr[:, 1].astype(np.int32)
   out_boxes[image, slot] = xyxy
   out_mask[image, slot] = True
+  return GroundTruth(out_labels, out_boxes, out_mask)
+
+
+# Ultralytics' OBB loss drops GT boxes with a side under this many input pixels (exactly 2 is kept).
+_MIN_ROTATED_SIDE = 2.0
+
+
+def _rotated_pixels(rows: np.ndarray, height: float, width: float) -> np.ndarray:
+  """``(n, 5)`` float32 xywhr pixel boxes of ``(n, 7)`` rows (scale in float32, as the reference)."""
+  xywh = rows[:, 2:6].astype(np.float32) * np.array([width, height, width, height], dtype=np.float32)
+  return np.concatenate([xywh, rows[:, 6:7].astype(np.float32)], axis=1)
+
+
+def pack_rotated_labels(
+    labels,
+    batch_size: int,
+    max_boxes: int,
+    image_size: int | Sequence[int],
+) -> GroundTruth:
+  """Packs YOLO OBB label rows into a fixed-size :class:`GroundTruth` of xywhr boxes (host side, NumPy).
+
+  Args:
+    labels: ``(n, 7)`` rows ``[batch_idx, cls, cx, cy, w, h, angle]``, the box normalised to
+      ``[0, 1]`` and the angle in radians (the rows Ultralytics' OBB datasets produce), in any
+      row order; or a list of ``batch_size`` per-image ``(n_i, 6)`` arrays without the batch
+      index. ``n = 0`` is valid and gives an all-padding result.
+    batch_size: ``b``, number of images.
+    max_boxes: ``M``, static number of box slots per image.
+    image_size: ``(height, width)`` of the network input in pixels, or one int for a square input.
+
+  Returns:
+    A :class:`GroundTruth` of NumPy arrays: ``labels (b, M) int32``, ``boxes (b, M, 5) float32``
+    ``(cx, cy, w, h, angle)`` with centre and sides in input pixels, ``mask (b, M) bool``. A row
+    whose width or height is under 2 pixels of the input (exactly 2 is kept) is dropped and
+    takes no slot, as Ultralytics' OBB loss drops it (:func:`jaxtal.obb_loss` also masks such
+    rows of a GroundTruth built another way). Rows keep their order within each image.
+
+  Raises:
+    ValueError: as :func:`pack_labels` (bad batch index or class, non-finite value, a centre,
+      size or angle beyond ``COORD_LIMIT`` once scaled, more than ``max_boxes`` kept rows in
+      one image, wrong shape).
+  """
+  caller = "pack_rotated_labels"
+  height, width = _image_hw(image_size, caller)
+
+  def keep(rows):
+    with np.errstate(over="ignore", invalid="ignore"):
+      wh = _rotated_pixels(rows, height, width)[:, 2:4]
+    return (wh >= _MIN_ROTATED_SIDE).all(axis=1)
+
+  arr, image, slot = _label_rows(labels, batch_size, max_boxes, 7, caller, keep=keep)
+  with np.errstate(over="ignore", invalid="ignore"):
+    xywhr = _rotated_pixels(arr, height, width)
+  _check_coordinates(caller, arr, xywhr)
+
+  kept = slot >= 0
+  out_labels = np.zeros((batch_size, max_boxes), np.int32)
+  out_boxes = np.zeros((batch_size, max_boxes, 5), np.float32)
+  out_mask = np.zeros((batch_size, max_boxes), bool)
+  out_labels[image[kept], slot[kept]] = arr[kept, 1].astype(np.int32)
+  out_boxes[image[kept], slot[kept]] = xywhr[kept]
+  out_mask[image[kept], slot[kept]] = True
   return GroundTruth(out_labels, out_boxes, out_mask)

@@ -1,28 +1,36 @@
-"""YOLOv8-style detection loss: BCE (classes) + CIoU (boxes) + DFL (box distributions)."""
+"""The detection loss, as the skeleton every YOLO task loss extends.
+
+    head maps --decode_head--> Head --assign--> Targets --terms--> (total, parts)
+
+* :func:`decode_head` (``jaxtal.head``) turns per-level maps into per-anchor predictions;
+* :func:`detection_targets` runs the task-aligned assigner with the configured geometry;
+* the terms read the :class:`~jaxtal.Targets`: the class term (BCE) over every anchor and
+  class; the box terms (CIoU, and DFL or L1) over the *foreground entry list*
+  (``targets.entries``, :mod:`jaxtal.targets`), a fixed-size list that holds every foreground
+  anchor once, so a term that only foreground anchors contribute to costs ``E`` rows, not ``A``.
+
+A task loss (oriented boxes, pose, segmentation) is this skeleton with another geometry and its
+own terms read at the same entry list. :func:`loss_from_targets` is the public entry for an
+assignment made elsewhere.
+"""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxtal.anchors import make_anchors
-from jaxtal.assigner import Targets, assign_targets, check_topk
+from jaxtal import _validate, kernels
+from jaxtal._parallel import global_sum
+from jaxtal.assigner import assign_targets
 from jaxtal.boxes import box_iou
-from jaxtal.head import Layout, check_head, level_rows, ltrb_to_xyxy, xyxy_to_ltrb
-from jaxtal.labels import GroundTruth, check_ground_truth
-from jaxtal.ops import (
-    bce_one_hot_sum,
-    side_bin_maxima,
-    softmax_expectation,
-    split_channels,
-    take_rows,
-    two_bin_logit_sum,
-)
+from jaxtal.config import LossConfig, _make_config
+from jaxtal.geometry import axis_aligned
+from jaxtal.head import Head, decode_head, xyxy_to_ltrb
+from jaxtal.labels import GroundTruth
+from jaxtal.targets import Targets, take_rows
 
 
 class LossParts(NamedTuple):
@@ -39,110 +47,227 @@ class LossParts(NamedTuple):
   dfl: jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _global_sum(x: jax.Array, axis_name: str) -> jax.Array:
-  """``psum`` whose gradient is this device's share only (the cotangent passes through).
+def _check_head(feats: Sequence[jax.Array], cfg: LossConfig, caller: str):
+  """Validates the maps against the config; returns the batch size, the input ``(H, W)`` in pixels and
+  the level shapes ``((H_l, W_l), ...)``."""
+  batch, shapes = _validate.head(feats, cfg.num_classes, cfg.reg_max, cfg.layout, caller)
+  hw = _validate.strides_match(shapes, cfg.strides, caller)
+  _validate.topk_in_range(cfg.topk, cfg.topk2, sum(h * w for h, w in shapes), caller)
+  return batch, hw, shapes
 
-  The default transpose of ``psum`` depends on the mapping API (``shard_map`` with or
-  without ``check_vma``, ``pmap``); fixing it here makes gradients exact in all of them.
+
+# ------------------------------------------------------------------------------------------------
+# The skeleton's pieces (a task loss reuses them and adds its own terms at the entry list).
+
+
+def _assign(head: Head, gt: GroundTruth, cfg: LossConfig, image_hw) -> Targets:
+  """Step "assign": sigmoid scores and pixel boxes of ``head`` against ``gt`` (under ``stop_gradient``)."""
+  return assign_targets(
+      head.logits,
+      head.boxes * head.strides,
+      head.anchors * head.strides,
+      gt,
+      cfg,
+      geometry=axis_aligned(cfg.overlap),
+      from_logits=True,
+      image_hw=image_hw,
+  )
+
+
+def _normaliser(targets: Targets, axis_name: str | None) -> jax.Array:
+  """``N = max(sum of target scores, 1)``, over the global batch under ``axis_name``."""
+  total = jnp.sum(targets.weights)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return jnp.maximum(total, 1.0)
+
+
+def _class_term(head: Head, targets: Targets, class_weights) -> jax.Array:
+  """Sum of BCE-with-logits over every anchor and class against ``one_hot(labels) * weights``.
+
+  Per level, so no ``(b, A, nc)`` array is concatenated or materialised.
   """
-  return jax.lax.psum(x, axis_name)
+  cw = None if class_weights is None else jax.lax.stop_gradient(jnp.asarray(class_weights, jnp.float32))
+  total, lo = 0.0, 0
+  for logits in head.logits:
+    hi = lo + logits.shape[1]
+    total = total + kernels.bce_sum(logits, targets.labels[:, lo:hi], targets.weights[:, lo:hi], cw)
+    lo = hi
+  return total
 
 
-def _global_sum_fwd(x, axis_name):
-  return jax.lax.psum(x, axis_name), x
+def _entry_weights(targets: Targets) -> jax.Array:
+  """``(b, E)`` target score of each valid entry's anchor, 0 on invalid entries (no gradient)."""
+  e = targets.entries
+  return jax.lax.stop_gradient(jnp.where(e.valid, take_rows(targets.weights, e.anchor), 0.0))
 
 
-def _varying_axes(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+def _target_boxes(head: Head, targets: Targets) -> jax.Array:
+  """``(b, A, 4)`` target boxes in grid units of each anchor's level.
+
+  Background anchors get a stand-in unit box about the anchor, so no padding value reaches a
+  term (double-``where``: their weight is 0 anyway).
+  """
+  stand_in = jnp.concatenate([head.anchors - 0.5, head.anchors + 0.5], axis=-1)
+  return jax.lax.stop_gradient(jnp.where(targets.fg_mask[..., None], targets.boxes / head.strides, stand_in))
 
 
-def _global_sum_bwd(axis_name, x, ct):
-  # Under shard_map's type checking the cotangent must vary over the same axes as x.
-  missing = tuple(_varying_axes(x) - _varying_axes(ct))
-  if missing:
-    ct = jax.lax.pcast(ct, missing, to="varying")
-  return (ct,)
+def _box_term(head: Head, targets: Targets, target_boxes: jax.Array, w: jax.Array) -> jax.Array:
+  """Sum over the entry list of ``(1 - CIoU(pred, target)) * weight``, grid units."""
+  rows = targets.entries.anchor
+  iou = box_iou(take_rows(head.boxes, rows), take_rows(target_boxes, rows), "ciou")
+  return jnp.sum(w * (1.0 - iou))
 
 
-_global_sum.defvjp(_global_sum_fwd, _global_sum_bwd)
+def _dfl_term(head: Head, targets: Targets, target_ltrb: jax.Array, w: jax.Array, reg_max: int) -> jax.Array:
+  """Sum over the entry list of ``weight * mean over 4 sides of DFL`` (two-bin cross-entropy).
+
+  ``CE = logsumexp(bins) - <two-bin target, bins>``. The log-sum-exp part reads a per-anchor
+  coefficient scattered from the entries, and :func:`jaxtal.kernels.two_bin_logit_sum` scatters
+  the same coefficients for its dense gradient, so value and gradient agree for any entry list.
+  """
+  rows = targets.entries.anchor
+  row_coef = w / 4
+  coef = jax.vmap(lambda r, c: jnp.zeros(head.lse.shape[1], c.dtype).at[r].add(c))(rows, row_coef)
+  target = jnp.clip(target_ltrb, 0.0, reg_max - 1 - 0.01)
+  total, lo = jnp.sum(coef[..., None] * head.lse), 0
+  for dist in head.dist:
+    hi = lo + dist.shape[1]
+    here = (rows >= lo) & (rows < hi)
+    local = jnp.clip(rows - lo, 0, hi - lo - 1)
+    total = total - kernels.two_bin_logit_sum(dist, target[:, lo:hi], local, jnp.where(here, row_coef, 0.0))
+    lo = hi
+  return total
 
 
-def check_strides_match(shapes: Sequence[tuple[int, int]], strides: Sequence[float]) -> tuple[int, int]:
-  """Checks one stride per level and that every level maps to the same input size; returns (H, W)."""
-  if isinstance(strides, (int, float)) or len(strides) != len(shapes):
-    raise ValueError(f"strides must give one stride per feature level ({len(shapes)} levels), got {strides!r}")
-  for i, s in enumerate(strides):
-    if not (np.isfinite(float(s)) and float(s) > 0):
-      raise ValueError(f"strides[{i}] must be a finite positive number, got {s!r}")
-  h0, w0 = shapes[0][0] * strides[0], shapes[0][1] * strides[0]
-  for i, ((h, w), s) in enumerate(zip(shapes, strides)):
-    if (h * s, w * s) != (h0, w0):
-      raise ValueError(
-          f"strides do not match the feature maps: level {i} is {h}x{w} with stride {s}, i.e. an input of"
-          f" {h * s}x{w * s} pixels, but level 0 ({shapes[0][0]}x{shapes[0][1]}, stride {strides[0]}) implies"
-          f" {h0}x{w0}"
-      )
-  return h0, w0
+def _l1_term(head: Head, targets: Targets, target_ltrb: jax.Array, w: jax.Array, image_hw) -> jax.Array:
+  """``reg_max == 1`` (YOLO26): sum over the entries of ``weight * mean |ltrb - target|``, distances
+  in units of the input size."""
+  rows = targets.entries.anchor
+  h, w_px = image_hw
+  scale = take_rows(jnp.broadcast_to(head.strides, head.ltrb.shape[:-1] + (1,)), rows) / jnp.array([w_px, h, w_px, h], jnp.float32)
+  diff = jnp.abs(take_rows(head.ltrb, rows) * scale - take_rows(target_ltrb, rows) * scale)
+  return jnp.sum(w * jnp.mean(diff, axis=-1))
+
+
+def _finish(parts: LossParts, batch: int, axis_name: str | None) -> tuple[jax.Array, LossParts]:
+  """``total = sum(parts) * batch_size`` (Ultralytics' convention), global under ``axis_name``."""
+  batch_size = jnp.float32(batch)
+  if axis_name is not None:
+    batch_size = jax.lax.psum(batch_size, axis_name)
+    parts = jax.tree.map(lambda x: global_sum(x, axis_name), parts)
+  return sum(parts) * batch_size, parts
+
+
+def _detection_terms(head: Head, targets: Targets, cfg: LossConfig, image_hw, class_weights) -> tuple[jax.Array, LossParts]:
+  """The detection terms of ``head`` against ``targets``: the part every task loss shares."""
+  n = _normaliser(targets, cfg.axis_name)
+  w = _entry_weights(targets)
+  target_boxes = _target_boxes(head, targets)
+  target_ltrb = xyxy_to_ltrb(target_boxes, head.anchors)
+  loss_cls = _class_term(head, targets, class_weights) / n
+  loss_box = _box_term(head, targets, target_boxes, w) / n
+  if cfg.reg_max > 1:
+    loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max) / n
+  else:
+    loss_dfl = _l1_term(head, targets, target_ltrb, w, image_hw) / n
+  parts = LossParts(cfg.box * loss_box, cfg.cls * loss_cls, cfg.dfl * loss_dfl)
+  return _finish(parts, head.ltrb.shape[0], cfg.axis_name)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public entries.
+
+
+def detection_targets(feats: Sequence[jax.Array], gt: GroundTruth, config: LossConfig | None = None, **overrides) -> tuple[Head, Targets]:
+  """The loss's first half: decoded predictions and the assignment it trains against.
+
+  Takes the arguments of :func:`detection_loss` (without ``class_weights``). Use it to inspect
+  what the loss sees (``targets.positives_per_gt`` shows which GTs got no anchor) or to build
+  the targets once and feed :func:`loss_from_targets`.
+
+  Returns:
+    ``(Head, Targets)``: see :class:`~jaxtal.head.Head` and :class:`~jaxtal.Targets`
+    (``E = M * topk`` entries).
+  """
+  cfg = _make_config(LossConfig, config, overrides, "detection_targets")
+  batch, hw, _ = _check_head(feats, cfg, "detection_targets")
+  _validate.ground_truth(gt, batch, "detection_targets")
+  head = decode_head(feats, cfg)
+  return head, _assign(head, gt, cfg, hw)
+
+
+def loss_from_targets(
+    feats: Sequence[jax.Array],
+    targets: Targets,
+    config: LossConfig | None = None,
+    *,
+    class_weights: jax.Array | None = None,
+    **overrides,
+) -> tuple[jax.Array, LossParts]:
+  """The detection loss of head maps against given targets (an assignment made by any assigner).
+
+  ``targets`` may come from :func:`detection_targets`, or from your own assigner through
+  :func:`~jaxtal.targets_from_assignment`. Foreground-only terms (CIoU, DFL / L1) read
+  ``targets.entries``; the class term reads ``labels`` and ``weights`` at every anchor. With an
+  entry list that breaks its contract (:mod:`jaxtal.targets`) the loss stays finite and its
+  gradient exact, but an anchor listed twice counts twice and an unlisted one gets no box term;
+  :func:`~jaxtal.checked_loss_from_targets` checks the contract.
+
+  Args:
+    feats: per-level raw head maps, as for :func:`detection_loss`.
+    targets: :class:`~jaxtal.Targets` with ``labels (b, A)``, ``boxes (b, A, 4)`` xyxy pixels,
+      ``weights (b, A)``, ``fg_mask (b, A)``, entries ``(b, E)``. Treated as constants.
+    config, class_weights, overrides: as for :func:`detection_loss`.
+
+  Returns:
+    ``(total, LossParts)``, as :func:`detection_loss`.
+  """
+  cfg = _make_config(LossConfig, config, overrides, "loss_from_targets")
+  batch, hw, _ = _check_head(feats, cfg, "loss_from_targets")
+  _validate.targets(targets, batch, "loss_from_targets")
+  _validate.class_weights(class_weights, cfg.num_classes, "loss_from_targets")
+  head = decode_head(feats, cfg)
+  return _detection_terms(head, jax.lax.stop_gradient(targets), cfg, hw, class_weights)
 
 
 def detection_loss(
     feats: Sequence[jax.Array],
     gt: GroundTruth,
+    config: LossConfig | None = None,
     *,
-    num_classes: int,
-    strides: Sequence[float],
-    reg_max: int = 16,
-    layout: Layout = "NHWC",
-    topk: int = 10,
-    topk2: int | None = None,
-    alpha: float = 0.5,
-    beta: float = 6.0,
-    box: float = 7.5,
-    cls: float = 0.5,
-    dfl: float = 1.5,
-    min_box_side: float = 0.0,
     class_weights: jax.Array | None = None,
-    gt_chunk: int | None = None,
-    axis_name: str | None = None,
+    **overrides,
 ) -> tuple[jax.Array, LossParts]:
   """YOLOv8 detection loss of raw head maps against padded ground truth.
 
-  The assigner sees sigmoid scores and decoded boxes in pixels under ``stop_gradient``.
-  With ``N = max(sum of target scores, 1)`` and per-anchor weight ``w = sum of its target
-  scores``:
+  The assigner sees sigmoid scores and decoded boxes in pixels under ``stop_gradient``. With
+  ``N = max(sum of target scores, 1)`` and per-anchor weight ``w`` = its target score:
 
   * ``cls = sum over all anchors and classes of BCE-with-logits (times class_weights) / N``;
-  * ``box = sum over foreground of (1 - CIoU(pred, target)) * w / N``, CIoU's aspect
-    trade-off weight held out of the gradient;
-  * ``dfl = sum over foreground of w * mean over 4 sides of the two-bin cross-entropy
-    around the target distance (clamped to R - 1 - 0.01) / N``; with ``reg_max == 1`` an
-    L1 loss on ltrb distances normalised by the input size replaces it (YOLO26's head).
+  * ``box = sum over foreground of (1 - CIoU(pred, target)) * w / N``, CIoU's aspect trade-off
+    weight held out of the gradient;
+  * ``dfl = sum over foreground of w * mean over 4 sides of the two-bin cross-entropy around the
+    target distance (clamped to R - 1 - 0.01) / N``; with ``reg_max == 1`` an L1 loss on ltrb
+    distances normalised by the input size replaces it (YOLO26's head).
 
-  Foreground is a mask that weights terms, never an index: shapes are fixed and the loss
-  and gradients are finite for empty images and degenerate boxes.
+  Foreground is a weight and a fixed-size entry list, never a boolean index: shapes are fixed
+  and the loss and gradients are finite for empty images and degenerate boxes.
 
   Args:
     feats: per-level raw head maps, ``(b, H, W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)``
       (NCHW); any float dtype, the loss is computed in float32.
     gt: :class:`~jaxtal.GroundTruth` with boxes in input pixels.
-    num_classes: ``nc``.
-    strides: one stride per level; the input size is level 0's ``(H, W) * strides[0]``.
-    reg_max: ``R`` bins per box side (``1``: direct ltrb regression).
-    layout: ``"NHWC"`` or ``"NCHW"``.
-    topk, topk2, alpha, beta, min_box_side, gt_chunk: assigner settings, see
-      :func:`~jaxtal.task_aligned_assign`.
-    box, cls, dfl: gains of the three terms.
-    class_weights: optional ``(nc,)`` weights of the BCE per class.
-    axis_name: inside ``shard_map``/``pmap`` over the batch, the mapped axis name. The
-      normaliser ``N`` and the batch size are reduced over it, every device returns the
-      loss *value* of the global batch, and the gradient w.r.t. a device's own maps is the
-      global loss's gradient for those maps (each device differentiates only its share).
-      For replicated parameters: under ``jax.shard_map`` with its default
-      ``check_vma=True`` their gradients come back already summed over devices; under
-      ``pmap`` or ``check_vma=False``, ``psum`` them.
+    config: a :class:`~jaxtal.LossConfig`; or give its fields as keyword ``overrides``
+      (``num_classes=80, strides=(8, 16, 32)`` at least), which also amend a given config.
+    class_weights: optional ``(nc,)`` weights of the BCE per class (an array, not configuration).
+
+  Under ``shard_map``/``pmap`` over the batch with ``axis_name`` set, the normaliser ``N`` and the
+  batch size are reduced over it, every device returns the loss *value* of the global batch, and
+  the gradient w.r.t. a device's own maps is the global loss's gradient for those maps. For
+  replicated parameters: under ``jax.shard_map`` with its default ``check_vma=True`` their
+  gradients come back already summed over devices; under ``pmap`` or ``check_vma=False``, ``psum``
+  them.
 
   Returns:
     ``(total, LossParts(box, cls, dfl))`` with gain-scaled parts and
@@ -150,152 +275,13 @@ def detection_loss(
     ``v8DetectionLoss`` (its optimiser step expects a loss summed over images).
 
   References:
-    Zheng et al., 2020 (CIoU), https://arxiv.org/abs/1911.08287; Li et al., 2020,
-    "Generalized Focal Loss" (DFL), https://arxiv.org/abs/2006.04388; Feng et al., 2021,
-    "TOOD" (assignment), https://arxiv.org/abs/2108.07755.
+    Zheng et al., 2020 (CIoU), https://arxiv.org/abs/1911.08287; Li et al., 2020, "Generalized
+    Focal Loss" (DFL), https://arxiv.org/abs/2006.04388; Feng et al., 2021, "TOOD" (assignment),
+    https://arxiv.org/abs/2108.07755.
   """
-  total, parts, _ = _detection_loss(
-      feats,
-      gt,
-      num_classes=num_classes,
-      strides=strides,
-      reg_max=reg_max,
-      layout=layout,
-      topk=topk,
-      topk2=topk2,
-      alpha=alpha,
-      beta=beta,
-      box=box,
-      cls=cls,
-      dfl=dfl,
-      min_box_side=min_box_side,
-      class_weights=class_weights,
-      gt_chunk=gt_chunk,
-      axis_name=axis_name,
-  )
-  return total, parts
-
-
-def _detection_loss(
-    feats: Sequence[jax.Array],
-    gt: GroundTruth,
-    *,
-    num_classes: int,
-    strides: Sequence[float],
-    reg_max: int = 16,
-    layout: Layout = "NHWC",
-    topk: int = 10,
-    topk2: int | None = None,
-    alpha: float = 0.5,
-    beta: float = 6.0,
-    box: float = 7.5,
-    cls: float = 0.5,
-    dfl: float = 1.5,
-    min_box_side: float = 0.0,
-    class_weights: jax.Array | None = None,
-    gt_chunk: int | None = None,
-    axis_name: str | None = None,
-    targets: Targets | None = None,
-) -> tuple[jax.Array, LossParts, Targets]:
-  """:func:`detection_loss`, also returning the assignment; with ``targets`` given, that assignment is used.
-
-  ``targets`` must be what this function returned for the same head maps and ground truth;
-  it lets a benchmark time the loss with the assignment taken out (``benchmarks/bench.py``).
-  """
-  batch, shapes = check_head(feats, num_classes, reg_max, layout)
-  img_h, img_w = check_strides_match(shapes, strides)
-  if class_weights is not None and np.shape(class_weights) != (num_classes,):
-    raise ValueError(f"class_weights must have shape (nc,) = ({num_classes},), got {np.shape(class_weights)}")
-  check_ground_truth(gt, batch, "detection_loss")
-  check_topk(topk, topk2, sum(h * w for h, w in shapes), "detection_loss")
-  if not (np.isfinite(float(min_box_side)) and min_box_side >= 0):
-    raise ValueError(f"detection_loss: min_box_side must be a finite number >= 0 (pixels), got {min_box_side!r}")
-
-  # Work level by level on views of the maps: the big (b, A, 4R + nc) tensor is never concatenated.
-  levels = level_rows(feats, layout)
-  sizes = [h * w for h, w in shapes]
-  levels = [x.astype(jnp.float32) for x in levels]
-  tops = [side_bin_maxima(x, reg_max) for x in levels]  # softmax shifts, read without a slice copy
-  levels = [split_channels(x, 4 * reg_max) for x in levels]  # (bins, class logits)
-  logits = [c for _, c in levels]
-  dists = [d.reshape(batch, -1, 4, reg_max) for d, _ in levels]
-  if reg_max > 1:
-    stats = [softmax_expectation(d, t) for d, t in zip(dists, tops)]  # (expectation, logsumexp) per level
-    ltrb = jnp.concatenate([e for e, _ in stats], axis=1)
-  else:
-    ltrb = jnp.concatenate([d[..., 0] for d in dists], axis=1)
-  anchors, anchor_strides = make_anchors(shapes, strides)
-  pred_boxes = ltrb_to_xyxy(ltrb, anchors)  # (b, A, 4) grid units
-
-  # A GT box with no overlap with the image is data, not an error: it never owns an anchor
-  # (with min_box_side > 0 it could otherwise be widened onto a border anchor).
-  boxes_px = jnp.asarray(gt.boxes)
-  on_image = (boxes_px[..., 0] < img_w) & (boxes_px[..., 2] > 0) & (boxes_px[..., 1] < img_h) & (boxes_px[..., 3] > 0)
-  gt = gt._replace(mask=jnp.asarray(gt.mask).astype(bool) & on_image)
-  target = targets if targets is not None else assign_targets(
-      tuple(logits),
-      pred_boxes * anchor_strides,
-      anchors * anchor_strides,
-      gt,
-      from_logits=True,
-      topk=topk,
-      topk2=topk2,
-      alpha=alpha,
-      beta=beta,
-      eps=1e-9,
-      min_box_side=min_box_side,
-      gt_chunk=gt_chunk,
-  )
-  # Target scores are one_hot(labels) * norm, so their per-anchor sum is norm.
-  weight = target.norm  # (b, A)
-  scores_sum = jnp.sum(weight)
-  if axis_name is not None:
-    scores_sum = jax.lax.psum(scores_sum, axis_name)
-  normaliser = jnp.maximum(scores_sum, 1.0)
-
-  bounds = np.cumsum([0] + sizes)
-  spans = list(zip(bounds[:-1], bounds[1:]))
-  cw = None if class_weights is None else jax.lax.stop_gradient(jnp.asarray(class_weights, jnp.float32))
-  # BCE against one_hot(labels) * norm, summed without materialising the (b, A, nc) targets.
-  loss_cls = sum(bce_one_hot_sum(x, target.labels[:, lo:hi], weight[:, lo:hi], cw) for x, (lo, hi) in zip(logits, spans))
-  loss_cls = loss_cls / normaliser
-
-  fg = target.fg_mask
-  # Background anchors get a stand-in unit box so no padding value reaches CIoU (double-where).
-  stand_in = jnp.concatenate([anchors - 0.5, anchors + 0.5], axis=-1)
-  target_boxes = jnp.where(fg[..., None], target.boxes / anchor_strides, stand_in)
-  # CIoU only at the assignment's entry list (E = M * topk rows, each foreground anchor marked
-  # once): a few hundred boxes per image instead of all A, and its gradient a scatter of E rows.
-  entries, first = target.entry_anchor, target.entry_first
-  iou = box_iou(take_rows(pred_boxes, entries), take_rows(target_boxes, entries), "ciou")
-  loss_box = jnp.sum(jnp.where(first, (1.0 - iou) * take_rows(weight, entries), 0.0)) / normaliser
-
-  target_ltrb = xyxy_to_ltrb(target_boxes, anchors)
-  if reg_max > 1:
-    target_ltrb = jnp.clip(target_ltrb, 0.0, reg_max - 1 - 0.01)
-    left = jnp.floor(target_ltrb)
-    w_left = left + 1 - target_ltrb
-    left = left.astype(jnp.int32)
-    # Two-bin cross-entropy, averaged over the 4 sides and weighted per anchor:
-    # coef * (sum of the bins' logsumexp - sum of the target-weighted logit pairs). The pair
-    # term is read only at foreground anchors (each listed once by the assignment).
-    coef = jax.lax.stop_gradient(jnp.where(fg, weight, 0.0) / 4)
-    lse = jnp.concatenate([lse for _, lse in stats], axis=1)
-    loss_dfl = jnp.sum(jnp.where(fg, coef * jnp.sum(lse, axis=-1), 0.0))
-    for d, (lo, hi) in zip(dists, spans):
-      rows = jnp.clip(target.entry_anchor - lo, 0, hi - lo - 1)
-      take = target.entry_first & (target.entry_anchor >= lo) & (target.entry_anchor < hi)
-      loss_dfl = loss_dfl - two_bin_logit_sum(d, left[:, lo:hi], w_left[:, lo:hi], coef[:, lo:hi], rows, take)
-  else:
-    scale = anchor_strides / jnp.array([img_w, img_h, img_w, img_h], jnp.float32)
-    ce = jnp.abs(ltrb * scale - target_ltrb * scale)
-    loss_dfl = jnp.sum(jnp.where(fg, jnp.mean(ce, axis=-1) * weight, 0.0))
-  loss_dfl = loss_dfl / normaliser
-
-  parts = LossParts(box * loss_box, cls * loss_cls, dfl * loss_dfl)
-  batch_size = jnp.float32(batch)
-  if axis_name is not None:
-    batch_size = jax.lax.psum(batch_size, axis_name)
-    parts = jax.tree.map(lambda x: _global_sum(x, axis_name), parts)
-  total = (parts.box + parts.cls + parts.dfl) * batch_size
-  return total, parts, target
+  cfg = _make_config(LossConfig, config, overrides, "detection_loss")
+  batch, hw, _ = _check_head(feats, cfg, "detection_loss")
+  _validate.ground_truth(gt, batch, "detection_loss")
+  _validate.class_weights(class_weights, cfg.num_classes, "detection_loss")
+  head = decode_head(feats, cfg)
+  return _detection_terms(head, _assign(head, gt, cfg, hw), cfg, hw, class_weights)

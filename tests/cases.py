@@ -44,6 +44,8 @@ ASSIGN_CASES = (
     "near_gt",
 )
 LOSS_CASES = ("seed", "nc80", "reg_max1", "class_weights", "one2one", "empty_batch")
+# End-to-end (YOLO26 E2ELoss; "v10_*": YOLOv10's E2EDetectLoss) at the first, a middle and the last epoch.
+E2E_CASES = ("first_epoch", "middle_epoch", "last_epoch", "reg_max1", "empty_images", "empty_batch", "v10", "v10_reg_max1")
 
 # The seed walkthrough's seven label rows: [batch_idx, cls, cx, cy, w, h], normalised.
 SEED_ROWS = np.array(
@@ -370,6 +372,42 @@ def loss_case(name: str) -> dict:
   return dict(name=name, inputs=dict(feats=maps, label_rows=np.asarray(rows, np.float32).reshape(-1, 6)), config=cfg)
 
 
+def e2e_case(name: str) -> dict:
+  """Builds the end-to-end case ``name`` (one of :data:`E2E_CASES`): two branches' maps, one set of labels.
+
+  ``config``: ``num_classes, strides, reg_max, min_box_side, epoch, epochs, yolov10, max_boxes``.
+  """
+  if name not in E2E_CASES:
+    raise KeyError(f"unknown end-to-end case {name!r}; expected one of {E2E_CASES}")
+  rng = _rng(name, salt=2)
+  cfg = dict(num_classes=3, strides=(8, 16, 32), reg_max=16, min_box_side=0.0, epoch=0, epochs=20, yolov10=False)
+  image, batch = 64, 2
+  rows = _random_rows(rng, (3, 4), 3, image, (6, 40), clusters=True)
+  if name == "middle_epoch":
+    cfg.update(epoch=9, min_box_side=16.0)
+  elif name == "last_epoch":
+    cfg.update(epoch=19)
+  elif name == "reg_max1":
+    cfg.update(reg_max=1, epoch=5)
+  elif name == "empty_images":
+    rows = rows[rows[:, 0] == 1]
+    batch = 3  # images 0 and 2 have no objects
+  elif name == "empty_batch":
+    rows = np.zeros((0, 6), np.float32)
+  elif name == "v10":
+    cfg.update(yolov10=True)
+  elif name == "v10_reg_max1":
+    cfg.update(yolov10=True, reg_max=1)
+  counts = np.bincount(rows[:, 0].astype(int), minlength=batch)
+  cfg["max_boxes"] = int(max(counts.max(initial=0), 1) + 2)
+  maps = [
+      head_maps(rng, rows, batch, cfg["num_classes"], image, cfg["strides"], cfg["reg_max"], min_side=cfg["min_box_side"])
+      for _ in range(2)
+  ]
+  inputs = dict(feats=maps[0], feats_o2o=maps[1], label_rows=np.asarray(rows, np.float32).reshape(-1, 6))
+  return dict(name=name, inputs=inputs, config=cfg)
+
+
 def split_loss_config(config: dict) -> tuple[dict, int]:
   """Loss-case config -> (keyword arguments of the loss functions, ``max_boxes``)."""
   kwargs = {k: v for k, v in config.items() if k != "max_boxes"}
@@ -381,26 +419,25 @@ def split_loss_config(config: dict) -> tuple[dict, int]:
 
 
 def fixture_path(kind: str, name: str) -> str:
-  """``tests/fixtures/<kind>_<name>.npz`` with ``kind`` ``"assign"`` or ``"loss"``."""
+  """``tests/fixtures/<kind>_<name>.npz`` with ``kind`` ``"assign"``, ``"loss"`` or ``"e2e"``."""
   return os.path.join(FIXTURES_DIR, f"{kind}_{name}.npz")
 
 
 def to_arrays(case: dict, ref: dict, version: str) -> dict[str, np.ndarray]:
   """Flattens a case and its reference outputs into named arrays for :func:`save_npz`."""
   out = {"config": np.asarray(json.dumps(case["config"], sort_keys=True)), "reference_version": np.asarray(version)}
-  for k, v in case["inputs"].items():
-    if k == "feats":
-      for i, f in enumerate(v):
-        out[f"input.feat{i}"] = np.asarray(f)
-    else:
-      out[f"input.{k}"] = np.asarray(v)
-  for k, v in ref.items():
-    if k == "grads":
-      for i, g in enumerate(v):
-        out[f"ref.grad{i}"] = np.asarray(g, np.float32)
-    else:
-      out[f"ref.{k}"] = np.asarray(v)
+  for group, values in (("input", case["inputs"]), ("ref", ref)):
+    for k, v in values.items():
+      if k in _LEVEL_LISTS:  # per-level lists: one array per level, <prefix><level>
+        for i, f in enumerate(v):
+          out[f"{group}.{_LEVEL_LISTS[k]}{i}"] = np.asarray(f, np.float32) if group == "ref" else np.asarray(f)
+      else:
+        out[f"{group}.{k}"] = np.asarray(v)
   return out
+
+
+# Per-level list names -> the prefix of their arrays in a fixture file.
+_LEVEL_LISTS = {"feats": "feat", "grads": "grad", "feats_o2o": "feat_o2o", "grads_o2o": "grad_o2o"}
 
 
 def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
@@ -425,7 +462,8 @@ def load_fixture(kind: str, name: str) -> tuple[dict, dict, str]:
   for k, v in arrays.items():
     group, key = k.split(".", 1)
     (inputs if group == "input" else ref)[key] = v
-  for d, prefix, out in ((inputs, "feat", "feats"), (ref, "grad", "grads")):
+  for out, prefix in _LEVEL_LISTS.items():
+    d = inputs if out.startswith("feat") else ref
     levels = sorted((k for k in d if k.startswith(prefix) and k[len(prefix) :].isdigit()), key=lambda k: int(k[len(prefix) :]))
     if levels:
       d[out] = [d.pop(k) for k in levels]

@@ -1,4 +1,4 @@
-"""Writes the golden parity fixtures ``tests/fixtures/{assign,loss}_<case>.npz``.
+"""Writes the golden parity fixtures ``tests/fixtures/{assign,loss,e2e}_<case>.npz``.
 
 Needs the ``parity`` extra (torch + ultralytics 8.4.190). Every case of ``cases.py`` runs
 through ``reference.py``; each file holds the case's inputs, the reference outputs, the
@@ -7,6 +7,7 @@ config (JSON) and the reference version. The output is byte-for-byte reproducibl
 Usage::
 
   python tests/make_fixtures.py           # (re)write every fixture
+  python tests/make_fixtures.py --kind e2e  # (re)write only the end-to-end fixtures
   python tests/make_fixtures.py --check   # compare jaxtal with the stored fixtures, print the worst differences
 """
 
@@ -36,7 +37,12 @@ def reference_loss(reference, case: dict) -> dict:
   return reference.loss(case["inputs"]["feats"], case["inputs"]["label_rows"], **kwargs)
 
 
-def write_all() -> None:
+def reference_e2e(reference, case: dict) -> dict:
+  kwargs, _ = cases.split_loss_config(case["config"])
+  return reference.e2e_loss(case["inputs"]["feats"], case["inputs"]["feats_o2o"], case["inputs"]["label_rows"], **kwargs)
+
+
+def write_all(kinds=("assign", "loss", "e2e")) -> None:
   import torch  # noqa: PLC0415
 
   import reference  # noqa: PLC0415
@@ -49,7 +55,10 @@ def write_all() -> None:
   for kind, names, build, run in (
       ("assign", cases.ASSIGN_CASES, cases.assign_case, reference_assign),
       ("loss", cases.LOSS_CASES, cases.loss_case, reference_loss),
+      ("e2e", cases.E2E_CASES, cases.e2e_case, reference_e2e),
   ):
+    if kind not in kinds:
+      continue
     for name in names:
       case = build(name)
       path = cases.fixture_path(kind, name)
@@ -114,8 +123,13 @@ def check_all() -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--check", action="store_true", help="compare jaxtal with the stored fixtures instead of writing")
+  parser.add_argument(
+      "--kind", nargs="+", choices=("assign", "loss", "e2e"), default=("assign", "loss", "e2e"),
+      help="write only these kinds (the assignment cases' inputs are decoded by jaxtal: rewriting them moves the"
+      " stored inputs by float32 rounding whenever the decode kernel changes)",
+  )
   args = parser.parse_args()
-  check_all() if args.check else write_all()
+  check_all() if args.check else write_all(tuple(args.kind))
 
 
 if __name__ == "__main__":

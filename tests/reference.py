@@ -20,7 +20,7 @@ import numpy as np
 _print_options = np.get_printoptions()
 import torch  # noqa: E402
 import ultralytics  # noqa: E402
-from ultralytics.utils.loss import v8DetectionLoss  # noqa: E402
+from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss  # noqa: E402
 from ultralytics.utils.tal import TaskAlignedAssigner  # noqa: E402
 
 np.set_printoptions(**_print_options)
@@ -133,4 +133,46 @@ def loss(
       cls=float(parts[1]),
       dfl=float(parts[2]),
       grads=[f.grad.numpy().copy() for f in feats],
+  )
+
+
+def e2e_loss(feats_o2m, feats_o2o, label_rows, *, num_classes, strides, reg_max=16, epoch=0, epochs=10,
+             yolov10=False, box=7.5, cls=0.5, dfl=1.5, min_box_side=0.0, class_weights=None):
+  """Reference end-to-end loss (``E2ELoss``, or ``E2EDetectLoss`` with ``yolov10``) and its gradients.
+
+  ``epoch`` is the 0-based index of the epoch being trained: the criterion is advanced as
+  Ultralytics' trainer does (one ``update()`` after each finished epoch).
+
+  Returns ``dict(total, box, cls, dfl, grads=[...], grads_o2o=[...])``: per-level NCHW gradients of
+  the one-to-many and the one-to-one maps.
+  """
+  model = _Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl), class_weights)
+  model.args.epochs = epochs
+  crit = E2EDetectLoss(model) if yolov10 else E2ELoss(model)
+  for c in (crit.one2many, crit.one2one):
+    c.assigner.stride_val = float(min_box_side)
+  if not yolov10:
+    for _ in range(epoch):
+      crit.update()
+  branches = []
+  for maps in (feats_o2m, feats_o2o):
+    feats = [torch.tensor(np.asarray(f, np.float32), requires_grad=True) for f in maps]
+    b = feats[0].shape[0]
+    branches.append((feats, {
+        "boxes": torch.cat([f[:, : 4 * reg_max].reshape(b, 4 * reg_max, -1) for f in feats], -1),
+        "scores": torch.cat([f[:, 4 * reg_max :].reshape(b, num_classes, -1) for f in feats], -1),
+        "feats": feats,
+    }))
+  rows = torch.as_tensor(np.asarray(label_rows, np.float32).reshape(-1, 6))
+  batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:6]}
+  total, items = crit({"one2many": branches[0][1], "one2one": branches[1][1]}, batch)
+  total.sum().backward()
+  names = list(items)
+  return dict(
+      total=float(total.detach().sum()),
+      box=float(items[names[0]]),
+      cls=float(items[names[1]]),
+      dfl=float(items[names[2]]),
+      grads=[f.grad.numpy().copy() for f in branches[0][0]],
+      grads_o2o=[f.grad.numpy().copy() for f in branches[1][0]],
   )

@@ -202,10 +202,11 @@ def test_assignment_is_bit_identical_run_to_run():
       np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_jit_equals_eager():
   """The loss and its parts; the assignment's jit/eager agreement is a property in test_properties.py.
 
-  (Eager gradients are left out to keep the file fast: op-by-op they cost ~10 s of compiles here.)
+  (Slow: op by op, the eager loss costs ~15 s of compiles on CPU. Eager gradients are left out.)
   """
   feats, gt = head_maps(seed=2), batches()[3]
   loss = functools.partial(jaxtal.detection_loss, **KW)

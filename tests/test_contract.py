@@ -1,14 +1,15 @@
-"""The input contract (docs/contract.md): which inputs are errors and which are data.
+"""The input contract: which inputs are errors and which are data.
 
-* Errors are raised at trace time, before anything is computed: every case runs under
-  ``jax.eval_shape`` (abstract values only), and the message must name the argument, what
-  was expected and what was received.
-* Data is masked: a GT row that is padding, has a zero-area, inverted or non-finite box, a
-  class outside ``[0, nc)`` or (in the loss) no overlap with the image gives exactly the
-  loss and gradients of the same batch with that row as padding. Each such test also has
-  a control showing the row would have mattered had it been valid.
-* Value checks: ``jaxtal.checked_detection_loss`` / ``checked_task_aligned_assign`` under
-  ``checkify`` turn the same values into clear errors.
+* Errors are raised at trace time, before anything is computed (``jaxtal/_validate.py`` and the
+  configs' validation): every case runs under ``jax.eval_shape`` (abstract values only), and the
+  message must name the argument, what was expected and what was received.
+* Data is masked (``jaxtal.valid_rows``): a GT row that is padding, has a zero-area, inverted or
+  non-finite box, a coordinate beyond ``COORD_LIMIT``, a class outside ``[0, nc)`` or (in the
+  loss) no overlap with the image gives exactly the loss and gradients of the same batch with that
+  row as padding. Each such test also has a control showing the row would have mattered had it
+  been valid.
+* Value checks (``jaxtal.checked_*`` under ``checkify``) turn the same values into clear errors:
+  see test_checks.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import checkify
 
 import jaxtal
 
@@ -100,14 +100,17 @@ TRACE_ERRORS = [
     ("feats_int", loss_call(feats=[F[0].astype(jnp.int32), F[1]]), TypeError, [r"feats\[0\]", "float", "int32"]),
     ("channels_nc", loss_call(num_classes=NC + 2), ValueError, [r"feats\[0\]", "19 channels", "4 \\* 4 \\+ 5 = 21"]),
     ("channels_reg_max", loss_call(reg_max=16), ValueError, [r"feats\[0\]", "19 channels", "= 67"]),
-    ("nchw_as_nhwc", loss_call(feats=make_feats(layout="NCHW")), ValueError, ["channels", "NHWC", "= 19"]),
+    ("nchw_as_nhwc", loss_call(feats=make_feats(layout="NCHW")), ValueError,
+     ["feats\\[0\\] has 8 channels in its last axis \\(NHWC\\)", "= 19", "axis 1 has exactly 19: pass layout='NCHW'"]),
+    ("nhwc_as_nchw", loss_call(layout="NCHW"), ValueError,
+     ["has 8 channels in its second axis \\(NCHW\\)", "axis 3 has exactly 19: pass layout='NHWC'"]),
     ("level_batch", loss_call(feats=[F[0], F[1][:1]]), ValueError, [r"feats\[1\]", "batch size 1", "has 2"]),
     ("layout", loss_call(layout="HWC"), ValueError, ["layout", "NHWC", "NCHW", "'HWC'"]),
     ("reg_max_0", loss_call(reg_max=0), ValueError, ["reg_max", ">= 1", "got 0"]),
     ("reg_max_frac", loss_call(reg_max=2.5), ValueError, ["reg_max", "whole number", "2.5"]),
     ("num_classes_0", loss_call(num_classes=0), ValueError, ["num_classes", ">= 1", "got 0"]),
     # strides
-    ("strides_count", loss_call(strides=(4,)), ValueError, ["strides", "one stride per feature level", r"\(4,\)"]),
+    ("strides_count", loss_call(strides=(4,)), ValueError, ["1 strides for 2 feature levels", "one stride per level"]),
     ("strides_scalar", loss_call(strides=4), ValueError, ["strides", "one stride per feature level"]),
     ("strides_mismatch", loss_call(strides=(4, 4)), ValueError, ["strides do not match", "level 1", "16x16", "32x32"]),
     ("strides_negative", loss_call(strides=(-4, -8)), ValueError, [r"strides\[0\]", "positive", "-4"]),
@@ -130,11 +133,16 @@ TRACE_ERRORS = [
      ["gt.mask", "bool", "float32"]),
     # assigner settings
     ("topk_gt_A", loss_call(topk=A + 1), ValueError, ["topk", r"\[1, A = 80\]", "got 81"]),
-    ("topk_0", loss_call(topk=0), ValueError, ["topk", r"\[1, A = 80\]", "got 0"]),
+    ("topk_0", loss_call(topk=0), ValueError, ["topk must be a whole number >= 1, got 0"]),
+    ("topk_frac", loss_call(topk=2.5), ValueError, ["topk must be a whole number >= 1, got 2.5"]),
     ("topk2_gt_A", loss_call(topk2=A + 5), ValueError, ["topk2", r"\[1, A = 80\]", "got 85"]),
     ("min_box_side", loss_call(min_box_side=-1.0), ValueError, ["min_box_side", ">= 0", "-1.0"]),
     ("gt_chunk", loss_call(gt_chunk=0), ValueError, ["gt_chunk", ">= 1", "got 0"]),
     ("class_weights", loss_call(class_weights=jnp.ones(NC + 1)), ValueError, ["class_weights", r"\(3,\)", r"\(4,\)"]),
+    ("overlap", loss_call(overlap="giou"), ValueError, ["overlap must be one of", "'giou'"]),
+    ("unknown_keyword", loss_call(top_k=3), TypeError, ["detection_loss", "unknown configuration keyword", "'top_k'"]),
+    ("config_kind", lambda: jaxtal.detection_loss(F, G, jaxtal.AssignerConfig()), TypeError,
+     ["config must be a jaxtal.LossConfig", "AssignerConfig"]),
     # task_aligned_assign
     ("scores_rank", assign_call(scores=S[0]), ValueError, ["pred_scores", "rank 3", r"\(80, 3\)"]),
     ("scores_int", assign_call(scores=(S > 0.5).astype(jnp.int32)), TypeError, ["pred_scores", "float", "int32"]),
@@ -146,7 +154,9 @@ TRACE_ERRORS = [
      ["gt.labels", "b = 2", r"\(1, 4\)"]),
     ("assign_gt_labels_float", assign_call(gt=G._replace(labels=G.labels * 1.0)), TypeError, ["gt.labels", "integer"]),
     ("assign_topk", assign_call(topk=A + 1), ValueError, ["topk", r"\[1, A = 80\]", "got 81"]),
-    ("assign_topk2", assign_call(topk2=0), ValueError, ["topk2", r"\[1, A = 80\]", "got 0"]),
+    ("assign_topk2", assign_call(topk2=0), ValueError, ["topk2 must be a whole number >= 1, got 0"]),
+    ("assign_topk2_gt_A", assign_call(topk2=A + 1), ValueError, ["topk2", r"\[1, A = 80\]", "got 81"]),
+    ("assign_unknown_keyword", assign_call(top_k=3), TypeError, ["task_aligned_assign", "'top_k'"]),
     # anchors and decoding
     ("anchors_strides", lambda: jaxtal.make_anchors(SHAPES, (4,)), ValueError, ["1 strides for 2 feature levels"]),
     ("anchors_shape", lambda: jaxtal.make_anchors([(8, 0)], (4,)), ValueError, [r"feature_shapes\[0\]", r"\(8, 0\)"]),
@@ -192,6 +202,7 @@ def test_valid_arguments_trace():
         ([[0, 1, np.nan, 0.5, 0.1, 0.1]], {}, r"label row 0 has a non-finite value"),
         ([[0, 0, 0.5, 0.5, 0.1, 0.1]] * 5, {}, r"label row 4 is box 5 of image 0, which has 5 boxes; max_boxes is 4"),
         ([], dict(max_boxes=0), r"max_boxes must be a whole number >= 1, got 0"),
+        ([[0, 0, 0.5, 0.5, 1e29, 0.1]], {}, r"label row 0 has a box coordinate beyond 1\.04858e\+06 pixels"),
     ],
 )
 def test_pack_labels_rejects_bad_rows_on_the_host(rows, kwargs, pattern):
@@ -304,6 +315,45 @@ def test_non_finite_box_inside_jit_is_padding(box):
 
 
 @pytest.mark.parametrize(
+    "box",
+    [
+        [2.0, 20.0, 13.0, 1e29],
+        [2.0, 20.0, 1e20, 31.0],
+        [-1e25, 20.0, 13.0, 31.0],
+        [-3e38, -3e38, 3e38, 3e38],  # finite in float32, but its area and CIoU's diagonal are not
+        [2.0, 20.0, float(np.nextafter(np.float32(jaxtal.COORD_LIMIT), np.float32(np.inf))), 31.0],
+    ],
+)
+def test_coordinates_beyond_coord_limit_inside_jit_are_padding(box):
+  """pack_labels rejects such rows; a GroundTruth built otherwise has them masked: finite and equal to padding."""
+  value = with_row(1, box)
+  assert np.isfinite(value[0]) and all(np.isfinite(g).all() for g in value[1])
+  assert_same(value, with_row(*PADDING, mask=False))
+  assert_same_assignment(assign_with_row(1, box), assign_with_row(*PADDING, mask=False))
+
+
+@pytest.mark.parametrize("box", [[2.0, 20.0, jaxtal.COORD_LIMIT, 31.0], [-jaxtal.COORD_LIMIT, 20.0, 13.0, 31.0]])
+def test_a_coordinate_exactly_at_coord_limit_is_kept(box):
+  """Kept: the loss is finite and the row owns anchors in the loss's own assignment; one ulp beyond, it does not.
+
+  A 2^20-pixel-wide box's CIoU with every small prediction is negative (the centre distance term),
+  so its align metric is 0 and it owns nothing for that reason alone; with ``overlap="iou"`` its tiny
+  positive IoU makes its in-box anchors win their top-k, which shows the row is valid.
+  """
+  value = with_row(1, box)
+  assert np.isfinite(value[0]) and all(np.isfinite(g).all() for g in value[1])
+  assert int(iou_loss_targets()(make_feats(), set_row(make_gt(), 1, box)).positives_per_gt[0, 2]) > 0
+  beyond = [float(np.nextafter(np.float32(x), np.float32(np.sign(x) * np.inf))) if abs(x) == jaxtal.COORD_LIMIT else x
+            for x in box]
+  assert int(iou_loss_targets()(make_feats(), set_row(make_gt(), 1, beyond)).positives_per_gt[0, 2]) == 0  # control
+
+
+@functools.cache
+def iou_loss_targets():
+  return jax.jit(lambda f, g: jaxtal.detection_targets(f, g, **KW, overlap="iou")[1])
+
+
+@pytest.mark.parametrize(
     "box, control",
     [
         # Degenerate boxes at the top-left: their zero metrics would tie with the first anchors in top-k,
@@ -379,118 +429,3 @@ def test_non_finite_predictions_never_become_targets_but_the_loss_shows_them():
   feats[0] = feats[0].at[0, 1, 1, -1].set(jnp.nan)
   value, _ = loss_and_grad(make_gt(), feats=feats)
   assert np.isnan(value)
-
-
-# --------------------------------------------------------------------------------------------------
-# Value checks through checkify
-# --------------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def checked_loss():
-  return jax.jit(checkify.checkify(functools.partial(jaxtal.checked_detection_loss, **KW)))
-
-
-def check_error(feats, gt):
-  err, out = checked_loss()(feats, gt)
-  return err.get(), out
-
-
-def test_checked_loss_passes_valid_inputs_and_equals_the_loss():
-  gt = make_gt()
-  # padding rows may hold garbage without failing a check
-  gt = replace(gt, labels=gt.labels.at[1, 3].set(99), boxes=gt.boxes.at[1, 3].set(jnp.nan))
-  msg, (total, parts) = check_error(F, gt)
-  assert msg is None
-  expected = jax.jit(functools.partial(jaxtal.detection_loss, **KW))(F, gt)
-  np.testing.assert_array_equal(total, expected[0])
-  np.testing.assert_array_equal(np.asarray(parts), np.asarray(expected[1]))
-
-
-@pytest.mark.parametrize(
-    "defect, patterns",
-    [
-        ("nan_logit", [r"feats\[1\] \(shape \(2, 4, 4, 19\)\) has 1 non-finite", r"index \[ *1 +2 +3 +17\]", "nan"]),
-        ("inf_dist", [r"feats\[0\]", "2 non-finite", "inf"]),
-        ("class_high", ["1 real row", r"class id outside \[0, 3\)", "image 1, slot 0", "class 5"]),
-        ("class_negative", [r"class id outside \[0, 3\)", "image 0, slot 1", "class -2"]),
-        ("nan_box", ["non-finite box coordinate", "image 0, slot 0", "nan"]),
-        ("inverted_box", ["inverted box", "image 1, slot 0", r"\[26\. +8\. +6\. +24\.\]"]),
-        ("outside_image", ["no overlap with the 32x32", "image 0, slot 1", r"\[40\. +12\. +50\. +30\.\]"]),
-    ],
-)
-def test_checked_loss_turns_invalid_values_into_errors(defect, patterns):
-  feats, gt = list(F), make_gt()
-  if defect == "nan_logit":
-    feats[1] = feats[1].at[1, 2, 3, 4 * R + 1].set(jnp.nan)
-  elif defect == "inf_dist":
-    feats[0] = feats[0].at[0, 0, 0, :2].set(jnp.inf)
-  elif defect == "class_high":
-    gt = replace(gt, labels=gt.labels.at[1, 0].set(5))
-  elif defect == "class_negative":
-    gt = replace(gt, labels=gt.labels.at[0, 1].set(-2))
-  elif defect == "nan_box":
-    gt = replace(gt, boxes=gt.boxes.at[0, 0, 3].set(jnp.nan))
-  elif defect == "inverted_box":
-    gt = replace(gt, boxes=gt.boxes.at[1, 0].set(jnp.array([26.0, 8.0, 6.0, 24.0])))
-  elif defect == "outside_image":
-    gt = replace(gt, boxes=gt.boxes.at[0, 1].set(jnp.array([40.0, 12.0, 50.0, 30.0])))
-  msg, _ = check_error(feats, gt)
-  assert msg is not None, f"{defect} passed the checks"
-  for pattern in patterns:
-    assert re.search(pattern, msg), f"{pattern!r} not in {msg!r}"
-  err, _ = checked_loss()(feats, gt)
-  with pytest.raises(checkify.JaxRuntimeError):
-    err.throw()
-
-
-def test_checked_loss_eagerly_raises_at_once():
-  gt = replace(make_gt(), labels=make_gt().labels.at[0, 0].set(NC))
-  with pytest.raises(checkify.JaxRuntimeError, match=r"class id outside \[0, 3\)"):
-    jaxtal.checked_detection_loss(F, gt, **KW)
-
-
-def test_checked_loss_still_checks_shapes_at_trace_time():
-  with pytest.raises(ValueError, match="strides do not match"):
-    checkify.checkify(functools.partial(jaxtal.checked_detection_loss, num_classes=NC, strides=(4, 4), reg_max=R))(F, G)
-
-
-def test_checked_loss_works_under_grad():
-  def loss(feats, gt):
-    return jaxtal.checked_detection_loss(feats, gt, **KW)[0]
-
-  step = jax.jit(checkify.checkify(jax.value_and_grad(loss)))
-  err, (value, grads) = step(F, G)
-  assert err.get() is None
-  expected = jax.value_and_grad(lambda f, g: jaxtal.detection_loss(f, g, **KW)[0])(F, G)
-  np.testing.assert_allclose(value, expected[0], rtol=1e-6)
-  bad = [F[0].at[0, 0, 0, 0].set(jnp.nan), F[1]]
-  err, _ = step(bad, G)
-  assert "non-finite" in err.get()
-
-
-def test_checked_loss_needs_checkify_under_jit():
-  """Documented: under a plain jit the check cannot be staged without checkify.checkify."""
-  with pytest.raises(ValueError, match="checkify"):
-    jax.jit(functools.partial(jaxtal.checked_detection_loss, **KW))(F, G)
-
-
-def test_checked_assign():
-  scores, boxes, anchors, gt = assign_inputs()
-  fn = jax.jit(checkify.checkify(functools.partial(jaxtal.checked_task_aligned_assign, topk=5)))
-  err, out = fn(scores, boxes, anchors, gt)
-  assert err.get() is None
-  expected = jax.jit(functools.partial(jaxtal.task_aligned_assign, topk=5))(scores, boxes, anchors, gt)
-  for x, y in zip(out, expected):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  err, _ = fn(scores.at[1, 7, 2].set(3.0), boxes, anchors, gt)
-  assert re.search(r"pred_scores must be probabilities in \[0, 1\].*index \[1 7 2\]: 3", err.get()), err.get()
-  err, _ = fn(scores, boxes.at[0, 3, 1].set(jnp.nan), anchors, gt)
-  assert re.search(r"pred_boxes .* 1 non-finite .* index \[0 3 1\]", err.get()), err.get()
-  err, _ = fn(scores, boxes, anchors, replace(gt, labels=gt.labels.at[0, 0].set(NC)))
-  assert "class id outside [0, 3)" in err.get()
-
-
-def test_check_values_requires_num_classes_with_gt():
-  with pytest.raises(ValueError, match="num_classes is required"):
-    jaxtal.check_values(G)

@@ -1,16 +1,25 @@
 """Degenerate inputs, one test each: the loss stays finite (value and gradients) and the targets are what a
-user would expect. Expectations are computed here from the inputs, never by the code under test."""
+user would expect. Expectations are computed here from the inputs, never by the code under test.
+
+The last tests are a property (hypothesis): ground truth whose coordinates are drawn from every kind of
+float32 (ordinary, any finite magnitude up to 3.4e38 of either sign, NaN, +-inf, +-COORD_LIMIT and one ulp
+beyond), with any class id and mask, run through one jitted ``value_and_grad`` of the loss: the loss and
+its gradients are finite, and equal those of the same batch with every invalid row made padding.
+"""
 
 from __future__ import annotations
 
 import functools
 
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 import jaxtal
+from oracles import np_valid_rows
 
 NC, R = 3, 4
 SHAPES = ((8, 8), (4, 4))
@@ -213,7 +222,7 @@ def test_extreme_logits(pattern):
     assert parts[1] > 1e4
 
 
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("layout", ["NHWC", pytest.param("NCHW", marks=pytest.mark.slow)])
 def test_bf16_head_maps_give_a_float32_loss(layout):
   """bf16 maps: the loss is float32 and equals the loss of the same values in float32."""
   gt = make_gt([[(0, [3.0, 3.0, 29.0, 20.0])], [(1, [5.0, 6.0, 31.0, 32.0]), (2, [0.0, 1.0, 9.0, 12.0])]], 3)
@@ -230,3 +239,80 @@ def test_bf16_head_maps_give_a_float32_loss(layout):
   for g, g32 in zip(grads, grads32):  # the gradients differ only by their final rounding to bf16
     expected = np.asarray(g32.astype(jnp.bfloat16), np.float32)
     np.testing.assert_allclose(np.asarray(g, np.float32), expected, rtol=1e-2, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Property: any float32 ground truth through one jitted loss
+
+
+M_PROP = 5
+F32_MAX = float(np.finfo(np.float32).max)
+LIMIT = jaxtal.COORD_LIMIT
+SPECIAL = [0.0, -0.0, np.nan, np.inf, -np.inf, LIMIT, -LIMIT, float(np.nextafter(np.float32(LIMIT), np.float32(np.inf))),
+           -float(np.nextafter(np.float32(LIMIT), np.float32(np.inf))), 3e38, -3e38, F32_MAX, -F32_MAX, 1e-45, 1e20, -1e25]
+COORDS = st.one_of(
+    st.floats(-8.0, IMAGE + 8.0, width=32),  # ordinary boxes (about a third of the rows are then valid)
+    st.floats(-F32_MAX, F32_MAX, width=32, allow_nan=False, allow_infinity=False),  # any finite magnitude
+    st.sampled_from(SPECIAL),
+)
+LABELS = st.one_of(st.integers(0, NC - 1), st.sampled_from([-1, NC, NC + 7, np.iinfo(np.int32).max, np.iinfo(np.int32).min]))
+
+
+@st.composite
+def degenerate_batches(draw):
+  """(feats, gt): a fixed shape (B, M_PROP) of ground truth with coordinates of every kind of float32."""
+  n = B * M_PROP
+  boxes = np.array(draw(st.lists(COORDS, min_size=4 * n, max_size=4 * n)), np.float32).reshape(B, M_PROP, 4)
+  ordered = draw(st.lists(st.booleans(), min_size=n, max_size=n))  # sort half the rows into x1 <= x2, y1 <= y2
+  flat = boxes.reshape(n, 4)
+  for r, o in enumerate(ordered):
+    if o:
+      flat[r] = [np.fmin(flat[r, 0], flat[r, 2]), np.fmin(flat[r, 1], flat[r, 3]),
+                 np.fmax(flat[r, 0], flat[r, 2]), np.fmax(flat[r, 1], flat[r, 3])]
+  labels = np.array(draw(st.lists(LABELS, min_size=n, max_size=n)), np.int32).reshape(B, M_PROP)
+  mask = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)), bool).reshape(B, M_PROP)
+  scale = draw(st.sampled_from([0.01, 1.0, 8.0, 1e4]))
+  feats = head_maps(seed=draw(st.integers(0, 2**16)), scale=scale)
+  return feats, jaxtal.GroundTruth(labels, boxes, mask)
+
+
+@functools.cache
+def property_loss_step():
+  def loss(feats, gt):
+    return jaxtal.detection_loss(feats, gt, num_classes=NC, strides=STRIDES, reg_max=R, topk=4, min_box_side=4.0)
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def check_degenerate_batch(feats, gt):
+  step = property_loss_step()
+  (total, parts), grads = step(feats, jaxtal.GroundTruth(*map(jnp.asarray, gt)))
+  assert np.isfinite(float(total)) and all(np.isfinite(float(p)) and float(p) >= 0 for p in parts), (total, parts)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all()
+  # Invalid rows (the documented rule, in NumPy) are exactly padding.
+  valid = np_valid_rows(gt.labels, gt.boxes, gt.mask, NC, image_hw=(IMAGE, IMAGE))
+  clean = jaxtal.GroundTruth(np.where(valid, gt.labels, 0).astype(np.int32),
+                             np.where(valid[..., None], gt.boxes, 0.0).astype(np.float32), valid)
+  (clean_total, clean_parts), clean_grads = step(feats, jaxtal.GroundTruth(*map(jnp.asarray, clean)))
+  np.testing.assert_array_equal(total, clean_total)
+  np.testing.assert_array_equal(np.asarray(parts), np.asarray(clean_parts))
+  for g, c in zip(grads, clean_grads):
+    np.testing.assert_array_equal(g, c)
+
+
+PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@settings(max_examples=150, **PROPERTY)
+@given(batch=degenerate_batches())
+def test_any_float32_ground_truth_gives_a_finite_loss(batch):
+  check_degenerate_batch(*batch)
+
+
+@pytest.mark.slow
+@settings(max_examples=3000, **PROPERTY)
+@given(batch=degenerate_batches())
+def test_any_float32_ground_truth_gives_a_finite_loss_3000(batch):
+  check_degenerate_batch(*batch)
+

@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import functools
 
-import chex
 import jax
 import numpy as np
 import pytest
-from absl.testing import parameterized
 
 import cases
 import jaxtal
@@ -48,14 +46,15 @@ def _assign_args(inputs):
   return inputs["pred_scores"], inputs["pred_boxes"], inputs["anchor_points"], _gt(inputs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gt_chunk"))
-def _assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config, gt_chunk=None):
-  return jaxtal.task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, gt_chunk=gt_chunk, **dict(config))
+@functools.partial(jax.jit, static_argnames="config")
+def _assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config):
+  return jaxtal.task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, config)
 
 
 def run_jaxtal(case: dict, gt_chunk: int | None = None) -> dict:
-  """jaxtal's assignment of a case (jitted) as a dict of NumPy arrays."""
-  out = _assign_jit(*_assign_args(case["inputs"]), config=tuple(sorted(case["config"].items())), gt_chunk=gt_chunk)
+  """jaxtal's assignment of a case (jitted, the case's config as a static AssignerConfig) as NumPy arrays."""
+  config = jaxtal.AssignerConfig(**case["config"], gt_chunk=gt_chunk)
+  out = _assign_jit(*_assign_args(case["inputs"]), config=config)
   return {k: np.asarray(v) for k, v in out._asdict().items()}
 
 
@@ -105,8 +104,10 @@ def test_fixture_inputs_match_builders(name):
   assert stored["config"] == built["config"]
   assert set(stored["inputs"]) == set(built["inputs"])
   for key, value in built["inputs"].items():
-    # Head-decoded predictions may move by float32 rounding across jax versions.
-    np.testing.assert_allclose(stored["inputs"][key], value, rtol=1e-6, atol=1e-5, err_msg=key)
+    # Head-decoded predictions move by float32 rounding across jax versions, and jaxtal's DFL
+    # kernel divides once per side (sum(e * i) / sum(e)) where the fixtures normalised per bin:
+    # a few ulps of a distance of up to 16 bins, times strides of up to 320 pixels.
+    np.testing.assert_allclose(stored["inputs"][key], value, rtol=1e-5, atol=1e-4, err_msg=key)
 
 
 def test_golden_cases_have_positives_and_padding():
@@ -129,16 +130,28 @@ def test_golden_cases_have_positives_and_padding():
   assert positives["tiny_boxes_side_stride1"] > positives["tiny_boxes_side0"]
 
 
-class GoldenVariantsTest(chex.TestCase):
-  """Golden comparison compiled and eager (``chex.variants``)."""
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["seed", "near_gt"])
+def test_golden_eager(name):
+  """The golden comparison without jit (op by op: ~10 s of compiles each on CPU, hence slow)."""
+  case, ref, _ = cases.load_fixture("assign", name)
+  got = jaxtal.task_aligned_assign(*_assign_args(case["inputs"]), **case["config"])
+  assert_assignment_matches({k: np.asarray(v) for k, v in got._asdict().items()}, ref, where=f"[{name} eager] ")
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.named_parameters(("seed", "seed"), ("near_gt", "near_gt"))
-  def test_golden(self, name):
+
+def test_positives_per_gt_match_the_reference_positives():
+  """positives_per_gt counts each GT's foreground anchors; on the golden cases it equals, per GT, the reference's
+  anchors with a positive target score plus jaxtal's zero-score foreground anchors of that GT."""
+  for name in cases.ASSIGN_CASES:
     case, ref, _ = cases.load_fixture("assign", name)
-    assign = self.variant(functools.partial(jaxtal.task_aligned_assign, **case["config"]))
-    got = assign(*_assign_args(case["inputs"]))
-    assert_assignment_matches({k: np.asarray(v) for k, v in got._asdict().items()}, ref, where=f"[{name}] ")
+    got = run_jaxtal(case)
+    m = case["inputs"]["gt_labels"].shape[1]
+    pos = ref["scores"].sum(-1) > 0
+    zero_fg = got["fg_mask"] & ~(got["scores"].sum(-1) > 0)
+    for i in range(pos.shape[0]):
+      want = np.bincount(ref["gt_index"][i][pos[i]], minlength=m) + np.bincount(got["gt_index"][i][zero_fg[i]], minlength=m)
+      np.testing.assert_array_equal(got["positives_per_gt"][i], want, err_msg=f"{name}, image {i}")
+    np.testing.assert_array_equal(got["positives_per_gt"][~case["inputs"]["gt_mask"]], 0)
 
 
 @pytest.mark.parametrize(("name", "gt_chunk"), [("near_gt", 1), ("near_gt", 2), ("topk2", 3)])

@@ -31,11 +31,11 @@ GRAD_RATIO = 1e-3
 SAME_RTOL = 1e-6  # two jaxtal spellings of one computation (module, layout)
 
 
-def _static(config: dict) -> tuple:
+def _config(config: dict, layout: str = "NCHW") -> tuple[jaxtal.LossConfig, np.ndarray | None]:
+  """A case's config as a (static, hashable) LossConfig and its class weights (an array, not configuration)."""
   kwargs, _ = cases.split_loss_config(config)
-  if kwargs["class_weights"] is not None:
-    kwargs["class_weights"] = tuple(kwargs["class_weights"])
-  return tuple(sorted(kwargs.items()))
+  cw = kwargs.pop("class_weights")
+  return jaxtal.LossConfig(**kwargs, layout=layout), None if cw is None else np.asarray(cw, np.float32)
 
 
 def _gt(case: dict) -> jaxtal.GroundTruth:
@@ -45,14 +45,10 @@ def _gt(case: dict) -> jaxtal.GroundTruth:
   return jaxtal.pack_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, size)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "layout"))
-def _value_and_grad(feats, gt, *, config, layout="NCHW"):
-  kwargs = dict(config)
-  if kwargs["class_weights"] is not None:  # static (hashable) tuple -> the (nc,) array the loss takes
-    kwargs["class_weights"] = np.asarray(kwargs["class_weights"], np.float32)
-
+@functools.partial(jax.jit, static_argnames="config")
+def _value_and_grad(feats, gt, class_weights, *, config):
   def f(feats):
-    return jaxtal.detection_loss(feats, gt, layout=layout, **kwargs)
+    return jaxtal.detection_loss(feats, gt, config, class_weights=class_weights)
 
   (total, parts), grads = jax.value_and_grad(f, has_aux=True)(feats)
   return total, parts, grads
@@ -63,7 +59,8 @@ def run_jaxtal(case: dict, layout: str = "NCHW"):
   feats = [np.asarray(f) for f in case["inputs"]["feats"]]
   if layout == "NHWC":
     feats = [f.transpose(0, 2, 3, 1) for f in feats]
-  total, parts, grads = _value_and_grad(feats, _gt(case), config=_static(case["config"]), layout=layout)
+  config, class_weights = _config(case["config"], layout)
+  total, parts, grads = _value_and_grad(feats, _gt(case), class_weights, config=config)
   return float(total), jaxtal.LossParts(*(float(p) for p in parts)), [np.asarray(g) for g in grads]
 
 
@@ -115,10 +112,8 @@ def test_golden_cases_are_informative():
 @pytest.mark.parametrize("name", ["seed", "class_weights"])
 def test_module_matches_function(name):
   case, _, _ = cases.load_fixture("loss", name)
-  kwargs, _ = cases.split_loss_config(case["config"])
-  if kwargs["class_weights"] is not None:
-    kwargs["class_weights"] = np.asarray(kwargs["class_weights"], np.float32)
-  module = jaxtal.DetectionLoss(layout="NCHW", **kwargs)
+  config, class_weights = _config(case["config"])
+  module = jaxtal.DetectionLoss(config, class_weights=class_weights)
   total, parts = nnx.jit(lambda m, feats, gt: m(feats, gt))(module, case["inputs"]["feats"], _gt(case))
   want_total, want_parts, _ = run_jaxtal(case)
   np.testing.assert_allclose(float(total), want_total, rtol=SAME_RTOL)

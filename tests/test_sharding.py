@@ -17,6 +17,10 @@ Checked:
   slice (its own normaliser), which differs from the global loss because the images hold
   different numbers of boxes;
 * ``examples/train_sharded.py`` runs a few steps.
+
+The whole module is ``slow`` (two subprocesses with 8 devices, about a minute on CPU); the
+custom-VJP reduction the loss uses under ``axis_name`` (``jaxtal._parallel.global_sum``) is also
+checked in the default run, in test_kernels.py.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import numpy as np
 import pytest
 
 import jaxtal
+
+pytestmark = pytest.mark.slow
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEVICES = 8

@@ -1,0 +1,216 @@
+"""Trace-time validation, in one place: structure, shapes, dtypes and configuration.
+
+Values inside ``jit`` are never read here (see :mod:`jaxtal.checks` for that). Every error
+names the argument, says what was expected and shows what was received.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp  # issubdtype knows bfloat16 (NumPy's does not)
+import numpy as np
+
+
+def whole(name: str, x, *, low: int | None = None, caller: str | None = None) -> int:
+  """``x`` as an int if it is a whole number ``>= low`` (bools rejected), else ValueError."""
+  prefix = f"{caller}: " if caller else ""
+  try:
+    ok = isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) and float(x) == int(x)
+  except (TypeError, ValueError, OverflowError):
+    ok = False
+  if not ok or (low is not None and int(x) < low):
+    bound = "" if low is None else f" >= {low}"
+    raise ValueError(f"{prefix}{name} must be a whole number{bound}, got {x!r}")
+  return int(x)
+
+
+def finite_number(name: str, x, *, low: float | None = None) -> float:
+  """``x`` as a float if finite (and ``>= low``), else ValueError."""
+  v = float(x) if isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool) else math.nan
+  if not math.isfinite(v) or (low is not None and v < low):
+    bound = "" if low is None else f" >= {low:g}"
+    raise ValueError(f"{name} must be a finite number{bound}, got {x!r}")
+  return v
+
+
+def one_of(name: str, x, allowed: Sequence[str]) -> str:
+  if x not in allowed:
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {x!r}")
+  return x
+
+
+def strides(values) -> tuple[float, ...]:
+  """One finite positive stride per level, as a hashable tuple (whole strides become ints)."""
+  if isinstance(values, (int, float, np.number)) or not isinstance(values, Sequence | np.ndarray):
+    raise ValueError(f"strides must be a sequence with one stride per feature level, e.g. (8, 16, 32); got {values!r}")
+  out = []
+  for i, s in enumerate(values):
+    v = finite_number(f"strides[{i}]", s)
+    if v <= 0:
+      raise ValueError(f"strides[{i}] must be a finite positive number, got {s!r}")
+    out.append(int(v) if v.is_integer() else v)
+  if not out:
+    raise ValueError("strides is empty; expected one stride per feature level, e.g. (8, 16, 32)")
+  return tuple(out)
+
+
+def topk_in_range(topk: int, topk2: int | None, num_anchors: int, caller: str) -> None:
+  """``topk`` (and ``topk2`` unless None) at most ``A``; the config checked they are whole and >= 1."""
+  for name, k in (("topk", topk), ("topk2", topk2)):
+    if k is not None and k > num_anchors:
+      raise ValueError(f"{caller}: {name} must be a whole number in [1, A = {num_anchors}] (A = number of anchors), got {k!r}")
+
+
+def float_array(caller: str, name: str, x, rank: int) -> None:
+  if getattr(x, "ndim", None) != rank:
+    raise ValueError(f"{caller}: {name} must have rank {rank}, got shape {getattr(x, 'shape', None)}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{caller}: {name} must be a float array, got dtype {x.dtype}")
+
+
+def head(feats, num_classes: int, reg_max: int, layout: str, caller: str, extra: int = 0) -> tuple[int, tuple[tuple[int, int], ...]]:
+  """Per-level head maps of ``4 * reg_max + num_classes + extra`` channels; returns ``(b, ((H, W), ...))``."""
+  import jax  # noqa: PLC0415  (kept out of module import for the config's sake)
+
+  if isinstance(feats, jax.Array | np.ndarray) or not isinstance(feats, Sequence) or len(feats) == 0:
+    raise TypeError(f"{caller}: feats must be a non-empty list of per-level head maps, one array per level")
+  channels = 4 * reg_max + num_classes + extra
+  batch, shapes = None, []
+  for i, f in enumerate(feats):
+    shape = getattr(f, "shape", None)
+    if shape is None or len(shape) != 4:
+      raise ValueError(f"{caller}: feats[{i}] must be a rank-4 {layout} array, got shape {shape}")
+    if not jnp.issubdtype(f.dtype, jnp.floating):
+      raise TypeError(f"{caller}: feats[{i}] must be a float array (logits), got dtype {f.dtype}")
+    b, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if layout == "NHWC" else shape
+    if c != channels:
+      where = "last" if layout == "NHWC" else "second"
+      formula = f"4 * reg_max + num_classes = 4 * {reg_max} + {num_classes}" + (f" + {extra}" if extra else "")
+      hint = ""
+      other = shape[1] if layout == "NHWC" else shape[3]
+      if other == channels:
+        hint = f"; axis {'1' if layout == 'NHWC' else '3'} has exactly {channels}: pass layout={'NCHW' if layout == 'NHWC' else 'NHWC'!r}"
+      raise ValueError(
+          f"{caller}: feats[{i}] has {c} channels in its {where} axis ({layout}); expected {formula} = {channels}"
+          f" (shape {tuple(shape)}){hint}"
+      )
+    if batch is None:
+      batch = b
+    elif b != batch:
+      raise ValueError(f"{caller}: feats[{i}] has batch size {b} but feats[0] has {batch}")
+    shapes.append((int(h), int(w)))
+  return int(batch), tuple(shapes)
+
+
+def level_maps(maps, shapes, batch: int, channels: int, layout: str, name: str, caller: str) -> None:
+  """Per-level maps that ride beside the head maps (OBB angles, pose keypoints): a list with one float
+  map per level, ``(b, H_l, W_l, channels)`` for NHWC or ``(b, channels, H_l, W_l)`` for NCHW."""
+  import jax  # noqa: PLC0415
+
+  if isinstance(maps, jax.Array | np.ndarray) or not isinstance(maps, Sequence) or len(maps) != len(shapes):
+    length = f" of length {len(maps)}" if isinstance(maps, Sequence) else ""
+    raise TypeError(
+        f"{caller}: {name} must be a list of per-level maps, one per level of feats ({len(shapes)}), got"
+        f" {type(maps).__name__}{length}"
+    )
+  for i, (x, (h, w)) in enumerate(zip(maps, shapes)):
+    want = (batch, h, w, channels) if layout == "NHWC" else (batch, channels, h, w)
+    if tuple(getattr(x, "shape", ())) != want:
+      raise ValueError(
+          f"{caller}: {name}[{i}] must be {want} ({layout}: {channels} per cell of feats[{i}]), got shape"
+          f" {getattr(x, 'shape', None)}"
+      )
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{caller}: {name}[{i}] must be a float array, got dtype {x.dtype}")
+
+
+def strides_match(shapes: Sequence[tuple[int, int]], strides_: Sequence[float], caller: str) -> tuple[float, float]:
+  """One stride per level, every level mapping to the same input size; returns that ``(H, W)``."""
+  if len(strides_) != len(shapes):
+    raise ValueError(
+        f"{caller}: got {len(strides_)} strides for {len(shapes)} feature levels; expected one stride per level"
+    )
+  h0, w0 = shapes[0][0] * strides_[0], shapes[0][1] * strides_[0]
+  for i, ((h, w), s) in enumerate(zip(shapes, strides_)):
+    if (h * s, w * s) != (h0, w0):
+      raise ValueError(
+          f"{caller}: strides do not match the feature maps: level {i} is {h}x{w} with stride {s}, i.e. an input of"
+          f" {h * s}x{w * s} pixels, but level 0 ({shapes[0][0]}x{shapes[0][1]}, stride {strides_[0]}) implies"
+          f" {h0}x{w0}"
+      )
+  return h0, w0
+
+
+def ground_truth(gt, batch: int | None, caller: str, box_dim: int = 4) -> int:
+  """A :class:`~jaxtal.GroundTruth` of ``labels (b, M)`` int, ``boxes (b, M, D)`` float, ``mask (b, M)``; returns ``M``."""
+  from jaxtal.labels import GroundTruth  # noqa: PLC0415
+
+  if not isinstance(gt, GroundTruth):
+    raise TypeError(f"{caller}: gt must be a jaxtal.GroundTruth(labels, boxes, mask), got {type(gt).__name__}")
+  labels, boxes, mask = (getattr(x, "shape", None) for x in (gt.labels, gt.boxes, gt.mask))
+  if labels is None or len(labels) != 2:
+    raise ValueError(f"{caller}: gt.labels must be (b, M) class ids, got shape {labels}")
+  b, m = labels
+  if batch is not None and b != batch:
+    raise ValueError(
+        f"{caller}: gt has batch size {b} (gt.labels {tuple(labels)}) but the predictions have {batch};"
+        f" gt.labels must be (b, M) with b = {batch}"
+    )
+  kind = "xyxy pixels" if box_dim == 4 else "xywhr pixels"
+  if boxes is None or tuple(boxes) != (b, m, box_dim):
+    raise ValueError(f"{caller}: gt.boxes must be (b, M, {box_dim}) = ({b}, {m}, {box_dim}) {kind}, got shape {boxes}")
+  if mask is None or tuple(mask) != (b, m):
+    raise ValueError(f"{caller}: gt.mask must be (b, M) = ({b}, {m}), got shape {mask}")
+  if not np.issubdtype(gt.labels.dtype, np.integer):
+    raise TypeError(f"{caller}: gt.labels must be integer class ids, got dtype {gt.labels.dtype}")
+  if not jnp.issubdtype(gt.boxes.dtype, jnp.floating):
+    raise TypeError(f"{caller}: gt.boxes must be a float array of {kind}, got dtype {gt.boxes.dtype}")
+  if not (gt.mask.dtype == bool or np.issubdtype(gt.mask.dtype, np.integer)):
+    raise TypeError(f"{caller}: gt.mask must be bool (True on real rows), got dtype {gt.mask.dtype}")
+  return int(m)
+
+
+def class_weights(weights, num_classes: int, caller: str) -> None:
+  if weights is not None and np.shape(weights) != (num_classes,):
+    raise ValueError(f"{caller}: class_weights must have shape (nc,) = ({num_classes},), got {np.shape(weights)}")
+
+
+def assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, box_dim: int, caller: str) -> tuple[int, int, int]:
+  """``pred_scores (b, A, nc)``, ``pred_boxes (b, A, D)``, ``anchor_points (A, 2)`` and ``gt``; returns ``(b, A, nc)``."""
+  for name, x, rank in (("pred_scores", pred_scores, 3), ("pred_boxes", pred_boxes, 3), ("anchor_points", anchor_points, 2)):
+    float_array(caller, name, x, rank)
+  b, a, nc = pred_scores.shape
+  if pred_boxes.shape != (b, a, box_dim):
+    raise ValueError(
+        f"{caller}: pred_boxes must be (b, A, {box_dim}) = ({b}, {a}, {box_dim}) to match pred_scores"
+        f" {pred_scores.shape}, got {pred_boxes.shape}"
+    )
+  if anchor_points.shape != (a, 2):
+    raise ValueError(f"{caller}: anchor_points must be (A, 2) = ({a}, 2), got {anchor_points.shape}")
+  ground_truth(gt, b, caller, box_dim)
+  return b, a, nc
+
+
+def targets(t, batch: int, caller: str) -> None:
+  """A :class:`~jaxtal.Targets` whose arrays agree on ``(b, A)`` and ``(b, E)``."""
+  from jaxtal.targets import ForegroundEntries, Targets  # noqa: PLC0415
+
+  if not isinstance(t, Targets) or not isinstance(t.entries, ForegroundEntries):
+    raise TypeError(
+        f"{caller}: targets must be a jaxtal.Targets (from jaxtal.detection_targets or jaxtal.targets_from_assignment),"
+        f" got {type(t).__name__}"
+    )
+  shape = getattr(t.labels, "shape", None)
+  if shape is None or len(shape) != 2 or shape[0] != batch:
+    raise ValueError(f"{caller}: targets.labels must be (b, A) with b = {batch}, got shape {shape}")
+  for name in ("weights", "fg_mask", "gt_index"):
+    if tuple(getattr(t, name).shape) != tuple(shape):
+      raise ValueError(f"{caller}: targets.{name} must be (b, A) = {tuple(shape)}, got {getattr(t, name).shape}")
+  e = t.entries.anchor.shape
+  for name in ("gt", "valid"):
+    if tuple(getattr(t.entries, name).shape) != tuple(e):
+      raise ValueError(f"{caller}: targets.entries.{name} must be (b, E) = {tuple(e)}, got {getattr(t.entries, name).shape}")
+  if len(e) != 2 or e[0] != batch:
+    raise ValueError(f"{caller}: targets.entries.anchor must be (b, E) with b = {batch}, got shape {e}")

@@ -1,0 +1,367 @@
+"""Speed tricks, each beside the plain form it is tested against and replaceable by it.
+
+Every trick in jaxtal lives here. Each has a plain twin written with the well-kept library
+(optax, ``jax.nn``, ``jax.lax``, autodiff) with the same numerics to float32 rounding
+(``tests/test_kernels.py`` compares values and gradients, and runs
+``jax.test_util.check_grads`` on every custom VJP). A trick stays only while
+``benchmarks/bench.py``'s ablation rows ("plain <name>": the loss step with that one kernel
+replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
+written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
+from whole head-map rows (0%), and the shared sigmoid pass of the assigner and the BCE gradient
+(no gain). XLA fuses the plain forms well on GPU
+and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
+
+The loss and the assigner call these through the module (``kernels.bce_sum(...)``), so
+:func:`_plain` can swap a trick for its twin at trace time (benchmarks and tests only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtal.targets import take_rows
+
+# ------------------------------------------------------------------------------------------------
+# BCE over every class logit against one_hot(labels) * weight.
+# Why: optax's BCE under autodiff lowers through logaddexp and a one-hot target broadcast that
+# XLA:CPU does not vectorise; the closed-form gradient is one elementwise pass.
+# Bench row "loss fwd+bwd, plain bce_sum": saves 30% of the loss step (2026-12-01, M = 50).
+
+
+def plain_bce_sum(logits, labels, weight, class_weights=None):
+  """``sum(optax.sigmoid_binary_cross_entropy(logits, one_hot(labels) * weight) * class_weights)``.
+
+  Shapes: ``(..., nc)`` float32, ``(...)`` int, ``(...)`` float32, ``(nc,)`` or None -> scalar.
+  """
+  z = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype) * weight[..., None]
+  bce = optax.sigmoid_binary_cross_entropy(logits, z)
+  if class_weights is not None:
+    bce = bce * class_weights
+  return jnp.sum(bce)
+
+
+def bce_sum(logits, labels, weight, class_weights=None):
+  """:func:`plain_bce_sum` with an analytic gradient ``(sigmoid(x) - z) * class_weights``.
+
+  Uses ``BCE(x, z) = softplus(x) - x * z`` so the one-hot target is never materialised forward.
+  ``labels``, ``weight`` and ``class_weights`` are constants to this kernel (the loss passes
+  them under ``stop_gradient``); ``weight`` still gets its exact cotangent ``-x[label]``.
+  """
+  if class_weights is None:
+    class_weights = jnp.ones((logits.shape[-1],), jnp.float32)
+  return _bce_sum(logits, labels, weight, class_weights)
+
+
+def _softplus_doubled(x):
+  # 2 * softplus(x) = (x + |x|) + 2 * log1p(exp(-|x|)), with no broadcast constant (XLA:CPU
+  # materialises those as full-size operands of a reduction). Halving it later is exact.
+  a = jnp.abs(x)
+  l = jnp.log1p(jnp.exp(-a))
+  return (x + a) + (l + l)
+
+
+def _picked(logits, labels, class_weights):
+  # (logits * class_weights)[..., label], gathered from a batched operand so it keeps the batch's
+  # sharding under jit (indexing the unbatched (nc,) weights would not).
+  return jnp.take_along_axis(logits * class_weights, labels[..., None], axis=-1)[..., 0]
+
+
+@jax.custom_vjp
+def _bce_sum(logits, labels, weight, class_weights):
+  return 0.5 * jnp.sum(_softplus_doubled(logits) * class_weights) - jnp.sum(_picked(logits, labels, class_weights) * weight)
+
+
+def _bce_fwd(logits, labels, weight, class_weights):
+  return _bce_sum(logits, labels, weight, class_weights), (logits, labels, weight, class_weights)
+
+
+def _bce_bwd(res, g):
+  logits, labels, weight, class_weights = res
+  z = (labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)) * weight[..., None]
+  d_logits = g * (sigmoid(logits) - z) * class_weights
+  d_weight = -g * _picked(logits, labels, class_weights)
+  return d_logits, jax.custom_derivatives.zero_from_primal(labels), d_weight, jnp.zeros_like(class_weights)
+
+
+_bce_sum.defvjp(_bce_fwd, _bce_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# One sigmoid pass over the class logits for the BCE gradient and the assigner's scores.
+# Why: the assigner needs sigmoid(x) ** alpha, alpha = 0.5 by default, and the BCE gradient needs
+# sigmoid(x). Written as r = rsqrt(1 + exp(-x)) and r * r, XLA computes r once per logit for both,
+# so the assigner's whole-map transform costs nothing extra once there are at least nc / 2 GT
+# slots (with fewer, transforming only the M * A values the pairs read is cheaper).
+# Bench row "loss fwd+bwd, plain shared_sigmoid": saves 5% of the loss step in the paired
+# Ultralytics/jaxtal measurement at M = 50 (2.42-2.45x with it, 2.30-2.35x without, 2026-12-01).
+
+
+def plain_sigmoid(x):
+  """``jax.nn.sigmoid(x)``."""
+  return jax.nn.sigmoid(x)
+
+
+def plain_sqrt_sigmoid(x):
+  """``sqrt(jax.nn.sigmoid(x))``."""
+  return jnp.sqrt(jax.nn.sigmoid(x))
+
+
+def plain_whole_map_scores(num_gts: int, num_classes: int, from_logits: bool, alpha: float) -> bool:
+  """Whether the assigner transforms the whole ``(A, nc)`` score map: when it holds fewer values
+  than the ``M * A`` the (GT, anchor) pairs read."""
+  del from_logits, alpha
+  return num_gts >= num_classes
+
+
+def sigmoid(x):
+  """``sigmoid(x)`` as ``rsqrt(1 + exp(-x)) ** 2``, the pass :func:`sqrt_sigmoid` shares (rel. error < 4e-7)."""
+  r = sqrt_sigmoid(x)
+  return r * r
+
+
+def sqrt_sigmoid(x):
+  """``sqrt(sigmoid(x)) = rsqrt(1 + exp(-x))``: in ``[0, 1]`` for every non-NaN ``x``."""
+  return jax.lax.rsqrt(1.0 + jnp.exp(-x))
+
+
+def whole_map_scores(num_gts: int, num_classes: int, from_logits: bool, alpha: float) -> bool:
+  """:func:`plain_whole_map_scores`, and from logits with ``alpha = 0.5`` already from ``nc / 2``
+  slots, where the whole-map pass is shared with the BCE gradient."""
+  shared = from_logits and alpha == 0.5 and 2 * num_gts >= num_classes
+  return shared or num_gts >= num_classes
+
+
+# ------------------------------------------------------------------------------------------------
+# DFL: expected bin and log-sum-exp of each side's R bin logits.
+# Why: one forward pass gives both (the decode needs the expectation, DFL's cross-entropy the
+# log-sum-exp) and one backward pass p * (g_E * (i - E) + g_lse) replaces autodiff's chain.
+# Bench row "loss fwd+bwd, plain softmax_stats": saves 33% of the loss step.
+
+
+def plain_softmax_stats(logits):
+  """``(sum_i softmax(logits)_i * i, logsumexp(logits))`` over the last axis, via ``jax.nn``.
+
+  Shapes: ``(..., R)`` -> ``(...)``, ``(...)``. The expectation is an elementwise weighted sum
+  (not a matmul with a length-R vector): the reference's rounding.
+  """
+  bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
+  return jnp.sum(jax.nn.softmax(logits, axis=-1) * bins, axis=-1), jax.nn.logsumexp(logits, axis=-1)
+
+
+def softmax_stats(logits):
+  """:func:`plain_softmax_stats` in one pass each way (closed-form gradient)."""
+  return _softmax_stats(logits, jax.lax.stop_gradient(jnp.max(logits, axis=-1)))
+
+
+@jax.custom_vjp
+def _softmax_stats(logits, top):
+  return _softmax_parts(logits, top)[:2]
+
+
+def _softmax_parts(logits, top):
+  e = jnp.exp(logits - top[..., None])
+  total = jnp.sum(e, axis=-1)
+  bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
+  # sum(e * i) / sum(e): one fused pass for both sums. Normalising first (the plain form's order)
+  # needs a second pass over the bins and cost 9 ms of the 25 ms decode here; the two agree to a
+  # few float32 ulps of the expectation.
+  return jnp.sum(e * bins, axis=-1) / total, top + jnp.log(total), top, total
+
+
+def _stats_fwd(logits, top):
+  e, lse, top, total = _softmax_parts(logits, top)
+  return (e, lse), (logits, top, e, total)
+
+
+def _stats_bwd(res, g):
+  logits, top, e, total = res
+  g_e, g_lse = g
+  p = jnp.exp(logits - top[..., None]) / total[..., None]  # the forward's exponentials again
+  bins = jnp.arange(logits.shape[-1], dtype=logits.dtype)
+  return p * (g_e[..., None] * (bins - e[..., None]) + g_lse[..., None]), jnp.zeros_like(top)
+
+
+_softmax_stats.defvjp(_stats_fwd, _stats_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Head map split into (box bins, class logits).
+# Why: autodiff of two slices sums two zero-padded full-width cotangents, and XLA:CPU evaluates
+# both producers for every channel; a concatenation evaluates each channel's producer once.
+# Bench row "loss fwd+bwd, plain split_channels": saves 22% of the loss step.
+
+
+def plain_split_channels(x, k):
+  """``(x[..., :k], x[..., k:])``."""
+  return x[..., :k], x[..., k:]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def split_channels(x, k):
+  """:func:`plain_split_channels` whose gradient is one concatenation of the two cotangents."""
+  return x[..., :k], x[..., k:]
+
+
+def _split_fwd(x, k):
+  return split_channels(x, k), None
+
+
+def _split_bwd(k, _, g):
+  return (jnp.concatenate(g, axis=-1),)
+
+
+split_channels.defvjp(_split_fwd, _split_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# DFL's target term over the foreground entry list.
+# Why: the forward reads only the E listed rows; autodiff's gradient of that gather is a scatter
+# of (b, E, 4, R) rows into a zero (b, A, 4, R) array, the kernel's is one dense elementwise pass.
+# Bench row "loss fwd+bwd, plain two_bin_logit_sum": saves 4-6% of the loss step (two runs on
+# 2026-12-01), on the 5% line; kept because without it the loss step falls under the 2.5x-Ultralytics
+# floor this project holds (2.54x with it). Re-measure before relying on it.
+
+
+def two_bin_target(num_bins: int, target: jax.Array) -> jax.Array:
+  """``(..., R)`` DFL target of a distance ``target (...)`` in ``[0, R - 1)``: mass on the two
+  bins around it, linear in the distance (Li et al., 2020, "Generalized Focal Loss")."""
+  left = jnp.floor(target)
+  w_left = left + 1 - target
+  left = left.astype(jnp.int32)[..., None]
+  bins = jnp.arange(num_bins, dtype=jnp.int32)
+  return jnp.where(bins == left, w_left[..., None], 0.0) + jnp.where(bins == left + 1, 1.0 - w_left[..., None], 0.0)
+
+
+def plain_two_bin_logit_sum(logits, target, rows, row_coef):
+  """``sum_e row_coef[e] * sum_s <two_bin_target(target[rows[e], s]), logits[rows[e], s]>``, by autodiff.
+
+  Shapes: ``logits (b, A, S, R)``, ``target (b, A, S)`` in ``[0, R - 1)``, ``rows (b, E)`` int,
+  ``row_coef (b, E)`` -> scalar. ``target`` and ``row_coef`` are constants (their cotangents are
+  not used by the loss).
+  """
+  x = take_rows(logits, rows)
+  t = two_bin_target(logits.shape[-1], take_rows(target, rows))
+  return jnp.sum(row_coef * jnp.sum(x * t, axis=(-2, -1)))
+
+
+@jax.custom_vjp
+def two_bin_logit_sum(logits, target, rows, row_coef):
+  """:func:`plain_two_bin_logit_sum` with a dense elementwise gradient.
+
+  The gradient is ``g * coef[a] * two_bin_target(target[a])`` with ``coef`` the entries'
+  ``row_coef`` scatter-added onto their anchors, so value and gradient agree for any entry list
+  (an anchor listed twice counts twice in both), not only for one that keeps the foreground
+  entry contract.
+  """
+  return plain_two_bin_logit_sum(logits, target, rows, row_coef)
+
+
+def _two_bin_fwd(logits, target, rows, row_coef):
+  # The logits ride along only for their shape (they are an input: nothing is copied).
+  return plain_two_bin_logit_sum(logits, target, rows, row_coef), (logits, target, rows, row_coef)
+
+
+def _two_bin_bwd(res, g):
+  logits, target, rows, row_coef = res
+  coef = jax.vmap(lambda r, c: jnp.zeros(logits.shape[1], c.dtype).at[r].add(c))(rows, row_coef)
+  d_logits = (g * coef)[..., None, None] * two_bin_target(logits.shape[-1], target)
+  return d_logits, jnp.zeros_like(target), jax.custom_derivatives.zero_from_primal(rows), jnp.zeros_like(row_coef)
+
+
+two_bin_logit_sum.defvjp(_two_bin_fwd, _two_bin_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Top-k of each GT's align metric over all A anchors.
+# Why: XLA:CPU's top-k over all A anchors was the assigner's largest single cost. Exact two-stage
+# form: per tile of TILE anchors keep the maximum; a row's k best values lie in its k best tiles.
+# Bench rows "plain top_k": saves 10% of the loss step and 38% of the assignment (M = 50).
+
+TILE = 16
+
+
+def plain_top_k(metric_levels):
+  """Top ``k`` over the concatenated per-level ``(C, A_l)`` metrics: ``(indices (C, k), values (C, k))``.
+
+  Ties go to the lower anchor index (``jax.lax.top_k`` is stable). Called as
+  ``plain_top_k(levels)(k)`` so both forms share a signature.
+  """
+
+  def run(k):
+    values, idx = jax.lax.top_k(jnp.concatenate(metric_levels, axis=1), k)
+    return idx.astype(jnp.int32), values
+
+  return run
+
+
+def top_k(metric_levels):
+  """:func:`plain_top_k` in two stages over tiles of ``TILE`` anchors; the same indices and values.
+
+  ``metric_levels`` are per-level ``(C, A_l)`` float32 metrics ``>= 0`` (tile padding scores -1,
+  below every real value). Each row's ``k`` best tiles (by maximum) hold its ``k`` best anchors;
+  the final top-k runs over those ``k * TILE`` candidates, taken in anchor order so ties still go
+  to the lower anchor index.
+  """
+
+  def run(k):
+    c = metric_levels[0].shape[0]
+    padded, maxima, spans, first = [], [], [], 0  # spans: (first tile, tiles, first anchor, stop)
+    lo = 0
+    for m in metric_levels:
+      hi = lo + m.shape[1]
+      n = -(-(hi - lo) // TILE)
+      m = jnp.pad(m, ((0, 0), (0, n * TILE - (hi - lo))), constant_values=-1.0)
+      maxima.append(m.reshape(c, n, TILE).max(axis=2))
+      padded.append(m)
+      spans.append((first, n, lo, hi))
+      first, lo = first + n, hi
+    _, tiles = jax.lax.top_k(jnp.concatenate(maxima, axis=1), min(k, first))
+    tiles = jnp.sort(tiles, axis=1)  # candidates in anchor order
+    # Tile -> first anchor and level end by arithmetic, not a lookup table: indexing an unbatched
+    # table with batch-sharded indices has no unambiguous sharding under a batch-sharded jit.
+    start, stop = jnp.zeros_like(tiles), jnp.zeros_like(tiles)
+    values = jnp.zeros((c, tiles.shape[1] * TILE), jnp.float32)
+    offsets = jnp.arange(TILE, dtype=jnp.int32)
+    for (t0, n, lo, hi), m in zip(spans, padded):
+      here = (tiles >= t0) & (tiles < t0 + n)
+      start = jnp.where(here, lo + (tiles - t0) * TILE, start)
+      stop = jnp.where(here, hi, stop)
+      local = (jnp.where(here, tiles - t0, 0)[..., None] * TILE + offsets).reshape(c, -1)
+      values = jnp.where(jnp.repeat(here, TILE, axis=1), jnp.take_along_axis(m, local, axis=1), values)
+    ids = start[..., None] + offsets
+    ids = jnp.where(ids < stop[..., None], ids, 0).reshape(c, -1)  # padding (-1) is never among the top k
+    top_values, pos = jax.lax.top_k(values, k)
+    return jnp.take_along_axis(ids, pos, axis=1).astype(jnp.int32), top_values
+
+  return run
+
+
+# ------------------------------------------------------------------------------------------------
+
+KERNELS = ("bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
+# A trick made of several functions is swapped as one.
+_GROUPS = {"shared_sigmoid": ("sigmoid", "sqrt_sigmoid", "whole_map_scores")}
+
+
+@contextlib.contextmanager
+def _plain(*names: str):
+  """Within the block, trace with the plain twin of each named kernel (benchmarks and tests)."""
+  module = sys.modules[__name__]
+  unknown = set(names) - set(KERNELS)
+  if unknown:
+    raise ValueError(f"unknown kernels {sorted(unknown)}; known: {KERNELS}")
+  names = [f for n in names for f in _GROUPS.get(n, (n,))]
+  saved = {n: getattr(module, n) for n in names}
+  try:
+    for n in names:
+      setattr(module, n, getattr(module, f"plain_{n}"))
+    yield
+  finally:
+    for n, f in saved.items():
+      setattr(module, n, f)

@@ -1,0 +1,380 @@
+"""jaxtal.kernels (and jaxtal._parallel): every speed trick against its plain twin and NumPy.
+
+For each kernel: value and gradient equal the plain twin's (``chex.variants``: compiled and eager),
+and every custom VJP passes ``jax.test_util.check_grads`` (reverse mode against finite differences,
+run in float64 so the numerical derivative is precise). ``top_k`` is compared index for index with
+``plain_top_k`` and a NumPy stable sort on tie-heavy metrics. Finally the whole loss traced with
+every plain twin (``kernels._plain``) equals the loss with the tricks, in value and gradient.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl.testing import absltest, parameterized
+from jax.test_util import check_grads
+
+import jaxtal
+from jaxtal import _parallel, kernels
+from oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
+from problems import R, crowded_loss_problem
+
+GRAD_TOL = dict(atol=1e-6, rtol=1e-6, eps=1e-6)  # check_grads in float64
+
+
+def _bce_inputs(seed=0, shape=(3, 7), nc=5, scale=4.0, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  logits = jnp.asarray(rng.standard_normal((*shape, nc)) * scale, dtype)
+  labels = jnp.asarray(rng.integers(0, nc, shape), jnp.int32)
+  weight = jnp.asarray(rng.uniform(size=shape) * (rng.uniform(size=shape) > 0.5), dtype)
+  cw = jnp.asarray(rng.uniform(0.5, 2.0, nc), dtype)
+  return logits, labels, weight, cw
+
+
+# --------------------------------------------------------------------------------------------------
+# bce_sum
+
+
+class BceSumTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(0.1, 4.0, 40.0)
+  def test_value_and_gradients_equal_the_plain_twin(self, scale):
+    logits, labels, weight, cw = _bce_inputs(scale=scale)
+    for weights in (cw, None):
+      got = self.variant(jax.value_and_grad(kernels.bce_sum, argnums=(0, 2)))(logits, labels, weight, weights)
+      want = jax.value_and_grad(kernels.plain_bce_sum, argnums=(0, 2))(logits, labels, weight, weights)
+      chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
+
+  def test_plain_twin_matches_numpy(self):
+    logits, labels, weight, cw = _bce_inputs(seed=1)
+    z = np.eye(5)[np.asarray(labels)] * np.asarray(weight)[..., None]
+    want = (np_bce_with_logits(np.asarray(logits, np.float64), z) * np.asarray(cw, np.float64)).sum()
+    np.testing.assert_allclose(kernels.plain_bce_sum(logits, labels, weight, cw), want, rtol=1e-5)
+    np.testing.assert_allclose(kernels.bce_sum(logits, labels, weight, cw), want, rtol=1e-5)
+
+  @parameterized.parameters(None, "weights")
+  def test_check_grads(self, class_weights):
+    with jax.enable_x64(True):
+      logits, labels, weight, cw = _bce_inputs(seed=2, dtype=jnp.float64)
+      cw = cw if class_weights else None
+      # labels are integers and class_weights a constant of the kernel: differentiate logits and weight.
+      check_grads(lambda x, w: kernels.bce_sum(x, labels, w, cw), (logits, weight), order=1, modes=("rev",), **GRAD_TOL)
+
+  def test_extreme_logits_are_finite(self):
+    logits, labels, weight, cw = _bce_inputs()
+    logits = logits.at[0, 0].set(jnp.array([1e4, -1e4, 0.0, 88.0, -88.0]))
+    for weights in (cw, None):
+      value, grad = jax.value_and_grad(kernels.bce_sum)(logits, labels, weight, weights)
+      self.assertTrue(np.isfinite(value))
+      self.assertTrue(np.isfinite(np.asarray(grad)).all())
+      np.testing.assert_allclose(value, kernels.plain_bce_sum(logits, labels, weight, weights), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# softmax_stats
+
+
+def _bins_and_cotangents(seed, shape, scale, r=16, dtype=jnp.float32):
+  """``(*shape, r)`` bin logits and a random cotangent pair for ``(expectation, lse)``."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((*shape, r)) * scale, dtype)
+  return x, tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+
+
+class SoftmaxStatsTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_and_vjp_equal_the_plain_twin(self):
+    x, cot = _bins_and_cotangents(1, (4, 6, 4), 3)
+    kernel = kernels.softmax_stats
+
+    chex.assert_trees_all_close(self.variant(kernel)(x), kernels.plain_softmax_stats(x), rtol=1e-6, atol=1e-5)
+    got = self.variant(lambda x: jax.vjp(kernel, x)[1](cot)[0])(x)
+    np.testing.assert_allclose(got, jax.vjp(kernels.plain_softmax_stats, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
+
+  def test_plain_twin_matches_numpy(self):
+    x, _ = _bins_and_cotangents(2, (5, 4), 5)
+    e, lse = kernels.plain_softmax_stats(x)
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(e, (np_softmax(x64) * np.arange(16)).sum(-1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lse, np_logsumexp(x64), rtol=1e-6)
+
+  def test_check_grads(self):
+    with jax.enable_x64(True):
+      x, _ = _bins_and_cotangents(3, (3, 4), 2, r=8, dtype=jnp.float64)
+      check_grads(kernels.softmax_stats, (x,), order=1, modes=("rev",), **GRAD_TOL)
+
+  def test_large_logits_stay_finite(self):
+    # The row maximum shift: logits of 1e4 give finite values and gradients.
+    x, cot = _bins_and_cotangents(5, (3, 5, 4), 1)
+    x = x.at[0, 0, 0, 3].set(1e4)
+    e, lse = kernels.softmax_stats(x)
+    g = jax.vjp(kernels.softmax_stats, x)[1](cot)[0]
+    assert np.isfinite(np.asarray(e)).all() and np.isfinite(np.asarray(lse)).all() and np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(e[0, 0, 0], 3.0, atol=1e-6)
+
+  def test_dfl_cross_entropy_matches_optax(self):
+    """lse - <two-bin target, x>, as the loss writes it, is optax's two-label cross-entropy (value and grad)."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((5, 4, 16)) * 3, jnp.float32)
+    target = jnp.asarray(rng.uniform(0, 14.99, (5, 4)), jnp.float32)
+    left = jnp.floor(target).astype(jnp.int32)
+    w_left = left + 1 - target
+
+    def ours(x):
+      return kernels.softmax_stats(x)[1] - jnp.sum(x * kernels.two_bin_target(16, target), -1)
+
+    def ref(x):
+      ce = optax.softmax_cross_entropy_with_integer_labels
+      return ce(x, left) * w_left + ce(x, left + 1) * (1 - w_left)
+
+    cot = jnp.asarray(rng.standard_normal((5, 4)), jnp.float32)
+    run = jax.jit(lambda x, cot: [(f(x), jax.vjp(f, x)[1](cot)[0]) for f in (ours, ref)])
+    (value, vjp), (want_value, want_vjp) = run(x, cot)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vjp, want_vjp, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# split_channels
+
+
+class SplitChannelsTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values_and_gradient_equal_the_plain_twin(self):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((2, 5, 9)), jnp.float32)
+    w1, w2 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 4), (2, 5, 5)))
+
+    def f(split):
+      def loss(x):
+        a, b = split(x, 4)
+        return jnp.sum(jnp.sin(a) * w1) + jnp.sum(b * b * w2)
+      return loss
+
+    chex.assert_trees_all_close(self.variant(kernels.split_channels, static_argnums=1)(x, 4), (x[..., :4], x[..., 4:]))
+    chex.assert_trees_all_close(
+        self.variant(jax.value_and_grad(f(kernels.split_channels)))(x),
+        jax.value_and_grad(f(kernels.plain_split_channels))(x), rtol=1e-6,
+    )
+
+  def test_check_grads(self):
+    with jax.enable_x64(True):
+      x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 7)), jnp.float64)
+      check_grads(lambda x: kernels.split_channels(x, 3), (x,), order=1, modes=("rev",), **GRAD_TOL)
+      check_grads(lambda x: kernels.split_channels(x, 7)[0], (x,), order=1, modes=("rev",), **GRAD_TOL)  # empty part
+
+  def test_one_part_unused_gets_zero_gradient(self):
+    x = jnp.ones((3, 6))
+    grad = jax.grad(lambda x: jnp.sum(kernels.split_channels(x, 2)[1]))(x)
+    np.testing.assert_array_equal(grad, np.concatenate([np.zeros((3, 2)), np.ones((3, 4))], -1))
+
+
+# --------------------------------------------------------------------------------------------------
+# two_bin_target and two_bin_logit_sum
+
+
+def _two_bin_problem(seed=4, b=2, a=9, r=16, extra=7, dtype=jnp.float32):
+  """Logits (b, a, 4, r), targets away from whole bins, and an entry list with repeats and background rows."""
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((b, a, 4, r)) * 3, dtype)
+  whole = rng.integers(0, r - 1, (b, a, 4))
+  target = jnp.asarray(whole + rng.uniform(0.1, 0.9, (b, a, 4)), dtype)  # never on a bin: no kink
+  rows, coef = [], []
+  for _ in range(b):
+    fg = np.flatnonzero(rng.uniform(size=a) < 0.5)
+    listed = np.concatenate([fg, rng.integers(0, a, extra)])  # repeats: an anchor may be listed twice
+    order = rng.permutation(listed.size)
+    rows.append(listed[order])
+    coef.append(rng.uniform(0.1, 1.0, listed.size)[order] * (rng.uniform(size=listed.size) < 0.8))
+  size = max(map(len, rows))
+  rows = jnp.asarray([np.pad(v, (0, size - len(v))) for v in rows], jnp.int32)
+  coef = jnp.asarray([np.pad(v, (0, size - len(v))) for v in coef], dtype)
+  return x, target, rows, coef
+
+
+class TwoBinTest(parameterized.TestCase):
+
+  def test_two_bin_target_matches_numpy(self):
+    t = jnp.array([0.0, 0.25, 3.5, 14.99, 7.0], jnp.float32)
+    got = kernels.two_bin_target(16, t)
+    np.testing.assert_allclose(got, np_two_bin_target(16, t), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1, :3], [0.75, 0.25, 0.0], rtol=1e-6)  # hand-worked
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose((got * np.arange(16)).sum(-1), t, rtol=1e-6)  # its expectation is the target
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_value_and_gradient_equal_the_plain_twin_with_repeated_rows(self):
+    x, target, rows, coef = _two_bin_problem()
+    assert any(np.unique(r).size < r.size for r in np.asarray(rows))  # an anchor listed twice
+    got = self.variant(jax.value_and_grad(kernels.two_bin_logit_sum))(x, target, rows, coef)
+    want = jax.value_and_grad(kernels.plain_two_bin_logit_sum)(x, target, rows, coef)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_value_matches_numpy(self):
+    x, target, rows, coef = _two_bin_problem(seed=5)
+    xs, ts, rs, cs = (np.asarray(v, np.float64) for v in (x, target, rows, coef))
+    want = 0.0
+    for i in range(rs.shape[0]):
+      for e, a in enumerate(rs[i].astype(int)):
+        want += cs[i, e] * (np_two_bin_target(16, ts[i, a]) * xs[i, a]).sum()
+    np.testing.assert_allclose(kernels.two_bin_logit_sum(x, target, rows, coef), want, rtol=1e-5)
+
+  def test_check_grads(self):
+    with jax.enable_x64(True):
+      x, target, rows, coef = _two_bin_problem(seed=6, a=6, r=8, dtype=jnp.float64)
+      check_grads(lambda x: kernels.two_bin_logit_sum(x, target, rows, coef), (x,), order=1, modes=("rev",), **GRAD_TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# top_k
+
+
+def _tied_levels(seed, sizes, rows=6, values=(0.0, 0.25, 0.5, 1.0)):
+  """Per-level (rows, A_l) metrics >= 0 drawn from a few values: ties everywhere, many zeros."""
+  rng = np.random.default_rng(seed)
+  p = np.array([0.5] + [0.5 / (len(values) - 1)] * (len(values) - 1))
+  full = rng.choice(np.asarray(values, np.float32), size=(rows, sum(sizes)), p=p)
+  full[0] = 0.0  # a row of ties only
+  full[1, :] = values[-1]  # a row of equal maxima
+  return [jnp.asarray(x) for x in np.split(full, np.cumsum(sizes)[:-1], axis=1)], full
+
+
+def np_top_k(full, k):
+  """Stable descending sort: ties to the lower anchor index."""
+  idx = np.argsort(-full, axis=1, kind="stable")[:, :k]
+  return idx, np.take_along_axis(full, idx, axis=1)
+
+
+class TopKTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      dict(sizes=(37, 20, 5), k=1),
+      dict(sizes=(37, 20, 5), k=10),
+      dict(sizes=(37, 20, 5), k=13),  # more than the 3 + 2 + 1 = 6 tiles... of a row's best
+      dict(sizes=(37, 20, 5), k=62),  # every anchor
+      dict(sizes=(1, 17, 33), k=7),
+      dict(sizes=(50,), k=5),
+      dict(sizes=(3, 3), k=4),  # fewer tiles than k
+  )
+  def test_equals_plain_top_k_and_numpy_on_ties(self, sizes, k):
+    for seed in range(3):
+      levels, full = _tied_levels(seed, sizes)
+      got = jax.jit(lambda *lv: kernels.top_k(list(lv))(k))(*levels)
+      want = kernels.plain_top_k(levels)(k)
+      np.testing.assert_array_equal(got[0], want[0])
+      np.testing.assert_array_equal(got[1], want[1])
+      idx, val = np_top_k(full, k)
+      np.testing.assert_array_equal(got[0], idx)
+      np.testing.assert_array_equal(got[1], val)
+      chex.assert_type(got[0], jnp.int32)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_compiled_and_eager(self):
+    levels, full = _tied_levels(5, (37, 20, 5))
+    got = self.variant(lambda *lv: kernels.top_k(list(lv))(10))(*levels)
+    idx, val = np_top_k(full, 10)
+    np.testing.assert_array_equal(got[0], idx)
+    np.testing.assert_array_equal(got[1], val)
+
+  def test_continuous_values(self):
+    rng = np.random.default_rng(9)
+    full = rng.uniform(size=(4, 300)).astype(np.float32) ** 8  # many tiny values, few large
+    levels = [jnp.asarray(x) for x in np.split(full, [200, 290], axis=1)]
+    for k in (1, 10, 40):
+      got = jax.jit(lambda *lv, k=k: kernels.top_k(list(lv))(k))(*levels)
+      idx, val = np_top_k(full, k)
+      np.testing.assert_array_equal(got[0], idx)
+      np.testing.assert_array_equal(got[1], val)
+
+
+# --------------------------------------------------------------------------------------------------
+# _plain: every trick can be swapped for its twin, and the loss does not change
+
+
+class PlainSwapTest(parameterized.TestCase):
+
+  def test_swaps_and_restores(self):
+    names = [f for n in kernels.KERNELS for f in kernels._GROUPS.get(n, (n,))]  # a group swaps several functions
+    assert {"sigmoid", "sqrt_sigmoid", "whole_map_scores"} <= set(names)
+    tricks = {n: getattr(kernels, n) for n in names}
+    with kernels._plain(*kernels.KERNELS):
+      for n in names:
+        self.assertIs(getattr(kernels, n), getattr(kernels, f"plain_{n}"))
+    for n, f in tricks.items():
+      self.assertIs(getattr(kernels, n), f)
+    with self.assertRaisesRegex(ValueError, r"unknown kernels \['sqrt_sigmoid'\]"):
+      with kernels._plain("sqrt_sigmoid"):
+        pass
+    with self.assertRaises(RuntimeError), kernels._plain("top_k"):
+      raise RuntimeError  # restored on the way out of an exception too
+    self.assertIs(kernels.top_k, tricks["top_k"])
+
+  def test_shared_sigmoid_pair_equals_jax_nn(self):
+    x = jnp.asarray(np.random.default_rng(4).standard_normal(1000) * 8, jnp.float32)
+    x = jnp.concatenate([x, jnp.asarray([-1e4, -100.0, 0.0, 100.0, 1e4, jnp.inf, -jnp.inf])])
+    np.testing.assert_allclose(kernels.sigmoid(x), jax.nn.sigmoid(x), rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(kernels.sqrt_sigmoid(x), jnp.sqrt(jax.nn.sigmoid(x)), rtol=1e-6, atol=1e-30)
+    # The policy: the whole map from nc / 2 slots when the pass is shared (logits, alpha 0.5), else from nc.
+    assert kernels.whole_map_scores(40, 80, True, 0.5) and not kernels.whole_map_scores(39, 80, True, 0.5)
+    assert not kernels.whole_map_scores(40, 80, False, 0.5) and kernels.whole_map_scores(80, 80, False, 1.0)
+    assert kernels.plain_whole_map_scores(80, 80, True, 0.5) and not kernels.plain_whole_map_scores(40, 80, True, 0.5)
+
+  def test_loss_with_every_plain_twin_equals_the_loss(self):
+    """Value and gradient of the whole loss (and its targets) with all tricks swapped for their twins."""
+    feats, gt = crowded_loss_problem(seed=1)
+    cfg = jaxtal.LossConfig(num_classes=3, strides=(8, 16), reg_max=R, topk=3)
+
+    def run():
+      fn = jax.jit(jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, cfg), has_aux=True))  # traced afresh
+      return fn(feats)
+
+    tricks = run()
+    with kernels._plain(*kernels.KERNELS):
+      plain = run()
+    (total, parts), grads = tricks
+    assert float(parts.box) > 0 and float(parts.dfl) > 0
+    chex.assert_trees_all_close(plain[0], tricks[0], rtol=2e-5, atol=1e-6)
+    for g, p in zip(grads, plain[1]):
+      np.testing.assert_allclose(g, p, rtol=1e-4, atol=1e-6 * float(np.abs(p).max()))
+
+
+# --------------------------------------------------------------------------------------------------
+# _parallel.global_sum
+
+
+class GlobalSumTest(parameterized.TestCase):
+
+  def test_check_grads_under_shard_map_and_pmap_with_one_device(self):
+    mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec("d")
+
+    def mapped(x):
+      body = lambda v: _parallel.global_sum(jnp.sin(v), "d") * v  # noqa: E731
+      return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))(x)
+
+    with jax.enable_x64(True):
+      x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5)), jnp.float64)
+      check_grads(mapped, (x,), order=1, modes=("rev",), **GRAD_TOL)
+      pm = jax.pmap(lambda v: _parallel.global_sum(jnp.sin(v), "d") * v, axis_name="d")
+      check_grads(pm, (x,), order=1, modes=("rev",), **GRAD_TOL)
+
+  def test_value_is_the_sum_and_the_gradient_is_the_own_share(self):
+    """Under vmap with an axis name (4 'devices'): every device sees the global sum, and differentiating
+    its own copy gives the cotangent for its own input only (not 4 times it, as psum's transpose would)."""
+    x = jnp.asarray([1.0, 2.0, 3.0, 4.0])
+    summed = jax.vmap(lambda v: _parallel.global_sum(v, "i"), axis_name="i")(x)
+    np.testing.assert_array_equal(summed, [10.0] * 4)
+    own = jax.vmap(jax.grad(lambda v: 3.0 * _parallel.global_sum(v * v, "i")), axis_name="i")(x)
+    np.testing.assert_allclose(own, 6.0 * np.asarray(x))  # d(3 * v^2)/dv, this device's share
+    psum = jax.vmap(jax.grad(lambda v: 3.0 * jax.lax.psum(v * v, "i")), axis_name="i")(x)
+    assert not np.allclose(psum, own)  # control: the plain psum gradient is different here
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -1,0 +1,201 @@
+"""jaxtal.labels: pack_labels (host side) and valid_rows, the one rule for which GT rows count.
+
+Expectations are hand-worked or computed by the NumPy packer ``oracles.np_pack``.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import absltest, parameterized
+
+import jaxtal
+from oracles import np_pack
+
+
+class PackLabelsTest(chex.TestCase):
+
+  ROWS = np.array([
+      [1, 2, 0.50, 0.50, 0.20, 0.40],
+      [0, 0, 0.25, 0.75, 0.50, 0.10],
+      [1, 1, 0.10, 0.20, 0.10, 0.10],
+      [0, 4, 0.90, 0.10, 0.05, 0.15],
+      [1, 0, 0.60, 0.60, 0.30, 0.30],
+  ], np.float32)
+
+  def test_ordering_within_images_and_padding(self):
+    gt = jaxtal.pack_labels(self.ROWS, batch_size=3, max_boxes=4, image_size=(100, 200))
+    chex.assert_shape([gt.labels, gt.boxes, gt.mask], [(3, 4), (3, 4, 4), (3, 4)])
+    self.assertEqual((gt.labels.dtype, gt.boxes.dtype, gt.mask.dtype), (np.int32, np.float32, bool))
+    labels, boxes, mask = np_pack(self.ROWS.astype(np.float64), 3, 4, (100, 200))
+    np.testing.assert_array_equal(gt.labels, labels)
+    np.testing.assert_allclose(gt.boxes, boxes, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(gt.mask, mask)
+    np.testing.assert_array_equal(gt.labels[0, :2], [0, 4])  # image 0: rows 1, 3 in that order
+    np.testing.assert_array_equal(gt.labels[1, :3], [2, 1, 0])  # image 1: rows 0, 2, 4
+    np.testing.assert_array_equal(gt.mask[2], False)  # image 2 has no labels: all padding
+    assert np.all(gt.boxes[~gt.mask] == 0) and np.all(gt.labels[~gt.mask] == 0)
+
+  def test_no_labels(self):
+    for rows in (np.zeros((0, 6), np.float32), np.zeros((0,)), []):
+      gt = jaxtal.pack_labels(rows, batch_size=2, max_boxes=3, image_size=(64, 64))
+      chex.assert_shape([gt.labels, gt.boxes, gt.mask], [(2, 3), (2, 3, 4), (2, 3)])
+      np.testing.assert_array_equal(gt.mask, False)
+      np.testing.assert_array_equal(gt.boxes, 0)
+
+  def test_exactly_max_boxes_fits(self):
+    gt = jaxtal.pack_labels(self.ROWS, batch_size=2, max_boxes=3, image_size=(100, 200))
+    np.testing.assert_array_equal(gt.mask.sum(1), [2, 3])
+
+  @parameterized.named_parameters(
+      ("batch_index_too_large", 2, 0, 2.0, "row 2"),
+      ("batch_index_negative", 1, 0, -1.0, "row 1"),
+      ("batch_index_not_whole", 3, 0, 0.5, "row 3"),
+      ("class_negative", 1, 1, -1.0, "row 1"),
+      ("class_not_whole", 4, 1, 1.5, "row 4"),
+      ("nan_centre", 2, 3, np.nan, "row 2"),
+      ("inf_width", 0, 4, np.inf, "row 0"),
+  )
+  def test_bad_row_raises_naming_it(self, row, col, value, match):
+    rows = self.ROWS.copy()
+    rows[row, col] = value
+    with self.assertRaisesRegex(ValueError, rf"\b{match}\b"):
+      jaxtal.pack_labels(rows, batch_size=2, max_boxes=4, image_size=(100, 200))
+
+  def test_too_many_rows_for_one_image_names_the_first_extra_row(self):
+    # Image 1 owns rows 0, 2, 4: with max_boxes = 2 its third box, row 4, is the one that does not fit.
+    with self.assertRaisesRegex(ValueError, r"\brow 4\b.*image 1"):
+      jaxtal.pack_labels(self.ROWS, batch_size=2, max_boxes=2, image_size=(100, 200))
+
+  @parameterized.parameters(
+      (np.zeros((3, 5)), "shape"),
+      (np.zeros((3, 6, 1)), "shape"),
+      (np.zeros((6,)), "shape"),
+  )
+  def test_wrong_shape_raises(self, rows, match):
+    with self.assertRaisesRegex(ValueError, match):
+      jaxtal.pack_labels(rows, batch_size=2, max_boxes=2, image_size=(64, 64))
+
+  def test_bad_sizes_raise(self):
+    for kw, match in (
+        (dict(batch_size=0, max_boxes=2, image_size=(64, 64)), "batch_size"),
+        (dict(batch_size=2, max_boxes=0, image_size=(64, 64)), "max_boxes"),
+        (dict(batch_size=2, max_boxes=2, image_size=(64,)), "image_size"),
+        (dict(batch_size=2, max_boxes=2, image_size=(0, 64)), "image_size"),
+    ):
+      with self.assertRaisesRegex(ValueError, match):
+        jaxtal.pack_labels(self.ROWS[:1], **kw)
+
+
+  def test_image_size_as_one_int_is_a_square_input(self):
+    square = jaxtal.pack_labels(self.ROWS, batch_size=2, max_boxes=4, image_size=640)
+    pair = jaxtal.pack_labels(self.ROWS, batch_size=2, max_boxes=4, image_size=(640, 640))
+    for x, y in zip(square, pair):
+      np.testing.assert_array_equal(x, y)
+    _, boxes, _ = np_pack(self.ROWS.astype(np.float64), 2, 4, (640, 640))
+    np.testing.assert_allclose(square.boxes, boxes, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(jaxtal.pack_labels(self.ROWS, 2, 4, np.int64(320)).boxes, boxes / 2, rtol=1e-6, atol=1e-4)
+
+  def test_a_list_of_per_image_arrays(self):
+    per_image = [
+        np.array([[0, 0.25, 0.75, 0.50, 0.10], [4, 0.90, 0.10, 0.05, 0.15]]),  # image 0, no batch index
+        np.array([[2, 0.50, 0.50, 0.20, 0.40], [1, 0.10, 0.20, 0.10, 0.10], [0, 0.60, 0.60, 0.30, 0.30]]),
+        np.zeros((0, 5)),  # image 2: no labels
+    ]
+    gt = jaxtal.pack_labels(per_image, batch_size=3, max_boxes=4, image_size=(100, 200))
+    rows = np.concatenate([np.c_[np.full(len(x), i), x] for i, x in enumerate(per_image)])
+    labels, boxes, mask = np_pack(rows, 3, 4, (100, 200))
+    np.testing.assert_array_equal(gt.labels, labels)
+    np.testing.assert_allclose(gt.boxes, boxes, rtol=1e-6, atol=1e-5)
+    np.testing.assert_array_equal(gt.mask, mask)
+    # The same as the (n, 6) rows they stand for.
+    for x, y in zip(gt, jaxtal.pack_labels(self.ROWS, batch_size=3, max_boxes=4, image_size=(100, 200))):
+      np.testing.assert_array_equal(x, y)
+
+  def test_a_ragged_list_gives_a_clear_error(self):
+    # Arrays of different widths: a message about the labels, not NumPy's "inhomogeneous shape".
+    ragged = [np.zeros((2, 5)), np.zeros((1, 4))]
+    with self.assertRaisesRegex(ValueError, r"one \(n_i, 5\) array per image .* widths \[4, 5\]") as info:
+      jaxtal.pack_labels(ragged, batch_size=2, max_boxes=4, image_size=64)
+    self.assertNotIn("inhomogeneous", str(info.exception))
+    with self.assertRaisesRegex(ValueError, r"one \(n_i, 5\) array per image \(batch_size = 3\).*got 2 arrays"):
+      jaxtal.pack_labels([np.zeros((2, 5)), np.zeros((1, 5))], batch_size=3, max_boxes=4, image_size=64)
+    # Rows of mixed lengths in one list.
+    with self.assertRaisesRegex(ValueError, r"labels must be one \(n, 6\) array.*mixed shapes") as info:
+      jaxtal.pack_labels([[0, 1, 0.5, 0.5, 0.1, 0.1], [0, 1, 0.5]], batch_size=2, max_boxes=4, image_size=64)
+    self.assertNotIn("inhomogeneous", str(info.exception))
+
+  @parameterized.named_parameters(
+      ("side_1e29", 4, 1e29),
+      ("centre_1e29", 2, 1e29),
+      ("centre_negative_1e25", 3, -1e25),
+      ("side_beyond_float32", 5, 1e37),
+  )
+  def test_coordinates_beyond_coord_limit_are_rejected_naming_the_row(self, col, value):
+    rows = self.ROWS.astype(np.float64)
+    rows[3, col] = value
+    # (1e37 * 640 overflows float32 to inf inside pack_labels: NumPy's overflow warning is expected.)
+    with self.assertRaisesRegex(ValueError, r"label row 3 has a box coordinate beyond 1\.04858e\+06 pixels"), \
+        np.errstate(over="ignore"):
+      jaxtal.pack_labels(rows, batch_size=2, max_boxes=4, image_size=640)
+
+  def test_coordinate_exactly_at_coord_limit_is_kept(self):
+    # cx = 1 on a 2**20-pixel-wide input: x1 = x2 = 2**20 = COORD_LIMIT exactly (a zero-width box, valid data).
+    self.assertEqual(jaxtal.COORD_LIMIT, 2.0**20)
+    size = int(jaxtal.COORD_LIMIT)
+    gt = jaxtal.pack_labels(np.array([[0, 1, 1.0, 0.5, 0.0, 0.5]]), batch_size=1, max_boxes=1, image_size=size)
+    np.testing.assert_array_equal(gt.boxes[0, 0], [2.0**20, 2.0**18, 2.0**20, 3 * 2.0**18])
+    with self.assertRaisesRegex(ValueError, "label row 0 has a box coordinate beyond"):
+      jaxtal.pack_labels(np.array([[0, 1, 1.0, 0.5, 0.001, 0.5]]), batch_size=1, max_boxes=1, image_size=size)
+
+  def test_image_size_errors(self):
+    for size in ((64,), (0, 64), -5, (np.inf, 64), "640", True):
+      with self.assertRaisesRegex(ValueError, "image_size"):
+        jaxtal.pack_labels(self.ROWS[:1], batch_size=2, max_boxes=2, image_size=size)
+
+
+class ValidRowsTest(chex.TestCase):
+  """The one rule of which rows count, against hand-worked rows."""
+
+  def test_each_condition(self):
+    limit = jaxtal.COORD_LIMIT
+    rows = [  # (label, box, mask, expected)
+        (0, [0.0, 0.0, 4.0, 4.0], True, True),
+        (2, [0.0, 0.0, 4.0, 4.0], True, True),
+        (0, [0.0, 0.0, 4.0, 4.0], False, False),  # padding
+        (3, [0.0, 0.0, 4.0, 4.0], True, False),  # class == nc
+        (-1, [0.0, 0.0, 4.0, 4.0], True, False),  # negative class
+        (0, [0.0, np.nan, 4.0, 4.0], True, False),
+        (0, [-np.inf, 0.0, 4.0, 4.0], True, False),
+        (0, [0.0, 0.0, limit, 4.0], True, True),  # exactly at the limit: kept
+        (0, [-limit, 0.0, 4.0, 4.0], True, True),
+        (0, [0.0, 0.0, np.nextafter(np.float32(limit), np.float32(np.inf)), 4.0], True, False),
+        (0, [-1e25, 0.0, 4.0, 4.0], True, False),
+        (0, [0.0, 0.0, 3e38, 4.0], True, False),
+        (0, [0.0, 0.0, 4.0, 4.0], True, False),  # the geometry says no (box_ok False below)
+    ]
+    labels = jnp.array([r[0] for r in rows], jnp.int32)
+    boxes = jnp.array([r[1] for r in rows], jnp.float32)
+    mask = jnp.array([r[2] for r in rows])
+    box_ok = jnp.array([True] * (len(rows) - 1) + [False])
+    got = jaxtal.valid_rows(labels, boxes, mask, 3, box_ok)
+    np.testing.assert_array_equal(got, [r[3] for r in rows])
+    # Batched shapes (..., M) work the same.
+    got2 = jaxtal.valid_rows(labels[None], boxes[None], mask[None].astype(jnp.int32), 3, box_ok[None])
+    np.testing.assert_array_equal(got2[0], got)
+
+
+if __name__ == "__main__":
+  absltest.main()
+
+
+def test_huge_normalised_values_are_named_without_a_numpy_warning():
+  import warnings
+
+  rows = np.array([[0, 1, 0.5, 0.5, 1e37, 0.2]], np.float32)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # an overflow RuntimeWarning would fail here
+    with pytest.raises(ValueError, match=r"label row 0 has a box coordinate beyond"):
+      jaxtal.pack_labels(rows, 1, 2, 640)
