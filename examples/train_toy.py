@@ -1,25 +1,27 @@
-"""Train a small YOLO-style detector on generated shapes with jaxtal's loss (CPU, a few minutes).
+"""Train a small YOLO-style detector on generated shapes with jaxtal's loss (CPU, under a minute).
 
-    python examples/train_toy.py                      # defaults: no arguments needed
-    python examples/train_toy.py --steps 300 --plot predictions.png
+    pip install -e ".[examples]"    # pycocotools (mAP), OpenCV (NMS), matplotlib (--plot)
+    python examples/train_toy.py
+    python examples/train_toy.py --steps 1000 --plot predictions.png
+    python examples/train_toy.py --end2end      # YOLO26-style NMS-free training, both branches evaluated
 
-What happens:
+64x64 images of filled rectangles, ellipses and triangles (class = shape; the colour is noise), a few Flax
+NNX conv layers with three NHWC head maps (strides 8/16/32), ``jaxtal.DetectionLoss`` with optax's AdamW,
+then COCO mAP on held-out images: OpenCV's class-aware NMS and pycocotools' ``COCOeval``. Shapes can be
+smaller than the stride-8 anchor spacing, so a few GTs get no anchor at all: the progress lines count them.
 
-1. ``make_dataset`` draws 64x64 images of filled rectangles, ellipses and triangles in a few colours
-   (class = shape kind; the colour is noise the network must learn to ignore) with NumPy, together
-   with their YOLO label rows, packed by ``jaxtal.pack_labels`` into a fixed-size ``GroundTruth``.
-2. ``Detector`` is a few Flax NNX conv layers with three output levels (strides 8/16/32, maps
-   8x8/4x4/2x2), each an NHWC head map of ``4 * reg_max + nc`` channels: the layout jaxtal expects.
-3. ``train_step`` (``nnx.jit``, compiled once: every batch has the same shapes) minimises
-   ``jaxtal.DetectionLoss`` (task-aligned assignment, BCE + CIoU + DFL) with optax's AdamW.
-4. ``evaluate`` decodes predictions (sigmoid scores, ``jaxtal.decode_boxes`` times strides, a
-   confidence threshold, class-aware NMS) and scores them with VOC-style mAP@0.5 on held-out images,
-   once with the untrained model (same initialisation) and once after training.
+``--end2end`` trains as YOLO26 does for NMS-free detection: a second (one-to-one) head on the same features,
+fed them under ``jax.lax.stop_gradient``, and ``jaxtal.EndToEndLoss`` (one-to-one assignment ``topk=7,
+topk2=1``) mixing the two branches with ``jaxtal.one2many_weight`` over ``--epochs`` epochs of the steps. Both
+branches are evaluated: the one-to-many one with NMS, the one-to-one one without (and with, for reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import math
 import sys
 import time
@@ -34,366 +36,347 @@ import jaxtal
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle")
 COLOURS = np.array([[0.9, 0.2, 0.2], [0.2, 0.8, 0.3], [0.25, 0.4, 0.95], [0.95, 0.85, 0.2]], np.float32)
-IMAGE_SIZE = 64
-STRIDES = (8, 16, 32)
-REG_MAX = 16
-MAX_BOXES = 4  # M: box slots per image (images hold 1 to MAX_BOXES shapes)
+IMAGE_SIZE, MAX_BOXES = 64, 4  # an image holds 1 to MAX_BOXES shapes
+CONFIG = jaxtal.LossConfig(num_classes=len(CLASS_NAMES), strides=(8, 16, 32), reg_max=8)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------------------------
+def require(module: str, purpose: str):
+  """Imports ``module``, or exits naming the install command (called at startup, before training)."""
+  try:
+    return importlib.import_module(module)
+  except ImportError:
+    package = module.split(".")[0]
+    sys.exit(f'train_toy.py: {purpose} needs {package}, which is not installed: pip install -e ".[examples]"')
 
 
-def draw_shape(image: np.ndarray, kind: int, box: np.ndarray, colour: np.ndarray) -> None:
-  """Paints one filled shape of class ``kind`` that exactly fills ``box`` (xyxy pixels) into ``image`` (H, W, 3)."""
+def draw_shape(image: np.ndarray, kind: int, box, colour) -> None:
+  """Paints a filled shape of class ``kind`` exactly filling ``box`` (xyxy pixels) into ``image (H, W, 3)``."""
   x1, y1, x2, y2 = box
   ys, xs = np.mgrid[: image.shape[0], : image.shape[1]] + 0.5  # pixel centres
   if kind == 0:  # rectangle
     inside = (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
   elif kind == 1:  # ellipse
-    cx, cy, rx, ry = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
-    inside = ((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2 <= 1.0
-  else:  # triangle, apex at the top centre, base along the bottom edge
-    half_width = (ys - y1) / (y2 - y1) * (x2 - x1) / 2
-    inside = (ys >= y1) & (ys <= y2) & (np.abs(xs - (x1 + x2) / 2) <= half_width)
+    inside = ((2 * xs - x1 - x2) / (x2 - x1)) ** 2 + ((2 * ys - y1 - y2) / (y2 - y1)) ** 2 <= 1.0
+  else:  # triangle: apex at the top centre, base along the bottom edge
+    inside = (ys >= y1) & (ys <= y2) & (np.abs(xs - (x1 + x2) / 2) <= (ys - y1) / (y2 - y1) * (x2 - x1) / 2)
   image[inside] = colour
 
 
-def random_boxes(rng: np.random.Generator, count: int, size: int) -> np.ndarray:
-  """Up to ``count`` xyxy boxes (sides 12 to 32 px) inside a ``size`` square that overlap little (IoU < 0.2)."""
+def random_boxes(rng: np.random.Generator, count: int) -> list[np.ndarray]:
+  """Up to ``count`` xyxy boxes, sides 6 to 32 px, any two overlapping by at most a 2 px strip."""
   boxes = []
   for _ in range(20 * count):
-    w, h = rng.uniform(12, 32, size=2)
-    x1, y1 = rng.uniform(0, size - w), rng.uniform(0, size - h)
+    w, h = rng.uniform(6, 32, 2)
+    x1, y1 = rng.uniform(0, IMAGE_SIZE - w), rng.uniform(0, IMAGE_SIZE - h)
     box = np.array([x1, y1, x1 + w, y1 + h])
-    if all(iou_matrix(box[None], b[None])[0, 0] < 0.2 for b in boxes):
+    if all((np.minimum(box[2:], b[2:]) - np.maximum(box[:2], b[:2])).min() < 2 for b in boxes):
       boxes.append(box)
     if len(boxes) == count:
       break
-  return np.array(boxes, np.float32).reshape(-1, 4)
+  return boxes
 
 
-def make_dataset(num_images: int, rng: np.random.Generator, size: int = IMAGE_SIZE):
-  """Generates ``num_images`` images of coloured shapes and their labels.
-
-  Returns:
-    ``images``: ``(n, size, size, 3)`` float32 in ``[0, 1]``;
-    ``rows``: ``(k, 6)`` YOLO label rows ``[image_idx, cls, cx, cy, w, h]`` (normalised);
-    ``gt``: the rows packed by ``jaxtal.pack_labels`` into a ``GroundTruth`` with ``M = MAX_BOXES``.
-  """
-  images = np.empty((num_images, size, size, 3), np.float32)
-  rows = []
+def make_dataset(num_images: int, rng: np.random.Generator):
+  """``num_images`` images ``(n, 64, 64, 3)`` float32 in [0, 1] and their ``jaxtal.GroundTruth``."""
+  shape = (num_images, IMAGE_SIZE, IMAGE_SIZE, 3)
+  images = rng.uniform(0.0, 0.35, (num_images, 1, 1, 1)) + rng.normal(0.0, 0.04, shape)  # background, noise
+  rows = []  # YOLO label rows [image, class, cx, cy, w, h], normalised
   for i in range(num_images):
-    background = rng.uniform(0.0, 0.35)
-    images[i] = background + rng.normal(0.0, 0.04, size=(size, size, 3))
-    for box in random_boxes(rng, int(rng.integers(1, MAX_BOXES + 1)), size):
+    for box in random_boxes(rng, int(rng.integers(1, MAX_BOXES + 1))):
       kind = int(rng.integers(len(CLASS_NAMES)))
       draw_shape(images[i], kind, box, COLOURS[rng.integers(len(COLOURS))])
-      cx, cy, w, h = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0], box[3] - box[1]
-      rows.append([i, kind, cx / size, cy / size, w / size, h / size])
-  rows = np.array(rows, np.float32).reshape(-1, 6)
-  gt = jaxtal.pack_labels(rows, batch_size=num_images, max_boxes=MAX_BOXES, image_size=(size, size))
-  return np.clip(images, 0.0, 1.0), rows, gt
+      rows.append([i, kind, *((box[:2] + box[2:]) / 2 / IMAGE_SIZE), *((box[2:] - box[:2]) / IMAGE_SIZE)])
+  gt = jaxtal.pack_labels(np.reshape(rows, (-1, 6)), num_images, MAX_BOXES, IMAGE_SIZE)
+  return np.clip(images, 0.0, 1.0).astype(np.float32), gt
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-# ---------------------------------------------------------------------------------------------
-
-
-class ConvBlock(nnx.Module):
-  """3x3 convolution, GroupNorm and SiLU."""
+class Block(nnx.Module):
+  """3x3 convolution, GroupNorm, SiLU."""
 
   def __init__(self, cin: int, cout: int, stride: int, rngs: nnx.Rngs):
     self.conv = nnx.Conv(cin, cout, (3, 3), strides=stride, use_bias=False, rngs=rngs)
     self.norm = nnx.GroupNorm(cout, num_groups=8, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x):
     return nnx.silu(self.norm(self.conv(x)))
 
 
-class Head(nnx.Module):
-  """One output level: separate box and class branches, concatenated to ``4 * reg_max + nc`` channels."""
-
-  def __init__(self, cin: int, num_classes: int, stride: int, reg_max: int, rngs: nnx.Rngs):
-    self.box = nnx.Sequential(ConvBlock(cin, 64, 1, rngs), nnx.Conv(64, 4 * reg_max, (1, 1), rngs=rngs))
-    self.cls = nnx.Sequential(ConvBlock(cin, 64, 1, rngs), nnx.Conv(64, num_classes, (1, 1), rngs=rngs))
-    # YOLOv8-style bias priors: flat box distributions, and ~5 objects per image spread over the cells.
-    self.box.layers[-1].bias[...] = jnp.ones(4 * reg_max, jnp.float32)
-    prior = math.log(5 / num_classes / (IMAGE_SIZE / stride) ** 2)
-    self.cls.layers[-1].bias[...] = jnp.full(num_classes, prior, jnp.float32)  # explicit dtype: a weak-typed
-    # bias would change type after the first update and force a second compilation
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.concatenate([self.box(x), self.cls(x)], axis=-1)
-
-
 class Detector(nnx.Module):
-  """A tiny detector: strided conv backbone, top-down merge, three head maps ``(b, H/s, W/s, 4R + nc)``."""
+  """Strided backbone (to stride 32), a top-down merge, and per level an NHWC head map of ``4R + nc`` channels.
 
-  def __init__(self, num_classes: int = len(CLASS_NAMES), reg_max: int = REG_MAX, *, rngs: nnx.Rngs):
-    self.stem = nnx.Sequential(ConvBlock(3, 16, 2, rngs), ConvBlock(16, 32, 2, rngs))  # stride 4
-    self.down8 = ConvBlock(32, 64, 2, rngs)
-    self.down16 = ConvBlock(64, 64, 2, rngs)
-    self.down32 = ConvBlock(64, 64, 2, rngs)
-    self.merge16 = ConvBlock(128, 64, 1, rngs)
-    self.merge8 = ConvBlock(128, 64, 1, rngs)
-    self.heads = nnx.List([Head(64, num_classes, s, reg_max, rngs) for s in STRIDES])
+  With ``end2end=True`` it also holds a one-to-one head: a copy of the (one-to-many) head at initialisation, as
+  Ultralytics deep-copies it, that :meth:`both` feeds the same features under ``jax.lax.stop_gradient``.
+  """
 
-  def __call__(self, images: jax.Array) -> list[jax.Array]:
-    p8 = self.down8(self.stem(images))
-    p16 = self.down16(p8)
-    p32 = self.down32(p16)
-    # Top-down: coarse context (what shape is this?) reaches the fine levels.
-    p16 = self.merge16(jnp.concatenate([p16, upsample2(p32)], axis=-1))
-    p8 = self.merge8(jnp.concatenate([p8, upsample2(p16)], axis=-1))
-    return [head(p) for head, p in zip(self.heads, (p8, p16, p32))]
+  def __init__(self, width: int = 48, *, end2end: bool = False, config: jaxtal.LossConfig | None = None,
+               rngs: nnx.Rngs):
+    config = CONFIG if config is None else config  # another config (e.g. other classes): strides (8, 16, 32)
+    r, nc = config.reg_max, config.num_classes
+    chans = [3, 16, 32, width, width, width]  # strides 2, 4, 8, 16, 32
+    self.down = nnx.List([Block(a, b, 2, rngs) for a, b in zip(chans, chans[1:])])
+    self.merge = nnx.List([Block(2 * width, width, 1, rngs) for _ in range(2)])
+    self.heads = nnx.List([nnx.Sequential(Block(width, width, 1, rngs), nnx.Conv(width, 4 * r + nc, (1, 1), rngs=rngs))
+                           for _ in config.strides])
+    for head, s in zip(self.heads, config.strides):  # YOLOv8's bias priors: flat bins, ~5 objects an image
+      cls_prior = math.log(5 / nc / (IMAGE_SIZE / s) ** 2)
+      head.layers[-1].bias[...] = jnp.concatenate([jnp.ones(4 * r), jnp.full(nc, cls_prior)]).astype(jnp.float32)
+    self.heads_o2o = nnx.clone(self.heads) if end2end else None  # its own parameters, the same initial values
+
+  def features(self, x):
+    """The three levels ``(p8, p16, p32)`` the heads read."""
+    levels = []
+    for block in self.down:
+      levels.append(x := block(x))
+    p8, p16, p32 = levels[-3:]
+    up = lambda t: jnp.repeat(jnp.repeat(t, 2, axis=1), 2, axis=2)  # noqa: E731  (nearest, 2x)
+    p16 = self.merge[0](jnp.concatenate([p16, up(p32)], -1))  # coarse context reaches the finer levels
+    p8 = self.merge[1](jnp.concatenate([p8, up(p16)], -1))
+    return p8, p16, p32
+
+  def __call__(self, x):
+    """The one-to-many head's maps (the only head without ``end2end``)."""
+    return [head(p) for head, p in zip(self.heads, self.features(x))]
+
+  def both(self, x):
+    """``(one-to-many maps, one-to-one maps)``; the one-to-one head's input is detached, as in YOLO26."""
+    levels = self.features(x)
+    one2many = [head(p) for head, p in zip(self.heads, levels)]
+    one2one = [head(jax.lax.stop_gradient(p)) for head, p in zip(self.heads_o2o, levels)]
+    return one2many, one2one
 
 
-def upsample2(x: jax.Array) -> jax.Array:
-  """Nearest-neighbour 2x upsampling of ``(b, H, W, C)``."""
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+def zero_positive_counts(positives_per_gt, mask):
+  """``(real GTs that own no anchor, real GTs)`` from ``Targets.positives_per_gt`` and ``GroundTruth.mask``."""
+  mask = jnp.asarray(mask, bool)
+  return jnp.sum(mask & (positives_per_gt == 0)), jnp.sum(mask)
 
 
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
-
-TRACES = {"train_step": 0}  # Python side effects run only while tracing: counts compilations
+TRACES = {"train_step": 0, "train_step_e2e": 0}  # Python side effects run only while tracing: compilations
 
 
 @nnx.jit
-def train_step(model: Detector, optimizer: nnx.Optimizer, loss_fn: jaxtal.DetectionLoss, images, gt):
-  """One AdamW step on a batch; returns ``(loss per image, LossParts)``."""
+def train_step(model, optimizer, loss_fn, images, gt):
+  """One AdamW step. ``gt`` is an argument: a closure over it would compile it in as a constant."""
   TRACES["train_step"] += 1
 
   def loss_of(model):
-    _, parts = loss_fn(model(images), gt)
-    return parts.box + parts.cls + parts.dfl, parts  # per image (the returned total is this times b)
+    feats = model(images)
+    _, parts = loss_fn(feats, gt)
+    _, targets = jaxtal.detection_targets(feats, gt, loss_fn.config)  # the loss's own assignment, to inspect
+    return parts.box + parts.cls + parts.dfl, targets.positives_per_gt  # loss per image
 
-  (loss, parts), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+  (loss, positives), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
   optimizer.update(model, grads)
-  return loss, parts
+  return loss, zero_positive_counts(positives, gt.mask)
 
 
 @nnx.jit
-def eval_step(model: Detector, loss_fn: jaxtal.DetectionLoss, images, gt):
-  """Forward pass without gradients: ``(loss per image, head maps)``."""
-  feats = model(images)
-  _, parts = loss_fn(feats, gt)
-  return parts.box + parts.cls + parts.dfl, feats
+def train_step_e2e(model, optimizer, loss_fn, images, gt, weight):
+  """One AdamW step of ``jaxtal.EndToEndLoss``. ``weight`` (the one-to-many weight) is a traced scalar: the step
+  compiles once for every epoch of the schedule."""
+  TRACES["train_step_e2e"] += 1
+
+  def loss_of(model):
+    one2many, one2one = model.both(images)
+    total, _ = loss_fn((one2many,), (one2one,), gt, weight=weight)
+    _, targets = jaxtal.detection_targets(one2many, gt, loss_fn.config)  # the one-to-many assignment, to inspect
+    return total / images.shape[0], targets.positives_per_gt  # weighted total per image
+
+  (loss, positives), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return loss, zero_positive_counts(positives, gt.mask)
 
 
-def progress(step: int, total: int, loss: float, parts, start: float) -> None:
-  """One-line text progress bar, redrawn in place with ``\\r``."""
-  done = int(30 * step / total)
-  rate = step / max(time.perf_counter() - start, 1e-9)
-  sys.stdout.write(
-      f"\r[{'#' * done}{'.' * (30 - done)}] step {step:4d}/{total}  loss {loss:6.3f}"
-      f"  (box {float(parts.box):.3f} cls {float(parts.cls):.3f} dfl {float(parts.dfl):.3f})  {rate:5.1f} step/s"
-  )
+def epoch_of(step: int, steps: int, epochs: int) -> int:
+  """0-based epoch of 1-based ``step`` when ``steps`` steps make ``epochs`` epochs (as equal as they split)."""
+  return (step - 1) * epochs // steps
+
+
+def report(step: int, total: int, loss: float, zero: float, elapsed: float) -> None:
+  """Progress: on a terminal one bar redrawn in place, otherwise one plain line per call."""
+  text = f"step {step:4d}/{total}  loss {loss:6.3f}  real GTs with no positive {zero:6.2%}  {elapsed:5.1f} s"
+  progress(step, total, text)
+
+
+def progress(step: int, total: int, text: str) -> None:
+  """Writes ``text`` for ``step`` of ``total``: on a terminal after a bar, redrawn in place; otherwise as a line."""
+  if sys.stdout.isatty():
+    bar = "#" * (24 * step // total)
+    sys.stdout.write(f"\r[{bar:.<24}] {text}" + ("\n" if step == total else ""))
+  else:
+    sys.stdout.write(text + "\n")
   sys.stdout.flush()
 
 
-# ---------------------------------------------------------------------------------------------
-# Decoding, NMS and mAP (NumPy, host side)
-# ---------------------------------------------------------------------------------------------
+@nnx.jit
+def predict(model, images):
+  """Sigmoid class scores ``(b, A, nc)`` and xyxy boxes in pixels ``(b, A, 4)``."""
+  return scores_and_boxes(model(images))
 
 
-def decode_predictions(feats, num_classes: int, conf: float = 0.05, reg_max: int = REG_MAX):
-  """Per-image detections from raw head maps.
+@nnx.jit
+def predict_both(model, images):
+  """``(scores, boxes)`` as :func:`predict` of the one-to-many and of the one-to-one head."""
+  one2many, one2one = model.both(images)
+  return scores_and_boxes(one2many), scores_and_boxes(one2one)
 
-  Returns a list (one per image) of ``(boxes (k, 4) xyxy pixels, scores (k,), classes (k,))``:
-  every anchor whose best class score passes ``conf``, before NMS.
-  """
-  pred_dist, pred_logits = jaxtal.flatten_head(feats, num_classes, reg_max)
-  anchors, strides = jaxtal.make_anchors([f.shape[1:3] for f in feats], STRIDES)
-  boxes = np.asarray(jaxtal.decode_boxes(pred_dist, anchors, reg_max) * strides)  # (b, A, 4) pixels
-  probs = np.asarray(jax.nn.sigmoid(pred_logits))  # (b, A, nc)
-  scores, classes = probs.max(-1), probs.argmax(-1)
+
+def scores_and_boxes(feats):
+  """Sigmoid class scores ``(b, A, nc)`` and xyxy pixel boxes ``(b, A, 4)`` of per-level head maps."""
+  head = jaxtal.decode_head(feats, CONFIG)
+  return jax.nn.sigmoid(jnp.concatenate(head.logits, axis=1)), head.boxes * head.strides
+
+
+def detect(scores, boxes, conf: float = 0.001, iou: float = 0.6, max_det: int = 100):
+  """Per image ``(boxes xyxy, scores, classes)``: each anchor's best class, OpenCV's class-aware NMS."""
+  nms = require("cv2", "NMS").dnn.NMSBoxesBatched
   out = []
-  for b in range(boxes.shape[0]):
-    keep = scores[b] > conf
-    out.append((boxes[b][keep], scores[b][keep], classes[b][keep]))
+  for s, b in zip(np.asarray(scores), np.asarray(boxes, np.float64)):
+    best, cls = s.max(-1), s.argmax(-1)
+    keep = np.asarray(nms(np.c_[b[:, :2], b[:, 2:] - b[:, :2]], best, cls.astype(np.int32), conf, iou, top_k=max_det))
+    keep = keep.astype(int).reshape(-1)
+    out.append((b[keep], best[keep], cls[keep]))
   return out
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Plain IoU of every box in ``a (n, 4)`` with every box in ``b (m, 4)`` (xyxy): ``(n, m)``."""
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-  area_a = np.prod(a[:, 2:] - a[:, :2], axis=-1)
-  area_b = np.prod(b[:, 2:] - b[:, :2], axis=-1)
-  return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+def top_detections(scores, boxes, conf: float = 0.001, max_det: int = 100):
+  """Per image ``(boxes xyxy, scores, classes)`` with NO NMS, for the one-to-one branch: each anchor's best
+  class, the anchors scoring above ``conf``, the ``max_det`` best of them, best first. Nothing is suppressed.
 
-
-def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float = 0.5, max_det: int = 50):
-  """Greedy class-aware NMS: a box is dropped when a higher-scoring box of the same class overlaps it more than
-  ``iou_threshold``. Returns the kept indices, highest score first."""
-  order = np.argsort(-scores, kind="stable")
-  keep = []
-  while order.size and len(keep) < max_det:
-    best, rest = order[0], order[1:]
-    keep.append(best)
-    same_class = classes[rest] == classes[best]
-    overlap = iou_matrix(boxes[best][None], boxes[rest])[0] > iou_threshold
-    order = rest[~(same_class & overlap)]
-  return np.array(keep, np.int64)
-
-
-def average_precision(recall: np.ndarray, precision: np.ndarray) -> float:
-  """VOC all-point AP: area under the precision envelope (precision made non-increasing in recall)."""
-  r = np.concatenate([[0.0], recall, [1.0]])
-  p = np.concatenate([[1.0], precision, [0.0]])
-  p = np.maximum.accumulate(p[::-1])[::-1]
-  changed = np.flatnonzero(r[1:] != r[:-1])
-  return float(np.sum((r[changed + 1] - r[changed]) * p[changed + 1]))
-
-
-def mean_average_precision(detections, gt_boxes, gt_classes, num_classes: int, iou_threshold: float = 0.5) -> float:
-  """mAP@``iou_threshold``, VOC style, averaged over the classes that have ground truth.
-
-  Args:
-    detections: per image ``(boxes (k, 4), scores (k,), classes (k,))``.
-    gt_boxes, gt_classes: per image ``(m, 4)`` xyxy boxes and ``(m,)`` classes.
+  (Ultralytics' end-to-end postprocess ranks (anchor, class) pairs, so an anchor may give two classes; one class
+  per anchor, as :func:`detect`, leaves NMS the only difference between the two evaluations.)
   """
-  aps = []
-  for c in range(num_classes):
-    num_gt = sum(int(np.sum(g == c)) for g in gt_classes)
-    if num_gt == 0:
-      continue
-    # All detections of class c over the data set, best first; each GT can be matched once.
-    found = [(s, i, box) for i, (bx, sc, cl) in enumerate(detections) for box, s in zip(bx[cl == c], sc[cl == c])]
-    found.sort(key=lambda t: -t[0])
-    matched = [np.zeros(int(np.sum(g == c)), bool) for g in gt_classes]
-    tp = np.zeros(len(found))
-    for k, (_, i, box) in enumerate(found):
-      gts = gt_boxes[i][gt_classes[i] == c]
-      if len(gts) == 0:
-        continue
-      ious = iou_matrix(box[None], gts)[0]
-      j = int(np.argmax(ious))
-      if ious[j] >= iou_threshold and not matched[i][j]:
-        matched[i][j] = True
-        tp[k] = 1
-    cum_tp = np.cumsum(tp)
-    recall = cum_tp / num_gt
-    precision = cum_tp / np.arange(1, len(found) + 1)
-    aps.append(average_precision(recall, precision))
-  return float(np.mean(aps)) if aps else 0.0
+  out = []
+  for s, b in zip(np.asarray(scores), np.asarray(boxes, np.float64)):
+    best, cls = s.max(-1), s.argmax(-1)
+    keep = np.flatnonzero(best > conf)
+    keep = keep[np.argsort(-best[keep], kind="stable")[:max_det]]
+    out.append((b[keep], best[keep], cls[keep]))
+  return out
 
 
-def evaluate(model: Detector, loss_fn, images, gt, conf: float):
-  """Held-out loss per image, mAP@0.5, and the post-NMS detections of every image."""
-  loss, feats = eval_step(model, loss_fn, jnp.asarray(images), gt)
-  detections = []
-  for boxes, scores, classes in decode_predictions(feats, loss_fn.num_classes, conf):
-    keep = nms(boxes, scores, classes)
-    detections.append((boxes[keep], scores[keep], classes[keep]))
-  mask = np.asarray(gt.mask)
-  gt_boxes = [np.asarray(gt.boxes)[i][mask[i]] for i in range(len(images))]
-  gt_classes = [np.asarray(gt.labels)[i][mask[i]] for i in range(len(images))]
-  return float(loss), mean_average_precision(detections, gt_boxes, gt_classes, loss_fn.num_classes), detections
+def coco_map(detections, gt_boxes, gt_classes) -> tuple[float, float]:
+  """``(mAP@0.5:0.95, mAP@0.5)`` from pycocotools' ``COCOeval``.
+
+  ``detections``: per image ``(boxes (k, 4) xyxy, scores (k,), classes (k,))``; ``gt_boxes``, ``gt_classes``:
+  per image ``(m, 4)`` xyxy and ``(m,)``.
+  """
+  coco, cocoeval = require("pycocotools.coco", "mAP"), require("pycocotools.cocoeval", "mAP")
+  xywh = lambda b: [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]  # noqa: E731
+  anns, dets = [], []
+  for i, (boxes, classes) in enumerate(zip(gt_boxes, gt_classes)):
+    for b, c in zip(boxes, classes):
+      x, y, w, h = xywh(b)
+      anns.append(dict(id=len(anns) + 1, image_id=i, category_id=int(c), bbox=[x, y, w, h], area=w * h, iscrowd=0))
+  for i, (boxes, scores, classes) in enumerate(detections):
+    for b, s, c in zip(boxes, scores, classes):
+      dets.append(dict(image_id=i, category_id=int(c), bbox=xywh(b), score=float(s)))
+  if not anns or not dets:  # COCOeval needs both
+    return 0.0, 0.0
+  with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+    truth = coco.COCO()
+    truth.dataset = dict(images=[dict(id=i) for i in range(len(gt_boxes))], annotations=anns,
+                         categories=[dict(id=c, name=n) for c, n in enumerate(CLASS_NAMES)])
+    truth.createIndex()
+    ev = cocoeval.COCOeval(truth, truth.loadRes(dets), "bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+  return max(float(ev.stats[0]), 0.0), max(float(ev.stats[1]), 0.0)
 
 
-def save_plot(path: str, images, gt, detections, count: int = 6, min_score: float = 0.25) -> None:
-  """Draws ground truth (green) and predictions scoring ``min_score`` or more (red, class and score) on the
-  first ``count`` held-out images."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); no picture saved.")
-    return
-  count = min(count, len(images))
+def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score: float = 0.3) -> None:
+  """Ground truth (green) and detections scoring ``min_score`` or more (red) on the first held-out images."""
   fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.8))
-  for ax, i in zip(np.atleast_1d(axes), range(count)):
-    ax.imshow(images[i])
+  for ax, image, boxes, real, (dets, scores, classes) in zip(axes, images, gt.boxes, gt.mask, detections):
+    ax.imshow(image)
     ax.set_axis_off()
-    for box, cls, real in zip(np.asarray(gt.boxes[i]), np.asarray(gt.labels[i]), np.asarray(gt.mask[i])):
-      if real:
-        ax.add_patch(plt.Rectangle(box[:2], *(box[2:] - box[:2]), fill=False, color="lime", lw=1.5))
-    for box, score, cls in zip(*detections[i]):
-      if score < min_score:
-        continue
-      ax.add_patch(plt.Rectangle(box[:2], *(box[2:] - box[:2]), fill=False, color="red", lw=1, ls="--"))
-      ax.text(box[0], box[1] - 1, f"{CLASS_NAMES[cls][:4]} {score:.2f}", color="red", fontsize=6)
-  fig.suptitle(f"held-out images: ground truth (green), predictions after NMS scoring >= {min_score} (red)", fontsize=9)
+    for b in boxes[real]:
+      ax.add_patch(plt.Rectangle(b[:2], *(b[2:] - b[:2]), fill=False, color="lime", lw=1.5))
+    for b, s, c in zip(dets, scores, classes):
+      if s >= min_score:
+        ax.add_patch(plt.Rectangle(b[:2], *(b[2:] - b[:2]), fill=False, color="red", lw=1, ls="--"))
+        ax.text(b[0], b[1] - 1, f"{CLASS_NAMES[c][:4]} {s:.2f}", color="red", fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   print(f"saved {path}")
 
 
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=600, help="training steps")
-  parser.add_argument("--batch-size", type=int, default=32, help="images per step")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the data and the initialisation")
-  parser.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-  parser.add_argument("--eval-images", type=int, default=200, help="held-out images for the evaluation")
-  parser.add_argument("--conf", type=float, default=0.01, help="confidence threshold of the detections")
-  parser.add_argument("--plot", metavar="FILE.png", help="save predictions vs ground truth on held-out images")
-  return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
-  args = parse_args(argv)
-  start = time.perf_counter()
-  rng = np.random.default_rng(args.seed)
-  eval_images, _, eval_gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
-
-  model = Detector(rngs=nnx.Rngs(args.seed))
-  loss_fn = jaxtal.DetectionLoss(num_classes=len(CLASS_NAMES), strides=STRIDES, reg_max=REG_MAX)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.steps // 20, 1), max(args.steps, 2))
-  tx = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(schedule, weight_decay=5e-4))
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-  loss0, map0, _ = evaluate(model, loss_fn, eval_images, eval_gt, args.conf)
-  print(f"untrained: held-out loss {loss0:.3f}, mAP@0.5 {map0:.3f}  ({args.eval_images} images)")
-
-  train_start = time.perf_counter()
-  history = []
-  for step in range(1, args.steps + 1):
-    images, _, gt = make_dataset(args.batch_size, rng)  # fresh images every step
-    loss, parts = train_step(model, optimizer, loss_fn, jnp.asarray(images), gt)
-    history.append(loss)  # a device array: reading it waits for the step, so only do that when printing
-    if step % 10 == 0 or step in (1, args.steps):
-      progress(step, args.steps, float(loss), parts, train_start)
-  print()
-  train_losses = np.array([float(x) for x in history])
-  train_time = time.perf_counter() - train_start
-
-  loss1, map1, detections = evaluate(model, loss_fn, eval_images, eval_gt, args.conf)
-  print(f"trained:   held-out loss {loss1:.3f}, mAP@0.5 {map1:.3f}")
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=500)
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--eval-images", type=int, default=200)
+  parser.add_argument("--log-every", type=int, default=50, help="steps per progress line when not on a terminal")
+  parser.add_argument("--plot", metavar="FILE.png", help="save detections and ground truth of held-out images"
+                      " (with --end2end: the one-to-one branch's, without NMS)")
+  parser.add_argument("--end2end", action="store_true",
+                      help="YOLO26-style NMS-free training: a one-to-one head beside the one-to-many one")
+  parser.add_argument("--epochs", type=int, default=10,
+                      help="with --end2end: epochs the steps make, for the one-to-many weight's schedule")
+  args = parser.parse_args(argv)
+  require("pycocotools.cocoeval", "mAP")
+  require("cv2", "NMS")
   if args.plot:
-    save_plot(args.plot, eval_images, eval_gt, detections)
+    require("matplotlib", "--plot").use("Agg")
+  start = time.perf_counter()
 
-  tail = train_losses[-max(len(train_losses) // 10, 1) :].mean()
+  model = Detector(end2end=args.end2end, rngs=nnx.Rngs(args.seed))
+  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.steps // 20, 1), max(args.steps, 2))
+  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=5e-4), wrt=nnx.Param)
+  if args.end2end:  # YOLO26's one-to-one assignment; the one-to-many branch keeps CONFIG's (topk=10)
+    loss_fn = jaxtal.EndToEndLoss(CONFIG, one2one_topk=7, one2one_topk2=1)
+    epochs = max(1, min(args.epochs, args.steps))
+    print(f"end-to-end: one-to-many weight {jaxtal.one2many_weight(0, epochs):.2f} -> "
+          f"{jaxtal.one2many_weight(epochs - 1, epochs):.2f} over {epochs} epochs of ~{args.steps / epochs:g} steps")
+  else:
+    loss_fn = jaxtal.DetectionLoss(CONFIG)
+  step_name = "train_step_e2e" if args.end2end else "train_step"
+  rng = np.random.default_rng(args.seed)
+  every = max(1, args.steps // 100) if sys.stdout.isatty() else max(1, args.log_every)
+  losses, zero, real = [], 0, 0
+  for step in range(1, args.steps + 1):
+    images, gt = make_dataset(args.batch_size, rng)  # fresh images every step
+    if args.end2end:
+      weight = jaxtal.one2many_weight(epoch_of(step, args.steps, epochs), epochs)
+      loss, (z, n) = train_step_e2e(model, optimizer, loss_fn, jnp.asarray(images), gt, jnp.float32(weight))
+    else:
+      loss, (z, n) = train_step(model, optimizer, loss_fn, jnp.asarray(images), gt)
+    losses.append(loss)  # device values: reading one waits for its step, so only when reporting
+    zero, real = zero + z, real + n
+    if step % every == 0 or step == args.steps:
+      mean_loss = float(np.mean(losses[-every:]))
+      report(step, args.steps, mean_loss, float(zero) / max(float(real), 1.0), time.perf_counter() - start)
+      zero, real = 0, 0
+  train_s = time.perf_counter() - start
+
+  images, gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
+  truth = [b[m] for b, m in zip(gt.boxes, gt.mask)], [c[m] for c, m in zip(gt.labels, gt.mask)]
+  result = {}
+  if args.end2end:
+    one2many, one2one = predict_both(model, jnp.asarray(images))
+    detections = top_detections(*one2one)  # the NMS-free branch: what --plot shows
+    maps = {"o2m+NMS": coco_map(detect(*one2many), *truth), "o2o, no NMS": coco_map(detections, *truth),
+            "o2o+NMS": coco_map(detect(*one2one), *truth)}
+    (ap, ap50), (result["map_o2o"], result["map50_o2o"]) = maps["o2m+NMS"], maps["o2o, no NMS"]
+    result["map_o2o_nms"], result["map50_o2o_nms"] = maps["o2o+NMS"]
+  else:
+    detections = detect(*predict(model, jnp.asarray(images)))
+    ap, ap50 = coco_map(detections, *truth)
+  if args.plot:
+    save_plot(importlib.import_module("matplotlib.pyplot"), args.plot, images, gt, detections)
   wall = time.perf_counter() - start
-  print(
-      "\nsummary\n"
-      f"  train loss per image: first step {train_losses[0]:.3f} -> last 10% of steps {tail:.3f}\n"
-      f"  held-out loss:        untrained {loss0:.3f} -> trained {loss1:.3f}\n"
-      f"  held-out mAP@0.5:     untrained {map0:.3f} -> trained {map1:.3f}\n"
-      f"  train_step compiled {TRACES['train_step']} time(s); training {train_time:.1f} s"
-      f" ({args.steps} steps of {args.batch_size}); total wall time {wall:.1f} s"
-  )
-  return {
-      "train_losses": train_losses,
-      "loss_untrained": loss0,
-      "loss_trained": loss1,
-      "map_untrained": map0,
-      "map_trained": map1,
-      "compilations": TRACES["train_step"],
-      "wall_s": wall,
-  }
+  if args.end2end:
+    print(f"held-out, {args.eval_images} images:  mAP@0.5:0.95  mAP@0.5")
+    labels = {"o2m+NMS": "one-to-many + NMS", "o2o, no NMS": "one-to-one, no NMS", "o2o+NMS": "one-to-one + NMS"}
+    for key, (a, a50) in maps.items():
+      print(f"  {labels[key]:<26} {a:12.3f} {a50:8.3f}")
+  else:
+    print(f"held-out, {args.eval_images} images: mAP@0.5:0.95 {ap:.3f}, mAP@0.5 {ap50:.3f}")
+  print(f"time: training {train_s:.1f} s ({args.steps} steps of {args.batch_size} images, {step_name} compiled"
+        f" {TRACES[step_name]}x), total {wall:.1f} s")
+  losses = np.array([float(x) for x in losses])
+  return dict(losses=losses, map=ap, map50=ap50, compilations=TRACES[step_name], wall_s=wall, **result)
 
 
 if __name__ == "__main__":
