@@ -14,15 +14,23 @@ Rows (see benchmarks/README.md for what each one measures):
 2. ``assign``: jitted ``jaxtal.task_aligned_assign`` on the same predictions;
 3. ``floor``: fwd+bwd of only the BCE over all (b, A, nc) logits plus the DFL softmax
    expectation, per level on the NHWC maps: work any implementation of the loss must do,
-   written with jaxtal's analytic-gradient kernels (``jaxtal.ops``) and the loss's layout tricks
-   (one-concatenation gradient, bin maxima from the rows viewed as groups of R channels); also
-   shown written with optax + autodiff, for reference;
+   written with jaxtal's kernels (``jaxtal.kernels``); also written plainly with optax,
+   ``jax.nn.softmax`` and autodiff;
 4. Ultralytics 8.4.190 (when ``torch`` and ``ultralytics`` import): ``v8DetectionLoss``
    forward+backward and ``TaskAlignedAssigner`` alone on the same numbers (NCHW);
 5. compile time of the loss step, and XLA's compiled memory analysis of the assignment at
    b=8, A=8400, M = 50, 500, 1000, automatic GT chunking vs dense (``gt_chunk=M``);
 6. KerasCV 0.9's ``YOLOV8LabelEncoder`` on the JAX backend, run by the Python of a separate
    virtual environment (``--kerascv-python``, default ``/tmp/kcv/bin/python``) if one exists.
+
+7. end-to-end (``--e2e-box-counts``, default M = 50): ``end_to_end_loss`` over
+   ``detection_loss`` fwd+bwd w.r.t. both branches' maps, its ratio to the detection step, and
+   Ultralytics' ``E2ELoss`` on the same numbers (paired ratio);
+8. oriented boxes: ``jaxtal.obb_loss`` fwd+bwd w.r.t. head and angle maps at b=16, nc=15 (DOTA),
+   1024 px, M = 50 and 200, and Ultralytics' ``v8OBBLoss`` on the same numbers (paired ratio);
+9. kernel ablation (``--ablation-box-counts``, default M = 50): the loss step (and for ``top_k``
+   the assignment) with one ``jaxtal.kernels`` trick replaced by its plain twin; a trick stays
+   only while it saves at least 5% of the step.
 
 Times are medians over ``--repeats`` timed runs after ``--warmup`` untimed ones, each run
 ending in ``block_until_ready`` (JAX) or after ``backward()`` returns (PyTorch, CPU).
@@ -179,38 +187,35 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
   def loss_step(feats, gt):
     return jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, **kw)[0])(feats)
 
-  def loss_given_step(feats, gt, targets):
-    return jax.value_and_grad(lambda f: jaxtal.loss._detection_loss(f, gt, targets=targets, **kw)[0])(feats)
+  def loss_given_step(feats, targets):
+    return jax.value_and_grad(lambda f: jaxtal.loss_from_targets(f, targets, **kw)[0])(feats)
 
   loss_given_jit = jax.jit(loss_given_step)
   assign = jax.jit(jaxtal.task_aligned_assign)
 
   def floor_step(feats, labels, weight):
-    """BCE over every logit against one-hot(labels) * weight, plus the DFL expectation; per level.
+    """BCE over every logit against one-hot(labels) * weight, plus the DFL softmax expectation; per level.
 
-    The same minimal work written with jaxtal's analytic-gradient kernels (jaxtal.ops), so the
-    floor is as fast as jaxtal could possibly do it: the ratio loss / floor is the cost of
-    everything else (assignment, CIoU, DFL cross-entropy, gathering the gradient).
+    The minimal work any implementation of the loss must do, with jaxtal's kernels
+    (jaxtal.kernels: analytic gradients, one-concatenation split), so the ratio loss / floor is
+    the cost of everything else (assignment, CIoU, DFL cross-entropy, gathering the gradient).
     """
     def floor(feats):
       total, lo = 0.0, 0
       for f in feats:
         x = f.reshape(f.shape[0], -1, f.shape[-1])
         hi = lo + x.shape[1]
-        # The same tricks as the loss: bin maxima from the rows viewed as groups of R channels (no
-        # copy of the strided bin slice), and a gradient that is one concatenation.
-        top = jaxtal.ops.side_bin_maxima(x, REG_MAX)
-        dist, cls_logits = jaxtal.ops.split_channels(x, 4 * REG_MAX)
-        total = total + jaxtal.ops.bce_one_hot_sum(cls_logits, labels[:, lo:hi], weight[:, lo:hi])
+        dist, cls_logits = jaxtal.kernels.split_channels(x, 4 * REG_MAX)
+        total = total + jaxtal.kernels.bce_sum(cls_logits, labels[:, lo:hi], weight[:, lo:hi])
         dist = dist.reshape(x.shape[0], -1, 4, REG_MAX)
-        total = total + jnp.sum(jaxtal.ops.softmax_expectation(dist, top)[0])  # an elementwise weighted sum
+        total = total + jnp.sum(jaxtal.kernels.softmax_stats(dist)[0])
         lo = hi
       return total
 
     return jax.value_and_grad(floor)(feats)
 
   def floor_autodiff_step(feats, labels, weight):
-    """The same floor written the straightforward way: optax's BCE and autodiff."""
+    """The same floor written the plain way: optax's BCE, jax.nn.softmax and autodiff."""
 
     def floor(feats):
       total, lo = 0.0, 0
@@ -245,8 +250,8 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
 
     # The same step with the assignment taken out (its targets computed once, outside the timing),
     # so the table shows how the time over the floor splits between the assignment and the rest.
-    _, _, targets = jax.jit(functools.partial(jaxtal.loss._detection_loss, **kw))(feats, gt)
-    times = time_runs(lambda gt=gt, t=targets: jax.block_until_ready(loss_given_jit(feats, gt, t)), args.warmup, args.repeats)
+    _, targets = jax.jit(functools.partial(jaxtal.detection_targets, **kw))(feats, gt)
+    times = time_runs(lambda t=targets: jax.block_until_ready(loss_given_jit(feats, t)), args.warmup, args.repeats)
     medians[("loss_given", m)] = median_ms(times)
     table.add("jaxtal loss fwd+bwd, assignment precomputed", m, medians[("loss_given", m)], "ms", len(times))
 
@@ -260,7 +265,7 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
     labels, weight = target.labels, jnp.sum(target.scores, axis=-1)
     times = time_runs(lambda: jax.block_until_ready(floor_jit(feats, labels, weight)), args.warmup, args.repeats)
     medians[("floor", m)] = median_ms(times)
-    table.add("floor: BCE + DFL expectation", m, medians[("floor", m)], "ms", len(times), "jaxtal.ops kernels")
+    table.add("floor: BCE + DFL expectation", m, medians[("floor", m)], "ms", len(times), "jaxtal.kernels")
     times = time_runs(lambda: jax.block_until_ready(floor_autodiff_jit(feats, labels, weight)), args.warmup, args.repeats)
     medians[("floor_autodiff", m)] = median_ms(times)
     table.add("floor, optax + autodiff", m, medians[("floor_autodiff", m)], "ms", len(times), "for reference")
@@ -279,7 +284,50 @@ def jaxtal_benchmarks(args, table: Table, maps_np, rows_by_m) -> dict:
       table.add(
           "jaxtal loss step XLA memory", m, memory_mib(mem), "MiB", note="temp + argument + output bytes"
       )
+    if m in args.e2e_box_counts:
+      # End-to-end (YOLO26): the loss on a one-to-many and a one-to-one branch, gradients w.r.t. both.
+      feats_o2o = [f * 0.5 for f in feats]
+
+      def e2e_step(many, one, gt):
+        def total(many, one):
+          return jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), gt, weight=0.5, **kw)[0]
+
+        return jax.value_and_grad(total, argnums=(0, 1))(many, one)
+
+      e2e = jax.jit(e2e_step).lower(feats, feats_o2o, gt).compile()
+      runs[("e2e", m)] = lambda e2e=e2e, gt=gt, o=feats_o2o: jax.block_until_ready(e2e(feats, o, gt))
+      times = time_runs(runs[("e2e", m)], args.warmup, args.repeats)
+      medians[("e2e", m)] = median_ms(times)
+      table.add("jaxtal end_to_end_loss fwd+bwd", m, medians[("e2e", m)], "ms", len(times), "both branches' maps")
+      table.add("ratio end-to-end / detection step", m, medians[("e2e", m)] / medians[("loss", m)], "x", note="target <= 2.1")
+    if m in args.ablation_box_counts:
+      ablation_rows(args, table, m, feats, gt, loss_step, medians, (pred_scores, pred_boxes, anchor_px))
   return medians, runs
+
+
+def ablation_rows(args, table, m, feats, gt, loss_step, medians, assign_inputs) -> None:
+  """Rows 7: the loss step with one kernel replaced by its plain twin, and what the kernel saves.
+
+  A kernel stays in jaxtal.kernels only while its saving is at least 5% of the loss step.
+  """
+  import jax
+
+  import jaxtal
+
+  for name in jaxtal.kernels.KERNELS:
+    with jaxtal.kernels._plain(name):
+      # Fresh lambdas: jit caches traces per function, and these must be traced with the plain twin.
+      step = jax.jit(lambda f, g: loss_step(f, g)).lower(feats, gt).compile()
+      assign = jax.jit(lambda *a: jaxtal.task_aligned_assign(*a)).lower(*assign_inputs, gt).compile()
+    times = time_runs(lambda: jax.block_until_ready(step(feats, gt)), args.warmup, args.repeats)
+    plain = median_ms(times)
+    saving = 100 * (plain - medians[("loss", m)]) / plain
+    table.add(f"loss fwd+bwd, plain {name}", m, plain, "ms", len(times), f"kernel saves {saving:.0f}% of the step")
+    if name == "top_k":
+      times = time_runs(lambda: jax.block_until_ready(assign(*assign_inputs, gt)), args.warmup, args.repeats)
+      plain = median_ms(times)
+      saving = 100 * (plain - medians[("assign", m)]) / plain
+      table.add(f"task_aligned_assign, plain {name}", m, plain, "ms", len(times), f"kernel saves {saving:.0f}% of the assignment")
 
 
 def memory_mib(stats) -> float:
@@ -385,6 +433,29 @@ def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: di
     ratio = paired_ratio(loss_run, jaxtal_runs[("loss", m)], args.repeats)
     table.add("ratio Ultralytics / jaxtal loss, paired", m, ratio, "x", args.repeats, "median of alternating pairs")
 
+    if ("e2e", m) in jaxtal_runs:
+      from ultralytics.utils.loss import E2ELoss
+
+      model.args.epochs = 100
+      e2e_crit = E2ELoss(model)
+      for c in (e2e_crit.one2many, e2e_crit.one2one):
+        c.assigner.stride_val = 0.0
+      e2e_crit.o2m, e2e_crit.o2o = 0.5, 0.5  # the weight jaxtal's row uses
+      boxes_o2o = (boxes.detach() * 0.5).requires_grad_(True)
+      scores_o2o = (scores.detach() * 0.5).requires_grad_(True)
+      e2e_preds = {"one2many": preds, "one2one": {"boxes": boxes_o2o, "scores": scores_o2o, "feats": feats_meta}}
+
+      def e2e_run():
+        boxes.grad = scores.grad = boxes_o2o.grad = scores_o2o.grad = None
+        total, _ = e2e_crit(e2e_preds, batch)
+        total.sum().backward()
+
+      times = time_runs(e2e_run, args.warmup, args.repeats)
+      ms = median_ms(times)
+      table.add("Ultralytics E2ELoss fwd+bwd", m, ms, "ms", len(times), note_v)
+      ratio = paired_ratio(e2e_run, jaxtal_runs[("e2e", m)], args.repeats)
+      table.add("ratio Ultralytics / jaxtal end-to-end, paired", m, ratio, "x", args.repeats, "target >= 2.5")
+
     gt_labels = rows[:, 1].reshape(b, m, 1)
     gt_boxes = torch.from_numpy(
         np.concatenate(
@@ -404,6 +475,112 @@ def ultralytics_benchmarks(args, table: Table, maps_np, rows_by_m, jaxtal_ms: di
     table.add("ratio Ultralytics / jaxtal assign", m, ms / jaxtal_ms[("assign", m)], "x", note="of the two medians")
     ratio = paired_ratio(assign_run, jaxtal_runs[("assign", m)], args.repeats)
     table.add("ratio Ultralytics / jaxtal assign, paired", m, ratio, "x", args.repeats, "median of alternating pairs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Oriented boxes (jaxtal.obb_loss and Ultralytics' v8OBBLoss)
+# ---------------------------------------------------------------------------------------------
+
+OBB_BATCH = 16
+OBB_NUM_CLASSES = 15  # DOTA
+OBB_IMAGE_SIZE = 1024
+OBB_BOX_COUNTS = (50, 200)
+
+
+def make_obb_inputs(seed: int = SEED):
+  """NHWC head maps ``(b, 1024/s, 1024/s, 4R + 15)``, angle maps ``(b, 1024/s, 1024/s, 1)`` in the
+  head's range ``[-pi/4, 3pi/4]``, float32; box-bin logits N(0, 1), class logits N(-4, 1)."""
+  rng = np.random.default_rng(seed)
+  maps, angles = [], []
+  for s in STRIDES:
+    h = OBB_IMAGE_SIZE // s
+    box = rng.standard_normal((OBB_BATCH, h, h, 4 * REG_MAX), dtype=np.float32)
+    cls = rng.standard_normal((OBB_BATCH, h, h, OBB_NUM_CLASSES), dtype=np.float32) - 4.0
+    maps.append(np.concatenate([box, cls], axis=-1))
+    angles.append(rng.uniform(-np.pi / 4, 3 * np.pi / 4, (OBB_BATCH, h, h, 1)).astype(np.float32))
+  return maps, angles
+
+
+def make_obb_rows(num_boxes: int, seed: int = SEED) -> np.ndarray:
+  """``num_boxes`` rotated boxes per image, rows ``[image, cls, cx, cy, w, h, angle]`` (box normalised):
+  sides log-uniform in 6 to 400 px, aspect log-uniform in [1/6, 6], angle uniform in [0, pi/2)
+  (Ultralytics' range), the box's bounding box inside the image."""
+  rng = np.random.default_rng(seed + 1000 * num_boxes + 7)
+  n, size = OBB_BATCH * num_boxes, OBB_IMAGE_SIZE
+  side = np.exp(rng.uniform(np.log(6.0), np.log(400.0), n))
+  aspect = np.exp(rng.uniform(np.log(1 / 6), np.log(6.0), n))
+  w, h = np.maximum(side * np.sqrt(aspect), 2.0), np.maximum(side / np.sqrt(aspect), 2.0)
+  r = rng.uniform(0, np.pi / 2, n)
+  ex = (w * np.abs(np.cos(r)) + h * np.abs(np.sin(r))) / 2
+  ey = (w * np.abs(np.sin(r)) + h * np.abs(np.cos(r))) / 2
+  cx, cy = rng.uniform(ex, size - ex), rng.uniform(ey, size - ey)
+  image = np.repeat(np.arange(OBB_BATCH), num_boxes)
+  cls = rng.integers(0, OBB_NUM_CLASSES, n)
+  return np.stack([image, cls, cx / size, cy / size, w / size, h / size, r], axis=1).astype(np.float32)
+
+
+def obb_benchmarks(args, table) -> None:
+  """OBB rows: jitted ``jaxtal.obb_loss`` fwd+bwd w.r.t. head and angle maps, b=16, nc=15, input 1024
+  (A = 21504), M = 50 and 200; Ultralytics' ``v8OBBLoss`` fwd+bwd on the same numbers and the
+  paired ratio. Both use min_box_side 0 (jaxtal's default)."""
+  import jax
+
+  import jaxtal
+
+  maps_np, angles_np = make_obb_inputs()
+  feats = [jax.device_put(m) for m in maps_np]
+  angles = [jax.device_put(a) for a in angles_np]
+  cfg = jaxtal.OBBLossConfig(num_classes=OBB_NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+
+  @jax.jit
+  def step(feats, angles, gt):
+    return jax.value_and_grad(lambda f, a: jaxtal.obb_loss(f, a, gt, cfg)[0], argnums=(0, 1))(feats, angles)
+
+  jaxtal_runs, jaxtal_ms = {}, {}
+  for m in OBB_BOX_COUNTS:
+    gt = jax.device_put(jaxtal.pack_rotated_labels(make_obb_rows(m), OBB_BATCH, m, OBB_IMAGE_SIZE))
+    jaxtal_runs[m] = run = lambda gt=gt: jax.block_until_ready(step(feats, angles, gt))  # noqa: E731
+    times = time_runs(run, args.warmup, args.repeats)
+    jaxtal_ms[m] = median_ms(times)
+    table.add("OBB loss fwd+bwd (b16 nc15 1024px)", m, jaxtal_ms[m], "ms", len(times), "jaxtal.obb_loss, jit(value_and_grad)")
+
+  if args.no_ultralytics:
+    return
+  try:
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import obb_reference  # tests/obb_reference.py: the fake model v8OBBLoss reads its settings from
+    from ultralytics.utils.loss import v8OBBLoss
+  except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
+    table.add("Ultralytics OBB", None, None, "ms", note=f"skipped: cannot import torch/ultralytics ({type(e).__name__}: {e})")
+    return
+  torch.set_num_threads(os.cpu_count())
+  b, r, nc = OBB_BATCH, REG_MAX, OBB_NUM_CLASSES
+  nchw = [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in maps_np]
+  # v8OBBLoss's native input: what its OBB head returns in training, built outside the timing.
+  boxes = torch.cat([f[:, : 4 * r].reshape(b, 4 * r, -1) for f in nchw], -1).contiguous().requires_grad_(True)
+  scores = torch.cat([f[:, 4 * r :].reshape(b, nc, -1) for f in nchw], -1).contiguous().requires_grad_(True)
+  angle = torch.cat([torch.from_numpy(a).reshape(b, 1, -1) for a in angles_np], -1).contiguous().requires_grad_(True)
+  preds = {"boxes": boxes, "scores": scores, "angle": angle, "feats": [f[:1, :1] for f in nchw]}
+  model = obb_reference._Model(nc, r, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, angle=1.0), None)
+  crit = v8OBBLoss(model, tal_topk=10)
+  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  note = f"ultralytics {obb_reference.VERSION}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+  for m in OBB_BOX_COUNTS:
+    rows = torch.from_numpy(make_obb_rows(m))
+    batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:7]}
+
+    def loss_run(batch=batch):
+      boxes.grad = scores.grad = angle.grad = None
+      total, _ = crit(preds, batch)
+      total.sum().backward()
+
+    times = time_runs(loss_run, args.warmup, args.repeats)
+    ms = median_ms(times)
+    table.add("Ultralytics v8OBBLoss fwd+bwd", m, ms, "ms", len(times), note)
+    ratio = paired_ratio(loss_run, jaxtal_runs[m], args.repeats)
+    table.add("ratio Ultralytics / jaxtal OBB loss, paired", m, ratio, "x", args.repeats, "median of alternating pairs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +706,10 @@ def parse_args(argv=None):
   parser.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 10, --quick 3)")
   parser.add_argument("--box-counts", type=int, nargs="+", default=list(BOX_COUNTS), help="M values of rows 1-4, 6")
   parser.add_argument("--memory-box-counts", type=int, nargs="+", default=list(MEMORY_BOX_COUNTS))
+  parser.add_argument("--e2e-box-counts", type=int, nargs="*", default=[50], help="M values of the end-to-end rows")
+  parser.add_argument("--ablation-box-counts", type=int, nargs="*", default=[50], help="M values of the kernel ablation rows")
   parser.add_argument("--no-ultralytics", action="store_true", help="skip the Ultralytics rows")
+  parser.add_argument("--no-obb", action="store_true", help="skip the oriented-box rows")
   parser.add_argument("--kerascv-python", default="/tmp/kcv/bin/python", help="Python of an env with keras-cv")
   parser.add_argument("--kerascv-timeout", type=int, default=1800, help="seconds")
   parser.add_argument("--kerascv-worker", metavar="NPZ", help=argparse.SUPPRESS)
@@ -588,6 +768,8 @@ def main(argv=None) -> list[dict]:
   memory_benchmarks(args, table)
   if not args.no_ultralytics:
     ultralytics_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms, jaxtal_runs)
+  if not args.no_obb:
+    obb_benchmarks(args, table)
   kerascv_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
   print(f"total wall time {time.perf_counter() - start:.0f} s")
   if args.json:
