@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import reference  # noqa: F401  (sets the environment, restores NumPy's print options, pins the version)
+import reference  # (sets the environment, restores NumPy's print options, pins the version)
 from reference import REFERENCE_VERSION, VERSION, _Model  # noqa: F401
 
 _print_options = np.get_printoptions()
@@ -107,15 +107,10 @@ def loss(
   crit = v8OBBLoss(model, tal_topk=topk, tal_topk2=topk2)
   crit.assigner.alpha, crit.assigner.beta = alpha, beta
   crit.assigner.stride_val = float(min_box_side)
-  feats = [torch.tensor(np.asarray(f, np.float32), requires_grad=True) for f in feats_nchw]
+  feats, preds = reference.head_outputs(feats_nchw, reg_max, num_classes)
   angles = [torch.tensor(np.asarray(a, np.float32), requires_grad=True) for a in angles_nchw]
   b = feats[0].shape[0]
-  preds = {
-      "boxes": torch.cat([f[:, : 4 * reg_max].reshape(b, 4 * reg_max, -1) for f in feats], -1),
-      "scores": torch.cat([f[:, 4 * reg_max :].reshape(b, num_classes, -1) for f in feats], -1),
-      "angle": torch.cat([a.reshape(b, 1, -1) for a in angles], -1),
-      "feats": feats,
-  }
+  preds["angle"] = torch.cat([a.reshape(b, 1, -1) for a in angles], -1)
   rows = np.asarray(label_rows, np.float32).reshape(-1, 7)
   # Its preprocessing expects rows grouped by image (as its data loader makes them): sort them,
   # stably, so each image keeps its row order (jaxtal's slot order).

@@ -85,6 +85,19 @@ class _Model(torch.nn.Module):
       self.class_weights = torch.as_tensor(np.asarray(class_weights, np.float32))
 
 
+def head_outputs(feats_nchw, reg_max: int, num_classes: int):
+  """``(leaf tensors, preds)``: NCHW maps as leaf tensors and the dict a Detect head hands its loss
+  in training (``boxes (b, 4R, A)``, ``scores (b, nc, A)``, ``feats``)."""
+  feats = [torch.tensor(np.asarray(f, np.float32), requires_grad=True) for f in feats_nchw]
+  b = feats[0].shape[0]
+  preds = {
+      "boxes": torch.cat([f[:, : 4 * reg_max].reshape(b, 4 * reg_max, -1) for f in feats], -1),
+      "scores": torch.cat([f[:, 4 * reg_max :].reshape(b, num_classes, -1) for f in feats], -1),
+      "feats": feats,
+  }
+  return feats, preds
+
+
 def loss(
     feats_nchw,
     label_rows,
@@ -115,13 +128,8 @@ def loss(
   crit = v8DetectionLoss(model, tal_topk=topk, tal_topk2=topk2)
   crit.assigner.alpha, crit.assigner.beta = alpha, beta
   crit.assigner.stride_val = float(min_box_side)
-  feats = [torch.tensor(np.asarray(f, np.float32), requires_grad=True) for f in feats_nchw]
+  feats, preds = head_outputs(feats_nchw, reg_max, num_classes)
   b = feats[0].shape[0]
-  preds = {
-      "boxes": torch.cat([f[:, : 4 * reg_max].reshape(b, 4 * reg_max, -1) for f in feats], -1),
-      "scores": torch.cat([f[:, 4 * reg_max :].reshape(b, num_classes, -1) for f in feats], -1),
-      "feats": feats,
-  }
   rows = torch.as_tensor(np.asarray(label_rows, np.float32).reshape(-1, 6))
   batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:6]}
   total, items = crit(preds, batch)
@@ -154,15 +162,7 @@ def e2e_loss(feats_o2m, feats_o2o, label_rows, *, num_classes, strides, reg_max=
   if not yolov10:
     for _ in range(epoch):
       crit.update()
-  branches = []
-  for maps in (feats_o2m, feats_o2o):
-    feats = [torch.tensor(np.asarray(f, np.float32), requires_grad=True) for f in maps]
-    b = feats[0].shape[0]
-    branches.append((feats, {
-        "boxes": torch.cat([f[:, : 4 * reg_max].reshape(b, 4 * reg_max, -1) for f in feats], -1),
-        "scores": torch.cat([f[:, 4 * reg_max :].reshape(b, num_classes, -1) for f in feats], -1),
-        "feats": feats,
-    }))
+  branches = [head_outputs(maps, reg_max, num_classes) for maps in (feats_o2m, feats_o2o)]
   rows = torch.as_tensor(np.asarray(label_rows, np.float32).reshape(-1, 6))
   batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:6]}
   total, items = crit({"one2many": branches[0][1], "one2one": branches[1][1]}, batch)
