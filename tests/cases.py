@@ -248,8 +248,9 @@ def _random_boxes(rng, lead, image) -> np.ndarray:
   return np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=-1).astype(np.float32)
 
 
-def _assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, **config) -> dict:
-  gt = jaxtal.pack_labels(rows, batch, max_boxes, (image, image))
+def _assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, *, pack=jaxtal.pack_labels, width=6, **config) -> dict:
+  """An assignment case; ``pack`` / ``width``: the packer and label-row width (OBB: 7 columns)."""
+  gt = pack(rows, batch, max_boxes, (image, image))
   cfg = dict(topk=10, topk2=None, alpha=0.5, beta=6.0, min_box_side=0.0)
   cfg.update(config)
   return dict(
@@ -261,7 +262,7 @@ def _assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, **confi
           gt_labels=np.array(gt.labels),
           gt_boxes=np.array(gt.boxes),
           gt_mask=np.array(gt.mask),
-          label_rows=np.array(rows, np.float32).reshape(-1, 6),
+          label_rows=np.array(rows, np.float32).reshape(-1, width),
       ),
       config=cfg,
   )

@@ -131,22 +131,7 @@ def _near_gt_predictions(rng, rows, batch, num_classes, image, strides, *, jitte
 
 
 def _assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, **config) -> dict:
-  gt = jaxtal.pack_rotated_labels(rows, batch, max_boxes, (image, image))
-  cfg = dict(topk=10, topk2=None, alpha=0.5, beta=6.0, min_box_side=0.0)
-  cfg.update(config)
-  return dict(
-      name=name,
-      inputs=dict(
-          pred_scores=np.array(scores, np.float32),
-          pred_boxes=np.array(boxes, np.float32),
-          anchor_points=np.array(anchors, np.float32),
-          gt_labels=np.array(gt.labels),
-          gt_boxes=np.array(gt.boxes),
-          gt_mask=np.array(gt.mask),
-          label_rows=np.array(rows, np.float32).reshape(-1, 7),
-      ),
-      config=cfg,
-  )
+  return cases._assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, pack=jaxtal.pack_rotated_labels, width=7, **config)
 
 
 def _tiny_rows(rng, image, strides) -> np.ndarray:
