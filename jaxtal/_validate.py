@@ -172,6 +172,47 @@ def ground_truth(gt, batch: int | None, caller: str, box_dim: int = 4) -> int:
   return int(m)
 
 
+def gt_keypoints(gt, num_keypoints: int, caller: str) -> int:
+  """``gt.keypoints`` present as ``(b, M, K, D)`` float with ``K = num_keypoints`` and ``D`` 2 or 3; returns ``D``."""
+  b, m = gt.labels.shape
+  if gt.keypoints is None:
+    raise ValueError(
+        f"{caller}: gt.keypoints is None; pose needs (b, M, K, D) keypoints in pixels: pack them with"
+        f" jaxtal.pack_labels(..., keypoints=...)"
+    )
+  shape = tuple(getattr(gt.keypoints, "shape", ()))
+  if len(shape) != 4 or shape[:3] != (b, m, num_keypoints) or shape[3] not in (2, 3):
+    raise ValueError(
+        f"{caller}: gt.keypoints must be (b, M, K, D) = ({b}, {m}, {num_keypoints}, 2 or 3) pixels (K from kpt_shape),"
+        f" got shape {shape}"
+    )
+  if not jnp.issubdtype(gt.keypoints.dtype, jnp.floating):
+    raise TypeError(f"{caller}: gt.keypoints must be a float array of pixels, got dtype {gt.keypoints.dtype}")
+  return shape[3]
+
+
+def gt_masks(gt, caller: str) -> tuple[bool, tuple[int, int]]:
+  """``gt.masks`` present as an index map ``(b, mh, mw)`` int or per-slot masks ``(b, M, mh, mw)``;
+  returns ``(is_index_map, (mh, mw))``."""
+  b, m = gt.labels.shape
+  if gt.masks is None:
+    raise ValueError(
+        f"{caller}: gt.masks is None; segmentation needs an index map (b, mh, mw) from jaxtal.pack_masks or"
+        f" per-slot binary masks (b, M, mh, mw) in GroundTruth.masks"
+    )
+  shape = tuple(getattr(gt.masks, "shape", ()))
+  dtype = gt.masks.dtype
+  if len(shape) == 3 and shape[0] == b and jnp.issubdtype(dtype, jnp.integer) and dtype != bool:
+    return True, shape[1:]
+  if len(shape) == 4 and shape[:2] == (b, m) and (dtype == bool or jnp.issubdtype(dtype, jnp.number)):
+    return False, shape[2:]
+  raise ValueError(
+      f"{caller}: gt.masks must be an integer index map (b, mh, mw) = ({b}, mh, mw) (value j + 1 marks slot j, see"
+      f" jaxtal.pack_masks) or per-slot binary masks (b, M, mh, mw) = ({b}, {m}, mh, mw), bool or 0/1 numbers;"
+      f" got shape {shape} dtype {dtype}"
+  )
+
+
 def class_weights(weights, num_classes: int, caller: str) -> None:
   if weights is not None and np.shape(weights) != (num_classes,):
     raise ValueError(f"{caller}: class_weights must have shape (nc,) = ({num_classes},), got {np.shape(weights)}")

@@ -20,7 +20,7 @@ COORD_LIMIT = float(2**20)
 
 
 class GroundTruth(NamedTuple):
-  """Ground-truth boxes of a batch, padded to a static ``M`` per image.
+  """Ground truth of a batch, padded to a static ``M`` per image.
 
   Attributes:
     labels: ``(b, M)`` int32 class ids; 0 on padding rows.
@@ -28,11 +28,23 @@ class GroundTruth(NamedTuple):
       radians (``D = 5``, :func:`pack_rotated_labels`); 0 on padding rows.
     mask: ``(b, M)`` bool, True on real rows. Padding is read from here only
       (never from "coordinates sum to zero").
+    keypoints: optional ``(b, M, K, D)`` float32 keypoints of each row in input pixels, ``D = 3``
+      ``(x, y, visibility)`` or ``D = 2`` (every keypoint labelled); a keypoint counts as labelled
+      when its visibility is non-zero (1 and 2 alike). Pose only (:func:`jaxtal.pose_loss`).
+    masks: optional instance masks (segmentation only, :func:`jaxtal.segment_loss`): an index map
+      ``(b, mh, mw)`` int where pixel value ``j + 1`` marks GT slot ``j`` and 0 is background
+      (:func:`pack_masks`), or per-slot binary masks ``(b, M, mh, mw)`` bool or 0/1 float.
+
+  The optional fields are ``None`` when unused (``None`` is an empty pytree: ``jax.tree.map``,
+  ``jit`` and ``stop_gradient`` pass it through). Build arrays from a packed NumPy result with
+  ``jax.tree.map(jnp.asarray, gt)``.
   """
 
   labels: jax.Array
   boxes: jax.Array
   mask: jax.Array
+  keypoints: jax.Array | None = None
+  masks: jax.Array | None = None
 
 
 def valid_rows(labels: jax.Array, boxes: jax.Array, mask: jax.Array, num_classes: int, box_ok: jax.Array) -> jax.Array:
@@ -147,6 +159,8 @@ def pack_labels(
     batch_size: int,
     max_boxes: int,
     image_size: int | Sequence[int],
+    *,
+    keypoints=None,
 ) -> GroundTruth:
   """Packs YOLO label rows into a fixed-size :class:`GroundTruth` (host side, NumPy).
 
@@ -157,19 +171,29 @@ def pack_labels(
     batch_size: ``b``, number of images.
     max_boxes: ``M``, static number of box slots per image.
     image_size: ``(height, width)`` of the network input in pixels, or one int for a square input.
+    keypoints: optional keypoints of the rows (pose), ``(n, K, D)`` in the rows' order with ``x, y``
+      normalised to ``[0, 1]`` and ``D = 3`` ``(x, y, visibility)`` or ``D = 2`` (every keypoint
+      visible, as Ultralytics treats it); a list of per-image ``(n_i, K, D)`` arrays when
+      ``labels`` is a list. Visibility 1 and 2 both mean labelled, 0 unlabelled. A keypoint
+      outside ``[0, 1]`` is marked unlabelled (visibility 0) and its coordinates clipped into the
+      image, as Ultralytics' data pipeline does.
 
   Returns:
     A :class:`GroundTruth` of NumPy arrays (``labels (b, M) int32``, ``boxes (b, M, 4) float32``
-    xyxy pixels, ``mask (b, M) bool``). Rows keep their order within each image.
+    xyxy pixels, ``mask (b, M) bool``; with ``keypoints``, ``keypoints (b, M, K, 3) float32`` in
+    input pixels with the visibility last, always ``D = 3``). Rows keep their order within each
+    image; padding rows are 0 throughout.
 
   Raises:
     ValueError: naming the offending row for a batch index outside ``[0, batch_size)`` or not whole,
       a negative or non-whole class, a non-finite value, a coordinate beyond ``COORD_LIMIT`` pixels,
-      or more than ``max_boxes`` rows for one image; or naming the argument for a wrong shape or size.
+      or more than ``max_boxes`` rows for one image; or naming the argument for a wrong shape or size;
+      for ``keypoints``, a count or shape that does not match the rows, or a non-finite value.
   """
   caller = "pack_labels"
   height, width = _image_hw(image_size, caller)
   arr, image, slot = _label_rows(labels, batch_size, max_boxes, 6, caller)
+  kpts = None if keypoints is None else _keypoint_rows(keypoints, labels, arr.shape[0], caller)
   # float32 throughout, scale first and then convert: the same rounding as the reference. A huge
   # value overflows to inf here, which the coordinate check below names (no NumPy warning first).
   with np.errstate(over="ignore", invalid="ignore"):
@@ -184,7 +208,88 @@ def pack_labels(
   out_labels[image, slot] = arr[:, 1].astype(np.int32)
   out_boxes[image, slot] = xyxy
   out_mask[image, slot] = True
-  return GroundTruth(out_labels, out_boxes, out_mask)
+  if kpts is None:
+    return GroundTruth(out_labels, out_boxes, out_mask)
+  out_kpts = np.zeros((batch_size, max_boxes, kpts.shape[1], 3), np.float32)
+  out_kpts[image, slot] = _keypoint_pixels(kpts, height, width)
+  return GroundTruth(out_labels, out_boxes, out_mask, keypoints=out_kpts)
+
+
+def _keypoint_rows(keypoints, labels, n: int, caller: str) -> np.ndarray:
+  """``(n, K, D)`` float64 keypoints in the rows' order (a per-image list concatenated), validated."""
+  if isinstance(keypoints, (list, tuple)) and isinstance(labels, (list, tuple)):
+    if len(keypoints) != len(labels):
+      raise ValueError(f"{caller}: keypoints must be a list of one (n_i, K, D) array per image, like labels; got {len(keypoints)} for {len(labels)} images")
+    for i, (k, l) in enumerate(zip(keypoints, labels)):
+      if np.shape(k)[:1] != np.shape(l)[:1]:
+        raise ValueError(f"{caller}: keypoints[{i}] has {np.shape(k)[:1]} rows but labels[{i}] has {np.shape(l)[:1]}")
+    keypoints = np.concatenate([np.asarray(k, np.float64) for k in keypoints])
+  kpts = np.asarray(keypoints)
+  if kpts.ndim != 3 or kpts.shape[2] not in (2, 3) or kpts.shape[0] != n:
+    raise ValueError(
+        f"{caller}: keypoints must be (n, K, D) with one row per label row (n = {n}) and D = 2 (x, y) or 3 (x, y,"
+        f" visibility), normalised to [0, 1]; got shape {kpts.shape}"
+    )
+  if not np.issubdtype(kpts.dtype, np.number) or np.issubdtype(kpts.dtype, np.complexfloating):
+    raise ValueError(f"{caller}: keypoints must be a real numeric array, got dtype {kpts.dtype}")
+  kpts = kpts.astype(np.float64)
+  for r in np.flatnonzero(~np.isfinite(kpts).reshape(n, -1).all(axis=1))[:1]:
+    raise ValueError(f"{caller}: keypoints of label row {r} have a non-finite value ({kpts[r].tolist()})")
+  return kpts
+
+
+def _keypoint_pixels(kpts: np.ndarray, height: float, width: float) -> np.ndarray:
+  """``(n, K, D)`` normalised keypoints -> ``(n, K, 3)`` float32 pixels; outside ``[0, 1]`` -> visibility 0, clipped."""
+  xy = kpts[..., :2]
+  vis = kpts[..., 2] if kpts.shape[-1] == 3 else np.ones(kpts.shape[:-1])
+  inside = ((xy >= 0) & (xy <= 1)).all(axis=-1)
+  vis = np.where(inside, vis, 0.0)
+  px = np.clip(xy, 0.0, 1.0).astype(np.float32) * np.array([width, height], np.float32)
+  return np.concatenate([px, vis[..., None].astype(np.float32)], axis=-1)
+
+
+def pack_masks(instance_masks, batch_idx, batch_size: int, max_boxes: int) -> np.ndarray:
+  """Draws per-instance binary masks into per-image index maps (host side, NumPy): ``GroundTruth.masks``.
+
+  Pixel value ``j + 1`` of image ``i`` marks GT slot ``j`` of that image and 0 is background: the
+  form Ultralytics' segmentation pipeline makes with ``overlap_mask=True`` (its default). Slots
+  follow the row order within each image, as :func:`pack_labels` gives them, so the masks must be
+  in **the same row order as the boxes given to** :func:`pack_labels`. Where instances overlap,
+  later rows are drawn over earlier ones. Ultralytics' pipeline sorts each image's rows
+  largest-area first before drawing (so smaller objects win overlaps) and reorders the boxes the
+  same way; do the same if you want its targets. For instances that must keep overlapping
+  pixels, put per-slot binary masks ``(b, M, mh, mw)`` in ``GroundTruth.masks`` instead.
+
+  Args:
+    instance_masks: ``(n, mh, mw)`` binary masks (bool, or numbers 0 and 1), one per label row.
+    batch_idx: ``(n,)`` (or ``(n, 1)``) image index of each row, whole numbers in ``[0, batch_size)``.
+    batch_size: ``b``.
+    max_boxes: ``M``, the slots per image (as given to :func:`pack_labels`).
+
+  Returns:
+    ``(b, mh, mw)`` int32 index map.
+
+  Raises:
+    ValueError: naming the argument for a wrong shape, a mask value other than 0/1, a bad image
+      index, or more than ``max_boxes`` rows for one image.
+  """
+  caller = "pack_masks"
+  masks = np.asarray(instance_masks)
+  if masks.ndim != 3:
+    raise ValueError(f"{caller}: instance_masks must be (n, mh, mw) binary masks, one per label row; got shape {masks.shape}")
+  n = masks.shape[0]
+  bidx = np.asarray(batch_idx).reshape(-1)
+  if bidx.shape != (n,):
+    raise ValueError(f"{caller}: batch_idx must be (n,) = ({n},), one image index per mask; got shape {np.shape(batch_idx)}")
+  if masks.dtype != bool:
+    if not np.issubdtype(masks.dtype, np.number) or not np.isin(masks, (0, 1)).all():
+      raise ValueError(f"{caller}: instance_masks must be binary (bool, or 0 and 1 only); got dtype {masks.dtype} with other values")
+  rows = np.c_[bidx.astype(np.float64), np.zeros(n)] if n else np.zeros((0, 2))
+  _, image, slot = _label_rows(rows, batch_size, max_boxes, 2, caller)
+  out = np.zeros((_validate_whole(caller, "batch_size", batch_size), *masks.shape[1:]), np.int32)
+  for r in range(n):  # host-side packing, in row order: later rows are drawn over earlier ones
+    out[image[r]][masks[r].astype(bool)] = slot[r] + 1
+  return out
 
 
 # Ultralytics' OBB loss drops GT boxes with a side under this many input pixels (exactly 2 is kept).

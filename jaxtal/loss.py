@@ -28,7 +28,7 @@ from jaxtal.assigner import assign_targets
 from jaxtal.boxes import box_iou
 from jaxtal.config import LossConfig, _make_config
 from jaxtal.geometry import axis_aligned
-from jaxtal.head import Head, decode_head, xyxy_to_ltrb
+from jaxtal.head import Head, _level_rows, decode_head, xyxy_to_ltrb
 from jaxtal.labels import GroundTruth
 from jaxtal.targets import Targets, take_rows
 
@@ -159,8 +159,26 @@ def _finish(parts: LossParts, batch: int, axis_name: str | None) -> tuple[jax.Ar
   return sum(parts) * batch_size, parts
 
 
-def _detection_terms(head: Head, targets: Targets, cfg: LossConfig, image_hw, class_weights) -> tuple[jax.Array, LossParts]:
-  """The detection terms of ``head`` against ``targets``: the part every task loss shares."""
+def _side_rows(maps, shapes, batch: int, channels: int, layout: str, name: str, caller: str) -> jax.Array:
+  """Per-level maps that ride beside the head maps (OBB angles, pose keypoints, mask coefficients),
+  validated against the head's levels; returns their ``(b, A, channels)`` float32 anchor rows in
+  the head's anchor order."""
+  _validate.level_maps(maps, shapes, batch, channels, layout, name, caller)
+  return jnp.concatenate(_level_rows(maps, layout), axis=1).astype(jnp.float32)
+
+
+def _foreground_count(targets: Targets, axis_name: str | None) -> jax.Array:
+  """``max(number of foreground anchors, 1)``, over the global batch under ``axis_name``: the
+  denominator of the per-anchor means (pose, segmentation), which count every foreground anchor
+  whatever its target score."""
+  total = jnp.sum(targets.entries.valid, dtype=jnp.float32)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return jnp.maximum(total, 1.0)
+
+
+def _detection_parts(head: Head, targets: Targets, cfg: LossConfig, image_hw, class_weights) -> LossParts:
+  """The gain-scaled detection terms (not yet finished): the part every axis-aligned task loss shares."""
   n = _normaliser(targets, cfg.axis_name)
   w = _entry_weights(targets)
   target_boxes = _target_boxes(head, targets)
@@ -171,8 +189,12 @@ def _detection_terms(head: Head, targets: Targets, cfg: LossConfig, image_hw, cl
     loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max) / n
   else:
     loss_dfl = _l1_term(head, targets, target_ltrb, w, image_hw) / n
-  parts = LossParts(cfg.box * loss_box, cfg.cls * loss_cls, cfg.dfl * loss_dfl)
-  return _finish(parts, head.ltrb.shape[0], cfg.axis_name)
+  return LossParts(cfg.box * loss_box, cfg.cls * loss_cls, cfg.dfl * loss_dfl)
+
+
+def _detection_terms(head: Head, targets: Targets, cfg: LossConfig, image_hw, class_weights) -> tuple[jax.Array, LossParts]:
+  """``(total, LossParts)`` of the detection terms."""
+  return _finish(_detection_parts(head, targets, cfg, image_hw, class_weights), head.ltrb.shape[0], cfg.axis_name)
 
 
 # ------------------------------------------------------------------------------------------------

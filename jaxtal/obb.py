@@ -54,16 +54,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from jaxtal import _validate
 from jaxtal.assigner import assign_targets
 from jaxtal.boxes import probiou
 from jaxtal.config import AssignerConfig, LossConfig, _make_config
 from jaxtal.geometry import rotated
-from jaxtal.head import Head, _level_rows, decode_head, ltrb_to_xywhr, xywhr_to_ltrb
+from jaxtal.head import Head, decode_head, ltrb_to_xywhr, xywhr_to_ltrb
 from jaxtal.labels import _MIN_ROTATED_SIDE, GroundTruth
-from jaxtal.loss import _class_term, _dfl_term, _entry_weights, _check_head, _finish, _l1_term, _normaliser
+from jaxtal.loss import _check_head, _class_term, _dfl_term, _entry_weights, _finish, _l1_term, _normaliser, _side_rows
+from jaxtal.module import _TaskLossModule
 from jaxtal.targets import Assignment, Targets, take_rows, to_assignment
 
 # The variance floor (grid units squared) of the box term's ProbIoU.
@@ -110,12 +110,6 @@ def _rotated_only(cfg: AssignerConfig, caller: str) -> None:
     )
 
 
-def _angle_rows(angles, shapes, cfg: LossConfig, batch: int, caller: str) -> jax.Array:
-  """Validates the per-level angle maps against the head's levels; returns ``(b, A)`` float32 angles."""
-  _validate.level_maps(angles, shapes, batch, 1, cfg.layout, "angles", caller)
-  return jnp.concatenate([r[..., 0] for r in _level_rows(angles, cfg.layout)], axis=1).astype(jnp.float32)
-
-
 def _pixel_scale(head: Head) -> jax.Array:
   """``(A, 5)``: multiplies grid-unit xywhr boxes into pixels (the angle unchanged)."""
   return jnp.concatenate([jnp.broadcast_to(head.strides, (head.strides.shape[0], 4)), jnp.ones_like(head.strides)], -1)
@@ -123,7 +117,7 @@ def _pixel_scale(head: Head) -> jax.Array:
 
 def _obb_head(feats, angles, cfg: OBBLossConfig, caller: str):
   batch, hw, shapes = _check_head(feats, cfg, caller)
-  pred_angle = _angle_rows(angles, shapes, cfg, batch, caller)
+  pred_angle = _side_rows(angles, shapes, batch, 1, cfg.layout, "angles", caller)[..., 0]
   head = decode_head(feats, cfg)
   return batch, hw, head, pred_angle, ltrb_to_xywhr(head.ltrb, pred_angle[..., None], head.anchors)
 
@@ -274,7 +268,7 @@ def obb_loss(
   return _obb_terms(head, boxes, pred_angle, targets, cfg, hw, class_weights)
 
 
-class OBBLoss(nnx.Module):
+class OBBLoss(_TaskLossModule):
   """The YOLOv8 OBB loss (:func:`obb_loss`) as an NNX module holding an :class:`OBBLossConfig`.
 
   Example::
@@ -286,12 +280,12 @@ class OBBLoss(nnx.Module):
   ``cls`` field: pass it in an ``OBBLossConfig`` (Flax's constructor reserves the keyword).
   """
 
+  config_class = OBBLossConfig
+
   def __init__(self, config: OBBLossConfig | None = None, *, class_weights: jax.Array | None = None, **overrides):
-    self.config = _make_config(OBBLossConfig, config, overrides, "OBBLoss")
+    super().__init__(config, class_weights=class_weights, **overrides)
     _rotated_only(self.config, "OBBLoss")
-    self.class_weights = None if class_weights is None else nnx.Variable(jnp.asarray(class_weights, jnp.float32))
 
   def __call__(self, feats: Sequence[jax.Array], angles: Sequence[jax.Array], gt: GroundTruth) -> tuple[jax.Array, OBBLossParts]:
     """Returns ``(total, OBBLossParts)`` for head maps ``feats``, angle maps ``angles`` and ``gt``."""
-    weights = None if self.class_weights is None else self.class_weights[...]
-    return obb_loss(feats, angles, gt, self.config, class_weights=weights)
+    return self._run(obb_loss, feats, angles, gt)

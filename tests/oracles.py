@@ -168,7 +168,7 @@ def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, 
 
 def np_assign(pred_scores, pred_boxes, anchors, gt, **kw):
   """:func:`np_assign_one` over a batch; ``gt`` is any ``(labels, boxes, mask)`` triple."""
-  labels, boxes, mask = (np.asarray(x) for x in gt)
+  labels, boxes, mask = (np.asarray(x) for x in gt[:3])
   out = [
       np_assign_one(*(np.asarray(x, np.float64) for x in (pred_scores[i], pred_boxes[i], anchors)),
                     labels[i], boxes[i].astype(np.float64), mask[i], **kw)

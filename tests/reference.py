@@ -7,6 +7,7 @@ Importing this module requires ``torch`` and ``ultralytics`` (the ``parity`` ext
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import SimpleNamespace
 
@@ -24,6 +25,7 @@ from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss  # no
 from ultralytics.utils.tal import TaskAlignedAssigner  # noqa: E402
 
 np.set_printoptions(**_print_options)
+import ultralytics.utils.tal as _tal  # noqa: E402
 
 REFERENCE_VERSION = "8.4.190"
 VERSION = ultralytics.__version__
@@ -64,6 +66,38 @@ def assign(
       fg_mask=fg.numpy().astype(bool),
       gt_index=gt_idx.numpy().astype(np.int32),
   )
+
+
+def _stable_topk(x, k, dim=-1, largest=True, sorted=True):  # noqa: A002  (torch.topk's keyword)
+  values, indices = torch.sort(x, dim=dim, descending=largest, stable=True)
+  return torch.return_types.topk((values.narrow(dim, 0, k), indices.narrow(dim, 0, k)))
+
+
+class _StableTopkTorch:
+  """The ``torch`` module as the reference's assigners see it inside :func:`stable_ties`."""
+
+  topk = staticmethod(_stable_topk)
+
+  def __getattr__(self, name):
+    return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def stable_ties():
+  """Within the block, the reference's assigners break top-k ties towards the lower anchor index.
+
+  ``torch.topk`` orders tied values in no documented way; jaxtal's ``lax.top_k`` puts the lower
+  index first, which is one legal order of the same algorithm. Losses that count every
+  foreground anchor (pose, segmentation) see the difference when an image has tied zero-metric
+  candidates, so their parity is tested against both the native and this stable reference.
+  Only the assigners' module sees the stable form (the rest of torch is untouched).
+  """
+  original = _tal.torch
+  _tal.torch = _StableTopkTorch()
+  try:
+    yield
+  finally:
+    _tal.torch = original
 
 
 class _Head(torch.nn.Module):

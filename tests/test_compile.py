@@ -135,7 +135,7 @@ def test_numpy_and_jax_ground_truth_share_one_compilation():
   params = head_maps()
   opt_state = optimizer.init(params)
   gt = batches()[3]
-  on_device = jaxtal.GroundTruth(*map(jnp.asarray, gt))
+  on_device = jax.tree.map(jnp.asarray, gt)
   with count_backend_compiles() as compiles:
     a = step(params, opt_state, gt)
     b = step(params, opt_state, on_device)

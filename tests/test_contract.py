@@ -190,7 +190,7 @@ def test_valid_arguments_trace():
   jaxtal.decode_boxes(jnp.zeros((2, A, 4 * R)), AP, reg_max=R)
   # integer masks and numpy inputs are accepted
   loss_call(gt=G._replace(mask=G.mask.astype(jnp.int32)))()
-  loss_call(gt=jaxtal.GroundTruth(*(np.asarray(x) for x in G)))()
+  loss_call(gt=jax.tree.map(np.asarray, G))()
 
 
 @pytest.mark.parametrize(

@@ -90,7 +90,7 @@ def test_no_labels():
   feats = head_maps()
   gt = jaxtal.pack_labels(np.zeros((0, 6), np.float32), B, 3, (IMAGE, IMAGE))
   assert not np.asarray(gt.mask).any()
-  total, parts, grads = loss_and_grads(feats, jaxtal.GroundTruth(*map(jnp.asarray, gt)))
+  total, parts, grads = loss_and_grads(feats, jax.tree.map(jnp.asarray, gt))
   assert_finite(total, parts, grads)
   logits = np.concatenate([np.asarray(f)[..., 4 * R :].reshape(B, -1, NC) for f in feats], 1)
   expected_cls = 0.5 * np_softplus(logits).sum()
@@ -99,7 +99,7 @@ def test_no_labels():
   np.testing.assert_allclose(total, expected_cls * B, rtol=1e-5)
   for g in grads:  # no box term: the distribution logits get no gradient at all
     assert (np.asarray(g)[..., : 4 * R] == 0).all()
-  out = assign()(*preds_around_anchors(), jnp.asarray(ANCHORS_PX), jaxtal.GroundTruth(*map(jnp.asarray, gt)))
+  out = assign()(*preds_around_anchors(), jnp.asarray(ANCHORS_PX), jax.tree.map(jnp.asarray, gt))
   assert not np.asarray(out.fg_mask).any() and not np.asarray(out.scores).any()
 
 
@@ -286,7 +286,7 @@ def property_loss_step():
 
 def check_degenerate_batch(feats, gt):
   step = property_loss_step()
-  (total, parts), grads = step(feats, jaxtal.GroundTruth(*map(jnp.asarray, gt)))
+  (total, parts), grads = step(feats, jax.tree.map(jnp.asarray, gt))
   assert np.isfinite(float(total)) and all(np.isfinite(float(p)) and float(p) >= 0 for p in parts), (total, parts)
   for g in grads:
     assert np.isfinite(np.asarray(g)).all()
@@ -294,7 +294,7 @@ def check_degenerate_batch(feats, gt):
   valid = np_valid_rows(gt.labels, gt.boxes, gt.mask, NC, image_hw=(IMAGE, IMAGE))
   clean = jaxtal.GroundTruth(np.where(valid, gt.labels, 0).astype(np.int32),
                              np.where(valid[..., None], gt.boxes, 0.0).astype(np.float32), valid)
-  (clean_total, clean_parts), clean_grads = step(feats, jaxtal.GroundTruth(*map(jnp.asarray, clean)))
+  (clean_total, clean_parts), clean_grads = step(feats, jax.tree.map(jnp.asarray, clean))
   np.testing.assert_array_equal(total, clean_total)
   np.testing.assert_array_equal(np.asarray(parts), np.asarray(clean_parts))
   for g, c in zip(grads, clean_grads):

@@ -128,7 +128,7 @@ def assign_fn(jit=True, topk2=None, min_box_side=0.0):
 
 def run(gt, seed, jit=True, topk2=None, min_box_side=0.0, ltrb=(0.5, 12.0)):
   scores, boxes = predictions(seed, ltrb)
-  out = assign_fn(jit, topk2, min_box_side)(scores, boxes, ANCHORS_PX, jaxtal.GroundTruth(*map(jnp.asarray, gt)))
+  out = assign_fn(jit, topk2, min_box_side)(scores, boxes, ANCHORS_PX, jax.tree.map(jnp.asarray, gt))
   return jaxtal.Assignment(*(np.asarray(x) for x in out))
 
 
@@ -251,7 +251,7 @@ def test_permuting_gts_changes_no_target(topk2, min_box_side, gt, seed, perm_see
   rng = np.random.default_rng(perm_seed)
   perm = np.stack([rng.permutation(M) for _ in range(B)])  # new slot j holds old row perm[i, j]
   rows = np.arange(B)[:, None]
-  shuffled = jaxtal.GroundTruth(*(np.asarray(x)[rows, perm] for x in gt))
+  shuffled = jax.tree.map(lambda x: np.asarray(x)[rows, perm], gt)
   a = run(gt, seed, topk2=topk2, min_box_side=min_box_side, ltrb=ltrb)
   b = run(shuffled, seed, topk2=topk2, min_box_side=min_box_side, ltrb=ltrb)
   np.testing.assert_array_equal(a.fg_mask, b.fg_mask)
@@ -267,9 +267,9 @@ def test_permuting_gts_changes_no_target(topk2, min_box_side, gt, seed, perm_see
 def test_batch_equals_per_image_runs(gt, seed):
   scores, boxes = predictions(seed)
   fn = assign_fn(True, None, 8.0)
-  batched = fn(scores, boxes, ANCHORS_PX, jaxtal.GroundTruth(*map(jnp.asarray, gt)))
+  batched = fn(scores, boxes, ANCHORS_PX, jax.tree.map(jnp.asarray, gt))
   for i in range(B):
-    gt_i = jaxtal.GroundTruth(*(jnp.asarray(x)[i : i + 1] for x in gt))
+    gt_i = jax.tree.map(lambda x: jnp.asarray(x)[i : i + 1], gt)
     one = fn(scores[i : i + 1], boxes[i : i + 1], ANCHORS_PX, gt_i)
     for x, y in zip(batched, one):
       np.testing.assert_array_equal(np.asarray(x)[i], np.asarray(y)[0])
@@ -300,7 +300,7 @@ def head_maps(seed, scale):
 @SETTINGS
 @given(gt=gt_batches(), seed=st.integers(0, 2**32 - 1), scale=st.floats(0.01, 30.0))
 def test_loss_and_every_gradient_are_finite(topk2, min_box_side, gt, seed, scale):
-  (total, parts), grads = loss_and_grads(min_box_side, topk2)(head_maps(seed, scale), jaxtal.GroundTruth(*gt))
+  (total, parts), grads = loss_and_grads(min_box_side, topk2)(head_maps(seed, scale), jaxtal.GroundTruth(*gt[:3]))
   assert np.isfinite(float(total)), (total, parts)
   assert all(float(p) >= 0 for p in parts)
   for g in grads:
@@ -332,7 +332,7 @@ def test_conflict_resolution_can_give_a_gt_more_than_topk_anchors(reference):
       own = out.fg_mask[i] & (out.gt_index[i] == g)
       if counts[g] > TOPK and (out.scores[i][own].sum(-1) > 0).all():
         scores, boxes = predictions(seed, (2.0, 10.0))
-        ref = reference.assign(scores, boxes, ANCHORS_PX, *gt, topk=TOPK)
+        ref = reference.assign(scores, boxes, ANCHORS_PX, *gt[:3], topk=TOPK)
         ref_own = ref["fg_mask"][i] & (ref["gt_index"][i] == g)
         np.testing.assert_array_equal(own, ref_own)
         np.testing.assert_allclose(out.scores[i][own], ref["scores"][i][own], rtol=1e-4, atol=1e-6)

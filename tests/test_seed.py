@@ -175,7 +175,7 @@ def test_fast_assigner_in_box_test_matches_seed():
   seed0 = _rows_to_mask(SEED_IN_GTS_IMAGE0)
   for i in range(toy.BATCH):
     for m in np.flatnonzero(gt.mask[i]):
-      one = jaxtal.GroundTruth(*(x[i : i + 1, m : m + 1] for x in gt))
+      one = jax.tree.map(lambda x: x[i : i + 1, m : m + 1], gt)
       fg = np.asarray(_positives_with_all_anchors(scores, boxes, anchor_px, one))[0]
       np.testing.assert_array_equal(fg, np_in_box(SEED_GT_BOXES[i, m : m + 1])[0], err_msg=f"image {i}, GT {m}")
       if i == 0:

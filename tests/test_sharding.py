@@ -206,7 +206,7 @@ def runs(tmp_path_factory, example_run):
   def loss(feats, gt):
     return jaxtal.detection_loss(feats, gt, **KW)
 
-  gt_j = jaxtal.GroundTruth(*map(jnp.asarray, gt))
+  gt_j = jax.tree.map(jnp.asarray, gt)
   (total, parts), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))([jnp.asarray(f) for f in feats], gt_j)
   # Each device's slice on its own, for what shard_map without axis_name must give.
   per_slice = jax.jit(loss)
