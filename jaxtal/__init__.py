@@ -26,7 +26,7 @@ from jaxtal.head import (
     ltrb_to_xyxy,
     xyxy_to_ltrb,
 )
-from jaxtal.labels import COORD_LIMIT, GroundTruth, pack_labels, pack_rotated_labels, valid_rows
+from jaxtal.labels import COORD_LIMIT, GroundTruth, pack_labels, pack_masks, pack_rotated_labels, valid_rows
 from jaxtal.loss import LossParts, detection_loss, detection_targets, loss_from_targets
 from jaxtal.module import DetectionLoss
 from jaxtal.obb import OBBLoss, OBBLossConfig, OBBLossParts, obb_loss, rotated_task_aligned_assign
@@ -86,6 +86,7 @@ __all__ = [
     "obb_loss",
     "one2many_weight",
     "pack_labels",
+    "pack_masks",
     "pack_rotated_labels",
     "probiou",
     "rotated",

@@ -199,3 +199,118 @@ def test_huge_normalised_values_are_named_without_a_numpy_warning():
     warnings.simplefilter("error")  # an overflow RuntimeWarning would fail here
     with pytest.raises(ValueError, match=r"label row 0 has a box coordinate beyond"):
       jaxtal.pack_labels(rows, 1, 2, 640)
+
+
+class PackKeypointsTest(chex.TestCase):
+  """pack_labels(..., keypoints=): pose keypoints padded beside the boxes (hand-worked values)."""
+
+  ROWS = PackLabelsTest.ROWS
+
+  def keypoints(self, d=3):
+    k = np.zeros((5, 2, d))
+    k[:, :, 0] = np.arange(5)[:, None] / 10 + np.array([0.0, 0.05])  # x: row / 10 (+ 0.05 for keypoint 1)
+    k[:, :, 1] = 0.5
+    if d == 3:
+      k[:, :, 2] = [[2, 1], [0, 2], [1, 1], [2, 0], [1, 2]]
+    return k
+
+  def test_keypoints_follow_their_rows_in_pixels(self):
+    gt = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=self.keypoints())
+    chex.assert_shape(gt.keypoints, (3, 4, 2, 3))
+    self.assertEqual(gt.keypoints.dtype, np.float32)
+    # Image 1 holds rows 0, 2, 4 in that order; x scales by the width 200, y by the height 100.
+    np.testing.assert_allclose(gt.keypoints[1, :3, 0, 0], [0.0, 40.0, 80.0], atol=1e-5)
+    np.testing.assert_allclose(gt.keypoints[1, :3, 1, 0], [10.0, 50.0, 90.0], atol=1e-5)
+    np.testing.assert_allclose(gt.keypoints[..., 1][gt.mask], 50.0)
+    np.testing.assert_array_equal(gt.keypoints[0, :2, :, 2], [[0, 2], [2, 0]])  # image 0: rows 1, 3
+    np.testing.assert_array_equal(gt.keypoints[~gt.mask], 0.0)  # padding rows are zero
+
+  def test_two_values_per_keypoint_means_all_visible(self):
+    gt = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=self.keypoints(d=2))
+    chex.assert_shape(gt.keypoints, (3, 4, 2, 3))
+    np.testing.assert_array_equal(gt.keypoints[..., 2][gt.mask], 1.0)
+    np.testing.assert_array_equal(gt.keypoints[..., 2][~gt.mask], 0.0)
+
+  @parameterized.parameters((0, -0.01), (0, 1.2), (1, -3.0), (1, 1.0001))
+  def test_a_keypoint_outside_the_image_becomes_unlabelled_and_clipped(self, axis, value):
+    k = self.keypoints()
+    k[1, 0, axis] = value  # row 1 = image 0, slot 0, keypoint 0 (visibility 0 before; make it 2)
+    k[1, 0, 2] = 2
+    gt = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
+    self.assertEqual(gt.keypoints[0, 0, 0, 2], 0.0)
+    self.assertEqual(gt.keypoints[0, 0, 0, axis], (200.0, 100.0)[axis] * float(np.clip(value, 0, 1)))
+    self.assertEqual(gt.keypoints[0, 0, 1, 2], 2.0)  # its other keypoint is untouched
+
+  def test_keypoints_on_the_border_stay_labelled(self):
+    k = self.keypoints()
+    k[1, 0] = [1.0, 0.0, 2]
+    gt = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
+    np.testing.assert_array_equal(gt.keypoints[0, 0, 0], [200.0, 0.0, 2.0])
+
+  def test_a_list_of_per_image_keypoints(self):
+    k = self.keypoints()
+    per_image = [self.ROWS[self.ROWS[:, 0] == i, 1:] for i in range(3)]
+    per_image_k = [k[self.ROWS[:, 0] == i] for i in range(3)]
+    got = jaxtal.pack_labels(per_image, 3, 4, (100, 200), keypoints=per_image_k)
+    want = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
+    np.testing.assert_array_equal(got.keypoints, want.keypoints)
+
+  @parameterized.parameters(
+      (np.zeros((4, 2, 3)), "one row per label row"),
+      (np.zeros((5, 2, 4)), r"D = 2 \(x, y\) or 3"),
+      (np.zeros((5, 6)), r"\(n, K, D\)"),
+  )
+  def test_bad_keypoint_shapes_raise(self, k, match):
+    with self.assertRaisesRegex(ValueError, match):
+      jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
+
+  def test_a_non_finite_keypoint_names_its_row(self):
+    k = self.keypoints()
+    k[3, 1, 0] = np.nan
+    with self.assertRaisesRegex(ValueError, "label row 3 have a non-finite"):
+      jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
+
+
+class PackMasksTest(chex.TestCase):
+  """pack_masks: per-instance binary masks drawn into per-image index maps."""
+
+  def test_slots_follow_row_order_and_later_rows_win(self):
+    masks = np.zeros((4, 3, 4), bool)
+    masks[0, :2, :2] = True  # image 1, slot 0
+    masks[1, :, :] = True  # image 0, slot 0
+    masks[2, 1:, 1:3] = True  # image 1, slot 1: drawn over row 0 where they overlap
+    masks[3, 0, 3] = True  # image 1, slot 2
+    out = jaxtal.pack_masks(masks, np.array([1, 0, 1, 1]), batch_size=3, max_boxes=3)
+    self.assertEqual((out.shape, out.dtype), ((3, 3, 4), np.int32))
+    np.testing.assert_array_equal(out[0], 1)
+    np.testing.assert_array_equal(out[1], [[1, 1, 0, 3], [1, 2, 2, 0], [0, 2, 2, 0]])
+    np.testing.assert_array_equal(out[2], 0)
+
+  def test_slots_match_pack_labels(self):
+    rng = np.random.default_rng(0)
+    bidx = rng.integers(0, 3, 7)
+    rows = np.c_[bidx, np.arange(7) % 3, rng.uniform(0.3, 0.7, (7, 2)), np.full((7, 2), 0.1)]
+    masks = np.zeros((7, 5, 5), np.float32)
+    for r in range(7):
+      masks[r, r % 5, r // 5] = 1.0  # one distinct pixel per row
+    out = jaxtal.pack_masks(masks, bidx[:, None], 3, 4)
+    gt = jaxtal.pack_labels(rows, 3, 4, 64)
+    for r in range(7):
+      slot = out[bidx[r], r % 5, r // 5] - 1
+      self.assertEqual(gt.labels[bidx[r], slot], r % 3)
+      np.testing.assert_allclose(gt.boxes[bidx[r], slot, :2], (rows[r, 2:4] - 0.05) * 64, rtol=1e-5)
+
+  def test_no_instances(self):
+    out = jaxtal.pack_masks(np.zeros((0, 4, 6), bool), np.zeros((0,)), 2, 5)
+    np.testing.assert_array_equal(out, np.zeros((2, 4, 6), np.int32))
+
+  @parameterized.parameters(
+      (np.zeros((2, 4)), np.zeros(2), r"\(n, mh, mw\)"),
+      (np.zeros((2, 4, 4)), np.zeros(3), r"batch_idx must be \(n,\)"),
+      (np.full((2, 4, 4), 0.5), np.zeros(2), "binary"),
+      (np.zeros((2, 4, 4)), np.array([0, 2]), "batch index"),
+      (np.zeros((3, 4, 4)), np.zeros(3), "max_boxes is 2"),
+  )
+  def test_bad_input_raises(self, masks, bidx, match):
+    with self.assertRaisesRegex(ValueError, match):
+      jaxtal.pack_masks(masks, bidx, 2, 2)
