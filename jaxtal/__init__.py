@@ -30,6 +30,8 @@ from jaxtal.labels import COORD_LIMIT, GroundTruth, pack_labels, pack_masks, pac
 from jaxtal.loss import LossParts, detection_loss, detection_targets, loss_from_targets
 from jaxtal.module import DetectionLoss
 from jaxtal.obb import OBBLoss, OBBLossConfig, OBBLossParts, obb_loss, rotated_task_aligned_assign
+from jaxtal.pose import PoseLoss, PoseLossConfig, PoseLossParts, decode_keypoints, pose_loss
+from jaxtal.segment import SegmentLoss, SegmentLossConfig, SegmentLossParts, segment_loss
 from jaxtal.steps import AssignSteps, assign_steps
 from jaxtal.targets import (
     Assignment,
@@ -60,6 +62,12 @@ __all__ = [
     "OBBLoss",
     "OBBLossConfig",
     "OBBLossParts",
+    "PoseLoss",
+    "PoseLossConfig",
+    "PoseLossParts",
+    "SegmentLoss",
+    "SegmentLossConfig",
+    "SegmentLossParts",
     "Targets",
     "assign_steps",
     "assign_targets",
@@ -71,6 +79,7 @@ __all__ = [
     "checked_task_aligned_assign",
     "decode_boxes",
     "decode_head",
+    "decode_keypoints",
     "decode_rotated_boxes",
     "detection_loss",
     "detection_targets",
@@ -88,9 +97,11 @@ __all__ = [
     "pack_labels",
     "pack_masks",
     "pack_rotated_labels",
+    "pose_loss",
     "probiou",
     "rotated",
     "rotated_task_aligned_assign",
+    "segment_loss",
     "take_rows",
     "targets_from_assignment",
     "task_aligned_assign",

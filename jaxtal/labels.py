@@ -233,7 +233,7 @@ def _keypoint_rows(keypoints, labels, n: int, caller: str) -> np.ndarray:
   if not np.issubdtype(kpts.dtype, np.number) or np.issubdtype(kpts.dtype, np.complexfloating):
     raise ValueError(f"{caller}: keypoints must be a real numeric array, got dtype {kpts.dtype}")
   kpts = kpts.astype(np.float64)
-  for r in np.flatnonzero(~np.isfinite(kpts).reshape(n, -1).all(axis=1))[:1]:
+  for r in np.flatnonzero(~np.isfinite(kpts).reshape(n, kpts.shape[1] * kpts.shape[2]).all(axis=1))[:1]:
     raise ValueError(f"{caller}: keypoints of label row {r} have a non-finite value ({kpts[r].tolist()})")
   return kpts
 

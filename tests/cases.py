@@ -476,3 +476,16 @@ def load_fixture(kind: str, name: str) -> tuple[dict, dict, str]:
   if config.get("class_weights") is not None:
     config["class_weights"] = tuple(config["class_weights"])
   return dict(name=name, inputs=inputs, config=config), ref, version
+
+
+def assert_case_equal(stored: dict, built: dict, where: str = "") -> None:
+  """A case read back from a fixture equals the one its builder makes now (config, input names
+  and every input array, per-level lists level by level): a stale fixture would test something else."""
+  assert stored["config"] == built["config"], f"{where}config"
+  assert set(stored["inputs"]) == set(built["inputs"]), f"{where}input names"
+  for key, value in built["inputs"].items():
+    have = stored["inputs"][key]
+    have, value = (have, value) if isinstance(value, list) else ([have], [value])
+    assert len(have) == len(value), f"{where}{key}: {len(have)} levels stored, {len(value)} built"
+    for a, b in zip(have, value):
+      np.testing.assert_array_equal(a, b, err_msg=f"{where}{key}")

@@ -210,3 +210,44 @@ def e2e_loss(feats_o2m, feats_o2o, label_rows, *, num_classes, strides, reg_max=
       grads=[f.grad.numpy().copy() for f in branches[0][0]],
       grads_o2o=[f.grad.numpy().copy() for f in branches[1][0]],
   )
+
+
+def criterion(loss_class, *, num_classes, strides, reg_max=16, topk=10, topk2=None, alpha=0.5, beta=6.0,
+              min_box_side=0.0, class_weights=None, head_attrs=None, model_attrs=None, **gains):
+  """A reference criterion (``v8DetectionLoss`` or a task subclass) on the stand-in :class:`_Model`,
+  with the assigner's settings applied; ``head_attrs`` / ``model_attrs`` are set on the head /
+  model before the criterion reads them (e.g. ``kpt_shape``, ``kpt_oks_sigmas``); ``gains`` are
+  the hyperparameters it reads (``box``, ``cls``, ``dfl``, and the task's)."""
+  model = _Model(num_classes, reg_max, list(strides), gains, class_weights)
+  for name, value in (head_attrs or {}).items():
+    setattr(model.model[-1], name, value)
+  for name, value in (model_attrs or {}).items():
+    setattr(model, name, value)
+  crit = loss_class(model, tal_topk=topk, tal_topk2=topk2)
+  crit.assigner.alpha, crit.assigner.beta = alpha, beta
+  crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
+  return crit
+
+
+def run_observed(crit, preds, batch, *, stable=False):
+  """Runs ``crit(preds, batch)`` and the backward pass of its total (optionally under :func:`stable_ties`).
+
+  Returns ``(total, weights, fg_mask, gt_index)``: the loss tensor (detached) and the assignment
+  inside the loss, read from its assigner's output through a forward hook: target-score sums
+  ``(b, A)`` float32, foreground ``(b, A)`` bool and owner GT slot ``(b, A)`` int32.
+  """
+  seen = []
+  hook = crit.assigner.register_forward_hook(lambda module, args, out: seen.append([o.detach().clone() for o in out]))
+  try:
+    with stable_ties() if stable else contextlib.nullcontext():
+      total, _ = crit(preds, batch)
+  finally:
+    hook.remove()
+  total.sum().backward()
+  _, _, scores, fg, gt_idx = seen[-1]
+  return (
+      total.detach(),
+      scores.sum(-1).numpy().astype(np.float32),
+      fg.numpy().astype(bool),
+      gt_idx.numpy().astype(np.int32),
+  )

@@ -120,11 +120,13 @@ def test_module_equals_function_and_compiles_once_over_epochs():
     traces.append(1)
     return module((a,), (b,), gt, weight=jaxtal.one2many_weight(epoch, 20))
 
+  @jax.jit  # the function, jitted too (eager, three epochs took ~25 s)
+  def want_fn(a, b, gt, epoch):
+    return jaxtal.end_to_end_loss(jaxtal.detection_loss, (a,), (b,), gt, weight=jaxtal.one2many_weight(epoch, 20), config=CFG)
+
   for epoch in (0, 7, 19):
     got = step(many, one, GT, epoch)
-    want = jaxtal.end_to_end_loss(
-        jaxtal.detection_loss, (many,), (one,), GT, weight=jaxtal.one2many_weight(epoch, 20), config=CFG
-    )
+    want = want_fn(many, one, GT, epoch)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
   assert len(traces) == 1
 
