@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import math
@@ -40,26 +41,32 @@ IMAGE_SIZE, MAX_BOXES = 64, 4  # an image holds 1 to MAX_BOXES shapes
 CONFIG = jaxtal.LossConfig(num_classes=len(CLASS_NAMES), strides=(8, 16, 32), reg_max=8)
 
 
-def require(module: str, purpose: str):
-  """Imports ``module``, or exits naming the install command (called at startup, before training)."""
+def require(module: str, purpose: str, script: str = "train_toy.py"):
+  """Imports ``module``, or exits naming ``script`` and the install command (called at startup, before training)."""
   try:
     return importlib.import_module(module)
   except ImportError:
     package = module.split(".")[0]
-    sys.exit(f'train_toy.py: {purpose} needs {package}, which is not installed: pip install -e ".[examples]"')
+    sys.exit(f'{script}: {purpose} needs {package}, which is not installed: pip install -e ".[examples]"')
 
 
 def draw_shape(image: np.ndarray, kind: int, box, colour) -> None:
   """Paints a filled shape of class ``kind`` exactly filling ``box`` (xyxy pixels) into ``image (H, W, 3)``."""
+  image[shape_mask(kind, box, image.shape[:2])] = colour
+
+
+def shape_mask(kind: int, box, size: tuple[int, int]) -> np.ndarray:
+  """``(H, W)`` bool: the pixels of a grid of ``size = (H, W)`` whose centres lie in the filled shape of class
+  ``kind`` exactly filling ``box`` (xyxy, in that grid's pixels): what :func:`draw_shape` paints."""
   x1, y1, x2, y2 = box
-  ys, xs = np.mgrid[: image.shape[0], : image.shape[1]] + 0.5  # pixel centres
+  ys, xs = np.mgrid[: size[0], : size[1]] + 0.5  # pixel centres
   if kind == 0:  # rectangle
     inside = (xs >= x1) & (xs <= x2) & (ys >= y1) & (ys <= y2)
   elif kind == 1:  # ellipse
     inside = ((2 * xs - x1 - x2) / (x2 - x1)) ** 2 + ((2 * ys - y1 - y2) / (y2 - y1)) ** 2 <= 1.0
   else:  # triangle: apex at the top centre, base along the bottom edge
     inside = (ys >= y1) & (ys <= y2) & (np.abs(xs - (x1 + x2) / 2) <= (ys - y1) / (y2 - y1) * (x2 - x1) / 2)
-  image[inside] = colour
+  return inside
 
 
 def random_boxes(rng: np.random.Generator, count: int) -> list[np.ndarray]:
@@ -151,7 +158,7 @@ def zero_positive_counts(positives_per_gt, mask):
   return jnp.sum(mask & (positives_per_gt == 0)), jnp.sum(mask)
 
 
-TRACES = {"train_step": 0, "train_step_e2e": 0}  # Python side effects run only while tracing: compilations
+TRACES = {"train_step": 0, "train_step_e2e": 0, "task_step": 0}  # side effects run only while tracing: compilations
 
 
 @nnx.jit
@@ -187,6 +194,23 @@ def train_step_e2e(model, optimizer, loss_fn, images, gt, weight):
   return loss, zero_positive_counts(positives, gt.mask)
 
 
+@nnx.jit
+def task_step(model, optimizer, loss_fn, images, gt):
+  """One AdamW step of a task loss fed all the model's outputs, ``loss_fn(*model(images), gt) -> (total, parts)``
+  (a model returning the head maps and its task's maps: OBB angles, mask coefficients and prototypes, keypoints);
+  returns the loss per image ``total / b`` and the parts. ``gt`` is an argument: a closure over it would compile
+  it in as a constant (and recompile for every batch)."""
+  TRACES["task_step"] += 1
+
+  def loss_of(model):
+    total, parts = loss_fn(*model(images), gt)
+    return total / images.shape[0], parts
+
+  (loss, parts), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return loss, parts
+
+
 def epoch_of(step: int, steps: int, epochs: int) -> int:
   """0-based epoch of 1-based ``step`` when ``steps`` steps make ``epochs`` epochs (as equal as they split)."""
   return (step - 1) * epochs // steps
@@ -208,6 +232,67 @@ def progress(step: int, total: int, text: str) -> None:
   sys.stdout.flush()
 
 
+def example_parser(description: str, steps: int, plot_help: str) -> argparse.ArgumentParser:
+  """The command line the examples share: steps, batch size, peak learning rate, seed, held-out images, progress
+  spacing and ``--plot FILE.png`` (``plot_help`` says what it draws)."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--steps", type=int, default=steps)
+  parser.add_argument("--batch-size", type=int, default=32)
+  parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--eval-images", type=int, default=200)
+  parser.add_argument("--log-every", type=int, default=50, help="steps per progress line when not on a terminal")
+  parser.add_argument("--plot", metavar="FILE.png", help=plot_help)
+  return parser
+
+
+def adamw(model, steps: int, lr: float) -> nnx.Optimizer:
+  """The examples' optimiser: AdamW (weight decay 5e-4) on the model's parameters, the learning rate rising
+  linearly to ``lr`` over the first 5% of ``steps``, then falling as a cosine."""
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), max(steps, 2))
+  return nnx.Optimizer(model, optax.adamw(schedule, weight_decay=5e-4), wrt=nnx.Param)
+
+
+def fit(step, make_batch, args, start: float, term: str | None = None, label: str | None = None) -> np.ndarray:
+  """Runs ``args.steps`` training steps ``step(images, gt) -> (loss, parts)``, each on fresh images
+  ``make_batch(args.batch_size, rng)`` (``rng`` seeded by ``args.seed``), with a progress line (:func:`progress`)
+  every ``args.log_every`` steps off a terminal: the mean loss and, with ``term``, the mean of ``parts.<term>``
+  ("of which ``label``"), and the seconds since ``start``. Returns the losses ``(steps,)``."""
+  rng = np.random.default_rng(args.seed)
+  every = max(1, args.steps // 100) if sys.stdout.isatty() else max(1, args.log_every)
+  losses, terms = [], []
+  for n in range(1, args.steps + 1):
+    images, gt = make_batch(args.batch_size, rng)
+    loss, parts = step(jnp.asarray(images), gt)
+    losses.append(loss)  # device values: reading one waits for its step, so only when reporting
+    terms.append(loss if term is None else getattr(parts, term))
+    if n % every == 0 or n == args.steps:
+      text = f"step {n:4d}/{args.steps}  loss {float(np.mean(losses[-every:])):6.3f}"
+      if term is not None:
+        text += f"  of which {label or term} {float(np.mean(terms[-every:])):5.3f}"
+      progress(n, args.steps, f"{text}  {time.perf_counter() - start:5.1f} s")
+  return np.array([float(x) for x in losses])
+
+
+def train_task(model, loss_fn, make_batch, args, start: float, term: str | None = None, label: str | None = None):
+  """Trains ``model`` on a task loss with :func:`task_step` and :func:`adamw` for :func:`fit`'s steps (same
+  arguments); returns ``(losses (steps,), compilations of the step, seconds since start)``."""
+  traces = TRACES["task_step"]
+  step = functools.partial(task_step, model, adamw(model, args.steps, args.lr), loss_fn)
+  losses = fit(step, make_batch, args, start, term, label)
+  return losses, TRACES["task_step"] - traces, time.perf_counter() - start
+
+
+def start_up(args, script: str, *needs: tuple[str, str]) -> float:
+  """Before any training: imports each ``(module, purpose)`` of ``needs`` and, with ``args.plot``, matplotlib
+  (Agg backend), or exits naming ``script`` and the install command (:func:`require`). Returns the start time."""
+  for module, purpose in needs:
+    require(module, purpose, script)
+  if args.plot:
+    require("matplotlib", "--plot", script).use("Agg")
+  return time.perf_counter()
+
+
 @nnx.jit
 def predict(model, images):
   """Sigmoid class scores ``(b, A, nc)`` and xyxy boxes in pixels ``(b, A, 4)``."""
@@ -221,21 +306,30 @@ def predict_both(model, images):
   return scores_and_boxes(one2many), scores_and_boxes(one2one)
 
 
-def scores_and_boxes(feats):
+def scores_and_boxes(feats, config: jaxtal.LossConfig = CONFIG):
   """Sigmoid class scores ``(b, A, nc)`` and xyxy pixel boxes ``(b, A, 4)`` of per-level head maps."""
-  head = jaxtal.decode_head(feats, CONFIG)
+  head = jaxtal.decode_head(feats, config)
   return jax.nn.sigmoid(jnp.concatenate(head.logits, axis=1)), head.boxes * head.strides
 
 
-def detect(scores, boxes, conf: float = 0.001, iou: float = 0.6, max_det: int = 100):
-  """Per image ``(boxes xyxy, scores, classes)``: each anchor's best class, OpenCV's class-aware NMS."""
+def detect(scores, boxes, *per_anchor, conf: float = 0.001, iou: float = 0.6, max_det: int = 100):
+  """Per image ``(boxes xyxy, scores, classes)``: each anchor's best class, OpenCV's class-aware NMS; followed by
+  the kept anchors' rows of each further per-anchor output ``(b, A, ...)`` given (keypoints, mask coefficients)."""
+  kept = detect_indices(scores, boxes, conf, iou, max_det)
+  outputs = [np.asarray(boxes, np.float64), *(np.asarray(x) for x in per_anchor)]
+  return [(x[0][keep], best[keep], cls[keep], *(y[keep] for y in x[1:])) for x, (keep, best, cls) in
+          zip(zip(*outputs), kept)]
+
+
+def detect_indices(scores, boxes, conf: float = 0.001, iou: float = 0.6, max_det: int = 100):
+  """Per image ``(kept anchors (k,), best score (A,), best class (A,))``: what :func:`detect` keeps, as anchor
+  indices, so that other per-anchor outputs (keypoints, mask coefficients) can follow the kept boxes."""
   nms = require("cv2", "NMS").dnn.NMSBoxesBatched
   out = []
   for s, b in zip(np.asarray(scores), np.asarray(boxes, np.float64)):
     best, cls = s.max(-1), s.argmax(-1)
     keep = np.asarray(nms(np.c_[b[:, :2], b[:, 2:] - b[:, :2]], best, cls.astype(np.int32), conf, iou, top_k=max_det))
-    keep = keep.astype(int).reshape(-1)
-    out.append((b[keep], best[keep], cls[keep]))
+    out.append((keep.astype(int).reshape(-1), best, cls))
   return out
 
 
@@ -255,75 +349,88 @@ def top_detections(scores, boxes, conf: float = 0.001, max_det: int = 100):
   return out
 
 
-def coco_map(detections, gt_boxes, gt_classes) -> tuple[float, float]:
+def coco_map(detections, gt_boxes, gt_classes, gt_masks=None) -> tuple[float, float]:
   """``(mAP@0.5:0.95, mAP@0.5)`` from pycocotools' ``COCOeval``.
 
   ``detections``: per image ``(boxes (k, 4) xyxy, scores (k,), classes (k,))``; ``gt_boxes``, ``gt_classes``:
-  per image ``(m, 4)`` xyxy and ``(m,)``.
+  per image ``(m, 4)`` xyxy and ``(m,)``. With ``gt_masks`` (per image ``(m, H, W)`` bool) it is MASK mAP
+  (``iouType="segm"``: IoU of the masks, as pycocotools' RLE) and each image's detections carry their masks,
+  ``(boxes, scores, classes, masks (k, H, W) bool)``.
   """
-  coco, cocoeval = require("pycocotools.coco", "mAP"), require("pycocotools.cocoeval", "mAP")
+  encode = None if gt_masks is None else require("pycocotools.mask", "mask mAP").encode
   xywh = lambda b: [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]  # noqa: E731
+
+  def region(box, mask) -> dict:  # a detection's mask goes without its box: loadRes would read the box first
+    if mask is None:
+      x, y, w, h = xywh(box)
+      return dict(bbox=[x, y, w, h], area=w * h)
+    return dict(segmentation=encode(np.asfortranarray(mask, np.uint8)), area=float(np.sum(mask)))
+
   anns, dets = [], []
   for i, (boxes, classes) in enumerate(zip(gt_boxes, gt_classes)):
-    for b, c in zip(boxes, classes):
-      x, y, w, h = xywh(b)
-      anns.append(dict(id=len(anns) + 1, image_id=i, category_id=int(c), bbox=[x, y, w, h], area=w * h, iscrowd=0))
-  for i, (boxes, scores, classes) in enumerate(detections):
-    for b, s, c in zip(boxes, scores, classes):
-      dets.append(dict(image_id=i, category_id=int(c), bbox=xywh(b), score=float(s)))
+    masks = [None] * len(boxes) if encode is None else gt_masks[i]
+    for b, c, m in zip(boxes, classes, masks):
+      anns.append(dict(id=len(anns) + 1, image_id=i, category_id=int(c), iscrowd=0, **region(b, m)))
+  for i, (boxes, scores, classes, *masks) in enumerate(detections):
+    for b, s, c, m in zip(boxes, scores, classes, [None] * len(boxes) if encode is None else masks[0]):
+      dets.append(dict(image_id=i, category_id=int(c), score=float(s), **region(b, m)))
+  return coco_eval(anns, dets, len(gt_boxes), "bbox" if encode is None else "segm")
+
+
+def coco_eval(anns, dets, num_images: int, iou_type: str, class_names=CLASS_NAMES, **params) -> tuple[float, float]:
+  """``(AP@0.5:0.95, AP@0.5)`` of pycocotools' ``COCOeval(iouType=iou_type)`` over COCO-format ground-truth
+  annotations ``anns`` and detections ``dets`` (lists of dicts) on images ``0 .. num_images - 1``, categories
+  ``0 .. len(class_names) - 1``; ``params`` set fields of ``COCOeval.params`` (e.g. ``kpt_oks_sigmas``)."""
+  coco, cocoeval = require("pycocotools.coco", "mAP"), require("pycocotools.cocoeval", "mAP")
   if not anns or not dets:  # COCOeval needs both
     return 0.0, 0.0
   with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
     truth = coco.COCO()
-    truth.dataset = dict(images=[dict(id=i) for i in range(len(gt_boxes))], annotations=anns,
-                         categories=[dict(id=c, name=n) for c, n in enumerate(CLASS_NAMES)])
+    images = [dict(id=i, height=IMAGE_SIZE, width=IMAGE_SIZE) for i in range(num_images)]  # segm reads the size
+    categories = [dict(id=c, name=n) for c, n in enumerate(class_names)]
+    truth.dataset = dict(images=images, annotations=anns, categories=categories)
     truth.createIndex()
-    ev = cocoeval.COCOeval(truth, truth.loadRes(dets), "bbox")
+    ev = cocoeval.COCOeval(truth, truth.loadRes(dets), iou_type)
+    for name, value in params.items():
+      setattr(ev.params, name, value)
     ev.evaluate(), ev.accumulate(), ev.summarize()
   return max(float(ev.stats[0]), 0.0), max(float(ev.stats[1]), 0.0)
 
 
-def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score: float = 0.3) -> None:
-  """Ground truth (green) and detections scoring ``min_score`` or more (red) on the first held-out images."""
+def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score: float = 0.3, *,
+              class_names=CLASS_NAMES, draw=None) -> None:
+  """Ground truth (green) and detections scoring ``min_score`` or more (red) on the first held-out images;
+  ``draw(ax, i)``, if given, adds more to the panel of image ``i`` (e.g. keypoints)."""
   fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.8))
-  for ax, image, boxes, real, (dets, scores, classes) in zip(axes, images, gt.boxes, gt.mask, detections):
-    ax.imshow(image)
+  for i, (ax, image, boxes, real, (dets, scores, classes, *_)) in enumerate(
+      zip(axes, images, gt.boxes, gt.mask, detections)):
+    ax.imshow(image, extent=(0, image.shape[1], image.shape[0], 0))  # pixel i covers [i, i + 1), as the boxes'
     ax.set_axis_off()
     for b in boxes[real]:
       ax.add_patch(plt.Rectangle(b[:2], *(b[2:] - b[:2]), fill=False, color="lime", lw=1.5))
     for b, s, c in zip(dets, scores, classes):
       if s >= min_score:
         ax.add_patch(plt.Rectangle(b[:2], *(b[2:] - b[:2]), fill=False, color="red", lw=1, ls="--"))
-        ax.text(b[0], b[1] - 1, f"{CLASS_NAMES[c][:4]} {s:.2f}", color="red", fontsize=6)
+        ax.text(b[0], b[1] - 1, f"{class_names[c][:4]} {s:.2f}", color="red", fontsize=6)
+    if draw is not None:
+      draw(ax, i)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   print(f"saved {path}")
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=500)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--eval-images", type=int, default=200)
-  parser.add_argument("--log-every", type=int, default=50, help="steps per progress line when not on a terminal")
-  parser.add_argument("--plot", metavar="FILE.png", help="save detections and ground truth of held-out images"
-                      " (with --end2end: the one-to-one branch's, without NMS)")
+  parser = example_parser(__doc__.splitlines()[0], 500, "save detections and ground truth of held-out images"
+                          " (with --end2end: the one-to-one branch's, without NMS)")
   parser.add_argument("--end2end", action="store_true",
                       help="YOLO26-style NMS-free training: a one-to-one head beside the one-to-many one")
   parser.add_argument("--epochs", type=int, default=10,
                       help="with --end2end: epochs the steps make, for the one-to-many weight's schedule")
   args = parser.parse_args(argv)
-  require("pycocotools.cocoeval", "mAP")
-  require("cv2", "NMS")
-  if args.plot:
-    require("matplotlib", "--plot").use("Agg")
-  start = time.perf_counter()
+  start = start_up(args, "train_toy.py", ("pycocotools.cocoeval", "mAP"), ("cv2", "NMS"))
 
   model = Detector(end2end=args.end2end, rngs=nnx.Rngs(args.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.steps // 20, 1), max(args.steps, 2))
-  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=5e-4), wrt=nnx.Param)
+  optimizer = adamw(model, args.steps, args.lr)
   if args.end2end:  # YOLO26's one-to-one assignment; the one-to-many branch keeps CONFIG's (topk=10)
     loss_fn = jaxtal.EndToEndLoss(CONFIG, one2one_topk=7, one2one_topk2=1)
     epochs = max(1, min(args.epochs, args.steps))
