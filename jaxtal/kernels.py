@@ -7,8 +7,8 @@ Every trick in jaxtal lives here. Each has a plain twin written with the well-ke
 ``benchmarks/bench.py``'s ablation rows ("plain <name>": the loss step with that one kernel
 replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
 written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
-from whole head-map rows (0%), and the shared sigmoid pass of the assigner and the BCE gradient
-(no gain). XLA fuses the plain forms well on GPU
+from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``chunk_sum``, the mask term's
+chunked sum) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
 The loss and the assigner call these through the module (``kernels.bce_sum(...)``), so
@@ -343,8 +343,66 @@ def top_k(metric_levels):
 
 
 # ------------------------------------------------------------------------------------------------
+# A sum over chunks of the entry list, skipping chunks in which no entry counts.
+# Why: the mask term (segment.py) makes b * chunk * mh * mw mask logits per chunk of entries, for
+# all E = M * topk entries, but only foreground entries count and they are usually far fewer. With
+# each image's counted entries moved to the front (a stable sort over E), the trailing chunks hold
+# no counted entry in any image, and a lax.cond on one scalar skips their work in both passes.
+# Bench row "segment loss fwd+bwd, plain chunk_sum" (b = 16, M = 50, 160 x 160 x 32 prototypes;
+# benchmarks/README.md).
 
-KERNELS = ("bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
+
+def _chunks(x: jax.Array, chunk: int) -> jax.Array:
+  """``(b, E, ...)`` -> ``(n, b, chunk, ...)``, padded at the end with zeros (weight 0: not counted)."""
+  b, size = x.shape[:2]
+  n = -(-size // chunk)
+  x = jnp.pad(x, [(0, 0), (0, n * chunk - size)] + [(0, 0)] * (x.ndim - 2))
+  return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
+
+
+def plain_chunk_sum(term, shared, xs, weight, chunk: int, *, skip: bool = False) -> jax.Array:
+  """``sum over chunks of term(*shared, *xs_chunk, weight_chunk)``, each chunk under ``jax.checkpoint``.
+
+  ``term`` maps one chunk to a scalar and must give 0 for entries of weight 0 (the padding of the
+  last chunk). ``shared``: arrays every chunk reads whole (prototypes, masks); ``xs``: ``(b, E,
+  ...)`` per-entry arrays; ``weight (b, E)``: 0 on entries that do not count; ``chunk``: static
+  entries per chunk. The backward pass recomputes a chunk's intermediates instead of keeping
+  them, so memory is that of a few chunks whatever ``E``. One call, no scan, when ``chunk >= E``.
+  """
+  if chunk >= weight.shape[1]:
+    return term(*shared, *xs, weight)
+  body = term
+  if skip:
+
+    def body(*args):  # a chunk with no counted entry in any image costs nothing
+      return jax.lax.cond(jnp.any(args[-1] != 0), term, lambda *_: jnp.zeros((), jnp.float32), *args)
+
+  # The skip test sits inside the checkpoint: around it, the shared arrays would become a per-chunk
+  # residual (an (n, ...) stack of the prototypes).
+  body = jax.checkpoint(body)
+
+  def step(total, chunk_xs):
+    return total + body(*shared, *chunk_xs), None
+
+  total, _ = jax.lax.scan(step, jnp.zeros((), jnp.float32), tuple(_chunks(x, chunk) for x in (*xs, weight)))
+  return total
+
+
+def chunk_sum(term, shared, xs, weight, chunk: int) -> jax.Array:
+  """:func:`plain_chunk_sum` with each image's counted entries (``weight != 0``) moved first and the
+  chunks without one skipped: the same sum, to float32 rounding (the terms are added in another order)."""
+  if chunk >= weight.shape[1]:
+    return term(*shared, *xs, weight)
+  order = jnp.argsort(weight == 0, axis=1, stable=True)
+  take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+  return plain_chunk_sum(term, shared, tuple(map(take, xs)), take(weight), chunk, skip=True)
+
+
+# ------------------------------------------------------------------------------------------------
+
+KERNELS = ("bce_sum", "chunk_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
+# Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
+TASK_KERNELS = {"chunk_sum": "segment_loss"}
 # A trick made of several functions is swapped as one.
 _GROUPS = {"shared_sigmoid": ("sigmoid", "sqrt_sigmoid", "whole_map_scores")}
 
