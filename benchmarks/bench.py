@@ -28,6 +28,10 @@ Rows (see benchmarks/README.md for what each one measures):
    Ultralytics' ``E2ELoss`` on the same numbers (paired ratio);
 8. oriented boxes: ``jaxtal.obb_loss`` fwd+bwd w.r.t. head and angle maps at b=16, nc=15 (DOTA),
    1024 px, M = 50 and 200, and Ultralytics' ``v8OBBLoss`` on the same numbers (paired ratio);
+   pose: ``jaxtal.pose_loss`` w.r.t. head and keypoint maps at b=16, nc=1, 640 px, K=17, M = 20
+   and 100, against ``v8PoseLoss``; segmentation: ``jaxtal.segment_loss`` w.r.t. head,
+   coefficient and prototype maps at b=16, nc=80, 640 px, 160x160x32 prototypes, M = 50, against
+   ``v8SegmentationLoss``, and XLA's memory analysis of that step (and of b=16, M=100);
 9. kernel ablation (``--ablation-box-counts``, default M = 50): the loss step (and for ``top_k``
    the assignment) with one ``jaxtal.kernels`` trick replaced by its plain twin; a trick stays
    only while it saves at least 5% of the step.
@@ -69,19 +73,25 @@ SEED = 0
 # ---------------------------------------------------------------------------------------------
 
 
-def make_head_maps(seed: int = SEED, batch: int = BATCH) -> list[np.ndarray]:
+def make_head_maps(seed: int = SEED, batch: int = BATCH, num_classes: int = NUM_CLASSES) -> list[np.ndarray]:
   """Random NHWC head maps ``(b, 640/s, 640/s, 4R + nc)`` float32: box-bin logits N(0, 1), class logits N(-4, 1)."""
   rng = np.random.default_rng(seed)
   maps = []
   for s in STRIDES:
     h = IMAGE_SIZE // s
     box = rng.standard_normal((batch, h, h, 4 * REG_MAX), dtype=np.float32)
-    cls = rng.standard_normal((batch, h, h, NUM_CLASSES), dtype=np.float32) - 4.0
+    cls = rng.standard_normal((batch, h, h, num_classes), dtype=np.float32) - 4.0
     maps.append(np.concatenate([box, cls], axis=-1))
   return maps
 
 
-def make_label_rows(num_boxes: int, seed: int = SEED, batch: int = BATCH) -> np.ndarray:
+def make_side_maps(channels: int, seed: int, batch: int = BATCH, scale: float = 1.0) -> list[np.ndarray]:
+  """Random NHWC maps ``(b, 640/s, 640/s, channels)`` float32, N(0, scale^2): keypoint or mask-coefficient heads."""
+  rng = np.random.default_rng(seed)
+  return [scale * rng.standard_normal((batch, IMAGE_SIZE // s, IMAGE_SIZE // s, channels), dtype=np.float32) for s in STRIDES]
+
+
+def make_label_rows(num_boxes: int, seed: int = SEED, batch: int = BATCH, num_classes: int = NUM_CLASSES) -> np.ndarray:
   """``num_boxes`` GT boxes in every image as YOLO rows ``[image, cls, cx, cy, w, h]`` (normalised).
 
   Sides are log-uniform in 6 to 400 pixels with aspect ratios log-uniform in [1/3, 3] (small
@@ -97,7 +107,7 @@ def make_label_rows(num_boxes: int, seed: int = SEED, batch: int = BATCH) -> np.
   cx = rng.uniform(w / 2, IMAGE_SIZE - w / 2)
   cy = rng.uniform(h / 2, IMAGE_SIZE - h / 2)
   image = np.repeat(np.arange(batch), num_boxes)
-  cls = rng.integers(0, NUM_CLASSES, n)
+  cls = rng.integers(0, num_classes, n)
   rows = np.stack([image, cls, cx / IMAGE_SIZE, cy / IMAGE_SIZE, w / IMAGE_SIZE, h / IMAGE_SIZE], axis=1)
   return rows.astype(np.float32)
 
@@ -315,6 +325,8 @@ def ablation_rows(args, table, m, feats, gt, loss_step, medians, assign_inputs) 
   import jaxtal
 
   for name in jaxtal.kernels.KERNELS:
+    if name in jaxtal.kernels.TASK_KERNELS:  # timed with its task's loss (segment_benchmarks)
+      continue
     with jaxtal.kernels._plain(name):
       # Fresh lambdas: jit caches traces per function, and these must be traced with the plain twin.
       step = jax.jit(lambda f, g: loss_step(f, g)).lower(feats, gt).compile()
@@ -536,51 +548,276 @@ def obb_benchmarks(args, table) -> None:
   def step(feats, angles, gt):
     return jax.value_and_grad(lambda f, a: jaxtal.obb_loss(f, a, gt, cfg)[0], argnums=(0, 1))(feats, angles)
 
-  jaxtal_runs, jaxtal_ms = {}, {}
+  runs = {}
   for m in OBB_BOX_COUNTS:
     gt = jax.device_put(jaxtal.pack_rotated_labels(make_obb_rows(m), OBB_BATCH, m, OBB_IMAGE_SIZE))
-    jaxtal_runs[m] = run = lambda gt=gt: jax.block_until_ready(step(feats, angles, gt))  # noqa: E731
-    times = time_runs(run, args.warmup, args.repeats)
-    jaxtal_ms[m] = median_ms(times)
-    table.add("OBB loss fwd+bwd (b16 nc15 1024px)", m, jaxtal_ms[m], "ms", len(times), "jaxtal.obb_loss, jit(value_and_grad)")
-
-  if args.no_ultralytics:
+    runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, angles, gt))  # noqa: E731
+  reference = None if args.no_ultralytics else import_reference(table, "obb_reference")
+  if reference is None:
+    compare_rows(args, table, "OBB loss fwd+bwd (b16 nc15 1024px)", "jaxtal.obb_loss", runs)
     return
+  import torch
+  from ultralytics.utils.loss import v8OBBLoss
+
+  b, r, nc = OBB_BATCH, REG_MAX, OBB_NUM_CLASSES
+  # v8OBBLoss's native input: what its OBB head returns in training, built outside the timing.
+  preds, leaves = reference_preds(maps_np, nc, extra={"angle": angles_np})
+  model = reference._Model(nc, r, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, angle=1.0), None)
+  crit = v8OBBLoss(model, tal_topk=10)
+  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  ref_runs = {}
+  for m in OBB_BOX_COUNTS:
+    rows = torch.from_numpy(make_obb_rows(m))
+    batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:7]}
+    ref_runs[m] = reference_run(crit, preds, batch, leaves)
+  compare_rows(
+      args, table, "OBB loss fwd+bwd (b16 nc15 1024px)", "jaxtal.obb_loss", runs,
+      "Ultralytics v8OBBLoss fwd+bwd", ref_runs, reference_note(reference), "OBB loss", "target >= 2.5",
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the task rows (OBB, pose, segmentation): the reference's inputs and the paired comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def import_reference(table, module: str):
+  """``tests/<module>.py`` (a black-box driver of Ultralytics), or None with a row saying why."""
   try:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
-    import obb_reference  # tests/obb_reference.py: the fake model v8OBBLoss reads its settings from
-    from ultralytics.utils.loss import v8OBBLoss
+    driver = __import__(module)
   except Exception as e:  # noqa: BLE001 - any import failure means "not available here"
-    table.add("Ultralytics OBB", None, None, "ms", note=f"skipped: cannot import torch/ultralytics ({type(e).__name__}: {e})")
-    return
+    table.add(f"Ultralytics ({module})", None, None, "ms", note=f"skipped: cannot import torch/ultralytics ({type(e).__name__}: {e})")
+    return None
   torch.set_num_threads(os.cpu_count())
-  b, r, nc = OBB_BATCH, REG_MAX, OBB_NUM_CLASSES
+  return driver
+
+
+def reference_note(driver) -> str:
+  import torch
+
+  return f"ultralytics {driver.VERSION}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def reference_preds(maps_np, num_classes: int, extra: dict | None = None, image_size: int | None = None):
+  """``(preds, leaves)``: the dict a YOLO head hands its loss in training (``boxes (b, 4R, A)``,
+  ``scores (b, nc, A)``, ``feats`` for the anchor shapes, and each ``extra`` name's per-level NHWC maps
+  as ``(b, C, A)``; a non-list ``extra`` value, e.g. prototypes, is passed as the NCHW tensor of its NHWC
+  array), as leaf tensors built outside the timing, and the leaves to clear between runs."""
+  import torch
+
+  b, r = maps_np[0].shape[0], REG_MAX
   nchw = [torch.from_numpy(np.ascontiguousarray(f.transpose(0, 3, 1, 2))) for f in maps_np]
-  # v8OBBLoss's native input: what its OBB head returns in training, built outside the timing.
-  boxes = torch.cat([f[:, : 4 * r].reshape(b, 4 * r, -1) for f in nchw], -1).contiguous().requires_grad_(True)
-  scores = torch.cat([f[:, 4 * r :].reshape(b, nc, -1) for f in nchw], -1).contiguous().requires_grad_(True)
-  angle = torch.cat([torch.from_numpy(a).reshape(b, 1, -1) for a in angles_np], -1).contiguous().requires_grad_(True)
-  preds = {"boxes": boxes, "scores": scores, "angle": angle, "feats": [f[:1, :1] for f in nchw]}
-  model = obb_reference._Model(nc, r, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, angle=1.0), None)
-  crit = v8OBBLoss(model, tal_topk=10)
+  preds = {
+      "boxes": torch.cat([f[:, : 4 * r].reshape(b, 4 * r, -1) for f in nchw], -1).contiguous(),
+      "scores": torch.cat([f[:, 4 * r :].reshape(b, num_classes, -1) for f in nchw], -1).contiguous(),
+  }
+  for name, value in (extra or {}).items():
+    if isinstance(value, list):
+      preds[name] = torch.cat([torch.from_numpy(np.ascontiguousarray(v.transpose(0, 3, 1, 2))).reshape(b, v.shape[-1], -1) for v in value], -1).contiguous()
+    else:
+      preds[name] = torch.from_numpy(np.ascontiguousarray(value.transpose(0, 3, 1, 2)))
+  leaves = [t.requires_grad_(True) for t in preds.values()]
+  preds["feats"] = [f[:1, :1] for f in nchw]  # only their spatial shapes are read (anchors)
+  return preds, leaves
+
+
+def reference_run(crit, preds, batch, leaves):
+  """A timed call of a reference loss: forward and ``backward()``, gradients cleared first."""
+
+  def run():
+    for t in leaves:
+      t.grad = None
+    total, _ = crit(preds, batch)
+    total.sum().backward()
+
+  return run
+
+
+def compare_rows(args, table, name, note, runs, ref_name=None, ref_runs=None, ref_note="", short="", target=""):
+  """Times ``runs[m]`` (jaxtal) and, if given, ``ref_runs[m]`` (Ultralytics) for every ``m``, and the
+  paired ratio of the two; returns jaxtal's medians (ms) by ``m``."""
+  medians = {}
+  for m, run in runs.items():
+    times = time_runs(run, args.warmup, args.repeats)
+    medians[m] = median_ms(times)
+    table.add(name, m, medians[m], "ms", len(times), f"{note}, jit(value_and_grad)")
+    if ref_runs is None:
+      continue
+    times = time_runs(ref_runs[m], args.warmup, args.repeats)
+    table.add(ref_name, m, median_ms(times), "ms", len(times), ref_note)
+    ratio = paired_ratio(ref_runs[m], run, args.repeats)
+    table.add(f"ratio Ultralytics / jaxtal {short}, paired", m, ratio, "x", args.repeats, f"median of alternating pairs; {target}")
+  return medians
+
+
+def memory_row(table, name: str, m, compiled) -> None:
+  stats = compiled.memory_analysis()
+  table.add(name, m, memory_mib(stats), "MiB", note=f"XLA memory analysis: temp {stats.temp_size_in_bytes / 2**20:.0f} MiB + arguments + outputs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pose (jaxtal.pose_loss and Ultralytics' v8PoseLoss)
+# ---------------------------------------------------------------------------------------------
+
+POSE_NUM_CLASSES = 1  # person
+POSE_KPT_SHAPE = (17, 3)  # COCO keypoints
+POSE_BOX_COUNTS = (20, 100)  # a few people, a crowd
+
+
+def make_pose_keypoints(rows: np.ndarray, seed: int = SEED) -> np.ndarray:
+  """``(n, 17, 3)`` normalised keypoints: uniform inside each row's box, visibility 0, 1 or 2 (a quarter unlabelled)."""
+  rng = np.random.default_rng(seed + 17)
+  n, k = rows.shape[0], POSE_KPT_SHAPE[0]
+  lo, hi = rows[:, None, 2:4] - rows[:, None, 4:6] / 2, rows[:, None, 2:4] + rows[:, None, 4:6] / 2
+  xy = lo + rng.uniform(size=(n, k, 2)) * (hi - lo)
+  vis = rng.choice([0.0, 1.0, 2.0], size=(n, k, 1), p=[0.25, 0.25, 0.5])
+  return np.concatenate([xy, vis], axis=-1).astype(np.float32)
+
+
+def pose_benchmarks(args, table) -> None:
+  """Pose rows: jitted ``jaxtal.pose_loss`` fwd+bwd w.r.t. head and keypoint maps, b = 16, nc = 1,
+  640 px, K = 17, M = 20 and 100; Ultralytics' ``v8PoseLoss`` on the same numbers, paired ratio."""
+  import jax
+
+  import jaxtal
+
+  k, d = POSE_KPT_SHAPE
+  maps_np = make_head_maps(num_classes=POSE_NUM_CLASSES)
+  kpts_np = make_side_maps(k * d, seed=SEED + 3, scale=0.5)
+  feats, kpts = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in kpts_np]
+  cfg = jaxtal.PoseLossConfig(num_classes=POSE_NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, kpt_shape=POSE_KPT_SHAPE)
+
+  @jax.jit
+  def step(feats, kpts, gt):
+    return jax.value_and_grad(lambda f, p: jaxtal.pose_loss(f, p, gt, cfg)[0], argnums=(0, 1))(feats, kpts)
+
+  rows_by_m = {m: make_label_rows(m, seed=SEED + 5, num_classes=POSE_NUM_CLASSES) for m in POSE_BOX_COUNTS}
+  keypoints_by_m = {m: make_pose_keypoints(rows) for m, rows in rows_by_m.items()}
+  runs = {}
+  for m in POSE_BOX_COUNTS:
+    gt = jax.device_put(jaxtal.pack_labels(rows_by_m[m], BATCH, m, IMAGE_SIZE, keypoints=keypoints_by_m[m]))
+    runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, kpts, gt))  # noqa: E731
+  name = "pose loss fwd+bwd (b16 nc1 640px K17)"
+  reference = None if args.no_ultralytics else import_reference(table, "reference")
+  if reference is None:
+    compare_rows(args, table, name, "jaxtal.pose_loss", runs)
+    return
+  import torch
+  from ultralytics.utils.loss import v8PoseLoss
+
+  preds, leaves = reference_preds(maps_np, POSE_NUM_CLASSES, extra={"kpts": kpts_np})
+  model = reference._Model(POSE_NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, pose=12.0, kobj=1.0), None)
+  model.model[-1].kpt_shape = list(POSE_KPT_SHAPE)
+  crit = v8PoseLoss(model, tal_topk=10)
   crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
-  note = f"ultralytics {obb_reference.VERSION}, torch {torch.__version__}, {torch.get_num_threads()} threads"
-  for m in OBB_BOX_COUNTS:
-    rows = torch.from_numpy(make_obb_rows(m))
-    batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:7]}
+  ref_runs = {}
+  for m in POSE_BOX_COUNTS:
+    rows = torch.from_numpy(rows_by_m[m])
+    batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:6], "keypoints": torch.from_numpy(keypoints_by_m[m])}
+    ref_runs[m] = reference_run(crit, preds, batch, leaves)
+  compare_rows(args, table, name, "jaxtal.pose_loss", runs, "Ultralytics v8PoseLoss fwd+bwd", ref_runs, reference_note(reference), "pose loss", "target >= 2.5")
 
-    def loss_run(batch=batch):
-      boxes.grad = scores.grad = angle.grad = None
-      total, _ = crit(preds, batch)
-      total.sum().backward()
 
-    times = time_runs(loss_run, args.warmup, args.repeats)
-    ms = median_ms(times)
-    table.add("Ultralytics v8OBBLoss fwd+bwd", m, ms, "ms", len(times), note)
-    ratio = paired_ratio(loss_run, jaxtal_runs[m], args.repeats)
-    table.add("ratio Ultralytics / jaxtal OBB loss, paired", m, ratio, "x", args.repeats, "median of alternating pairs")
+# ---------------------------------------------------------------------------------------------
+# Instance segmentation (jaxtal.segment_loss and Ultralytics' v8SegmentationLoss)
+# ---------------------------------------------------------------------------------------------
+
+SEG_PROTO = (160, 160, 32)  # YOLOv8-seg: input / 4, 32 prototypes
+SEG_BOX_COUNTS = (50,)
+SEG_MEMORY = (16, 100)  # b, M of the issue's memory bound (2 GB)
+
+
+def make_index_maps(rows: np.ndarray, batch: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """``(rows, index maps (b, mh, mw))``: the rows sorted largest-area first within each image (as Ultralytics'
+  pipeline orders them) and an ellipse filling each box drawn in that order (``jaxtal.pack_masks``)."""
+  import jaxtal
+
+  order = np.lexsort((-rows[:, 4] * rows[:, 5], rows[:, 0]))
+  rows = rows[order]
+  ys, xs = np.mgrid[: size[0], : size[1]] + 0.5
+  cx, cy, w, h = (rows[:, i, None, None] * s for i, s in ((2, size[1]), (3, size[0]), (4, size[1]), (5, size[0])))
+  masks = ((xs - cx) / (w / 2)) ** 2 + ((ys - cy) / (h / 2)) ** 2 <= 1.0
+  return rows, jaxtal.pack_masks(masks, rows[:, 0], batch, int(np.bincount(rows[:, 0].astype(int)).max()))
+
+
+def segment_benchmarks(args, table) -> None:
+  """Segmentation rows: jitted ``jaxtal.segment_loss`` fwd+bwd w.r.t. head, coefficient and prototype
+  maps, b = 16, nc = 80, 640 px, 160 x 160 x 32 prototypes, M = 50; Ultralytics' ``v8SegmentationLoss``
+  (``overlap_mask=True``) on the same numbers, paired ratio; XLA's memory analysis of the step."""
+  import jax
+
+  import jaxtal
+
+  mh, mw, nm = SEG_PROTO
+  maps_np = make_head_maps()
+  coefs_np = make_side_maps(nm, seed=SEED + 7)
+  proto_np = np.random.default_rng(SEED + 9).standard_normal((BATCH, mh, mw, nm), dtype=np.float32)
+  feats, coefs, proto = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in coefs_np], jax.device_put(proto_np)
+  cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+
+  def loss_grad(feats, coefs, proto, gt):
+    return jax.value_and_grad(lambda f, c, p: jaxtal.segment_loss(f, c, p, gt, cfg)[0], argnums=(0, 1, 2))(feats, coefs, proto)
+
+  step = jax.jit(loss_grad)
+  data = {m: make_index_maps(make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
+  runs = {}
+  for m, (rows, index_maps) in data.items():
+    gt = jaxtal.pack_labels(rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps)
+    gt = jax.device_put(gt)
+    memory_row(table, "segment loss step XLA memory", m, step.lower(feats, coefs, proto, gt).compile())
+    runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, coefs, proto, gt))  # noqa: E731
+  b_mem, m_mem = SEG_MEMORY
+  shape = lambda *s, dt=np.float32: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+  abstract = (
+      [shape(b_mem, IMAGE_SIZE // s, IMAGE_SIZE // s, 4 * REG_MAX + NUM_CLASSES) for s in STRIDES],
+      [shape(b_mem, IMAGE_SIZE // s, IMAGE_SIZE // s, nm) for s in STRIDES],
+      shape(b_mem, mh, mw, nm),
+      jaxtal.GroundTruth(shape(b_mem, m_mem, dt=np.int32), shape(b_mem, m_mem, 4), shape(b_mem, m_mem, dt=bool), masks=shape(b_mem, mh, mw, dt=np.int32)),
+  )
+  memory_row(table, f"segment loss step XLA memory, b{b_mem}", m_mem, jax.jit(loss_grad).lower(*abstract).compile())
+  name = "segment loss fwd+bwd (b16 nc80 640px 160x160x32)"
+  reference = None if args.no_ultralytics else import_reference(table, "reference")
+  if reference is None:
+    medians = compare_rows(args, table, name, "jaxtal.segment_loss", runs)
+    segment_ablation_rows(args, table, loss_grad, feats, coefs, proto, data, medians)
+    return
+  import torch
+  from ultralytics.utils.loss import v8SegmentationLoss
+
+  preds, leaves = reference_preds(maps_np, NUM_CLASSES, extra={"mask_coefficient": coefs_np, "proto": proto_np})
+  model = reference._Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, overlap_mask=True), None)
+  crit = v8SegmentationLoss(model, tal_topk=10)
+  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  ref_runs = {}
+  for m, (rows, index_maps) in data.items():
+    t = torch.from_numpy(rows)
+    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "masks": torch.from_numpy(index_maps)}
+    ref_runs[m] = reference_run(crit, preds, batch, leaves)
+  medians = compare_rows(
+      args, table, name, "jaxtal.segment_loss", runs, "Ultralytics v8SegmentationLoss fwd+bwd", ref_runs,
+      reference_note(reference), "segment loss", "target >= 3",
+  )
+  segment_ablation_rows(args, table, loss_grad, feats, coefs, proto, data, medians)
+
+
+def segment_ablation_rows(args, table, loss_grad, feats, coefs, proto, data, medians) -> None:
+  """The segmentation step with each task kernel (``jaxtal.kernels.TASK_KERNELS``) replaced by its plain twin."""
+  import jax
+
+  import jaxtal
+
+  for kernel in (k for k, task in jaxtal.kernels.TASK_KERNELS.items() if task == "segment_loss"):
+    for m, (rows, index_maps) in data.items():
+      gt = jax.device_put(jaxtal.pack_labels(rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps))
+      with jaxtal.kernels._plain(kernel):
+        step = jax.jit(lambda *a: loss_grad(*a)).lower(feats, coefs, proto, gt).compile()
+      times = time_runs(lambda: jax.block_until_ready(step(feats, coefs, proto, gt)), args.warmup, args.repeats)  # noqa: B023
+      plain = median_ms(times)
+      saving = 100 * (plain - medians[m]) / plain
+      table.add(f"segment loss fwd+bwd, plain {kernel}", m, plain, "ms", len(times), f"kernel saves {saving:.0f}% of the step")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,6 +947,9 @@ def parse_args(argv=None):
   parser.add_argument("--ablation-box-counts", type=int, nargs="*", default=[50], help="M values of the kernel ablation rows")
   parser.add_argument("--no-ultralytics", action="store_true", help="skip the Ultralytics rows")
   parser.add_argument("--no-obb", action="store_true", help="skip the oriented-box rows")
+  parser.add_argument("--no-pose", action="store_true", help="skip the pose rows")
+  parser.add_argument("--no-segment", action="store_true", help="skip the instance-segmentation rows")
+  parser.add_argument("--tasks-only", action="store_true", help="only the OBB, pose and segmentation rows")
   parser.add_argument("--kerascv-python", default="/tmp/kcv/bin/python", help="Python of an env with keras-cv")
   parser.add_argument("--kerascv-timeout", type=int, default=1800, help="seconds")
   parser.add_argument("--kerascv-worker", metavar="NPZ", help=argparse.SUPPRESS)
@@ -764,13 +1004,19 @@ def main(argv=None) -> list[dict]:
   maps_np = make_head_maps()
   rows_by_m = {m: make_label_rows(m) for m in args.box_counts}
   table = Table()
-  jaxtal_ms, jaxtal_runs = jaxtal_benchmarks(args, table, maps_np, rows_by_m)
-  memory_benchmarks(args, table)
-  if not args.no_ultralytics:
-    ultralytics_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms, jaxtal_runs)
+  if not args.tasks_only:
+    jaxtal_ms, jaxtal_runs = jaxtal_benchmarks(args, table, maps_np, rows_by_m)
+    memory_benchmarks(args, table)
+    if not args.no_ultralytics:
+      ultralytics_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms, jaxtal_runs)
   if not args.no_obb:
     obb_benchmarks(args, table)
-  kerascv_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
+  if not args.no_pose:
+    pose_benchmarks(args, table)
+  if not args.no_segment:
+    segment_benchmarks(args, table)
+  if not args.tasks_only:
+    kerascv_benchmarks(args, table, maps_np, rows_by_m, jaxtal_ms)
   print(f"total wall time {time.perf_counter() - start:.0f} s")
   if args.json:
     pathlib.Path(args.json).write_text(
