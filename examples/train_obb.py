@@ -10,7 +10,7 @@ as ``xywhr`` boxes in Ultralytics' convention (angle in ``[0, pi/2)``, sides swa
 ``jaxtal.pack_rotated_labels``. The model is ``train_toy``'s ``Detector`` (imported, not copied) plus, per
 level, an angle branch whose output goes through Ultralytics' activation ``(sigmoid(x) - 1/4) * pi``
 (``[-pi/4, 3pi/4)``); ``jaxtal.OBBLoss`` (rotated task-aligned assignment, BCE + ProbIoU + DFL + angle)
-trains it with optax's AdamW.
+trains it with ``train_toy``'s task step and AdamW schedule (``train_task``).
 
 Evaluation on held-out images: boxes decoded with ``jaxtal.decode_rotated_boxes``, a greedy class-aware
 rotated NMS, and a VOC-style all-point AP@0.5 per class averaged over the classes (pycocotools has no rotated
@@ -22,7 +22,6 @@ example, not for a real evaluation.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import math
 import pathlib
@@ -32,7 +31,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 import jaxtal
@@ -45,15 +43,7 @@ IMAGE_SIZE, MAX_BOXES = 64, 4  # an image holds 1 to MAX_BOXES shapes
 MIN_SIDE, MAX_SIDE = 8.0, 30.0  # box sides in pixels
 CONFIG = jaxtal.OBBLossConfig(num_classes=len(CLASS_NAMES), strides=(8, 16, 32), reg_max=8)
 IOU_NAME = "polygon IoU"
-
-
-def require(module: str, purpose: str):
-  """``train_toy.require`` naming this script: imports ``module`` or exits with the install command."""
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    package = module.split(".")[0]
-    sys.exit(f'train_obb.py: {purpose} needs {package}, which is not installed: pip install -e ".[examples]"')
+SCRIPT = "train_obb.py"
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -77,7 +67,7 @@ def draw_shape(image: np.ndarray, kind: int, box, colour, turn: bool = False) ->
   painted pixels are those OpenCV's anti-aliased fill covers fully: the pixels whose centres lie inside the shape,
   to a pixel along the outline (its plain fill also paints every pixel the outline touches: some 10 % too many).
   """
-  cv2 = require("cv2", "drawing")
+  cv2 = toy.require("cv2", "drawing", SCRIPT)
   one, mask = 16, np.zeros(image.shape[:2], np.uint8)  # one pixel in OpenCV's fixed point (2**shift)
   if kind == 1:  # ellipse
     cx, cy, w, h, angle = box
@@ -166,24 +156,6 @@ class OBBDetector(toy.Detector):
     feats = [head(p) for head, p in zip(self.heads, levels)]
     angles = [(jax.nn.sigmoid(head(p)) - 0.25) * jnp.pi for head, p in zip(self.angle_heads, levels)]
     return feats, angles
-
-
-TRACES = {"train_step": 0}  # Python side effects run only while tracing: compilations
-
-
-@nnx.jit
-def train_step(model, optimizer, loss_fn, images, gt):
-  """One AdamW step; returns the loss per image and its parts. ``gt`` is an argument: a closure over it would
-  compile it in as a constant (and recompile for every batch)."""
-  TRACES["train_step"] += 1
-
-  def loss_of(model):
-    _, parts = loss_fn(*model(images), gt)
-    return parts.box + parts.cls + parts.dfl + parts.angle, parts
-
-  (loss, parts), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
-  optimizer.update(model, grads)
-  return loss, parts
 
 
 @nnx.jit
@@ -330,37 +302,14 @@ def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=600)
-  parser.add_argument("--batch-size", type=int, default=32)
-  parser.add_argument("--lr", type=float, default=4e-3, help="peak AdamW learning rate")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--eval-images", type=int, default=200)
-  parser.add_argument("--log-every", type=int, default=50, help="steps per progress line when not on a terminal")
-  parser.add_argument("--plot", metavar="FILE.png", help="save rotated detections and ground truth of held-out images")
+  plot_help = "save rotated detections and ground truth of held-out images"
+  parser = toy.example_parser(__doc__.splitlines()[0], 600, plot_help)
   args = parser.parse_args(argv)
-  require("cv2", "drawing")
-  if args.plot:
-    require("matplotlib", "--plot").use("Agg")
-  start = time.perf_counter()
+  start = toy.start_up(args, SCRIPT, ("cv2", "drawing"))
 
   model = OBBDetector(rngs=nnx.Rngs(args.seed))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, max(args.steps // 20, 1), max(args.steps, 2))
-  optimizer = nnx.Optimizer(model, optax.adamw(schedule, weight_decay=5e-4), wrt=nnx.Param)
-  loss_fn = jaxtal.OBBLoss(CONFIG)
-  rng = np.random.default_rng(args.seed)
-  every = max(1, args.steps // 100) if sys.stdout.isatty() else max(1, args.log_every)
-  losses, angle_terms = [], []
-  for step in range(1, args.steps + 1):
-    images, gt = make_dataset(args.batch_size, rng)  # fresh images every step
-    loss, parts = train_step(model, optimizer, loss_fn, jnp.asarray(images), gt)
-    losses.append(loss)  # device values: reading one waits for its step, so only when reporting
-    angle_terms.append(parts.angle)
-    if step % every == 0 or step == args.steps:
-      loss_now, angle_now = float(np.mean(losses[-every:])), float(np.mean(angle_terms[-every:]))
-      toy.progress(step, args.steps, f"step {step:4d}/{args.steps}  loss {loss_now:6.3f}  of which angle"
-                   f" {angle_now:5.3f}  {time.perf_counter() - start:5.1f} s")
-  train_s = time.perf_counter() - start
+  losses, compilations, train_s = toy.train_task(model, jaxtal.OBBLoss(CONFIG), make_dataset, args, start,
+                                                 term="angle")  # fresh images every step
 
   images, gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
   detections = detect(*predict(model, jnp.asarray(images)))
@@ -372,10 +321,9 @@ def main(argv=None) -> dict:
   per_class = ", ".join(f"{name} {ap:.3f}" for name, ap in zip(CLASS_NAMES, aps))
   print(f"held-out, {args.eval_images} images: rotated mAP@0.5 {map50:.3f} ({IOU_NAME}, VOC all-point AP;"
         f" {per_class})")
-  print(f"time: training {train_s:.1f} s ({args.steps} steps of {args.batch_size} images, train_step compiled"
-        f" {TRACES['train_step']}x), total {wall:.1f} s")
-  losses = np.array([float(x) for x in losses])
-  return dict(losses=losses, map50=map50, aps=aps, compilations=TRACES["train_step"], wall_s=wall)
+  print(f"time: training {train_s:.1f} s ({args.steps} steps of {args.batch_size} images, the step compiled"
+        f" {compilations}x), total {wall:.1f} s")
+  return dict(losses=losses, map50=map50, aps=aps, compilations=compilations, train_s=train_s, wall_s=wall)
 
 
 if __name__ == "__main__":

@@ -172,15 +172,21 @@ def ground_truth(gt, batch: int | None, caller: str, box_dim: int = 4) -> int:
   return int(m)
 
 
+def _gt_field_shape(gt, field: str, caller: str, needs: str) -> tuple[int, ...]:
+  """The shape of the optional ``gt.<field>``; a clear error (``needs``: what the task needs there) when it is None."""
+  value = getattr(gt, field)
+  if value is None:
+    raise ValueError(f"{caller}: gt.{field} is None; {needs}")
+  return tuple(getattr(value, "shape", ()))
+
+
 def gt_keypoints(gt, num_keypoints: int, caller: str) -> int:
   """``gt.keypoints`` present as ``(b, M, K, D)`` float with ``K = num_keypoints`` and ``D`` 2 or 3; returns ``D``."""
   b, m = gt.labels.shape
-  if gt.keypoints is None:
-    raise ValueError(
-        f"{caller}: gt.keypoints is None; pose needs (b, M, K, D) keypoints in pixels: pack them with"
-        f" jaxtal.pack_labels(..., keypoints=...)"
-    )
-  shape = tuple(getattr(gt.keypoints, "shape", ()))
+  shape = _gt_field_shape(
+      gt, "keypoints", caller, "pose needs (b, M, K, D) keypoints in pixels: pack them with"
+      " jaxtal.pack_labels(..., keypoints=...)"
+  )
   if len(shape) != 4 or shape[:3] != (b, m, num_keypoints) or shape[3] not in (2, 3):
     raise ValueError(
         f"{caller}: gt.keypoints must be (b, M, K, D) = ({b}, {m}, {num_keypoints}, 2 or 3) pixels (K from kpt_shape),"
@@ -195,12 +201,10 @@ def gt_masks(gt, caller: str) -> tuple[bool, tuple[int, int]]:
   """``gt.masks`` present as an index map ``(b, mh, mw)`` int or per-slot masks ``(b, M, mh, mw)``;
   returns ``(is_index_map, (mh, mw))``."""
   b, m = gt.labels.shape
-  if gt.masks is None:
-    raise ValueError(
-        f"{caller}: gt.masks is None; segmentation needs an index map (b, mh, mw) from jaxtal.pack_masks or"
-        f" per-slot binary masks (b, M, mh, mw) in GroundTruth.masks"
-    )
-  shape = tuple(getattr(gt.masks, "shape", ()))
+  shape = _gt_field_shape(
+      gt, "masks", caller, "segmentation needs an index map (b, mh, mw) from jaxtal.pack_masks or"
+      " per-slot binary masks (b, M, mh, mw) in GroundTruth.masks"
+  )
   dtype = gt.masks.dtype
   if len(shape) == 3 and shape[0] == b and jnp.issubdtype(dtype, jnp.integer) and dtype != bool:
     return True, shape[1:]

@@ -21,6 +21,7 @@ keys ``input.<name>``, ``ref.<name>``, ``config`` (JSON) and ``reference_version
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -338,6 +339,23 @@ def assign_case(name: str) -> dict:
 # ----------------------------------------------------------------------------- loss cases
 
 
+SHARED_VARIANTS = ("empty_images", "empty_batch", "reg_max1")
+
+
+def shared_variant(name: str, cfg: dict, batch: int, counts: tuple) -> tuple[int, tuple]:
+  """The loss-case variants the pose and segmentation cases share (one of :data:`SHARED_VARIANTS`): ``empty_images``
+  (3 images, only the middle one labelled), ``empty_batch`` (no labels) and ``reg_max1`` (set in ``cfg``, in place).
+  Returns the case's ``(batch, counts)``."""
+  if name == "empty_images":
+    return 3, (0, 3, 0)
+  if name == "empty_batch":
+    return batch, (0, 0)
+  if name == "reg_max1":
+    cfg.update(reg_max=1)
+    return batch, counts
+  raise KeyError(f"{name!r} is not one of the shared variants {SHARED_VARIANTS}")
+
+
 def loss_case(name: str) -> dict:
   """Builds the loss case ``name`` (one of :data:`LOSS_CASES`)."""
   rng = _rng(name, salt=1)
@@ -451,6 +469,38 @@ def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
       info.compress_type = zipfile.ZIP_DEFLATED
       info.external_attr = 0o644 << 16
       zf.writestr(info, buf.getvalue())
+
+
+def write_fixtures(ref_module, to_arrays_fn, jobs) -> None:
+  """Writes golden fixtures with a reference driver (``reference`` or a task's ``<task>_reference``).
+
+  ``jobs`` yields ``(path, case, run)``: the file is ``save_npz(path, to_arrays_fn(case, run(ref_module, case),
+  version))``. Runs torch on one thread (a fixed reduction order: the same bytes on every run), refuses a
+  reference other than the pinned version, and prints each file's size and the total.
+  """
+  import torch  # noqa: PLC0415
+
+  torch.set_num_threads(1)
+  if ref_module.VERSION != ref_module.REFERENCE_VERSION:
+    raise SystemExit(
+        f"reference is ultralytics {ref_module.VERSION}, fixtures must come from {ref_module.REFERENCE_VERSION}"
+    )
+  os.makedirs(FIXTURES_DIR, exist_ok=True)
+  total = 0
+  for path, case, run in jobs:
+    save_npz(path, to_arrays_fn(case, run(ref_module, case), ref_module.VERSION))
+    size = os.path.getsize(path)
+    total += size
+    print(f"{os.path.relpath(path)}: {size / 1024:.1f} KiB")
+  print(f"total {total / 1024:.1f} KiB")
+
+
+def fixture_main(doc: str, write_all, check_all, argv=None) -> None:
+  """A task's fixture script's command line (``doc``: its usage): ``write_all()``, or with ``--check``
+  ``check_all()``."""
+  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--check", action="store_true", help="compare jaxtal with the stored fixtures instead of writing")
+  (check_all if parser.parse_args(argv).check else write_all)()
 
 
 def load_fixture(kind: str, name: str) -> tuple[dict, dict, str]:

@@ -43,30 +43,19 @@ def reference_e2e(reference, case: dict) -> dict:
 
 
 def write_all(kinds=("assign", "loss", "e2e")) -> None:
-  import torch  # noqa: PLC0415
-
   import reference  # noqa: PLC0415
 
-  torch.set_num_threads(1)  # fixed reduction order: the same bytes on every run
-  if reference.VERSION != reference.REFERENCE_VERSION:
-    raise SystemExit(f"reference is ultralytics {reference.VERSION}, fixtures must come from {reference.REFERENCE_VERSION}")
-  os.makedirs(cases.FIXTURES_DIR, exist_ok=True)
-  total = 0
-  for kind, names, build, run in (
-      ("assign", cases.ASSIGN_CASES, cases.assign_case, reference_assign),
-      ("loss", cases.LOSS_CASES, cases.loss_case, reference_loss),
-      ("e2e", cases.E2E_CASES, cases.e2e_case, reference_e2e),
-  ):
-    if kind not in kinds:
-      continue
-    for name in names:
-      case = build(name)
-      path = cases.fixture_path(kind, name)
-      cases.save_npz(path, cases.to_arrays(case, run(reference, case), reference.VERSION))
-      size = os.path.getsize(path)
-      total += size
-      print(f"{os.path.relpath(path)}: {size / 1024:.1f} KiB")
-  print(f"total {total / 1024:.1f} KiB")
+  jobs = (
+      (cases.fixture_path(kind, name), build(name), run)
+      for kind, names, build, run in (
+          ("assign", cases.ASSIGN_CASES, cases.assign_case, reference_assign),
+          ("loss", cases.LOSS_CASES, cases.loss_case, reference_loss),
+          ("e2e", cases.E2E_CASES, cases.e2e_case, reference_e2e),
+      )
+      if kind in kinds
+      for name in names
+  )
+  cases.write_fixtures(reference, cases.to_arrays, jobs)
 
 
 def check_all() -> None:

@@ -12,7 +12,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -38,28 +37,18 @@ def reference_loss(ref_module, case: dict) -> dict:
 
 
 def write_all() -> None:
-  import torch  # noqa: PLC0415
-
   import obb_reference  # noqa: PLC0415
 
-  torch.set_num_threads(1)  # fixed reduction order: the same bytes on every run
-  if obb_reference.VERSION != obb_reference.REFERENCE_VERSION:
-    raise SystemExit(f"reference is ultralytics {obb_reference.VERSION}, fixtures must come from {obb_reference.REFERENCE_VERSION}")
-  os.makedirs(cases.FIXTURES_DIR, exist_ok=True)
-  total = 0
-  for kind, names, build, run in (
-      ("assign", obb_cases.OBB_ASSIGN_CASES, obb_cases.assign_case, reference_assign),
-      ("loss", obb_cases.OBB_LOSS_CASES, obb_cases.loss_case, reference_loss),
-      ("probiou", ("pairs",), lambda _: obb_cases.probiou_case(), obb_cases.reference_probiou),
-  ):
-    for name in names:
-      case = build(name)
-      path = obb_cases.fixture_path(kind, name)
-      cases.save_npz(path, obb_cases.to_arrays(case, run(obb_reference, case), obb_reference.VERSION))
-      size = os.path.getsize(path)
-      total += size
-      print(f"{os.path.relpath(path)}: {size / 1024:.1f} KiB")
-  print(f"total {total / 1024:.1f} KiB")
+  jobs = (
+      (obb_cases.fixture_path(kind, name), build(name), run)
+      for kind, names, build, run in (
+          ("assign", obb_cases.OBB_ASSIGN_CASES, obb_cases.assign_case, reference_assign),
+          ("loss", obb_cases.OBB_LOSS_CASES, obb_cases.loss_case, reference_loss),
+          ("probiou", ("pairs",), lambda _: obb_cases.probiou_case(), obb_cases.reference_probiou),
+      )
+      for name in names
+  )
+  cases.write_fixtures(obb_reference, obb_cases.to_arrays, jobs)
 
 
 def check_all() -> None:
@@ -90,11 +79,8 @@ def check_all() -> None:
     print(f"worst {k:28s} {v:.3e}")
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--check", action="store_true", help="compare jaxtal with the stored fixtures instead of writing")
-  args = parser.parse_args()
-  check_all() if args.check else write_all()
+def main(argv=None) -> None:
+  cases.fixture_main(__doc__, write_all, check_all, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -32,25 +31,11 @@ def reference_loss(ref_module, case: dict, *, stable: bool | None = None) -> dic
 
 
 def write_all() -> None:
-  import torch  # noqa: PLC0415
-
   import pose_reference  # noqa: PLC0415
 
-  torch.set_num_threads(1)  # fixed reduction order: the same bytes on every run
-  if pose_reference.VERSION != pose_reference.REFERENCE_VERSION:
-    raise SystemExit(
-        f"reference is ultralytics {pose_reference.VERSION}, fixtures must come from {pose_reference.REFERENCE_VERSION}"
-    )
-  os.makedirs(cases.FIXTURES_DIR, exist_ok=True)
-  total = 0
-  for name in pose_cases.POSE_LOSS_CASES:
-    case = pose_cases.loss_case(name)
-    path = pose_cases.fixture_path(name)
-    cases.save_npz(path, pose_cases.to_arrays(case, reference_loss(pose_reference, case), pose_reference.VERSION))
-    size = os.path.getsize(path)
-    total += size
-    print(f"{os.path.relpath(path)}: {size / 1024:.1f} KiB")
-  print(f"total {total / 1024:.1f} KiB")
+  names = pose_cases.POSE_LOSS_CASES
+  jobs = ((pose_cases.fixture_path(name), pose_cases.loss_case(name), reference_loss) for name in names)
+  cases.write_fixtures(pose_reference, pose_cases.to_arrays, jobs)
 
 
 def check_all() -> None:
@@ -68,11 +53,9 @@ def check_all() -> None:
     name, worst = max(((n, e[key]) for n, e in errors.items()), key=lambda item: item[1])
     print(f"worst {key:22s} {worst:.3e} ({name})")
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--check", action="store_true", help="compare jaxtal with the stored fixtures instead of writing")
-  args = parser.parse_args()
-  check_all() if args.check else write_all()
+
+def main(argv=None) -> None:
+  cases.fixture_main(__doc__, write_all, check_all, argv)
 
 
 if __name__ == "__main__":

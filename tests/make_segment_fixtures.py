@@ -13,7 +13,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,22 +23,14 @@ import segment_cases  # noqa: E402
 
 
 def write_all() -> None:
-  import torch  # noqa: PLC0415
+  import segment_reference  # noqa: PLC0415
 
-  import segment_reference as ref  # noqa: PLC0415
+  def run(ref, case):
+    return segment_cases.reference_loss(ref, case, stable=True)
 
-  torch.set_num_threads(1)  # fixed reduction order: the same bytes on every run
-  if ref.VERSION != ref.REFERENCE_VERSION:
-    raise SystemExit(f"reference is ultralytics {ref.VERSION}, fixtures must come from {ref.REFERENCE_VERSION}")
-  os.makedirs(cases.FIXTURES_DIR, exist_ok=True)
-  sizes = {}
-  for name in segment_cases.SEGMENT_CASES:
-    case = segment_cases.loss_case(name)
-    arrays = segment_cases.to_arrays(case, segment_cases.reference_loss(ref, case, stable=True), ref.VERSION)
-    cases.save_npz(segment_cases.fixture_path(name), arrays)
-    sizes[name] = os.path.getsize(segment_cases.fixture_path(name))
-  print("\n".join(f"segment_{name}.npz: {size / 1024:.1f} KiB" for name, size in sizes.items()))
-  print(f"total {sum(sizes.values()) / 1024:.1f} KiB")
+  names = segment_cases.SEGMENT_CASES
+  jobs = ((segment_cases.fixture_path(name), segment_cases.loss_case(name), run) for name in names)
+  cases.write_fixtures(segment_reference, segment_cases.to_arrays, jobs)
 
 
 def check_all() -> None:
@@ -56,9 +47,7 @@ def check_all() -> None:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--check", action="store_true", help="print jaxtal's differences from the stored fixtures")
-  (check_all if parser.parse_args(argv).check else write_all)()
+  cases.fixture_main(__doc__, write_all, check_all, argv)
 
 
 if __name__ == "__main__":

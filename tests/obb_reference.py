@@ -1,6 +1,6 @@
 """Runs the pinned reference (Ultralytics 8.4.190, PyTorch) on NumPy inputs, for oriented boxes.
 
-The OBB counterpart of ``reference.py`` (whose import rules, version pin and stand-in model it
+The OBB counterpart of ``reference.py`` (whose import rules, version pin, criterion builder and observed run it
 reuses): ``probiou``, ``RotatedTaskAlignedAssigner`` and ``v8OBBLoss`` as black boxes. We build
 their inputs, call their public entry points and read back NumPy arrays. Importing this module
 requires ``torch`` and ``ultralytics`` (the ``parity`` extra).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import reference  # (sets the environment, restores NumPy's print options, pins the version)
-from reference import REFERENCE_VERSION, VERSION, _Model  # noqa: F401
+from reference import REFERENCE_VERSION, VERSION  # noqa: F401
 
 _print_options = np.get_printoptions()
 import torch  # noqa: E402
@@ -101,12 +101,12 @@ def loss(
   Returns:
     ``dict(total, box, cls, dfl, angle, grads=[per-level NCHW], angle_grads=[per-level NCHW], weights,
     fg_mask, gt_index)``: the last three are the assignment inside the loss (target-score sum
-    ``(b, A)``, foreground and owner GT slot), read from its assigner's output.
+    ``(b, A)``, foreground and owner GT slot), read from its assigner's output (:func:`reference.run_observed`).
   """
-  model = _Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl, angle=angle), class_weights)
-  crit = v8OBBLoss(model, tal_topk=topk, tal_topk2=topk2)
-  crit.assigner.alpha, crit.assigner.beta = alpha, beta
-  crit.assigner.stride_val = float(min_box_side)
+  crit = reference.criterion(
+      v8OBBLoss, num_classes=num_classes, strides=strides, reg_max=reg_max, topk=topk, topk2=topk2, alpha=alpha,
+      beta=beta, min_box_side=min_box_side, class_weights=class_weights, box=box, cls=cls, dfl=dfl, angle=angle,
+  )
   feats, preds = reference.head_outputs(feats_nchw, reg_max, num_classes)
   angles = [torch.tensor(np.asarray(a, np.float32), requires_grad=True) for a in angles_nchw]
   b = feats[0].shape[0]
@@ -116,24 +116,17 @@ def loss(
   # stably, so each image keeps its row order (jaxtal's slot order).
   rows = torch.as_tensor(rows[np.argsort(rows[:, 0], kind="stable")])
   batch = {"batch_idx": rows[:, 0], "cls": rows[:, 1:2], "bboxes": rows[:, 2:7]}
-  seen = []  # the assigner's output inside the loss, observed through a forward hook
-  hook = crit.assigner.register_forward_hook(lambda module, args, out: seen.append([o.detach().clone() for o in out]))
-  try:
-    total, _ = crit(preds, batch)
-  finally:
-    hook.remove()
-  total.sum().backward()
-  _, _, scores, fg, gt_idx = seen[-1]
-  parts = total.detach().numpy() / b
+  total, weights, fg_mask, gt_index = reference.run_observed(crit, preds, batch)
+  parts = total.numpy() / b
   return dict(
-      total=float(total.detach().sum()),
+      total=float(total.sum()),
       box=float(parts[0]),
       cls=float(parts[1]),
       dfl=float(parts[2]),
       angle=float(parts[3]),
       grads=[f.grad.numpy().copy() for f in feats],
       angle_grads=[a.grad.numpy().copy() for a in angles],
-      weights=scores.sum(-1).numpy().astype(np.float32),
-      fg_mask=fg.numpy().astype(bool),
-      gt_index=gt_idx.numpy().astype(np.int32),
+      weights=weights,
+      fg_mask=fg_mask,
+      gt_index=gt_index,
   )

@@ -121,7 +121,9 @@ def loss_case(name: str) -> dict:
   )
   batch, counts, side, dims = 2, (3, 4), (10, 40), 3
   options = {}
-  if name == "coco":
+  if name in cases.SHARED_VARIANTS:
+    batch, counts = cases.shared_variant(name, cfg, batch, counts)
+  elif name == "coco":
     cfg.update(kpt_shape=(17, 3), reg_max=8)
   elif name == "k5_d2":
     cfg.update(kpt_shape=(5, 2), num_classes=2)
@@ -132,12 +134,6 @@ def loss_case(name: str) -> dict:
     options = dict(p_visible=0.4, invisible_rows=(1, 4))
   elif name == "outside_box":
     options = dict(outside=0.5)
-  elif name == "empty_images":
-    batch, counts = 3, (0, 3, 0)
-  elif name == "empty_batch":
-    counts = (0, 0)
-  elif name == "reg_max1":
-    cfg.update(reg_max=1)
   elif name == "class_weights":
     cfg.update(num_classes=3, class_weights=(0.5, 2.0, 0.25))
   elif name == "one2one":

@@ -84,7 +84,9 @@ def loss_case(name: str) -> dict:
              overlap_mask=True, slot_dtype="float32")
   batch, nm, mask_hw = 2, 4, (_PROTO, _PROTO)
   counts, sides, pairs = (4, 3), (10, 44), True
-  if name == "overlap":
+  if name in cases.SHARED_VARIANTS:
+    batch, counts = cases.shared_variant(name, cfg, batch, counts)
+  elif name == "overlap":
     cfg.update(min_box_side=float(strides[1]))
   elif name == "per_instance":
     cfg.update(overlap_mask=False)
@@ -94,12 +96,6 @@ def loss_case(name: str) -> dict:
   elif name == "downsampled":
     cfg.update(overlap_mask=False, slot_dtype="bool")
     mask_hw = (12, 10)
-  elif name == "empty_images":
-    batch, counts = 3, (0, 3, 0)
-  elif name == "empty_batch":
-    counts = (0, 0)
-  elif name == "reg_max1":
-    cfg.update(reg_max=1)
   elif name == "ties":
     counts, sides, pairs = (2, 3), (30, 56), False
   rows = cases._random_rows(rng, counts, cfg["num_classes"], _IMAGE, sides, clusters=True, pairs=pairs)

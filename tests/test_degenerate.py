@@ -103,6 +103,7 @@ def test_no_labels():
   assert not np.asarray(out.fg_mask).any() and not np.asarray(out.scores).any()
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_one_slot_per_image_equals_the_same_boxes_padded():
   """M = 1 works and gives what the same boxes give in a padded M = 3 batch."""
   rows = [[(1, [4.0, 6.0, 22.0, 20.0])], [(2, [10.0, 3.0, 30.0, 29.0])]]
@@ -130,6 +131,7 @@ def test_gt_covering_the_whole_image(box):
   assert parts[0] > 0
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_zero_gt_slots_is_an_empty_batch():
   """M = 0 (no slots at all) gives the same loss and gradients as slots that are all padding."""
   feats = head_maps(seed=6)

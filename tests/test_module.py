@@ -13,6 +13,7 @@ import jaxtal
 from problems import LOSS_CFG, NC, R, STRIDES, loss_config, loss_jit, loss_problem
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_module_with_a_config_equals_the_function():
   feats, gt = loss_problem(seed=4)
   cfg = LOSS_CFG  # its jitted loss is shared with test_loss.py

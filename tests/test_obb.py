@@ -599,6 +599,7 @@ def test_module_matches_function_and_nhwc_matches_nchw():
     np.testing.assert_allclose([float(p) for p in parts], list(want_parts), rtol=1e-6)
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_end_to_end_loss_with_obb_loss():
   """YOLO26-style two branches: w * total(topk 10) + (1 - w) * total(topk 7, topk2 1), one2one parts."""
   (f1, a1), (f2, a2) = head(0), head(1)

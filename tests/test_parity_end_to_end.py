@@ -99,8 +99,14 @@ def test_cases_cover_the_schedule_and_the_edge_cases():
   assert cases.e2e_case("empty_batch")["inputs"]["label_rows"].shape == (0, 6)
 
 
+# Live, the default run checks two cases the default fixtures leave out (a middle epoch, YOLOv10 with
+# reg_max 1); the other live cases are slow (CI runs them).
+_DEFAULT_LIVE = ("middle_epoch", "v10_reg_max1")
+_LIVE_PARAMS = [n if n in _DEFAULT_LIVE else pytest.param(n, marks=pytest.mark.slow) for n in cases.E2E_CASES]
+
+
 @pytest.mark.live
-@pytest.mark.parametrize("name", cases.E2E_CASES)
+@pytest.mark.parametrize("name", _LIVE_PARAMS)
 def test_live(name, reference):
   case = cases.e2e_case(name)
   kwargs, _ = cases.split_loss_config(case["config"])

@@ -128,14 +128,24 @@ def run_loss(case: dict) -> dict:
   """jaxtal's OBB loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
   x = case["inputs"]
   total, parts, grads, angle_grads, t = _loss_jit(x["feats"], x["angles"], loss_gt(case), config=_static(case["config"]))
+  return loss_outputs(total, parts, grads, t, angle_grads=angle_grads)
+
+
+def loss_outputs(total, parts, grads, targets, **more_grads) -> dict:
+  """A jitted task-loss run as NumPy: ``total``, ``parts`` (floats, the same NamedTuple), ``grads`` (per-level head
+  maps), each of ``more_grads`` (a per-level list, or one array) and the assignment inside the loss (``weights``,
+  ``fg_mask``, ``gt_index``: :class:`jaxtal.DetectionTargets` fields)."""
+  def numpy(g):
+    return [np.asarray(x) for x in g] if isinstance(g, (list, tuple)) else np.asarray(g)
+
   return dict(
       total=float(total),
-      parts=jaxtal.OBBLossParts(*(float(p) for p in parts)),
-      grads=[np.asarray(g) for g in grads],
-      angle_grads=[np.asarray(g) for g in angle_grads],
-      weights=np.asarray(t.weights),
-      fg_mask=np.asarray(t.fg_mask),
-      gt_index=np.asarray(t.gt_index),
+      parts=type(parts)(*(float(p) for p in parts)),
+      grads=numpy(grads),
+      **{k: numpy(v) for k, v in more_grads.items()},
+      weights=np.asarray(targets.weights),
+      fg_mask=np.asarray(targets.fg_mask),
+      gt_index=np.asarray(targets.gt_index),
   )
 
 
@@ -143,11 +153,25 @@ def _grad_ratio(grads, ref_grads) -> float:
   return max(float(np.max(np.abs(g - r)) / max(np.max(np.abs(r)), 1e-30)) for g, r in zip(grads, ref_grads))
 
 
+def part_errors(out: dict, ref: dict) -> dict[str, float]:
+  """``"<part> rel"``: the relative error of the total and each part of ``out["parts"]`` (absolute where the
+  reference's is 0)."""
+  errs = {}
+  for key, value in (("total", out["total"]), *zip(out["parts"]._fields, out["parts"])):
+    errs[f"{key} rel"] = abs(value - ref[key]) / abs(ref[key]) if ref[key] != 0 else abs(value)
+  return errs
+
+
+def assert_owners_match(out: dict, ref: dict, where: str = "") -> None:
+  """The foreground equal, and its owner GT equal on every foreground anchor of the reference."""
+  np.testing.assert_array_equal(out["fg_mask"], ref["fg_mask"], err_msg=f"{where}foreground")
+  fg = ref["fg_mask"]
+  np.testing.assert_array_equal(out["gt_index"][fg], ref["gt_index"][fg], err_msg=f"{where}owner GT on foreground")
+
+
 def loss_errors(out: dict, ref: dict) -> dict[str, float]:
   """Relative errors of the total and parts, gradient ratios, and the worst target-score difference."""
-  errs = {}
-  for key, value in (("total", out["total"]), *zip(jaxtal.OBBLossParts._fields, out["parts"])):
-    errs[f"{key} rel"] = abs(value - ref[key]) / abs(ref[key]) if ref[key] != 0 else abs(value)
+  errs = part_errors(out, ref)
   errs["grad ratio"] = _grad_ratio(out["grads"], ref["grads"])
   errs["angle grad ratio"] = _grad_ratio(out["angle_grads"], ref["angle_grads"])
   errs["target score abs"] = float(np.max(np.abs(out["weights"] - ref["weights"]), initial=0.0))

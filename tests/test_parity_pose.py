@@ -32,7 +32,7 @@ import cases
 import jaxtal
 import pose_cases
 from test_parity_loss import assert_loss_matches
-from test_parity_obb import _grad_ratio, _params
+from test_parity_obb import _grad_ratio, _params, assert_owners_match, loss_outputs, part_errors
 
 POSE_RTOL, PART_ATOL = 1e-5, 1e-7
 POSE_GRAD_RATIO = 1e-4
@@ -78,22 +78,12 @@ def run_loss(case: dict) -> dict:
   config, class_weights = _config(case["config"])
   gt = pose_cases.gt_of(case)
   total, parts, grads, kpt_grads, t = _loss_jit(x["feats"], x["kpts"], gt, class_weights, config=config)
-  return dict(
-      total=float(total),
-      parts=jaxtal.PoseLossParts(*(float(p) for p in parts)),
-      grads=[np.asarray(g) for g in grads],
-      kpt_grads=[np.asarray(g) for g in kpt_grads],
-      weights=np.asarray(t.weights),
-      fg_mask=np.asarray(t.fg_mask),
-      gt_index=np.asarray(t.gt_index),
-  )
+  return loss_outputs(total, parts, grads, t, kpt_grads=kpt_grads)
 
 
 def loss_errors(out: dict, ref: dict) -> dict[str, float]:
   """Relative errors of the total and parts (absolute where the reference's is 0), gradient ratios."""
-  errs = {}
-  for key, value in (("total", out["total"]), *zip(jaxtal.PoseLossParts._fields, out["parts"])):
-    errs[f"{key} rel"] = abs(value - ref[key]) / abs(ref[key]) if ref[key] != 0 else abs(value)
+  errs = part_errors(out, ref)
   errs["grad ratio"] = _grad_ratio(out["grads"], ref["grads"])
   errs["kpt grad ratio"] = _grad_ratio(out["kpt_grads"], ref["kpt_grads"])
   errs["foreground mismatches"] = float(np.sum(out["fg_mask"] != ref["fg_mask"]))
@@ -106,9 +96,7 @@ def assert_pose_loss_matches(out: dict, ref: dict, where: str = "") -> None:
   np.testing.assert_allclose(out["total"], ref["total"], rtol=POSE_RTOL, err_msg=f"{where}total")
   for key, value in zip(jaxtal.PoseLossParts._fields, out["parts"]):
     np.testing.assert_allclose(value, ref[key], rtol=POSE_RTOL, atol=PART_ATOL, err_msg=f"{where}{key}")
-  np.testing.assert_array_equal(out["fg_mask"], ref["fg_mask"], err_msg=f"{where}foreground")
-  fg = ref["fg_mask"]
-  np.testing.assert_array_equal(out["gt_index"][fg], ref["gt_index"][fg], err_msg=f"{where}owner GT on foreground")
+  assert_owners_match(out, ref, where)
   np.testing.assert_allclose(
       out["weights"], ref["weights"], rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, err_msg=f"{where}target scores"
   )

@@ -38,7 +38,9 @@ import cases
 import jaxtal
 import segment_cases
 from test_parity_loss import LOSS_RTOL, assert_loss_matches
-from test_parity_obb import SCORE_RTOL, WEIGHT_ATOL, _grad_ratio, _params
+from test_parity_obb import (
+    SCORE_RTOL, WEIGHT_ATOL, _grad_ratio, _params, assert_owners_match, loss_outputs, part_errors,
+)
 
 
 @pytest.fixture(scope="session")
@@ -78,23 +80,12 @@ def run_loss(case: dict) -> dict:
   total, parts, (grads, coef_grads, proto_grad), t = _loss_jit(
       x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(kwargs.items()))
   )
-  return dict(
-      total=float(total),
-      parts=jaxtal.SegmentLossParts(*(float(p) for p in parts)),
-      grads=[np.asarray(g) for g in grads],
-      coef_grads=[np.asarray(g) for g in coef_grads],
-      proto_grad=np.asarray(proto_grad),
-      weights=np.asarray(t.weights),
-      fg_mask=np.asarray(t.fg_mask),
-      gt_index=np.asarray(t.gt_index),
-  )
+  return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
 
 
 def loss_errors(out: dict, ref: dict) -> dict[str, float]:
   """Relative errors of the total and parts, gradient ratios, and the worst target-score difference."""
-  errs = {}
-  for key, value in (("total", out["total"]), *zip(jaxtal.SegmentLossParts._fields, out["parts"])):
-    errs[f"{key} rel"] = abs(value - ref[key]) / abs(ref[key]) if ref[key] != 0 else abs(value)
+  errs = part_errors(out, ref)
   errs["grad ratio"] = _grad_ratio(out["grads"], ref["grads"])
   errs["coef grad ratio"] = _grad_ratio(out["coef_grads"], ref["coef_grads"])
   errs["proto grad ratio"] = _grad_ratio([out["proto_grad"]], [ref["proto_grad"]])
@@ -112,9 +103,7 @@ def assert_segment_loss_matches(out: dict, ref: dict, where: str = "") -> None:
   np.testing.assert_allclose(
       out["weights"], ref["weights"], rtol=SCORE_RTOL, atol=WEIGHT_ATOL, err_msg=f"{where}target scores"
   )
-  np.testing.assert_array_equal(out["fg_mask"], ref["fg_mask"], err_msg=f"{where}foreground")
-  fg = ref["fg_mask"]
-  np.testing.assert_array_equal(out["gt_index"][fg], ref["gt_index"][fg], err_msg=f"{where}owner GT on foreground")
+  assert_owners_match(out, ref, where)
 
 
 # ----------------------------------------------------------------------------- golden

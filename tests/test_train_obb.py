@@ -308,7 +308,7 @@ def test_detector_outputs_head_and_angle_maps():
 
 def test_plot_without_matplotlib_exits_before_training(monkeypatch):
   monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
-  monkeypatch.setattr(obb, "train_step", lambda *a: pytest.fail("trained although --plot cannot work"))
+  monkeypatch.setattr(obb.toy, "task_step", lambda *a: pytest.fail("trained although --plot cannot work"))
   monkeypatch.setitem(sys.modules, "cv2", sys.modules.get("cv2") or types.ModuleType("cv2"))  # a stand-in if missing
   with pytest.raises(SystemExit) as exit_info:
     obb.main(["--plot", "out.png", "--steps", "1"])

@@ -118,6 +118,7 @@ def test_top_detections_per_image():
   np.testing.assert_array_equal(c1, [1])
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_predict_decodes_pixel_boxes():
   model = toy.Detector(rngs=toy.nnx.Rngs(0))
   scores, boxes = toy.predict(model, jnp.zeros((2, 64, 64, 3)))
