@@ -552,7 +552,7 @@ def obb_benchmarks(args, table) -> None:
   for m in OBB_BOX_COUNTS:
     gt = jax.device_put(jaxtal.pack_rotated_labels(make_obb_rows(m), OBB_BATCH, m, OBB_IMAGE_SIZE))
     runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, angles, gt))  # noqa: E731
-  reference = None if args.no_ultralytics else import_reference(table, "obb_reference")
+  reference = None if args.no_ultralytics else import_reference(table, "reference")
   if reference is None:
     compare_rows(args, table, "OBB loss fwd+bwd (b16 nc15 1024px)", "jaxtal.obb_loss", runs)
     return

@@ -7,8 +7,8 @@ Every trick in jaxtal lives here. Each has a plain twin written with the well-ke
 ``benchmarks/bench.py``'s ablation rows ("plain <name>": the loss step with that one kernel
 replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
 written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
-from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``chunk_sum``, the mask term's
-chunked sum) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
+from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum``, the mask
+term) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
 The loss and the assigner call these through the module (``kernels.bce_sum(...)``), so
@@ -343,13 +343,9 @@ def top_k(metric_levels):
 
 
 # ------------------------------------------------------------------------------------------------
-# A sum over chunks of the entry list, skipping chunks in which no entry counts.
-# Why: the mask term (segment.py) makes b * chunk * mh * mw mask logits per chunk of entries, for
-# all E = M * topk entries, but only foreground entries count and they are usually far fewer. With
-# each image's counted entries moved to the front (a stable sort over E), the trailing chunks hold
-# no counted entry in any image, and a lax.cond on one scalar skips their work in both passes.
-# Bench row "segment loss fwd+bwd, plain chunk_sum" (b = 16, M = 50, 160 x 160 x 32 prototypes;
-# benchmarks/README.md).
+# A sum over chunks of the entry list, each chunk under jax.checkpoint (memory bounded whatever E).
+# Not a trick: the plain form of the mask term below. (Ordering counted entries first and skipping
+# empty chunks was measured at b = 16, M = 50: -10% of the segmentation step, so it was removed.)
 
 
 def _chunks(x: jax.Array, chunk: int) -> jax.Array:
@@ -360,7 +356,7 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
   return jnp.moveaxis(x.reshape((b, n, chunk) + x.shape[2:]), 1, 0)
 
 
-def plain_chunk_sum(term, shared, xs, weight, chunk: int, *, skip: bool = False) -> jax.Array:
+def plain_chunk_sum(term, shared, xs, weight, chunk: int) -> jax.Array:
   """``sum over chunks of term(*shared, *xs_chunk, weight_chunk)``, each chunk under ``jax.checkpoint``.
 
   ``term`` maps one chunk to a scalar and must give 0 for entries of weight 0 (the padding of the
@@ -371,15 +367,7 @@ def plain_chunk_sum(term, shared, xs, weight, chunk: int, *, skip: bool = False)
   """
   if chunk >= weight.shape[1]:
     return term(*shared, *xs, weight)
-  body = term
-  if skip:
-
-    def body(*args):  # a chunk with no counted entry in any image costs nothing
-      return jax.lax.cond(jnp.any(args[-1] != 0), term, lambda *_: jnp.zeros((), jnp.float32), *args)
-
-  # The skip test sits inside the checkpoint: around it, the shared arrays would become a per-chunk
-  # residual (an (n, ...) stack of the prototypes).
-  body = jax.checkpoint(body)
+  body = jax.checkpoint(term)
 
   def step(total, chunk_xs):
     return total + body(*shared, *chunk_xs), None
@@ -388,21 +376,107 @@ def plain_chunk_sum(term, shared, xs, weight, chunk: int, *, skip: bool = False)
   return total
 
 
-def chunk_sum(term, shared, xs, weight, chunk: int) -> jax.Array:
-  """:func:`plain_chunk_sum` with each image's counted entries (``weight != 0``) moved first and the
-  chunks without one skipped: the same sum, to float32 rounding (the terms are added in another order)."""
-  if chunk >= weight.shape[1]:
-    return term(*shared, *xs, weight)
+# ------------------------------------------------------------------------------------------------
+# The mask term's BCE over chunks of entries (segment.py), value and gradient in one pass.
+# Why: the plain form is a scan over chunks of entries whose body is under jax.checkpoint (memory
+# must not grow with E), so autodiff computes each chunk's (b, chunk, mh, mw) mask logits twice
+# and its transcendental twice. The loss is a scalar sum, so the gradients w.r.t. the
+# coefficients and the prototypes can be formed in the forward scan from one exp pass
+# (d BCE / d logit = sigmoid - target) and only scaled by the cotangent afterwards: one einsum
+# and one exp per pixel fewer, and no recomputation. Counted entries are moved first, so chunks
+# that count nothing in any image are skipped.
+# Bench row "segment loss fwd+bwd, plain mask_bce_sum" (b = 16, M = 50, 160 x 160 x 32 prototypes;
+# benchmarks/README.md).
+
+
+def _mask_chunk(proto, masks, coef, gt, box, weight, index_map: bool):
+  """One chunk's mask logits ``(b, C, mh, mw)``, targets and per-pixel weights (0 outside the box).
+
+  Shapes: ``proto (b, nm, mh, mw)``; ``masks`` an index map ``(b, mh, mw)`` int (pixel value
+  ``j + 1`` marks GT slot ``j``) or per-slot masks ``(b, M, mh, mw)``; ``coef (b, C, nm)``,
+  ``gt (b, C)`` int, ``box (b, C, 4)`` xyxy in mask pixels, ``weight (b, C)``. A pixel of column
+  ``x`` (row ``y``) is in the box when ``x1 <= x < x2`` (``y1 <= y < y2``), its index compared.
+  """
+  logits = jnp.einsum("bcn,bnhw->bchw", coef, proto)
+  if index_map:
+    target = (masks[:, None] == (gt + 1)[..., None, None]).astype(jnp.float32)
+  else:
+    target = take_rows(masks, gt).astype(jnp.float32)
+  mh, mw = logits.shape[-2:]
+  cols, rows = jnp.arange(mw, dtype=jnp.float32), jnp.arange(mh, dtype=jnp.float32)
+  in_cols = (cols >= box[..., 0:1]) & (cols < box[..., 2:3])  # (b, C, mw): the crop is separable
+  in_rows = (rows >= box[..., 1:2]) & (rows < box[..., 3:4])  # (b, C, mh)
+  pixel_weight = jnp.where(in_rows[..., :, None] & in_cols[..., None, :], weight[..., None, None], 0.0)
+  return logits, target, pixel_weight
+
+
+def _mask_chunk_value(proto, masks, coef, gt, box, weight, *, index_map: bool):
+  logits, target, pixel_weight = _mask_chunk(proto, masks, coef, gt, box, weight, index_map)
+  return jnp.sum(pixel_weight * (jax.nn.softplus(logits) - logits * target))
+
+
+def plain_mask_bce_sum(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool) -> jax.Array:
+  """``sum over entries e of weight_e * sum over the pixels in box_e of BCE-with-logits(coef_e . proto,
+  target_e)``, by autodiff over :func:`plain_chunk_sum` (chunks under ``jax.checkpoint``).
+
+  Shapes: ``coef (b, E, nm)``, ``gt (b, E)`` int, ``box (b, E, 4)``, ``weight (b, E)`` (0: not
+  counted), ``proto`` and ``masks`` as :func:`_mask_chunk`; ``chunk`` static -> scalar.
+  """
+  term = functools.partial(_mask_chunk_value, index_map=index_map)
+  return plain_chunk_sum(term, (proto, masks), (coef, gt, box), weight, chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def mask_bce_sum(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool) -> jax.Array:
+  """:func:`plain_mask_bce_sum` with its gradients (w.r.t. ``coef`` and ``proto``; the targets, boxes
+  and weights are constants) formed in the forward scan; the same value and gradients."""
+  return _mask_bce_fwd(coef, proto, masks, gt, box, weight, chunk, index_map)[0]
+
+
+def _mask_bce_fwd(coef, proto, masks, gt, box, weight, chunk, index_map):
+  size = weight.shape[1]
+  chunk = min(chunk, size)
+  # Counted entries first in each image, so that the trailing chunks count nothing in any image and
+  # are skipped (lax.cond on one scalar); the coefficient gradients are put back in entry order.
   order = jnp.argsort(weight == 0, axis=1, stable=True)
   take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
-  return plain_chunk_sum(term, shared, tuple(map(take, xs)), take(weight), chunk, skip=True)
+  coef_o, gt_o, box_o, weight_o = (take(x) for x in (coef, gt, box, weight))
+
+  def step(carry, xs):
+    return jax.lax.cond(jnp.any(xs[-1] != 0), chunk_step, lambda carry, xs: (carry, jnp.zeros(xs[0].shape, jnp.float32)), carry, xs)
+
+  def chunk_step(carry, xs):
+    total, d_proto = carry
+    c, g, bx, w = xs
+    logits, target, pixel_weight = _mask_chunk(proto, masks, c, g, bx, w, index_map)
+    e = jnp.exp(-jnp.abs(logits))  # one exp for the softplus and the sigmoid
+    softplus = jnp.maximum(logits, 0.0) + jnp.log1p(e)
+    sigmoid = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
+    total = total + jnp.sum(pixel_weight * (softplus - logits * target))
+    d_logits = pixel_weight * (sigmoid - target)
+    d_proto = d_proto + jnp.einsum("bchw,bcn->bnhw", d_logits, c)
+    return (total, d_proto), jnp.einsum("bchw,bnhw->bcn", d_logits, proto)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros_like(proto))
+  (total, d_proto), d_coef = jax.lax.scan(step, init, tuple(_chunks(x, chunk) for x in (coef_o, gt_o, box_o, weight_o)))
+  d_coef = jnp.moveaxis(d_coef, 0, 1).reshape((coef.shape[0], -1, coef.shape[-1]))[:, :size]  # (n, b, C, nm) -> (b, E, nm)
+  d_coef = jnp.take_along_axis(d_coef, jnp.argsort(order, axis=1)[..., None], axis=1)  # back to entry order
+  return total, (d_coef, d_proto)
+
+
+def _mask_bce_bwd(chunk, index_map, residuals, ct):
+  d_coef, d_proto = residuals
+  return ct * d_coef, ct * d_proto, None, None, None, None
+
+
+mask_bce_sum.defvjp(_mask_bce_fwd, _mask_bce_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
 
-KERNELS = ("bce_sum", "chunk_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
+KERNELS = ("bce_sum", "mask_bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
 # Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
-TASK_KERNELS = {"chunk_sum": "segment_loss"}
+TASK_KERNELS = {"mask_bce_sum": "segment_loss"}
 # A trick made of several functions is swapped as one.
 _GROUPS = {"shared_sigmoid": ("sigmoid", "sqrt_sigmoid", "whole_map_scores")}
 

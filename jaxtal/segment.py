@@ -23,16 +23,12 @@ reference does); the masks are never resampled.
 
 Memory: the mask logits exist only for the ``E = M * topk`` entries of each image, never for
 all ``A`` anchors, and are computed a chunk of entries at a time (``mask_chunk`` in
-:class:`SegmentLossConfig`): a ``lax.scan`` whose body is under ``jax.checkpoint``, so the
-backward pass recomputes a chunk's logits instead of keeping them. Peak memory is then about a
-few ``(b, chunk, mh, mw)`` float32 arrays whatever ``E`` (``b = 16``, ``M = 100``, a 640 input,
-160 x 160 prototypes, ``nm = 32``: 0.77 GB for the gradient by XLA's memory analysis, 4.99 GB
-with all entries in one chunk). The entries are first ordered
-valid first within each image and a chunk without any foreground entry is skipped
-(``lax.cond``; :func:`jaxtal.kernels.chunk_sum`, a speed trick beside its plain twin), so the work
-follows the number of foreground anchors, not ``E`` (XLA:CPU, ``b =
-2``, ``M = 100`` slots of which 10 real, 200 foreground anchors, 160 x 160 prototypes: 0.098 s
-per loss step against 0.28 s without the skip; the detection loss alone takes 0.009 s). The
+:class:`SegmentLossConfig`): a ``lax.scan`` over chunks that forms the value and, in the same
+pass, the gradients w.r.t. the coefficients and the prototypes
+(:func:`jaxtal.kernels.mask_bce_sum`; its plain twin is autodiff over chunks under
+``jax.checkpoint``). Peak memory is then about a few ``(b, chunk, mh, mw)`` float32 arrays
+whatever ``E`` (``b = 16``, ``M = 100``, a 640 input, 160 x 160 prototypes, ``nm = 32``: under
+0.8 GB for the gradient by XLA's memory analysis, 4.99 GB with all entries in one chunk). The
 crop is separable (a row mask times a column mask), never an ``(E, mh, mw)`` box mask.
 
 Deliberate differences from Ultralytics 8.4.190 (``v8SegmentationLoss``); everything else
@@ -66,7 +62,6 @@ TPU may round float32 inputs (set ``jax_default_matmul_precision`` for full floa
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -166,29 +161,6 @@ def _entry_boxes(targets: Targets, image_hw, mask_hw) -> tuple[jax.Array, jax.Ar
   return norm * jnp.array([mw, mh, mw, mh], jnp.float32), weight
 
 
-def _chunk_sum(proto, masks, coef, gt, box, weight, *, index_map: bool) -> jax.Array:
-  """``sum over entries of weight * sum over the box's pixels of BCE(coef . proto, GT mask)``.
-
-  Shapes: ``proto (b, nm, mh, mw)``, ``masks`` (index map ``(b, mh, mw)`` or per slot
-  ``(b, M, mh, mw)``), ``coef (b, C, nm)``, ``gt (b, C)``, ``box (b, C, 4)`` mask pixels,
-  ``weight (b, C)`` -> scalar.
-  """
-  logits = jnp.einsum("bcn,bnhw->bchw", coef, proto)
-  if index_map:
-    target = masks[:, None] == (gt + 1)[..., None, None]
-  else:
-    target = take_rows(masks, gt)
-  bce = jax.nn.softplus(logits) - logits * target.astype(jnp.float32)
-  mh, mw = logits.shape[-2:]
-  cols = jnp.arange(mw, dtype=jnp.float32)
-  rows = jnp.arange(mh, dtype=jnp.float32)
-  in_cols = (cols >= box[..., 0:1]) & (cols < box[..., 2:3])  # (b, C, mw)
-  in_rows = (rows >= box[..., 1:2]) & (rows < box[..., 3:4])  # (b, C, mh)
-  inside = in_rows[..., :, None] & in_cols[..., None, :]
-  per_entry = jnp.sum(jnp.where(inside, bce, 0.0), axis=(-2, -1))
-  return jnp.sum(weight * per_entry)
-
-
 def _chunk_size(mask_chunk: int | None, batch: int, entries: int, pixels: int) -> int:
   if mask_chunk is None:
     mask_chunk = min(_CHUNK_ENTRIES, _CHUNK_BYTES // (4 * batch * pixels))
@@ -199,7 +171,7 @@ def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int |
   """Sum over the foreground entries of the per-anchor mask loss (not yet divided by their number).
 
   ``coefs (b, A, nm)``, ``proto (b, nm, mh, mw)`` at the masks' resolution, ``masks`` as
-  :func:`_chunk_sum`.
+  :func:`jaxtal.kernels.mask_bce_sum`.
   """
   b, _, mh, mw = proto.shape
   e = targets.entries
@@ -209,9 +181,7 @@ def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int |
   box, weight = jax.lax.stop_gradient(_entry_boxes(targets, image_hw, (mh, mw)))
   coef = take_rows(coefs, e.anchor)  # (b, E, nm)
   chunk = _chunk_size(mask_chunk, b, size, mh * mw)
-  term = functools.partial(_chunk_sum, index_map=index_map)
-  # Counted entries first and chunks without one skipped (kernels.chunk_sum; its plain twin keeps them).
-  return kernels.chunk_sum(term, (proto, masks), (coef, e.gt, box), weight, chunk)
+  return kernels.mask_bce_sum(coef, proto, masks, e.gt, box, weight, chunk, index_map)
 
 
 def _gt_masks(gt: GroundTruth, index_map: bool) -> jax.Array:

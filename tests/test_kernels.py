@@ -381,38 +381,57 @@ if __name__ == "__main__":
 
 
 # --------------------------------------------------------------------------------------------------
-# chunk_sum
+# mask_bce_sum
 
 
-class ChunkSumTest(parameterized.TestCase):
-  """The chunked entry sum (counted entries first, empty chunks skipped) equals the plain chunked sum
-  and the one-call sum, in value and gradient, whatever the chunk size and where the counted entries are."""
+class MaskBceSumTest(parameterized.TestCase):
+  """The mask term's fused sum (gradients formed in the forward scan) equals its plain twin (autodiff over
+  checkpointed chunks) and a NumPy oracle, for both mask forms and any chunk size."""
 
   @staticmethod
-  def _problem(seed=0, b=3, e=11, c=4):
+  def _problem(seed=0, b=2, e=7, nm=3, mh=5, mw=6, m=3, index_map=True):
     rng = np.random.default_rng(seed)
-    shared = jnp.asarray(rng.normal(size=(b, c)), jnp.float32)
-    x = jnp.asarray(rng.normal(size=(b, e, c)), jnp.float32)
-    weight = jnp.asarray(rng.uniform(0.5, 2.0, (b, e)) * (rng.uniform(size=(b, e)) < 0.3), jnp.float32)
-    weight = weight.at[2].set(0.0)  # an image with no counted entry
+    coef = jnp.asarray(rng.normal(size=(b, e, nm)) * 2, jnp.float32)
+    proto = jnp.asarray(rng.normal(size=(b, nm, mh, mw)), jnp.float32)
+    gt = jnp.asarray(rng.integers(0, m, (b, e)), jnp.int32)
+    lo = rng.uniform(-1, 3, (b, e, 2))
+    box = jnp.asarray(np.concatenate([lo, lo + rng.uniform(0, 4, (b, e, 2))], -1), jnp.float32)
+    weight = jnp.asarray(rng.uniform(0.5, 2, (b, e)) * (rng.uniform(size=(b, e)) < 0.7), jnp.float32)
+    if index_map:
+      masks = jnp.asarray(rng.integers(0, m + 1, (b, mh, mw)), jnp.int32)
+    else:
+      masks = jnp.asarray(rng.uniform(size=(b, m, mh, mw)) < 0.5)
+    return coef, proto, masks, gt, box, weight
 
-    def term(s, xc, w):  # any per-entry function of a shared array, weighted: sum w * softplus(<s, x>)
-      return jnp.sum(w * jax.nn.softplus(jnp.einsum("bc,bec->be", s, xc)))
+  @staticmethod
+  def _numpy(coef, proto, masks, gt, box, weight, index_map):
+    coef, proto, masks, gt, box, weight = (np.asarray(x, np.float64) for x in (coef, proto, masks, gt, box, weight))
+    total = 0.0
+    b, e, _ = coef.shape
+    for i in range(b):
+      for j in range(e):
+        x = np.einsum("n,nhw->hw", coef[i, j], proto[i])
+        y = (masks[i] == gt[i, j] + 1) if index_map else masks[i, int(gt[i, j])]
+        cols, rows = np.arange(x.shape[1]), np.arange(x.shape[0])
+        inside = ((rows >= box[i, j, 1]) & (rows < box[i, j, 3]))[:, None] & ((cols >= box[i, j, 0]) & (cols < box[i, j, 2]))
+        total += weight[i, j] * np.sum(inside * (np.logaddexp(0, x) - x * y))
+    return total
 
-    return term, shared, x, weight
-
-  @parameterized.parameters(1, 3, 4, 11, 20)
-  def test_equals_the_plain_and_the_unchunked_sum(self, chunk):
-    term, shared, x, weight = self._problem()
+  @parameterized.parameters((1, True), (3, True), (7, True), (2, False), (9, False))
+  def test_value_and_gradients_equal_the_plain_twin_and_numpy(self, chunk, index_map):
+    coef, proto, masks, gt, box, weight = self._problem(index_map=index_map)
 
     def run(fn):
-      return jax.jit(jax.value_and_grad(lambda s, xx: fn(term, (s,), (xx,), weight, chunk), argnums=(0, 1)))(shared, x)
+      f = lambda c, p: fn(c, p, masks, gt, box, weight, chunk, index_map)  # noqa: E731
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(coef, proto)
 
-    want = jax.value_and_grad(lambda s, xx: term(s, xx, weight), argnums=(0, 1))(shared, x)
-    for fn in (kernels.chunk_sum, kernels.plain_chunk_sum):
-      chex.assert_trees_all_close(run(fn), want, rtol=1e-6, atol=1e-6)
+    got, want = run(kernels.mask_bce_sum), run(kernels.plain_mask_bce_sum)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(got[0]), self._numpy(coef, proto, masks, gt, box, weight, index_map), rtol=1e-5)
 
-  def test_nothing_counted_gives_zero(self):
-    term, shared, x, weight = self._problem()
-    total = kernels.chunk_sum(term, (shared,), (x,), jnp.zeros_like(weight), 3)
-    self.assertEqual(float(total), 0.0)
+  def test_check_grads(self):
+    coef, proto, masks, gt, box, weight = self._problem(seed=3)
+    f = lambda c, p: kernels.mask_bce_sum(c, p, masks, gt, box, weight, 3, True)  # noqa: E731
+    check_grads(f, (coef, proto), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+

@@ -266,13 +266,13 @@ def test_chunked_matches_unchunked():
 
 @pytest.mark.slow
 def test_chunked_without_skipping_matches_unchunked():
-  """The plain chunked form (no valid-first order, no skipped chunks) gives the same loss."""
+  """The plain chunked form (autodiff over checkpointed chunks) gives the same loss and gradients."""
   feats, coefs, proto = predictions(seed=5)
   gt = ground_truth(seed=5)
   whole = loss_and_grads(feats, coefs, proto, gt)
   cfg = jaxtal.SegmentLossConfig(**{**_fields(CFG), "mask_chunk": 7})
   loss = lambda *x: jaxtal.segment_loss(*x, gt, cfg)[0]  # noqa: E731
-  with jaxtal.kernels._plain("chunk_sum"):
+  with jaxtal.kernels._plain("mask_bce_sum"):
     plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(feats, coefs, proto)
   chex.assert_trees_all_close(plain, (whole[0], whole[2]), rtol=2e-6, atol=1e-7)
 
