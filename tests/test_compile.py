@@ -116,6 +116,7 @@ def test_train_step_compiles_once_for_any_number_of_real_boxes():
   assert compiles[0] == 1, f"{compiles[0]} backend compilations for {len(gts) * 2} batches"
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_counters_detect_a_recompilation():
   """Control: a different M (a different static shape) does compile again."""
   traces = []

@@ -85,6 +85,7 @@ def np_softplus(x):
   return np.logaddexp(0.0, np.asarray(x, np.float64))
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_no_labels():
   """n = 0 rows: all background; cls is the BCE against zeros over N = 1; box and DFL are exactly 0."""
   feats = head_maps()
@@ -148,6 +149,7 @@ def test_zero_gt_slots_is_an_empty_batch():
   assert not np.asarray(target.fg_mask).any() and not np.asarray(target.scores).any()
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_gt_smaller_than_one_cell():
   """A box between anchor centres owns nothing with min_box_side = 0, and anchors once widened."""
   tiny = [13.2, 13.4, 13.9, 14.0]  # level-0 anchor centres are at 2, 6, 10, 14, ...: none strictly inside
@@ -168,6 +170,7 @@ def test_gt_smaller_than_one_cell():
   assert_finite(*loss_and_grads(feats, gt, min_box_side=8.0))
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_many_identical_gts():
   """Identical GTs behave as one: every anchor goes to the first copy (ties go to the lower GT index)."""
   box = (1, [6.0, 5.0, 24.0, 27.0])
@@ -308,6 +311,7 @@ PROPERTY = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCh
 
 @settings(max_examples=150, **PROPERTY)
 @given(batch=degenerate_batches())
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_any_float32_ground_truth_gives_a_finite_loss(batch):
   check_degenerate_batch(*batch)
 

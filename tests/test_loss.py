@@ -75,6 +75,7 @@ class DetectionLossTest(chex.TestCase):
     np.testing.assert_allclose(parts, expected_parts, rtol=5e-5)
     np.testing.assert_allclose(total, expected_total, rtol=5e-5)
 
+  @pytest.mark.slow  # > 4 s; CI runs it in the slow set
   def test_class_weights_match_numpy(self):
     feats, gt = loss_problem(seed=2)
     cw = jnp.array([0.5, 2.0, 0.25])
@@ -84,6 +85,7 @@ class DetectionLossTest(chex.TestCase):
     np.testing.assert_allclose(total, expected_total, rtol=2e-5)
     assert abs(float(loss_jit(feats, gt, config=LOSS_CFG)[1].cls) - float(parts.cls)) > 1e-3  # they matter
 
+  @pytest.mark.slow  # > 4 s; CI runs it in the slow set
   def test_iou_assignment_changes_the_loss_but_the_box_term_stays_ciou(self):
     feats, gt = crowded_loss_problem(seed=1)
     ciou_cfg, iou_cfg = LOSS_CFG, loss_config(overlap="iou")

@@ -563,6 +563,7 @@ def test_obb_loss_parts_gains_and_class_weights():
   assert max(np.abs(g - w).max() for g, w in zip(box_only, angle_grads)) > 0
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_empty_batch_has_only_the_class_term():
   feats, angles = head()
   total, parts, grads, angle_grads = run_loss(feats, angles, gt_of([[], []]))
@@ -583,6 +584,7 @@ def test_loss_masks_rows_under_two_pixels_of_a_gt_built_directly():
   assert abs(run_loss(feats, angles, kept)[0] - b[0]) > 1e-4
 
 
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
 def test_module_matches_function_and_nhwc_matches_nchw():
   feats, angles = head()
   want_total, want_parts, _, _ = run_loss(feats, angles, BASE_GT)

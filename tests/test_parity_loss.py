@@ -79,7 +79,11 @@ def assert_loss_matches(total, parts, grads, ref: dict, where: str = "") -> None
 # ----------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize("name", cases.LOSS_CASES)
+# nc80 and one2one compile their own steps (~5 s each): they run in the slow set.
+_SLOW_GOLDEN = ("nc80", "one2one")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_GOLDEN else n for n in cases.LOSS_CASES])
 def test_golden(name):
   case, ref, version = cases.load_fixture("loss", name)
   assert version == "8.4.190"
