@@ -124,6 +124,23 @@ def _logit(p):
   return np.log(p) - np.log1p(-p)
 
 
+def write_near_target(f, img, hit, ltrb, classes, reg_max: int, rng) -> None:
+  """Writes head-map rows ``f[img, hit]`` that predict noisy versions of the target distances ``ltrb
+  (n, 4)`` (bin logits around them, or the distances when ``reg_max == 1``) and score ``classes``
+  high. Shared by the detection and oriented-box case builders; the random draws are in a fixed
+  order, so the fixtures' inputs stay as built."""
+  bins = np.arange(reg_max, dtype=np.float64)
+  ltrb = ltrb * rng.uniform(0.75, 1.3, ltrb.shape) + rng.normal(0, 0.15, ltrb.shape)
+  if reg_max > 1:
+    d = np.clip(ltrb, 0.0, reg_max - 1.0)
+    sigma = rng.uniform(0.4, 1.2, (hit.size, 4, 1))
+    logits = -((bins - d[..., None]) ** 2) / (2 * sigma**2) + rng.normal(0, 0.3, (hit.size, 4, reg_max))
+    f[img, hit, : 4 * reg_max] = logits.reshape(hit.size, 4 * reg_max)
+  else:
+    f[img, hit, :4] = ltrb
+  f[img, hit, 4 * reg_max + classes] += rng.normal(4.5, 1.5, hit.size)
+
+
 def head_maps(
     rng, rows, batch, num_classes, image, strides, reg_max, *, realistic=True, min_side=0.0
 ) -> list[np.ndarray]:
@@ -141,7 +158,6 @@ def head_maps(
   grown = np.concatenate([ctr - half, ctr + half], axis=1)
   img_of = rows[:, 0].astype(int)
   cls_of = rows[:, 1].astype(int)
-  bins = np.arange(reg_max, dtype=np.float64)
   maps = []
   for (h, w), s in zip(_shapes(image, strides), strides):
     c = 4 * reg_max + num_classes
@@ -171,15 +187,7 @@ def head_maps(
       gb = g[pick[hit]]
       a = anc[hit]
       ltrb = np.concatenate([a - gb[:, :2], gb[:, 2:] - a], axis=1)
-      ltrb = ltrb * rng.uniform(0.75, 1.3, ltrb.shape) + rng.normal(0, 0.15, ltrb.shape)
-      if reg_max > 1:
-        d = np.clip(ltrb, 0.0, reg_max - 1.0)
-        sigma = rng.uniform(0.4, 1.2, (hit.size, 4, 1))
-        logits = -((bins - d[..., None]) ** 2) / (2 * sigma**2) + rng.normal(0, 0.3, (hit.size, 4, reg_max))
-        f[img, hit, : 4 * reg_max] = logits.reshape(hit.size, 4 * reg_max)
-      else:
-        f[img, hit, :4] = ltrb
-      f[img, hit, 4 * reg_max + cls_of[idx][pick[hit]]] += rng.normal(4.5, 1.5, hit.size)
+      write_near_target(f, img, hit, ltrb, cls_of[idx][pick[hit]], reg_max, rng)
     maps.append(np.ascontiguousarray(f.reshape(batch, h, w, c).transpose(0, 3, 1, 2)).astype(np.float32))
   return maps
 

@@ -203,7 +203,6 @@ def head_maps(rng, rows, batch, num_classes, image, strides, reg_max, *, min_sid
   """
   boxes = _rows_px(rows, image)
   img_of, cls_of = rows[:, 0].astype(int), rows[:, 1].astype(int)
-  bins = np.arange(reg_max, dtype=np.float64)
   maps, angles = [], []
   for (h, w), s in zip(cases._shapes(image, strides), strides):
     c = 4 * reg_max + num_classes
@@ -232,15 +231,7 @@ def head_maps(rng, rows, batch, num_classes, image, strides, reg_max, *, min_sid
       u, v = d[:, 0] * cos + d[:, 1] * sin, d[:, 1] * cos - d[:, 0] * sin
       half = gb[:, 2:4] / 2
       ltrb = np.stack([half[:, 0] - u, half[:, 1] - v, half[:, 0] + u, half[:, 1] + v], axis=1)
-      ltrb = ltrb * rng.uniform(0.75, 1.3, ltrb.shape) + rng.normal(0, 0.15, ltrb.shape)
-      if reg_max > 1:
-        dd = np.clip(ltrb, 0.0, reg_max - 1.0)
-        sigma = rng.uniform(0.4, 1.2, (hit.size, 4, 1))
-        logits = -((bins - dd[..., None]) ** 2) / (2 * sigma**2) + rng.normal(0, 0.3, (hit.size, 4, reg_max))
-        f[img, hit, : 4 * reg_max] = logits.reshape(hit.size, 4 * reg_max)
-      else:
-        f[img, hit, :4] = ltrb
-      f[img, hit, 4 * reg_max + cls_of[idx][pick[hit]]] += rng.normal(4.5, 1.5, hit.size)
+      cases.write_near_target(f, img, hit, ltrb, cls_of[idx][pick[hit]], reg_max, rng)
       ang[img, hit] = np.clip(gb[:, 4] + rng.normal(0, 0.15, hit.size), -_PI / 4, 3 * _PI / 4)
     maps.append(np.ascontiguousarray(f.reshape(batch, h, w, c).transpose(0, 3, 1, 2)).astype(np.float32))
     angles.append(ang.reshape(batch, 1, h, w).astype(np.float32))
