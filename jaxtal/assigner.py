@@ -95,27 +95,27 @@ def _power(x: jax.Array, p: float) -> jax.Array:
   return jnp.power(x, p)
 
 
-def _score_power(s: jax.Array, from_logits: bool, alpha: float) -> jax.Array:
+def _score_power(s: jax.Array, from_logits: bool, alpha: float, plain: tuple[str, ...]) -> jax.Array:
   """``score ** alpha``, float32; non-finite or out-of-range scores never become targets (they score 0)."""
   s = s.astype(jnp.float32)
   if from_logits and alpha == 0.5:
-    s = kernels.sqrt_sigmoid(s)  # the loss's BCE gradient reads the same pass (jaxtal.kernels)
+    s = kernels.select("sqrt_sigmoid", plain)(s)  # the loss's BCE gradient reads the same pass (jaxtal.kernels)
     return jnp.where(jnp.isnan(s), 0.0, s)  # in [0, 1] otherwise
   if from_logits:
     s = jax.nn.sigmoid(s)
   return _power(jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0), alpha)
 
 
-def _read_scores(levels: tuple[jax.Array, ...], from_logits: bool, alpha: float, num_gts: int) -> _Scores:
+def _read_scores(levels: tuple[jax.Array, ...], from_logits: bool, alpha: float, num_gts: int, plain: tuple[str, ...]) -> _Scores:
   """Per-level ``(A_l, nc)`` scores -> ``(nc, A_l)`` rows, each GT reads the row of its class.
 
   ``score ** alpha`` is taken over the whole map (``nc * A`` values) or only at the values the
   (GT, anchor) pairs read (``M * A``), as :func:`jaxtal.kernels.whole_map_scores` decides; the
   floats are the same either way.
   """
-  if kernels.whole_map_scores(num_gts, levels[0].shape[-1], from_logits, alpha):
-    return _Scores(tuple(_score_power(s, from_logits, alpha).T for s in levels), lambda v: v)
-  return _Scores(tuple(s.T for s in levels), lambda v: _score_power(v, from_logits, alpha))
+  if kernels.select("whole_map_scores", plain)(num_gts, levels[0].shape[-1], from_logits, alpha):
+    return _Scores(tuple(_score_power(s, from_logits, alpha, plain).T for s in levels), lambda v: v)
+  return _Scores(tuple(s.T for s in levels), lambda v: _score_power(v, from_logits, alpha, plain))
 
 
 def _spans(scores: _Scores) -> list[tuple[int, int]]:
@@ -159,7 +159,7 @@ def _select_topk(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: Ass
     cand, overlap = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], gts), level, cfg.eps)
     s = scores.power(jnp.take(r, gts.labels, axis=0))  # (C, A_l)
     metric_levels.append(jnp.where(cand, s * _power(overlap, cfg.beta), 0.0))
-  return kernels.top_k(metric_levels)(cfg.topk)
+  return kernels.select("top_k", cfg.plain_kernels)(metric_levels)(cfg.topk)
 
 
 def _blocks(tree, size: int):
@@ -294,7 +294,7 @@ def _assign_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mas
   # Anchors ride along with the (per-image) predictions, so gathers stay local to an image
   # when the batch is sharded.
   preds = geometry.pred_data(jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0), anchors)
-  scores = _read_scores(score_levels, from_logits, cfg.alpha, m)
+  scores = _read_scores(score_levels, from_logits, cfg.alpha, m, cfg.plain_kernels)
 
   # Steps 1-3, a block of GTs at a time: (M, topk) anchors and metrics.
   if gt_chunk >= m:

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Literal, TypeVar
 
 from jaxtal import _validate
+from jaxtal import kernels
 
 Layout = Literal["NHWC", "NCHW"]
 Overlap = Literal["ciou", "iou"]
@@ -42,6 +43,9 @@ class AssignerConfig:
     gt_chunk: run the pairwise steps over blocks of this many GTs (memory
       ``O(b * gt_chunk * max(A, M * topk))``); ``None`` picks one block for small ``M * A`` and
       blocks of 32 otherwise. The assignment does not depend on it.
+    plain_kernels: names of :mod:`jaxtal.kernels` speed tricks (``jaxtal.kernels.KERNELS``) to
+      trace as their plain twins instead: the benchmark's ablation switch, also handy when
+      debugging. Results are the same to float32 rounding; speed is not.
   """
 
   topk: int = 10
@@ -52,6 +56,7 @@ class AssignerConfig:
   min_box_side: float = 0.0
   overlap: Overlap = "ciou"
   gt_chunk: int | None = None
+  plain_kernels: tuple[str, ...] = ()
 
   def __post_init__(self):
     # Validated and stored normalised (ints as int, numbers as float), so equal settings are equal
@@ -64,6 +69,7 @@ class AssignerConfig:
     _validate.one_of("overlap", self.overlap, _OVERLAPS)
     if self.gt_chunk is not None:
       _set(self, "gt_chunk", _validate.whole("gt_chunk", self.gt_chunk, low=1))
+    _set(self, "plain_kernels", kernels.check_names(self.plain_kernels))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

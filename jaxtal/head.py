@@ -53,11 +53,11 @@ def _level_rows(feats: Sequence[jax.Array], layout: Layout) -> list[jax.Array]:
   return rows
 
 
-def _distances(dist: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def _distances(dist: jax.Array, plain: tuple[str, ...] = ()) -> tuple[jax.Array, jax.Array | None]:
   """``(..., 4, R)`` bin logits -> expected distance ``(..., 4)`` and log-sum-exp (None for ``R == 1``)."""
   if dist.shape[-1] == 1:
     return dist[..., 0], None
-  return kernels.softmax_stats(dist)
+  return kernels.select("softmax_stats", plain)(dist)
 
 
 def ltrb_to_xyxy(ltrb: jax.Array, anchor_points: jax.Array) -> jax.Array:
@@ -88,9 +88,9 @@ def decode_head(feats: Sequence[jax.Array], config: LossConfig) -> Head:
   r = config.reg_max
   logits, dists, ltrb, lse = [], [], [], []
   for x in _level_rows(feats, config.layout):
-    bins, cls = kernels.split_channels(x.astype(jnp.float32), 4 * r)
+    bins, cls = kernels.select("split_channels", config.plain_kernels)(x.astype(jnp.float32), 4 * r)
     bins = bins.reshape(*bins.shape[:-1], 4, r)  # (b, A_l, 4, R)
-    e, s = _distances(bins)
+    e, s = _distances(bins, config.plain_kernels)
     logits.append(cls)
     dists.append(bins)
     ltrb.append(e)

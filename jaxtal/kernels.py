@@ -11,15 +11,15 @@ from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum``,
 term) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
-The loss and the assigner call these through the module (``kernels.bce_sum(...)``), so
-:func:`_plain` can swap a trick for its twin at trace time (benchmarks and tests only).
+The loss and the assigner pick each kernel with :func:`select` and the config's static
+``plain_kernels`` field (:class:`jaxtal.AssignerConfig`): ``LossConfig(..., plain_kernels=("top_k",))``
+traces that trick's plain twin instead, a new compilation and the same results to float32
+rounding. The benchmark's ablation rows and the tests use it; nothing is swapped globally.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -46,16 +46,18 @@ def plain_bce_sum(logits, labels, weight, class_weights=None):
   return jnp.sum(bce)
 
 
-def bce_sum(logits, labels, weight, class_weights=None):
+def bce_sum(logits, labels, weight, class_weights=None, *, plain_sigmoid_pass: bool = False):
   """:func:`plain_bce_sum` with an analytic gradient ``(sigmoid(x) - z) * class_weights``.
 
   Uses ``BCE(x, z) = softplus(x) - x * z`` so the one-hot target is never materialised forward.
   ``labels``, ``weight`` and ``class_weights`` are constants to this kernel (the loss passes
-  them under ``stop_gradient``); ``weight`` still gets its exact cotangent ``-x[label]``.
+  them under ``stop_gradient``); ``weight`` still gets its exact cotangent ``-x[label]``. The
+  gradient's sigmoid is the shared pass (:func:`sigmoid`), or ``jax.nn.sigmoid`` with
+  ``plain_sigmoid_pass`` (the ``shared_sigmoid`` ablation).
   """
   if class_weights is None:
     class_weights = jnp.ones((logits.shape[-1],), jnp.float32)
-  return _bce_sum(logits, labels, weight, class_weights)
+  return _bce_sum(bool(plain_sigmoid_pass), logits, labels, weight, class_weights)
 
 
 def _softplus_doubled(x):
@@ -72,19 +74,21 @@ def _picked(logits, labels, class_weights):
   return jnp.take_along_axis(logits * class_weights, labels[..., None], axis=-1)[..., 0]
 
 
-@jax.custom_vjp
-def _bce_sum(logits, labels, weight, class_weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bce_sum(plain_sig, logits, labels, weight, class_weights):
+  del plain_sig
   return 0.5 * jnp.sum(_softplus_doubled(logits) * class_weights) - jnp.sum(_picked(logits, labels, class_weights) * weight)
 
 
-def _bce_fwd(logits, labels, weight, class_weights):
-  return _bce_sum(logits, labels, weight, class_weights), (logits, labels, weight, class_weights)
+def _bce_fwd(plain_sig, logits, labels, weight, class_weights):
+  return _bce_sum(plain_sig, logits, labels, weight, class_weights), (logits, labels, weight, class_weights)
 
 
-def _bce_bwd(res, g):
+def _bce_bwd(plain_sig, res, g):
   logits, labels, weight, class_weights = res
   z = (labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)) * weight[..., None]
-  d_logits = g * (sigmoid(logits) - z) * class_weights
+  sig = plain_sigmoid if plain_sig else sigmoid
+  d_logits = g * (sig(logits) - z) * class_weights
   d_weight = -g * _picked(logits, labels, class_weights)
   return d_logits, jax.custom_derivatives.zero_from_primal(labels), d_weight, jnp.zeros_like(class_weights)
 
@@ -477,23 +481,33 @@ mask_bce_sum.defvjp(_mask_bce_fwd, _mask_bce_bwd)
 KERNELS = ("bce_sum", "mask_bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
 # Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
 TASK_KERNELS = {"mask_bce_sum": "segment_loss"}
-# A trick made of several functions is swapped as one.
-_GROUPS = {"shared_sigmoid": ("sigmoid", "sqrt_sigmoid", "whole_map_scores")}
+# The trick each kernel function belongs to, where it is not its own name.
+_TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 
 
-@contextlib.contextmanager
-def _plain(*names: str):
-  """Within the block, trace with the plain twin of each named kernel (benchmarks and tests)."""
-  module = sys.modules[__name__]
-  unknown = set(names) - set(KERNELS)
-  if unknown:
-    raise ValueError(f"unknown kernels {sorted(unknown)}; known: {KERNELS}")
-  names = [f for n in names for f in _GROUPS.get(n, (n,))]
-  saved = {n: getattr(module, n) for n in names}
+def check_names(names, caller: str = "plain_kernels") -> tuple[str, ...]:
+  """``names`` as a sorted tuple of known trick names (:data:`KERNELS`); ValueError naming any other."""
+  if isinstance(names, str):
+    names = (names,)
   try:
-    for n in names:
-      setattr(module, n, getattr(module, f"plain_{n}"))
-    yield
-  finally:
-    for n, f in saved.items():
-      setattr(module, n, f)
+    out = tuple(sorted(set(names)))
+  except TypeError:
+    raise ValueError(f"{caller} must be a tuple of kernel names from jaxtal.kernels.KERNELS, got {names!r}") from None
+  unknown = [n for n in out if n not in KERNELS]
+  if unknown:
+    raise ValueError(f"{caller}: unknown kernel name(s) {unknown}; known: {KERNELS}")
+  return out
+
+
+def select(name: str, plain_kernels: tuple[str, ...] = ()):
+  """The kernel function ``name``, or its plain twin when ``plain_kernels`` names its trick.
+
+  ``plain_kernels`` is a config's static field, so the choice is made at trace time: one
+  compilation per choice. ``bce_sum`` keeps its analytic gradient under a plain
+  ``shared_sigmoid`` but computes that gradient's sigmoid plainly (the trick spans both).
+  """
+  if _TRICK_OF.get(name, name) in plain_kernels:
+    return globals()[f"plain_{name}"]
+  if name == "bce_sum":
+    return functools.partial(bce_sum, plain_sigmoid_pass="shared_sigmoid" in plain_kernels)
+  return globals()[name]

@@ -82,7 +82,7 @@ def _normaliser(targets: Targets, axis_name: str | None) -> jax.Array:
   return jnp.maximum(total, 1.0)
 
 
-def _class_term(head: Head, targets: Targets, class_weights) -> jax.Array:
+def _class_term(head: Head, targets: Targets, class_weights, plain: tuple[str, ...] = ()) -> jax.Array:
   """Sum of BCE-with-logits over every anchor and class against ``one_hot(labels) * weights``.
 
   Per level, so no ``(b, A, nc)`` array is concatenated or materialised.
@@ -91,7 +91,7 @@ def _class_term(head: Head, targets: Targets, class_weights) -> jax.Array:
   total, lo = 0.0, 0
   for logits in head.logits:
     hi = lo + logits.shape[1]
-    total = total + kernels.bce_sum(logits, targets.labels[:, lo:hi], targets.weights[:, lo:hi], cw)
+    total = total + kernels.select("bce_sum", plain)(logits, targets.labels[:, lo:hi], targets.weights[:, lo:hi], cw)
     lo = hi
   return total
 
@@ -119,7 +119,7 @@ def _box_term(head: Head, targets: Targets, target_boxes: jax.Array, w: jax.Arra
   return jnp.sum(w * (1.0 - iou))
 
 
-def _dfl_term(head: Head, targets: Targets, target_ltrb: jax.Array, w: jax.Array, reg_max: int) -> jax.Array:
+def _dfl_term(head: Head, targets: Targets, target_ltrb: jax.Array, w: jax.Array, reg_max: int, plain: tuple[str, ...] = ()) -> jax.Array:
   """Sum over the entry list of ``weight * mean over 4 sides of DFL`` (two-bin cross-entropy).
 
   ``CE = logsumexp(bins) - <two-bin target, bins>``. The log-sum-exp part reads a per-anchor
@@ -135,7 +135,7 @@ def _dfl_term(head: Head, targets: Targets, target_ltrb: jax.Array, w: jax.Array
     hi = lo + dist.shape[1]
     here = (rows >= lo) & (rows < hi)
     local = jnp.clip(rows - lo, 0, hi - lo - 1)
-    total = total - kernels.two_bin_logit_sum(dist, target[:, lo:hi], local, jnp.where(here, row_coef, 0.0))
+    total = total - kernels.select("two_bin_logit_sum", plain)(dist, target[:, lo:hi], local, jnp.where(here, row_coef, 0.0))
     lo = hi
   return total
 
@@ -183,10 +183,10 @@ def _detection_parts(head: Head, targets: Targets, cfg: LossConfig, image_hw, cl
   w = _entry_weights(targets)
   target_boxes = _target_boxes(head, targets)
   target_ltrb = xyxy_to_ltrb(target_boxes, head.anchors)
-  loss_cls = _class_term(head, targets, class_weights) / n
+  loss_cls = _class_term(head, targets, class_weights, cfg.plain_kernels) / n
   loss_box = _box_term(head, targets, target_boxes, w) / n
   if cfg.reg_max > 1:
-    loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max) / n
+    loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max, cfg.plain_kernels) / n
   else:
     loss_dfl = _l1_term(head, targets, target_ltrb, w, image_hw) / n
   return LossParts(cfg.box * loss_box, cfg.cls * loss_cls, cfg.dfl * loss_dfl)

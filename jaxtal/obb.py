@@ -135,9 +135,9 @@ def _obb_terms(head: Head, boxes: jax.Array, pred_angle: jax.Array, targets: Tar
 
   at = take_rows(target, rows)  # (b, E, 5)
   loss_box = jnp.sum(w * (1.0 - probiou(take_rows(boxes, rows), at, floor=_BOX_FLOOR))) / n
-  loss_cls = _class_term(head, targets, class_weights) / n
+  loss_cls = _class_term(head, targets, class_weights, cfg.plain_kernels) / n
   if cfg.reg_max > 1:
-    loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max) / n
+    loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max, cfg.plain_kernels) / n
   else:
     loss_dfl = _l1_term(head, targets, target_ltrb, w, image_hw) / n
   # Aspect weight of the target (sides >= 2 px: the ratio is finite; the stand-in is square).

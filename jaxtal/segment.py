@@ -167,7 +167,7 @@ def _chunk_size(mask_chunk: int | None, batch: int, entries: int, pixels: int) -
   return max(1, min(int(mask_chunk), entries))
 
 
-def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool) -> jax.Array:
+def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = ()) -> jax.Array:
   """Sum over the foreground entries of the per-anchor mask loss (not yet divided by their number).
 
   ``coefs (b, A, nm)``, ``proto (b, nm, mh, mw)`` at the masks' resolution, ``masks`` as
@@ -181,7 +181,7 @@ def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int |
   box, weight = jax.lax.stop_gradient(_entry_boxes(targets, image_hw, (mh, mw)))
   coef = take_rows(coefs, e.anchor)  # (b, E, nm)
   chunk = _chunk_size(mask_chunk, b, size, mh * mw)
-  return kernels.mask_bce_sum(coef, proto, masks, e.gt, box, weight, chunk, index_map)
+  return kernels.select("mask_bce_sum", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map)
 
 
 def _gt_masks(gt: GroundTruth, index_map: bool) -> jax.Array:
@@ -250,7 +250,7 @@ def segment_loss(
   head = decode_head(feats, cfg)
   targets = _assign(head, gt, cfg, hw)
   det = _detection_parts(head, targets, cfg, hw, class_weights)
-  seg = _mask_sum(coefs, proto, _gt_masks(gt, index_map), targets, hw, cfg.mask_chunk, index_map)
+  seg = _mask_sum(coefs, proto, _gt_masks(gt, index_map), targets, hw, cfg.mask_chunk, index_map, cfg.plain_kernels)
   seg = seg / _foreground_count(targets, cfg.axis_name)
   parts = SegmentLossParts(det.box, cfg.box * seg, det.cls, det.dfl)
   return _finish(parts, batch, cfg.axis_name)

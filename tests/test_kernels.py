@@ -9,6 +9,8 @@ every plain twin (``kernels._plain``) equals the loss with the tricks, in value 
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -294,26 +296,23 @@ class TopKTest(parameterized.TestCase):
 
 
 # --------------------------------------------------------------------------------------------------
-# _plain: every trick can be swapped for its twin, and the loss does not change
+# plain_kernels: every trick can be replaced by its twin through the config, and the loss does not change
 
 
-class PlainSwapTest(parameterized.TestCase):
+class PlainSwitchTest(parameterized.TestCase):
 
-  def test_swaps_and_restores(self):
-    names = [f for n in kernels.KERNELS for f in kernels._GROUPS.get(n, (n,))]  # a group swaps several functions
-    assert {"sigmoid", "sqrt_sigmoid", "whole_map_scores"} <= set(names)
-    tricks = {n: getattr(kernels, n) for n in names}
-    with kernels._plain(*kernels.KERNELS):
-      for n in names:
-        self.assertIs(getattr(kernels, n), getattr(kernels, f"plain_{n}"))
-    for n, f in tricks.items():
-      self.assertIs(getattr(kernels, n), f)
-    with self.assertRaisesRegex(ValueError, r"unknown kernels \['sqrt_sigmoid'\]"):
-      with kernels._plain("sqrt_sigmoid"):
-        pass
-    with self.assertRaises(RuntimeError), kernels._plain("top_k"):
-      raise RuntimeError  # restored on the way out of an exception too
-    self.assertIs(kernels.top_k, tricks["top_k"])
+  def test_select_picks_the_twin_named_by_the_config(self):
+    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum"):
+      self.assertIs(kernels.select(name), getattr(kernels, name))
+      self.assertIs(kernels.select(name, (name,)), getattr(kernels, f"plain_{name}"))
+    for name in ("sigmoid", "sqrt_sigmoid", "whole_map_scores"):  # one trick spans three functions
+      self.assertIs(kernels.select(name, ("shared_sigmoid",)), getattr(kernels, f"plain_{name}"))
+      self.assertIs(kernels.select(name, ("top_k",)), getattr(kernels, name))
+    self.assertIs(kernels.select("bce_sum", ("bce_sum",)), kernels.plain_bce_sum)
+    cfg = jaxtal.LossConfig(num_classes=3, strides=(8,), plain_kernels=["top_k", "bce_sum", "top_k"])
+    self.assertEqual(cfg.plain_kernels, ("bce_sum", "top_k"))  # normalised: hashable, one compilation
+    with self.assertRaisesRegex(ValueError, r"unknown kernel name\(s\) \['sqrt_sigmoid'\]"):
+      jaxtal.AssignerConfig(plain_kernels=("sqrt_sigmoid",))
 
   def test_shared_sigmoid_pair_equals_jax_nn(self):
     x = jnp.asarray(np.random.default_rng(4).standard_normal(1000) * 8, jnp.float32)
@@ -330,13 +329,11 @@ class PlainSwapTest(parameterized.TestCase):
     feats, gt = crowded_loss_problem(seed=1)
     cfg = jaxtal.LossConfig(num_classes=3, strides=(8, 16), reg_max=R, topk=3)
 
-    def run():
-      fn = jax.jit(jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, cfg), has_aux=True))  # traced afresh
-      return fn(feats)
+    def run(cfg):
+      return jax.jit(jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, cfg), has_aux=True))(feats)
 
-    tricks = run()
-    with kernels._plain(*kernels.KERNELS):
-      plain = run()
+    tricks = run(cfg)
+    plain = run(dataclasses.replace(cfg, plain_kernels=kernels.KERNELS))
     (total, parts), grads = tricks
     assert float(parts.box) > 0 and float(parts.dfl) > 0
     chex.assert_trees_all_close(plain[0], tricks[0], rtol=2e-5, atol=1e-6)
