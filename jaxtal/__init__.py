@@ -1,37 +1,77 @@
 """jaxtal: YOLO-style task-aligned label assignment and training losses for JAX.
 
 The public API is exactly ``__all__``. The pipeline, in the order data flows (see ARCHITECTURE.md):
-labels -> ``pack_labels``; head maps -> ``decode_head``; ``assign_targets`` (any ``Geometry``)
-or ``task_aligned_assign`` (axis-aligned boxes); ``Targets`` with their foreground entry list ->
-``loss_from_targets`` / ``detection_loss`` / ``DetectionLoss``. Oriented boxes (``xywhr``):
-``pack_rotated_labels``, ``probiou``, ``decode_rotated_boxes``, ``rotated_task_aligned_assign``
-(the ``rotated`` geometry), ``obb_loss`` / ``OBBLoss`` (:mod:`jaxtal.obb`). ``jaxtal.kernels``
-holds the measured speed tricks beside their plain forms; it is not API.
+labels -> ``pack_labels`` (``pack_rotated_labels``, ``pack_masks``) -> ``GroundTruth``; a head's
+maps -> ``Predictions`` -> ``decode_head``; ``assign_targets`` (any ``Geometry``), or
+``task_aligned_assign`` / ``rotated_task_aligned_assign``; ``Targets`` with their foreground entry
+list -> the task's loss terms (``jaxtal.terms``) -> ``(total, parts)``.
+
+Five tasks, each with the same entry points (``<task>_targets``, ``<task>_loss_from_targets``,
+``<task>_loss``, ``checked_<task>_loss``, the NNX module ``<Task>Loss``, ``<Task>LossConfig``,
+``<Task>LossParts``): detection (YOLOv8/11, and YOLO26's ``reg_max = 1`` head), oriented boxes
+(``obb``), pose and instance segmentation (``segment``); end-to-end (NMS-free, YOLOv10/YOLO26)
+training is ``end_to_end_loss`` / ``EndToEndLoss`` over any of them. ``jaxtal.kernels`` holds the
+measured speed tricks beside their plain forms (``plain_kernels`` in a config picks the plain
+ones); it is not API.
 """
 
 from jaxtal.anchors import make_anchors
-from jaxtal.assigner import assign_targets, task_aligned_assign
-from jaxtal.boxes import box_iou, probiou, xywh_to_xyxy, xyxy_to_xywh
-from jaxtal.checks import check_values, checked_detection_loss, checked_loss_from_targets, checked_task_aligned_assign
+from jaxtal.assigner import assign_targets, rotated_task_aligned_assign, task_aligned_assign
+from jaxtal.boxes import box_iou, ltrb_to_xyxy, probiou, xywh_to_xyxy, xyxy_to_ltrb, xyxy_to_xywh
+from jaxtal.checks import check_values, checked_task_aligned_assign
 from jaxtal.config import AssignerConfig, LossConfig
+from jaxtal.detect import (
+    DetectionLoss,
+    DetectionLossConfig,
+    DetectionLossParts,
+    checked_detection_loss,
+    checked_loss_from_targets,
+    detection_loss,
+    detection_loss_from_targets,
+    detection_targets,
+    loss_from_targets,
+)
 from jaxtal.end_to_end import EndToEndLoss, end_to_end_loss, end_to_end_sum_loss, one2many_weight
 from jaxtal.geometry import Geometry, axis_aligned, rotated
 from jaxtal.head import (
     Head,
+    Predictions,
     decode_boxes,
     decode_head,
+    decode_keypoints,
     decode_rotated_boxes,
     dfl_expectation,
     flatten_head,
-    ltrb_to_xyxy,
-    xyxy_to_ltrb,
 )
-from jaxtal.labels import COORD_LIMIT, GroundTruth, pack_labels, pack_masks, pack_rotated_labels, valid_rows
-from jaxtal.loss import LossParts, detection_loss, detection_targets, loss_from_targets
-from jaxtal.module import DetectionLoss
-from jaxtal.obb import OBBLoss, OBBLossConfig, OBBLossParts, obb_loss, rotated_task_aligned_assign
-from jaxtal.pose import PoseLoss, PoseLossConfig, PoseLossParts, decode_keypoints, pose_loss
-from jaxtal.segment import SegmentLoss, SegmentLossConfig, SegmentLossParts, segment_loss
+from jaxtal.labels import COORD_LIMIT, GroundTruth, valid_rows
+from jaxtal.obb import (
+    OBBLoss,
+    OBBLossConfig,
+    OBBLossParts,
+    checked_obb_loss,
+    obb_loss,
+    obb_loss_from_targets,
+    obb_targets,
+)
+from jaxtal.packing import pack_labels, pack_masks, pack_rotated_labels
+from jaxtal.pose import (
+    PoseLoss,
+    PoseLossConfig,
+    PoseLossParts,
+    checked_pose_loss,
+    pose_loss,
+    pose_loss_from_targets,
+    pose_targets,
+)
+from jaxtal.segment import (
+    SegmentLoss,
+    SegmentLossConfig,
+    SegmentLossParts,
+    checked_segment_loss,
+    segment_loss,
+    segment_loss_from_targets,
+    segment_targets,
+)
 from jaxtal.steps import AssignSteps, assign_steps
 from jaxtal.targets import (
     Assignment,
@@ -43,15 +83,18 @@ from jaxtal.targets import (
     targets_from_assignment,
     to_assignment,
 )
+from jaxtal.terms import LossParts
 
 __version__ = "0.2.0"
 
 __all__ = [
-    "COORD_LIMIT",
     "AssignSteps",
     "AssignerConfig",
     "Assignment",
+    "COORD_LIMIT",
     "DetectionLoss",
+    "DetectionLossConfig",
+    "DetectionLossParts",
     "EndToEndLoss",
     "ForegroundEntries",
     "Geometry",
@@ -65,6 +108,7 @@ __all__ = [
     "PoseLoss",
     "PoseLossConfig",
     "PoseLossParts",
+    "Predictions",
     "SegmentLoss",
     "SegmentLossConfig",
     "SegmentLossParts",
@@ -76,12 +120,16 @@ __all__ = [
     "check_values",
     "checked_detection_loss",
     "checked_loss_from_targets",
+    "checked_obb_loss",
+    "checked_pose_loss",
+    "checked_segment_loss",
     "checked_task_aligned_assign",
     "decode_boxes",
     "decode_head",
     "decode_keypoints",
     "decode_rotated_boxes",
     "detection_loss",
+    "detection_loss_from_targets",
     "detection_targets",
     "dfl_expectation",
     "end_to_end_loss",
@@ -93,15 +141,21 @@ __all__ = [
     "ltrb_to_xyxy",
     "make_anchors",
     "obb_loss",
+    "obb_loss_from_targets",
+    "obb_targets",
     "one2many_weight",
     "pack_labels",
     "pack_masks",
     "pack_rotated_labels",
     "pose_loss",
+    "pose_loss_from_targets",
+    "pose_targets",
     "probiou",
     "rotated",
     "rotated_task_aligned_assign",
     "segment_loss",
+    "segment_loss_from_targets",
+    "segment_targets",
     "take_rows",
     "targets_from_assignment",
     "task_aligned_assign",

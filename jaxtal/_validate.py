@@ -9,8 +9,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp  # issubdtype knows bfloat16 (NumPy's does not)
 import numpy as np
+
+from jaxtal.labels import GroundTruth
+from jaxtal.targets import ForegroundEntries, Targets
 
 
 def whole(name: str, x, *, low: int | None = None, caller: str | None = None) -> int:
@@ -70,24 +74,45 @@ def float_array(caller: str, name: str, x, rank: int) -> None:
     raise TypeError(f"{caller}: {name} must be a float array, got dtype {x.dtype}")
 
 
-def head(feats, num_classes: int, reg_max: int, layout: str, caller: str, extra: int = 0) -> tuple[int, tuple[tuple[int, int], ...]]:
-  """Per-level head maps of ``4 * reg_max + num_classes + extra`` channels; returns ``(b, ((H, W), ...))``."""
-  import jax  # noqa: PLC0415  (kept out of module import for the config's sake)
-
-  if isinstance(feats, jax.Array | np.ndarray) or not isinstance(feats, Sequence) or len(feats) == 0:
-    raise TypeError(f"{caller}: feats must be a non-empty list of per-level head maps, one array per level")
-  channels = 4 * reg_max + num_classes + extra
+def maps(values, layout: str, name: str, caller: str, channels: int | None = None) -> tuple[int, tuple[tuple[int, int], ...]]:
+  """A non-empty list of rank-4 float maps, one per level, of one batch size (and ``channels`` per
+  cell when given); returns ``(b, ((H_l, W_l), ...))``."""
+  if isinstance(values, jax.Array | np.ndarray) or not isinstance(values, Sequence) or len(values) == 0:
+    raise TypeError(f"{caller}: {name} must be a non-empty list of per-level maps, one array per level")
   batch, shapes = None, []
-  for i, f in enumerate(feats):
+  for i, f in enumerate(values):
     shape = getattr(f, "shape", None)
     if shape is None or len(shape) != 4:
-      raise ValueError(f"{caller}: feats[{i}] must be a rank-4 {layout} array, got shape {shape}")
+      raise ValueError(f"{caller}: {name}[{i}] must be a rank-4 {layout} array, got shape {shape}")
     if not jnp.issubdtype(f.dtype, jnp.floating):
-      raise TypeError(f"{caller}: feats[{i}] must be a float array (logits), got dtype {f.dtype}")
+      raise TypeError(f"{caller}: {name}[{i}] must be a float array, got dtype {f.dtype}")
     b, c, h, w = (shape[0], shape[3], shape[1], shape[2]) if layout == "NHWC" else shape
+    if channels is not None and c != channels:
+      where = "last" if layout == "NHWC" else "second"
+      raise ValueError(f"{caller}: {name}[{i}] has {c} channels in its {where} axis ({layout}), expected {channels} (shape {tuple(shape)})")
+    if batch is None:
+      batch = b
+    elif b != batch:
+      raise ValueError(f"{caller}: {name}[{i}] has batch size {b} but {name}[0] has {batch}")
+    shapes.append((int(h), int(w)))
+  return int(batch), tuple(shapes)
+
+
+def head(feats, num_classes: int, reg_max: int, layout: str, caller: str) -> tuple[int, tuple[tuple[int, int], ...]]:
+  """Per-level head maps of ``4 * reg_max + num_classes`` channels; returns ``(b, ((H, W), ...))``."""
+  if isinstance(feats, jax.Array | np.ndarray) or not isinstance(feats, Sequence) or len(feats) == 0:
+    raise TypeError(f"{caller}: feats must be a non-empty list of per-level head maps, one array per level")
+  for i, f in enumerate(feats):  # a clearer message than maps' for logits of the wrong dtype
+    if getattr(f, "dtype", None) is not None and getattr(f, "ndim", 0) == 4 and not jnp.issubdtype(f.dtype, jnp.floating):
+      raise TypeError(f"{caller}: feats[{i}] must be a float array (logits), got dtype {f.dtype}")
+  batch, shapes = maps(feats, layout, "feats", caller)
+  channels = 4 * reg_max + num_classes
+  for i, f in enumerate(feats):
+    shape = f.shape
+    c = shape[3] if layout == "NHWC" else shape[1]
     if c != channels:
       where = "last" if layout == "NHWC" else "second"
-      formula = f"4 * reg_max + num_classes = 4 * {reg_max} + {num_classes}" + (f" + {extra}" if extra else "")
+      formula = f"4 * reg_max + num_classes = 4 * {reg_max} + {num_classes}"
       hint = ""
       other = shape[1] if layout == "NHWC" else shape[3]
       if other == channels:
@@ -96,19 +121,12 @@ def head(feats, num_classes: int, reg_max: int, layout: str, caller: str, extra:
           f"{caller}: feats[{i}] has {c} channels in its {where} axis ({layout}); expected {formula} = {channels}"
           f" (shape {tuple(shape)}){hint}"
       )
-    if batch is None:
-      batch = b
-    elif b != batch:
-      raise ValueError(f"{caller}: feats[{i}] has batch size {b} but feats[0] has {batch}")
-    shapes.append((int(h), int(w)))
-  return int(batch), tuple(shapes)
+  return batch, shapes
 
 
 def level_maps(maps, shapes, batch: int, channels: int, layout: str, name: str, caller: str) -> None:
   """Per-level maps that ride beside the head maps (OBB angles, pose keypoints): a list with one float
   map per level, ``(b, H_l, W_l, channels)`` for NHWC or ``(b, channels, H_l, W_l)`` for NCHW."""
-  import jax  # noqa: PLC0415
-
   if isinstance(maps, jax.Array | np.ndarray) or not isinstance(maps, Sequence) or len(maps) != len(shapes):
     length = f" of length {len(maps)}" if isinstance(maps, Sequence) else ""
     raise TypeError(
@@ -145,8 +163,6 @@ def strides_match(shapes: Sequence[tuple[int, int]], strides_: Sequence[float], 
 
 def ground_truth(gt, batch: int | None, caller: str, box_dim: int = 4) -> int:
   """A :class:`~jaxtal.GroundTruth` of ``labels (b, M)`` int, ``boxes (b, M, D)`` float, ``mask (b, M)``; returns ``M``."""
-  from jaxtal.labels import GroundTruth  # noqa: PLC0415
-
   if not isinstance(gt, GroundTruth):
     raise TypeError(f"{caller}: gt must be a jaxtal.GroundTruth(labels, boxes, mask), got {type(gt).__name__}")
   labels, boxes, mask = (getattr(x, "shape", None) for x in (gt.labels, gt.boxes, gt.mask))
@@ -238,13 +254,11 @@ def assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, box_dim: int, ca
   return b, a, nc
 
 
-def targets(t, batch: int, caller: str) -> None:
-  """A :class:`~jaxtal.Targets` whose arrays agree on ``(b, A)`` and ``(b, E)``."""
-  from jaxtal.targets import ForegroundEntries, Targets  # noqa: PLC0415
-
+def targets(t, batch: int, caller: str, box_dim: int = 4) -> None:
+  """A :class:`~jaxtal.Targets` whose arrays agree on ``(b, A)``, ``(b, A, D)`` and ``(b, E)``."""
   if not isinstance(t, Targets) or not isinstance(t.entries, ForegroundEntries):
     raise TypeError(
-        f"{caller}: targets must be a jaxtal.Targets (from jaxtal.detection_targets or jaxtal.targets_from_assignment),"
+        f"{caller}: targets must be a jaxtal.Targets (from a jaxtal <task>_targets or jaxtal.targets_from_assignment),"
         f" got {type(t).__name__}"
     )
   shape = getattr(t.labels, "shape", None)
@@ -253,9 +267,44 @@ def targets(t, batch: int, caller: str) -> None:
   for name in ("weights", "fg_mask", "gt_index"):
     if tuple(getattr(t, name).shape) != tuple(shape):
       raise ValueError(f"{caller}: targets.{name} must be (b, A) = {tuple(shape)}, got {getattr(t, name).shape}")
+  if tuple(getattr(t.boxes, "shape", ())) != (*shape, box_dim):
+    raise ValueError(f"{caller}: targets.boxes must be (b, A, {box_dim}) = {(*shape, box_dim)} pixels, got {getattr(t.boxes, 'shape', None)}")
   e = t.entries.anchor.shape
   for name in ("gt", "valid"):
     if tuple(getattr(t.entries, name).shape) != tuple(e):
       raise ValueError(f"{caller}: targets.entries.{name} must be (b, E) = {tuple(e)}, got {getattr(t.entries, name).shape}")
   if len(e) != 2 or e[0] != batch:
     raise ValueError(f"{caller}: targets.entries.anchor must be (b, E) with b = {batch}, got shape {e}")
+
+
+def kpt_shape(value) -> tuple[int, int]:
+  try:
+    k, d = value
+  except (TypeError, ValueError):
+    raise ValueError(
+        f"kpt_shape must be (K, D): K keypoints of D = 2 (x, y) or 3 (x, y, visibility) values, got {value!r}"
+    ) from None
+  k = whole("kpt_shape[0] (K, the number of keypoints)", k, low=1)
+  d = whole("kpt_shape[1] (D)", d)
+  if d not in (2, 3):
+    raise ValueError(f"kpt_shape[1] (D) must be 2 (x, y) or 3 (x, y, visibility logit), got {value!r}")
+  return k, d
+
+
+def sigmas(value, kpt_shape: tuple[int, int], default: tuple[float, ...]) -> tuple[float, ...]:
+  k = kpt_shape[0]
+  if value is None:
+    return default
+  flat = np.asarray(value, dtype=object).reshape(-1) if not isinstance(value, (str, bytes)) else None
+  if flat is None or np.ndim(value) == 0 or flat.size != k:
+    raise ValueError(
+        f"sigmas must be {k} positive finite numbers, one per keypoint (K = {k} from kpt_shape), or None; got {value!r}"
+        " (after changing kpt_shape, give sigmas again or None)"
+    )
+  out = []
+  for i, s in enumerate(flat):
+    v = finite_number(f"sigmas[{i}]", s)
+    if v <= 0:
+      raise ValueError(f"sigmas[{i}] must be a positive finite number, got {s!r}")
+    out.append(v)
+  return tuple(out)

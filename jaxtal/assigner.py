@@ -33,9 +33,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxtal import _validate, kernels
-from jaxtal.config import AssignerConfig, _make_config
-from jaxtal.geometry import Geometry, axis_aligned
+from jaxtal import _validate
+from jaxtal import kernels
+from jaxtal.config import AssignerConfig, make_config
+from jaxtal.geometry import Geometry, axis_aligned, rotated
 from jaxtal.labels import GroundTruth, valid_rows
 from jaxtal.targets import Assignment, ForegroundEntries, Targets, to_assignment
 
@@ -415,8 +416,53 @@ def task_aligned_assign(
     Feng et al., 2021, "TOOD: Task-aligned One-stage Object Detection",
     https://arxiv.org/abs/2108.07755.
   """
-  cfg = _make_config(AssignerConfig, config, overrides, "task_aligned_assign")
+  cfg = make_config(AssignerConfig, config, overrides, "task_aligned_assign")
   _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, "task_aligned_assign")
   _validate.topk_in_range(cfg.topk, cfg.topk2, a, "task_aligned_assign")
   targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=axis_aligned(cfg.overlap), from_logits=False)
+  return to_assignment(targets, nc)
+
+
+def rotated_only(overlap: str, caller: str) -> None:
+  """Rotated boxes always use ProbIoU: a config asking for another ``overlap`` is an error."""
+  if overlap != "ciou":
+    raise ValueError(
+        f"{caller}: rotated boxes always use ProbIoU as the overlap; leave overlap at its default, got {overlap!r}"
+    )
+
+
+def rotated_task_aligned_assign(
+    pred_scores: jax.Array,
+    pred_boxes: jax.Array,
+    anchor_points: jax.Array,
+    gt: GroundTruth,
+    config: AssignerConfig | None = None,
+    **overrides,
+) -> Assignment:
+  """The task-aligned assigner for rotated ``xywhr`` boxes (Ultralytics' ``RotatedTaskAlignedAssigner``).
+
+  :func:`~jaxtal.assign_targets` with :func:`jaxtal.geometry.rotated`: an anchor is a candidate of
+  a GT when its centre's projections on the box's two edges fall within them (edges included;
+  sides below ``min_box_side`` widened to it first, Ultralytics uses ``strides[1]``), and the
+  overlap is ProbIoU (no variance floor) clamped at 0. Configuration as for
+  :func:`~jaxtal.task_aligned_assign` (``overlap`` must stay at its default).
+
+  Args:
+    pred_scores: ``(b, A, nc)`` predicted class probabilities.
+    pred_boxes: ``(b, A, 5)`` predicted xywhr boxes, centre and sides in input pixels.
+    anchor_points: ``(A, 2)`` anchor centres in input pixels.
+    gt: a :class:`~jaxtal.GroundTruth` with ``(b, M, 5)`` xywhr boxes in pixels (e.g. from
+      :func:`~jaxtal.pack_rotated_labels`). Rows that are padding, non-finite, beyond
+      ``COORD_LIMIT``, with a non-positive side or a class outside ``[0, nc)`` never own anchors.
+    config: an :class:`~jaxtal.AssignerConfig`.
+
+  Returns:
+    An :class:`~jaxtal.Assignment` with ``boxes (b, A, 5)``.
+  """
+  caller = "rotated_task_aligned_assign"
+  cfg = make_config(AssignerConfig, config, overrides, caller)
+  rotated_only(cfg.overlap, caller)
+  _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 5, caller)
+  _validate.topk_in_range(cfg.topk, cfg.topk2, a, caller)
+  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=rotated(), from_logits=False)
   return to_assignment(targets, nc)

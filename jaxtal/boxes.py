@@ -1,7 +1,8 @@
-"""Box formats and overlap measures (IoU, GIoU, DIoU, CIoU; ProbIoU for rotated boxes).
+"""Box formats, conversions and overlap measures (IoU, GIoU, DIoU, CIoU; ProbIoU for rotated boxes).
 
 Boxes are ``xyxy`` (x1, y1, x2, y2) in the last axis unless a name says otherwise (``xywhr``:
-centre, width, height and angle in radians, for :func:`probiou`).
+centre, width, height and angle in radians, for :func:`probiou`; ``ltrb``: distances from an
+anchor point to the box's four sides, what a YOLO head regresses).
 Every division is guarded with the double-``where`` pattern, so degenerate boxes
 (zero or negative width or height, identical boxes) give finite values and
 finite gradients.
@@ -53,7 +54,7 @@ def _safe_div(num: jax.Array, den: jax.Array, fallback: float = 0.0) -> jax.Arra
   return jnp.where(ok, num / jnp.where(ok, den, 1.0), fallback)
 
 
-def _aspect_angle(boxes: jax.Array, eps: float = 1e-7) -> jax.Array:
+def aspect_angle(boxes: jax.Array, eps: float = 1e-7) -> jax.Array:
   """``arctan(w / (h + eps))`` of ``(..., 4)`` xyxy boxes, the CIoU shape term.
 
   Computing it once per box (and broadcasting the difference) is what makes
@@ -85,8 +86,8 @@ def box_iou(
     box2: ``(..., 4)`` xyxy boxes, broadcastable against ``box1``.
     kind: one of ``"iou"``, ``"giou"``, ``"diou"``, ``"ciou"``.
     eps: small constant added to heights, the union and the enclosing diagonal.
-    angle1: optional precomputed ``_aspect_angle(box1, eps)`` (CIoU only).
-    angle2: optional precomputed ``_aspect_angle(box2, eps)`` (CIoU only).
+    angle1: optional precomputed ``aspect_angle(box1, eps)`` (CIoU only).
+    angle2: optional precomputed ``aspect_angle(box2, eps)`` (CIoU only).
 
   Returns:
     The overlap, shape ``broadcast(box1.shape, box2.shape)[:-1]``.
@@ -127,11 +128,54 @@ def box_iou(
   if kind == "diou":
     return iou - diou_penalty
 
-  a1 = _aspect_angle(box1, eps) if angle1 is None else angle1
-  a2 = _aspect_angle(box2, eps) if angle2 is None else angle2
+  a1 = aspect_angle(box1, eps) if angle1 is None else angle1
+  a2 = aspect_angle(box2, eps) if angle2 is None else angle2
   v = (4 / math.pi**2) * (a2 - a1) ** 2
   trade_off = jax.lax.stop_gradient(_safe_div(v, 1 - iou + v + eps))
   return iou - (diou_penalty + v * trade_off)
+
+
+# ------------------------------------------------------------------------------------------------
+# ltrb distances around anchor points (what the head regresses) <-> boxes.
+
+
+def ltrb_to_xyxy(ltrb: jax.Array, anchor_points: jax.Array) -> jax.Array:
+  """Boxes from left/top/right/bottom distances around anchor points (same units): ``(..., 4)``."""
+  return jnp.concatenate([anchor_points - ltrb[..., :2], anchor_points + ltrb[..., 2:]], axis=-1)
+
+
+def xyxy_to_ltrb(boxes: jax.Array, anchor_points: jax.Array) -> jax.Array:
+  """Left/top/right/bottom distances from anchor points to box sides (same units): ``(..., 4)``."""
+  return jnp.concatenate([anchor_points - boxes[..., :2], boxes[..., 2:] - anchor_points], axis=-1)
+
+
+def ltrb_to_xywhr(ltrb: jax.Array, angle: jax.Array, anchor_points: jax.Array) -> jax.Array:
+  """Rotated boxes from distances measured in the box's own (rotated) frame: ``(..., 5)`` xywhr.
+
+  The centre is the anchor plus the offset ``((r - l) / 2, (b - t) / 2)`` rotated by ``angle``;
+  width ``l + r``, height ``t + b`` (same units as the anchors). Shapes: ``(..., 4)``,
+  ``(..., 1)``, ``(..., 2)``.
+  """
+  lt, rb = ltrb[..., :2], ltrb[..., 2:]
+  off = (rb - lt) / 2
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  x = off[..., :1] * cos - off[..., 1:] * sin
+  y = off[..., :1] * sin + off[..., 1:] * cos
+  return jnp.concatenate([jnp.concatenate([x, y], axis=-1) + anchor_points, lt + rb, angle], axis=-1)
+
+
+def xywhr_to_ltrb(boxes: jax.Array, anchor_points: jax.Array) -> jax.Array:
+  """Distances from anchor points to the sides of rotated boxes, along each box's own axes: ``(..., 4)``.
+
+  The inverse of :func:`ltrb_to_xywhr` for the box's own angle: with ``(u, v)`` the box centre
+  minus the anchor, turned by ``-angle``, ``l = w/2 - u``, ``t = h/2 - v``, ``r = w/2 + u``,
+  ``b = h/2 + v``. Shapes: ``(..., 5)`` xywhr, ``(..., 2)`` -> ``(..., 4)``.
+  """
+  off = boxes[..., :2] - anchor_points
+  cos, sin = jnp.cos(boxes[..., 4:5]), jnp.sin(boxes[..., 4:5])
+  uv = jnp.concatenate([off[..., :1] * cos + off[..., 1:] * sin, off[..., 1:] * cos - off[..., :1] * sin], axis=-1)
+  half = boxes[..., 2:4] / 2
+  return jnp.concatenate([half - uv, half + uv], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -151,7 +195,7 @@ def xywhr_corners(boxes: jax.Array) -> jax.Array:
   return jnp.stack([ctr - u - v, ctr + u - v, ctr + u + v, ctr - u + v], axis=-2)
 
 
-class _Gaussian(NamedTuple):
+class Gaussian(NamedTuple):
   """A rotated box as a 2-D Gaussian: mean ``(x, y)``, covariance ``[[a, c], [c, b]]``; leaves ``(...)``."""
 
   x: jax.Array
@@ -163,7 +207,7 @@ class _Gaussian(NamedTuple):
   ok: jax.Array  # bool: the box was finite and within the coordinate limit
 
 
-def _gaussian(boxes: jax.Array, floor: float = 0.0) -> _Gaussian:
+def gaussian(boxes: jax.Array, floor: float = 0.0) -> Gaussian:
   """``(..., 5)`` xywhr boxes -> their Gaussians (variances ``w^2 / 12 + floor``, ``h^2 / 12 + floor``).
 
   A box with a non-finite value or ``|value| > COORD_LIMIT`` is replaced by a unit stand-in and
@@ -183,10 +227,10 @@ def _gaussian(boxes: jax.Array, floor: float = 0.0) -> _Gaussian:
   det = jnp.maximum(a * b - c * c, 0.0)
   # Double where: sqrt has an infinite slope at 0 (a zero-width box).
   root_det = jnp.where(det > 0, jnp.sqrt(jnp.where(det > 0, det, 1.0)), 0.0)
-  return _Gaussian(boxes[..., 0], boxes[..., 1], a, b, c, root_det, ok)
+  return Gaussian(boxes[..., 0], boxes[..., 1], a, b, c, root_det, ok)
 
 
-def _gaussian_overlap(g1: _Gaussian, g2: _Gaussian, eps: float = 1e-7) -> jax.Array:
+def gaussian_overlap(g1: Gaussian, g2: Gaussian, eps: float = 1e-7) -> jax.Array:
   """ProbIoU of two (broadcasting) Gaussians: ``1 - sqrt(1 - exp(-B) + eps)``, in ``[0, 1]``.
 
   ``B`` is the Bhattacharyya distance, clamped to ``[eps, 100]``: with ``S = S1 + S2``,
@@ -240,4 +284,4 @@ def probiou(box1: jax.Array, box2: jax.Array, *, eps: float = 1e-7, floor: float
     raise ValueError(
         f"probiou: boxes must be xywhr with 5 numbers in the last axis, got shapes {jnp.shape(box1)} and {jnp.shape(box2)}"
     )
-  return _gaussian_overlap(_gaussian(box1, floor), _gaussian(box2, floor), eps)
+  return gaussian_overlap(gaussian(box1, floor), gaussian(box2, floor), eps)

@@ -7,7 +7,10 @@ zero-area box, a class outside ``[0, nc)`` or (in the loss) no overlap with the 
 never owns an anchor, and non-finite predictions never become targets. That keeps a long
 training run alive, but it can also hide a broken label file.
 
-The functions here turn those values into errors instead. They call
+The functions here turn those values into errors instead: :func:`check_values`, and every
+task's ``checked_<task>_loss`` (:func:`~jaxtal.checked_detection_loss`,
+:func:`~jaxtal.checked_obb_loss`, :func:`~jaxtal.checked_pose_loss`,
+:func:`~jaxtal.checked_segment_loss`), which run it before the loss. They call
 ``checkify.check``, so run them under ``checkify.checkify`` (``jit`` inside or outside)::
 
   from jax.experimental import checkify
@@ -32,10 +35,10 @@ from jax.experimental import checkify
 
 from jaxtal import _validate
 from jaxtal.assigner import task_aligned_assign
-from jaxtal.config import AssignerConfig, LossConfig, _make_config
+from jaxtal.config import AssignerConfig, make_config
+from jaxtal.geometry import axis_aligned, rotated
 from jaxtal.labels import COORD_LIMIT, GroundTruth
-from jaxtal.loss import LossParts, detection_loss, loss_from_targets
-from jaxtal.targets import Assignment, Targets, entries_cover_foreground
+from jaxtal.targets import Assignment
 
 
 def _first(bad: jax.Array) -> tuple[jax.Array, ...]:
@@ -57,9 +60,14 @@ def check_values(
 
   Args:
     gt: optional :class:`~jaxtal.GroundTruth` ``(b, M)``. Each real row must have a class
-      in ``[0, num_classes)``, finite box coordinates, ``x2 >= x1`` and ``y2 >= y1`` (an
-      inverted box is an error; a zero-area box is allowed and is simply never assigned)
-      and, when ``image_size`` is given, some overlap with the image ``[0, W] x [0, H]``.
+      in ``[0, num_classes)`` and finite box values within ``COORD_LIMIT``; an xyxy box must not
+      be inverted (``x2 >= x1``, ``y2 >= y1``; a zero-area box is allowed and is simply never
+      assigned), an xywhr box must not have a negative side; when ``image_size`` is given, the
+      box must overlap the image ``[0, W] x [0, H]``. With ``gt.keypoints``: every visibility is
+      finite, and every labelled keypoint (visibility non-zero, or ``D = 2``) has finite
+      coordinates within ``COORD_LIMIT``. With ``gt.masks``: per-slot masks ``(b, M, mh, mw)``
+      hold finite values in ``[0, 1]`` on real slots; an index map ``(b, mh, mw)`` holds values in
+      ``[0, M]``.
     num_classes: ``nc``; required with ``gt``.
     predictions: arrays that must be entirely finite (head maps, logits, scores, boxes),
       as a sequence or as a ``{name: array}`` mapping (the name appears in the error).
@@ -86,7 +94,8 @@ def check_values(
     return
   if num_classes is None:
     raise ValueError("check_values: num_classes is required to check gt")
-  _validate.ground_truth(gt, None, "check_values")
+  box_dim = getattr(gt.boxes, "shape", (0,))[-1]
+  _validate.ground_truth(gt, None, "check_values", box_dim=5 if box_dim == 5 else 4)
   real = jnp.asarray(gt.mask).astype(bool)
   labels = jnp.asarray(gt.labels)
   boxes = jnp.asarray(gt.boxes)
@@ -103,64 +112,77 @@ def check_values(
         v=value[i, j],
     )
 
+  kind = "box xyxy" if box_dim == 4 else "box xywhr"
   check_rows((labels < 0) | (labels >= num_classes), f"have a class id outside [0, {num_classes})", "class", labels)
   finite = jnp.isfinite(boxes).all(axis=-1)
-  check_rows(~finite, "have a non-finite box coordinate (NaN or inf)", "box xyxy", boxes)
+  check_rows(~finite, "have a non-finite box coordinate (NaN or inf)", kind, boxes)
   beyond = finite & (jnp.abs(boxes) > COORD_LIMIT).any(axis=-1)
-  check_rows(beyond, f"have a box coordinate beyond COORD_LIMIT = {COORD_LIMIT:g} pixels", "box xyxy", boxes)
-  inverted = finite & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
-  check_rows(inverted, "have an inverted box (x2 < x1 or y2 < y1)", "box xyxy", boxes)
+  check_rows(beyond, f"have a box coordinate beyond COORD_LIMIT = {COORD_LIMIT:g} pixels", kind, boxes)
+  if box_dim == 4:
+    inverted = finite & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
+    check_rows(inverted, "have an inverted box (x2 < x1 or y2 < y1)", kind, boxes)
+  else:
+    check_rows(finite & ((boxes[..., 2] < 0) | (boxes[..., 3] < 0)), "have a box with a negative side", kind, boxes)
   if image_size is not None:
+    geometry = axis_aligned() if box_dim == 4 else rotated()
     h, w = image_size
-    outside = finite & ((boxes[..., 0] >= w) | (boxes[..., 2] <= 0) | (boxes[..., 1] >= h) | (boxes[..., 3] <= 0))
-    check_rows(outside, f"have a box with no overlap with the {h}x{w} (HxW) image", "box xyxy", boxes)
+    outside = finite & ~geometry.on_image(jnp.where(finite[..., None], boxes, 0.0), (h, w))
+    check_rows(outside, f"have a box with no overlap with the {h}x{w} (HxW) image", kind, boxes)
+  if gt.keypoints is not None:
+    _check_keypoints(jnp.asarray(gt.keypoints), real)
+  if gt.masks is not None:
+    _check_masks(jnp.asarray(gt.masks), real)
 
 
-def _loss_config(feats, config, overrides, caller):
-  cfg = _make_config(LossConfig, config, overrides, caller)
-  _, shapes = _validate.head(feats, cfg.num_classes, cfg.reg_max, cfg.layout, caller)
-  return cfg, _validate.strides_match(shapes, cfg.strides, caller)
-
-
-def checked_detection_loss(
-    feats: Sequence[jax.Array], gt: GroundTruth, config: LossConfig | None = None, *, class_weights=None, **overrides
-) -> tuple[jax.Array, LossParts]:
-  """:func:`~jaxtal.detection_loss` that raises (through ``checkify``) on invalid values.
-
-  Takes exactly the arguments of :func:`~jaxtal.detection_loss`. Before computing the loss,
-  :func:`check_values` requires finite head maps, and for every real GT row a class in
-  ``[0, num_classes)``, a finite, bounded, non-inverted box and some overlap with the image
-  (whose size comes from the maps and ``strides``). Use under ``checkify.checkify``.
-
-  Returns:
-    ``(total, LossParts)``, identical to :func:`~jaxtal.detection_loss` when no check fails.
-  """
-  cfg, image_size = _loss_config(feats, config, overrides, "checked_detection_loss")
-  maps = {f"feats[{i}]": f for i, f in enumerate(feats)}
-  check_values(gt, num_classes=cfg.num_classes, predictions=maps, image_size=image_size)
-  return detection_loss(feats, gt, cfg, class_weights=class_weights)
-
-
-def checked_loss_from_targets(
-    feats: Sequence[jax.Array], targets: Targets, config: LossConfig | None = None, *, class_weights=None, **overrides
-) -> tuple[jax.Array, LossParts]:
-  """:func:`~jaxtal.loss_from_targets` that checks (through ``checkify``) the entry-list contract.
-
-  Every foreground anchor must be listed exactly once as a valid entry, no background anchor may
-  be, and each valid entry must name its anchor's GT (see :mod:`jaxtal.targets`); head maps must
-  be finite. Use under ``checkify.checkify``.
-  """
-  cfg, _ = _loss_config(feats, config, overrides, "checked_loss_from_targets")
-  check_values(predictions={f"feats[{i}]": f for i, f in enumerate(feats)})
-  ok = entries_cover_foreground(targets)
+def _check_keypoints(kpts: jax.Array, real: jax.Array) -> None:
+  """Real rows: finite visibility; labelled keypoints with finite coordinates within ``COORD_LIMIT``."""
+  xy = kpts[..., :2]
+  real = real[..., None]
+  if kpts.shape[-1] == 3:
+    vis = kpts[..., 2]
+    bad_vis = real & ~jnp.isfinite(vis)
+    i, j, k = _first(bad_vis)
+    checkify.check(
+        ~jnp.any(bad_vis),
+        "gt.keypoints: {n} visibility value(s) of real rows are not finite; the first is image {i}, slot {j},"
+        " keypoint {k} with value {v}",
+        n=jnp.sum(bad_vis), i=i, j=j, k=k, v=vis[i, j, k],
+    )
+    labelled = vis != 0
+  else:
+    labelled = jnp.ones(kpts.shape[:-1], bool)
+  bad = real & labelled & ~(jnp.abs(xy) <= COORD_LIMIT).all(axis=-1)  # NaN and inf too
+  i, j, k = _first(bad)
   checkify.check(
-      jnp.all(ok),
-      "targets.entries breaks the foreground entry-list contract (every foreground anchor listed once as valid,"
-      " naming its GT) in {n} image(s); the first is image {i}. Build entries with jaxtal.foreground_entries",
-      n=jnp.sum(~ok),
-      i=jnp.argmax(~ok).astype(jnp.int32),
+      ~jnp.any(bad),
+      f"gt.keypoints: {{n}} labelled keypoint(s) of real rows have a non-finite coordinate or one beyond COORD_LIMIT ="
+      f" {COORD_LIMIT:g} pixels; the first is image {{i}}, slot {{j}}, keypoint {{k}} at {{v}}",
+      n=jnp.sum(bad), i=i, j=j, k=k, v=xy[i, j, k],
   )
-  return loss_from_targets(feats, targets, cfg, class_weights=class_weights)
+
+
+def _check_masks(masks: jax.Array, real: jax.Array) -> None:
+  """Per-slot masks: finite values in ``[0, 1]`` on real slots; an index map: values in ``[0, M]``."""
+  if masks.ndim == 4:
+    values = masks.astype(jnp.float32)
+    bad = real[..., None, None] & ~((values >= 0) & (values <= 1))  # NaN fails both comparisons
+    idx = _first(bad)
+    checkify.check(
+        ~jnp.any(bad),
+        "gt.masks: {n} pixel(s) of real slots are not a finite value in [0, 1]; the first is image {i}, slot {j},"
+        " pixel (y, x) = ({y}, {x}) with value {v}",
+        n=jnp.sum(bad), i=idx[0], j=idx[1], y=idx[2], x=idx[3], v=values[idx],
+    )
+    return
+  m = real.shape[-1]
+  bad = (masks < 0) | (masks > m)
+  idx = _first(bad)
+  checkify.check(
+      ~jnp.any(bad),
+      f"gt.masks: {{n}} index-map pixel(s) are outside [0, M = {m}] (value j + 1 marks slot j); the first is image"
+      " {i}, pixel (y, x) = ({y}, {x}) with value {v}",
+      n=jnp.sum(bad), i=idx[0], y=idx[1], x=idx[2], v=masks[idx],
+  )
 
 
 def checked_task_aligned_assign(
@@ -172,7 +194,7 @@ def checked_task_aligned_assign(
   every real GT row a class in ``[0, nc)`` and a finite, bounded, non-inverted box.
   Use under ``checkify.checkify``.
   """
-  cfg = _make_config(AssignerConfig, config, overrides, "checked_task_aligned_assign")
+  cfg = make_config(AssignerConfig, config, overrides, "checked_task_aligned_assign")
   _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, "checked_task_aligned_assign")
   check_values(
       gt,

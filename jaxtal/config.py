@@ -1,9 +1,9 @@
 """Configuration: one frozen, hashable object per task, with Ultralytics' names and defaults.
 
-Every default is written here and nowhere else. Functions take a config (or keyword arguments
-that build one through :func:`_make_config`) and the NNX modules hold one. Being frozen and
-hashable, a config is a valid static argument of ``jax.jit``: changing it recompiles,
-changing array contents never does. Fields are validated when the config is built, so a bad
+Every shared default is written here and nowhere else (a task's own fields live in its task
+module's config subclass). Functions take a config (or keyword arguments that build one through
+:func:`make_config`) and the NNX modules hold one. Being frozen and hashable, a config is a
+valid static argument of ``jax.jit``: changing it recompiles, changing array contents never does. Fields are validated when the config is built, so a bad
 value fails where it was written, not deep inside a trace.
 """
 
@@ -109,7 +109,7 @@ class LossConfig(AssignerConfig):
 _C = TypeVar("C", bound=AssignerConfig)
 
 
-def _make_config(kind: type[_C], config: _C | None, overrides: dict, caller: str) -> _C:
+def make_config(kind: type[_C], config: _C | None, overrides: dict, caller: str) -> _C:
   """``config`` with ``overrides`` applied, or a new ``kind`` from them; one place builds every config.
 
   Raises TypeError naming an unknown keyword (a typo such as ``top_k=`` would otherwise be lost)

@@ -4,22 +4,24 @@ YOLO26 (and YOLOv10 before it) trains two heads on the same features: a one-to-m
 with the usual assignment (``topk = 10``: many positives per object, rich gradients) and a
 one-to-one branch whose assignment keeps one positive per object (``topk = 7, topk2 = 1`` in
 YOLO26, ``topk = 1`` in YOLOv10), so its predictions need no NMS. :func:`end_to_end_loss` is a
-combinator over any jaxtal task loss (``detection_loss`` today), as ``optax.chain`` is over
-transformations: it runs the loss twice with the two assigner settings and mixes the totals.
+combinator over any jaxtal task loss, as ``optax.chain`` is over transformations: it runs the
+loss twice with the two assigner settings and mixes the totals. Every task takes its
+predictions the same way (one :class:`~jaxtal.Predictions` per branch, :mod:`jaxtal.task`), so
+the combinator needs to know nothing about the task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtal.config import LossConfig, _make_config
+from jaxtal.config import LossConfig, make_config
+from jaxtal.detect import detection_loss
 from jaxtal.labels import GroundTruth
-from jaxtal.loss import detection_loss
 
 
 def one2many_weight(epoch, epochs, *, start: float = 0.8, end: float = 0.1):
@@ -51,21 +53,15 @@ def one2many_weight(epoch, epochs, *, start: float = 0.8, end: float = 0.1):
 def _branches(loss_fn, one2many, one2one, gt, one2one_config: dict, config: dict):
   if not callable(loss_fn):
     raise TypeError(f"end_to_end_loss: loss_fn must be a jaxtal task loss such as jaxtal.detection_loss, got {loss_fn!r}")
-  for name, preds in (("one2many", one2many), ("one2one", one2one)):
-    if not isinstance(preds, tuple):
-      raise TypeError(
-          f"end_to_end_loss: {name} must be a tuple of the task loss's prediction arguments, e.g. (feats,) for"
-          f" detection_loss; got {type(preds).__name__}"
-      )
-  many = loss_fn(*one2many, gt, **config)
-  one = loss_fn(*one2one, gt, **{**config, **one2one_config})
+  many = loss_fn(one2many, gt, **config)
+  one = loss_fn(one2one, gt, **{**config, **one2one_config})
   return many, one
 
 
 def end_to_end_loss(
     loss_fn: Callable[..., tuple[jax.Array, Any]],
-    one2many: tuple,
-    one2one: tuple,
+    one2many,
+    one2one,
     gt: GroundTruth,
     *,
     weight,
@@ -76,10 +72,10 @@ def end_to_end_loss(
   """YOLO26's end-to-end loss: ``weight * total_o2m + max(1 - weight, 0) * total_o2o``.
 
   Args:
-    loss_fn: a jaxtal task loss, e.g. :func:`~jaxtal.detection_loss`, called as
-      ``loss_fn(*predictions, gt, **config)`` and returning ``(total, parts)``.
-    one2many: tuple of the one-to-many branch's prediction arguments (``(feats,)`` for
-      ``detection_loss``).
+    loss_fn: a jaxtal task loss, e.g. :func:`~jaxtal.detection_loss` or :func:`~jaxtal.obb_loss`,
+      called as ``loss_fn(predictions, gt, **config)`` and returning ``(total, parts)``.
+    one2many: the one-to-many branch's predictions, as the task loss takes them (a
+      :class:`~jaxtal.Predictions`; for ``detection_loss`` also a list of head maps).
     one2one: the same for the one-to-one branch. Ultralytics' model feeds that head detached
       features; do the same in your model (``jax.lax.stop_gradient`` on its input), not here.
     gt: the :class:`~jaxtal.GroundTruth`, shared by both branches.
@@ -98,17 +94,19 @@ def end_to_end_loss(
 
 def end_to_end_sum_loss(
     loss_fn: Callable[..., tuple[jax.Array, Any]],
-    one2many: tuple,
-    one2one: tuple,
+    one2many,
+    one2one,
     gt: GroundTruth,
     *,
     one2one_topk: int = 1,
     **config,
 ) -> tuple[jax.Array, Any]:
-  """YOLOv10's end-to-end loss: the plain sum of both branches (one-to-one ``topk = 1``, no ``topk2``).
+  """The original YOLOv10 recipe: the plain sum of both branches (one-to-one ``topk = 1``, no ``topk2``).
 
   Arguments as :func:`end_to_end_loss`, without a weight. Returns ``(total_o2m + total_o2o,
-  parts_o2m + parts_o2o)`` (parts summed field by field), as Ultralytics' ``E2EDetectLoss``.
+  parts_o2m + parts_o2o)`` (parts summed field by field), as Ultralytics' ``E2EDetectLoss``
+  (which 8.4.190 keeps for old YOLOv10 checkpoints; it trains ``yolov10n.yaml`` with the
+  weighted form, :func:`end_to_end_loss`).
   """
   many, one = _branches(loss_fn, one2many, one2one, gt, dict(topk=one2one_topk, topk2=None), config)
   return many[0] + one[0], jax.tree.map(lambda a, b: a + b, many[1], one[1])
@@ -121,11 +119,15 @@ class EndToEndLoss(nnx.Module):
 
     loss_fn = jaxtal.EndToEndLoss(jaxtal.LossConfig(num_classes=80, strides=(8, 16, 32), reg_max=1))
     w = jaxtal.one2many_weight(epoch, epochs)
-    total, parts = loss_fn((feats_o2m,), (feats_o2o,), gt, weight=w)
+    total, parts = loss_fn(feats_o2m, feats_o2o, gt, weight=w)
+
+    obb = jaxtal.EndToEndLoss(loss_fn=jaxtal.obb_loss, num_classes=15, strides=(8, 16, 32), reg_max=1)
+    total, parts = obb(jaxtal.Predictions(f1, angles=a1), jaxtal.Predictions(f2, angles=a2), gt, weight=w)
 
   Args:
-    config: the task loss's configuration (a :class:`~jaxtal.LossConfig` for ``detection_loss``, an
-      :class:`~jaxtal.OBBLossConfig` for ``obb_loss``).
+    config: the task loss's configuration, of its config class (``loss_fn.config_class``: a
+      :class:`~jaxtal.LossConfig` for ``detection_loss``, an :class:`~jaxtal.OBBLossConfig` for
+      ``obb_loss``, ...), or None to build one from ``overrides``.
     loss_fn: the task loss (default :func:`~jaxtal.detection_loss`).
     one2one_topk, one2one_topk2: the one-to-one branch's assigner settings.
     class_weights: optional ``(nc,)`` class weights (a constant, not a parameter).
@@ -142,17 +144,24 @@ class EndToEndLoss(nnx.Module):
       class_weights: jax.Array | None = None,
       **overrides,
   ):
-    # The task's own config class (LossConfig, OBBLossConfig, ...) so its fields can be overridden too.
-    self.config = _make_config(LossConfig if config is None else type(config), config, overrides, "EndToEndLoss")
+    # The task's own config class (LossConfig, OBBLossConfig, ...), so its fields can be given or overridden too.
+    config_class = getattr(loss_fn, "config_class", None)
+    if config_class is None:
+      if config is None:
+        raise TypeError(
+            "EndToEndLoss: loss_fn has no config_class (it is not a jaxtal task loss); pass its config as config="
+        )
+      config_class = type(config)
+    self.config = make_config(config_class, config, overrides, "EndToEndLoss")
     self.loss_fn = loss_fn
     self.one2one_topk = int(one2one_topk)
     self.one2one_topk2 = None if one2one_topk2 is None else int(one2one_topk2)
     self.class_weights = None if class_weights is None else nnx.Variable(jnp.asarray(class_weights, jnp.float32))
 
-  def __call__(self, one2many: Sequence, one2one: Sequence, gt: GroundTruth, *, weight) -> tuple[jax.Array, Any]:
+  def __call__(self, one2many, one2one, gt: GroundTruth, *, weight) -> tuple[jax.Array, Any]:
     """``(total, parts)`` of :func:`end_to_end_loss` for the two branches' predictions."""
     extra = {} if self.class_weights is None else {"class_weights": self.class_weights[...]}
     return end_to_end_loss(
-        self.loss_fn, tuple(one2many), tuple(one2one), gt, weight=weight,
+        self.loss_fn, one2many, one2one, gt, weight=weight,
         one2one_topk=self.one2one_topk, one2one_topk2=self.one2one_topk2, config=self.config, **extra,
     )

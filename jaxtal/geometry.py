@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxtal.boxes import _aspect_angle, _gaussian, _gaussian_overlap, box_iou, xywhr_corners
+from jaxtal.boxes import aspect_angle, box_iou, gaussian, gaussian_overlap, xywhr_corners
 
 
 class Geometry(NamedTuple):
@@ -87,12 +87,12 @@ def _xyxy_gt_data(kind: str, boxes: jax.Array, valid: jax.Array, min_box_side: f
   if min_box_side > 0:
     wh = jnp.where(valid[..., None] & (wh < min_box_side), jnp.asarray(min_box_side, wh.dtype), wh)
   # One arctan per box, not per pair: the CIoU shape term broadcasts as a difference.
-  angle = _aspect_angle(boxes) if kind == "ciou" else None
+  angle = aspect_angle(boxes) if kind == "ciou" else None
   return _XyxyGt(boxes, ctr - wh / 2, ctr + wh / 2, angle)
 
 
 def _xyxy_pred_data(kind: str, boxes: jax.Array, anchors: jax.Array) -> _XyxyPred:
-  return _XyxyPred(boxes, anchors, _aspect_angle(boxes) if kind == "ciou" else None)
+  return _XyxyPred(boxes, anchors, aspect_angle(boxes) if kind == "ciou" else None)
 
 
 def _xyxy_candidate(g: _XyxyGt, p: _XyxyPred, eps: float) -> jax.Array:
@@ -137,7 +137,7 @@ def _axis_aligned(overlap: str) -> Geometry:
 class _RotGt(NamedTuple):
   """Per-GT data of rotated boxes; every leaf ``(M, ...)``."""
 
-  gauss: Any  # jaxtal.boxes._Gaussian of the box (no variance floor), leaves (M,)
+  gauss: Any  # jaxtal.boxes.Gaussian of the box (no variance floor), leaves (M,)
   corner: jax.Array  # (M, 2) first corner of the candidate rectangle (sides widened to min_box_side)
   edge1: jax.Array  # (M, 2) from it along the box's width
   edge2: jax.Array  # (M, 2) from it along the box's height
@@ -146,7 +146,7 @@ class _RotGt(NamedTuple):
 class _RotPred(NamedTuple):
   """Per-anchor data of rotated boxes; every leaf ``(A, ...)``."""
 
-  gauss: Any  # jaxtal.boxes._Gaussian of the predicted box, leaves (A,)
+  gauss: Any  # jaxtal.boxes.Gaussian of the predicted box, leaves (A,)
   anchor: jax.Array  # (A, 2) anchor centre in pixels
 
 
@@ -173,11 +173,11 @@ def _rot_gt_data(boxes: jax.Array, valid: jax.Array, min_box_side: float) -> _Ro
     wide = jnp.concatenate([boxes[..., :2], wh, boxes[..., 4:]], axis=-1)
   corners = xywhr_corners(wide)  # (M, 4, 2)
   first = corners[..., 0, :]
-  return _RotGt(_gaussian(boxes), first, corners[..., 1, :] - first, corners[..., 3, :] - first)
+  return _RotGt(gaussian(boxes), first, corners[..., 1, :] - first, corners[..., 3, :] - first)
 
 
 def _rot_pred_data(boxes: jax.Array, anchors: jax.Array) -> _RotPred:
-  return _RotPred(_gaussian(boxes), anchors)
+  return _RotPred(gaussian(boxes), anchors)
 
 
 def _rot_candidate(g: _RotGt, p: _RotPred, eps: float) -> jax.Array:
@@ -190,7 +190,7 @@ def _rot_candidate(g: _RotGt, p: _RotPred, eps: float) -> jax.Array:
 
 
 def _rot_overlap(g: _RotGt, p: _RotPred) -> jax.Array:
-  return _gaussian_overlap(g.gauss, p.gauss)
+  return gaussian_overlap(g.gauss, p.gauss)
 
 
 def rotated(min_side: float = 0.0) -> Geometry:

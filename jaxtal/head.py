@@ -1,11 +1,14 @@
-"""From raw head maps to per-anchor predictions: the one decode path.
+"""From raw head maps to per-anchor predictions: what a model hands the loss, and the one decode path.
 
-:func:`decode_head` is what the loss runs: per level it views the map as ``(b, H * W, C)``
+:class:`Predictions` is the one calling convention of every task loss: the per-level maps a
+YOLO head produces (box bins and class logits in ``feats``, and the task's side maps). The
+loss decodes them with :func:`decode_head`: per level it views the map as ``(b, H * W, C)``
 anchor rows, splits box bins from class logits, and takes each side's DFL expectation (and the
 log-sum-exp DFL's cross-entropy needs) with :func:`jaxtal.kernels.softmax_stats`. The step
 functions of the seed walkthrough, :func:`flatten_head` and :func:`decode_boxes`, are thin
 wrappers over the same pieces, so the README's step-by-step code computes the same floats as
-training does.
+training does; :func:`decode_rotated_boxes` and :func:`decode_keypoints` decode the OBB and pose
+side maps for inference.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxtal import _validate, kernels
+from jaxtal import _validate
+from jaxtal import kernels
 from jaxtal.anchors import make_anchors
+from jaxtal.boxes import ltrb_to_xywhr, ltrb_to_xyxy
 from jaxtal.config import Layout, LossConfig
 
 
@@ -29,7 +34,9 @@ class Head(NamedTuple):
     dist: per level ``(b, A_l, 4, R)`` float32 box-bin logits (``R = 1``: the ltrb distances).
     ltrb: ``(b, A, 4)`` decoded left/top/right/bottom distances, grid units of each anchor's level.
     lse: ``(b, A, 4)`` log-sum-exp of each side's bins (DFL's cross-entropy); None when ``R == 1``.
-    boxes: ``(b, A, 4)`` decoded xyxy boxes, grid units (times ``strides`` for pixels).
+    boxes: ``(b, A, D)`` decoded boxes, grid units: xyxy (``D = 4``), or for oriented boxes
+      xywhr with the predicted angle (``D = 5``, :func:`jaxtal.obb_targets`); times ``strides``
+      for pixels (the angle unchanged).
     anchors: ``(A, 2)`` anchor centres, grid units.
     strides: ``(A, 1)`` stride of each anchor.
   """
@@ -43,7 +50,37 @@ class Head(NamedTuple):
   strides: jax.Array
 
 
-def _level_rows(feats: Sequence[jax.Array], layout: Layout) -> list[jax.Array]:
+class Predictions(NamedTuple):
+  """What a YOLO head hands its loss: per-level maps, the same container for every task.
+
+  Every task loss, ``*_targets``, ``*_loss_from_targets``, checked form, NNX module and
+  :func:`~jaxtal.end_to_end_loss` takes one of these, so a training loop treats every task alike
+  (``total, parts = loss_fn(model(x), gt)``). A task reads the fields it needs and rejects
+  the ones it does not. Each map is ``(b, H_l, W_l, C)`` (``layout="NHWC"``) or ``(b, C, H_l,
+  W_l)`` (``"NCHW"``), one per head level, in the order of ``strides``; any float dtype.
+
+  Attributes:
+    feats: per-level head maps of ``C = 4 * reg_max + nc`` channels: box-bin logits, then class
+      logits (every task).
+    angles: per-level predicted angles in radians, ``C = 1``, after the head's own activation
+      (oriented boxes, :func:`~jaxtal.obb_loss`).
+    keypoints: per-level raw keypoints, ``C = K * D``, channel ``k * D + d`` (pose,
+      :func:`~jaxtal.pose_loss`).
+    mask_coefs: per-level mask coefficients, ``C = nm`` (segmentation, :func:`~jaxtal.segment_loss`).
+    proto: the prototype masks ``(b, mh, mw, nm)`` (NHWC) or ``(b, nm, mh, mw)`` (NCHW), one
+      array, not per level (segmentation).
+
+  The detection loss also takes a plain list of head maps as ``Predictions(feats=maps)``.
+  """
+
+  feats: Sequence[jax.Array]
+  angles: Sequence[jax.Array] | None = None
+  keypoints: Sequence[jax.Array] | None = None
+  mask_coefs: Sequence[jax.Array] | None = None
+  proto: jax.Array | None = None
+
+
+def level_rows(feats: Sequence[jax.Array], layout: Layout) -> list[jax.Array]:
   """Each level's map as ``(b, H * W, C)`` anchor rows (a reshape for NHWC, a transpose for NCHW)."""
   rows = []
   for f in feats:
@@ -58,16 +95,6 @@ def _distances(dist: jax.Array, plain: tuple[str, ...] = ()) -> tuple[jax.Array,
   if dist.shape[-1] == 1:
     return dist[..., 0], None
   return kernels.select("softmax_stats", plain)(dist)
-
-
-def ltrb_to_xyxy(ltrb: jax.Array, anchor_points: jax.Array) -> jax.Array:
-  """Boxes from left/top/right/bottom distances around anchor points (same units): ``(..., 4)``."""
-  return jnp.concatenate([anchor_points - ltrb[..., :2], anchor_points + ltrb[..., 2:]], axis=-1)
-
-
-def xyxy_to_ltrb(boxes: jax.Array, anchor_points: jax.Array) -> jax.Array:
-  """Left/top/right/bottom distances from anchor points to box sides (same units): ``(..., 4)``."""
-  return jnp.concatenate([anchor_points - boxes[..., :2], boxes[..., 2:] - anchor_points], axis=-1)
 
 
 def decode_head(feats: Sequence[jax.Array], config: LossConfig) -> Head:
@@ -85,9 +112,15 @@ def decode_head(feats: Sequence[jax.Array], config: LossConfig) -> Head:
   """
   _, shapes = _validate.head(feats, config.num_classes, config.reg_max, config.layout, "decode_head")
   _validate.strides_match(shapes, config.strides, "decode_head")
+  return decode_maps(feats, config, shapes)
+
+
+def decode_maps(feats: Sequence[jax.Array], config: LossConfig, shapes: Sequence[tuple[int, int]]) -> Head:
+  """:func:`decode_head` of maps already validated against ``config`` (level shapes ``((H_l, W_l), ...)``):
+  what the task losses call after :func:`jaxtal.terms.check_head`, so each map is checked once."""
   r = config.reg_max
   logits, dists, ltrb, lse = [], [], [], []
-  for x in _level_rows(feats, config.layout):
+  for x in level_rows(feats, config.layout):
     bins, cls = kernels.select("split_channels", config.plain_kernels)(x.astype(jnp.float32), 4 * r)
     bins = bins.reshape(*bins.shape[:-1], 4, r)  # (b, A_l, 4, R)
     e, s = _distances(bins, config.plain_kernels)
@@ -95,7 +128,7 @@ def decode_head(feats: Sequence[jax.Array], config: LossConfig) -> Head:
     dists.append(bins)
     ltrb.append(e)
     lse.append(s)
-  anchors, strides = make_anchors(shapes, config.strides)
+  anchors, strides = make_anchors(tuple(shapes), config.strides)
   ltrb = jnp.concatenate(ltrb, axis=1)
   lse = None if r == 1 else jnp.concatenate(lse, axis=1)
   return Head(tuple(logits), tuple(dists), ltrb, lse, ltrb_to_xyxy(ltrb, anchors), anchors, strides)
@@ -124,7 +157,7 @@ def flatten_head(
   _validate.whole("num_classes", num_classes, low=1, caller="flatten_head")
   _validate.one_of("layout", layout, ("NHWC", "NCHW"))
   _validate.head(feats, num_classes, reg_max, layout, "flatten_head")
-  x = jnp.concatenate(_level_rows(feats, layout), axis=1)
+  x = jnp.concatenate(level_rows(feats, layout), axis=1)
   return x[..., : 4 * reg_max], x[..., 4 * reg_max :]
 
 
@@ -165,35 +198,6 @@ def decode_boxes(pred_dist: jax.Array, anchor_points: jax.Array, reg_max: int = 
   return ltrb_to_xyxy(dfl_expectation(pred_dist, reg_max), anchor_points)
 
 
-def ltrb_to_xywhr(ltrb: jax.Array, angle: jax.Array, anchor_points: jax.Array) -> jax.Array:
-  """Rotated boxes from distances measured in the box's own (rotated) frame: ``(..., 5)`` xywhr.
-
-  The centre is the anchor plus the offset ``((r - l) / 2, (b - t) / 2)`` rotated by ``angle``;
-  width ``l + r``, height ``t + b`` (same units as the anchors). Shapes: ``(..., 4)``,
-  ``(..., 1)``, ``(..., 2)``.
-  """
-  lt, rb = ltrb[..., :2], ltrb[..., 2:]
-  off = (rb - lt) / 2
-  cos, sin = jnp.cos(angle), jnp.sin(angle)
-  x = off[..., :1] * cos - off[..., 1:] * sin
-  y = off[..., :1] * sin + off[..., 1:] * cos
-  return jnp.concatenate([jnp.concatenate([x, y], axis=-1) + anchor_points, lt + rb, angle], axis=-1)
-
-
-def xywhr_to_ltrb(boxes: jax.Array, anchor_points: jax.Array) -> jax.Array:
-  """Distances from anchor points to the sides of rotated boxes, along each box's own axes: ``(..., 4)``.
-
-  The inverse of :func:`ltrb_to_xywhr` for the box's own angle: with ``(u, v)`` the box centre
-  minus the anchor, turned by ``-angle``, ``l = w/2 - u``, ``t = h/2 - v``, ``r = w/2 + u``,
-  ``b = h/2 + v``. Shapes: ``(..., 5)`` xywhr, ``(..., 2)`` -> ``(..., 4)``.
-  """
-  off = boxes[..., :2] - anchor_points
-  cos, sin = jnp.cos(boxes[..., 4:5]), jnp.sin(boxes[..., 4:5])
-  uv = jnp.concatenate([off[..., :1] * cos + off[..., 1:] * sin, off[..., 1:] * cos - off[..., :1] * sin], axis=-1)
-  half = boxes[..., 2:4] / 2
-  return jnp.concatenate([half - uv, half + uv], axis=-1)
-
-
 def decode_rotated_boxes(pred_dist: jax.Array, pred_angle: jax.Array, anchor_points: jax.Array, reg_max: int = 16) -> jax.Array:
   """Decodes DFL bin logits and predicted angles into rotated xywhr boxes around their anchors.
 
@@ -219,3 +223,42 @@ def decode_rotated_boxes(pred_dist: jax.Array, pred_angle: jax.Array, anchor_poi
         f"decode_rotated_boxes: anchor_points must be (A, 2) with A = {pred_dist.shape[-2]}, got {anchor_points.shape}"
     )
   return ltrb_to_xywhr(dfl_expectation(pred_dist, reg_max), jnp.asarray(pred_angle, jnp.float32), anchor_points)
+
+
+def keypoint_xy(raw_xy: jax.Array, anchors: jax.Array) -> jax.Array:
+  """``2 * raw + anchor - 0.5``: keypoint positions in grid units. Shapes ``(..., K, 2)``, ``(..., 2)``."""
+  return 2.0 * raw_xy + anchors[..., None, :] - 0.5
+
+
+def decode_keypoints(
+    keypoint_maps: Sequence[jax.Array],
+    strides: Sequence[float],
+    kpt_shape: tuple[int, int],
+    layout: Layout = "NHWC",
+) -> jax.Array:
+  """Decodes per-level raw keypoint maps into keypoints in input pixels (for inference).
+
+  Args:
+    keypoint_maps: one map per level, ``(b, H, W, K * D)`` for ``"NHWC"`` or ``(b, K * D, H, W)``
+      for ``"NCHW"``, channel ``k * D + d`` holding value ``d`` of keypoint ``k``; any float dtype.
+    strides: one stride per level (input pixels per cell), e.g. ``(8, 16, 32)``.
+    kpt_shape: ``(K, D)``, ``D = 2`` (x, y) or 3 (x, y, visibility logit).
+    layout: ``"NHWC"`` or ``"NCHW"``.
+
+  Returns:
+    ``(b, A, K, D)`` float32, anchors ordered level by level and row-major within a level (the
+    order of :func:`~jaxtal.make_anchors`): ``x, y = (2 * raw + anchor - 0.5) * stride`` in input
+    pixels, anchor centres at cell centres in grid units; with ``D = 3`` the visibility stays a
+    logit (apply ``jax.nn.sigmoid`` for a probability).
+  """
+  caller = "decode_keypoints"
+  k, d = _validate.kpt_shape(kpt_shape)
+  _validate.one_of("layout", layout, ("NHWC", "NCHW"))
+  strides = _validate.strides(strides)
+  _, shapes = _validate.maps(keypoint_maps, layout, "keypoint_maps", caller, channels=k * d)
+  _validate.strides_match(shapes, strides, caller)
+  rows = jnp.concatenate(level_rows(keypoint_maps, layout), axis=1).astype(jnp.float32)
+  raw = rows.reshape(*rows.shape[:2], k, d)
+  anchors, anchor_strides = make_anchors(tuple(shapes), strides)
+  xy = keypoint_xy(raw[..., :2], anchors) * anchor_strides[:, None, :]
+  return jnp.concatenate([xy, raw[..., 2:]], axis=-1)

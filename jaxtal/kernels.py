@@ -400,17 +400,22 @@ def _mask_chunk(proto, masks, coef, gt, box, weight, index_map: bool):
   ``j + 1`` marks GT slot ``j``) or per-slot masks ``(b, M, mh, mw)``; ``coef (b, C, nm)``,
   ``gt (b, C)`` int, ``box (b, C, 4)`` xyxy in mask pixels, ``weight (b, C)``. A pixel of column
   ``x`` (row ``y``) is in the box when ``x1 <= x < x2`` (``y1 <= y < y2``), its index compared.
+  A non-finite per-slot mask pixel is read as 0 and weighted 0 (double ``where``): it adds nothing,
+  and an entry that does not count never multiplies its mask's NaN by a zero weight.
   """
   logits = jnp.einsum("bcn,bnhw->bchw", coef, proto)
-  if index_map:
-    target = (masks[:, None] == (gt + 1)[..., None, None]).astype(jnp.float32)
-  else:
-    target = take_rows(masks, gt).astype(jnp.float32)
   mh, mw = logits.shape[-2:]
   cols, rows = jnp.arange(mw, dtype=jnp.float32), jnp.arange(mh, dtype=jnp.float32)
   in_cols = (cols >= box[..., 0:1]) & (cols < box[..., 2:3])  # (b, C, mw): the crop is separable
   in_rows = (rows >= box[..., 1:2]) & (rows < box[..., 3:4])  # (b, C, mh)
-  pixel_weight = jnp.where(in_rows[..., :, None] & in_cols[..., None, :], weight[..., None, None], 0.0)
+  counted = in_rows[..., :, None] & in_cols[..., None, :]
+  if index_map:
+    target = (masks[:, None] == (gt + 1)[..., None, None]).astype(jnp.float32)
+  else:
+    target = take_rows(masks, gt).astype(jnp.float32)
+    finite = jnp.isfinite(target)
+    target, counted = jnp.where(finite, target, 0.0), counted & finite
+  pixel_weight = jnp.where(counted, weight[..., None, None], 0.0)
   return logits, target, pixel_weight
 
 

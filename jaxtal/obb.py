@@ -1,7 +1,8 @@
 """Oriented bounding boxes (OBB): rotated task-aligned assignment and the YOLOv8 OBB loss.
 
-The detection skeleton (:mod:`jaxtal.loss`) with the rotated geometry
-(:func:`jaxtal.geometry.rotated`) and one more term::
+The detection task (:mod:`jaxtal.detect`) with the rotated box form (:data:`ROTATED`: the
+:func:`jaxtal.geometry.rotated` geometry for the assigner, ProbIoU for the box term) and one more
+term; the class, box and DFL/L1 terms are :func:`jaxtal.terms.detection_parts`, written once::
 
     head maps + angle maps --decode--> xywhr boxes --assign_targets(rotated)--> Targets --terms--> (total, parts)
 
@@ -20,6 +21,8 @@ an anchor's target score:
 
 Every foreground term reads the entry list (``targets.entries`` through
 :func:`~jaxtal.take_rows`), never a boolean mask; ``total = (box + cls + dfl + angle) * b``.
+Predictions are ``Predictions(feats, angles=...)``; :func:`obb_targets` returns the head with
+``head.boxes`` the predicted ``(b, A, 5)`` xywhr boxes in grid units.
 
 A GT box and the same box at ``angle + pi`` give the same assignment and the same box, class
 and angle terms, but not the same DFL term: distances along the target's axes swap ``l/r`` and
@@ -49,25 +52,25 @@ Deliberate differences from Ultralytics 8.4.190 (``v8OBBLoss``, ``RotatedTaskAli
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from jaxtal import _validate
-from jaxtal.assigner import assign_targets
-from jaxtal.boxes import probiou
-from jaxtal.config import AssignerConfig, LossConfig, _make_config
+from jaxtal import task
+from jaxtal import terms
+from jaxtal.assigner import rotated_only
+from jaxtal.boxes import ltrb_to_xywhr, probiou, xywhr_to_ltrb
+from jaxtal.config import LossConfig
 from jaxtal.geometry import rotated
-from jaxtal.head import Head, decode_head, ltrb_to_xywhr, xywhr_to_ltrb
-from jaxtal.labels import _MIN_ROTATED_SIDE, GroundTruth
-from jaxtal.loss import _check_head, _class_term, _dfl_term, _entry_weights, _finish, _l1_term, _normaliser, _side_rows
-from jaxtal.module import _TaskLossModule
-from jaxtal.targets import Assignment, Targets, take_rows, to_assignment
+from jaxtal.head import Head, Predictions
+from jaxtal.labels import MIN_ROTATED_SIDE, GroundTruth
+from jaxtal.module import TaskLossModule
+from jaxtal.targets import Targets, take_rows
 
 # The variance floor (grid units squared) of the box term's ProbIoU.
-_BOX_FLOOR = 0.01
+BOX_FLOOR = 0.01
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,10 +88,11 @@ class OBBLossConfig(LossConfig):
   def __post_init__(self):
     super().__post_init__()
     object.__setattr__(self, "angle", _validate.finite_number("angle", self.angle))
+    rotated_only(self.overlap, "OBBLossConfig")
 
 
 class OBBLossParts(NamedTuple):
-  """Gain-scaled OBB loss terms (scalars).
+  """Gain-scaled OBB loss terms (scalars), in Ultralytics' order.
 
   Attributes:
     box: ``box_gain * (1 - ProbIoU) loss``.
@@ -103,121 +107,74 @@ class OBBLossParts(NamedTuple):
   angle: jax.Array
 
 
-def _rotated_only(cfg: AssignerConfig, caller: str) -> None:
-  if cfg.overlap != "ciou":
-    raise ValueError(
-        f"{caller}: rotated boxes always use ProbIoU as the overlap; leave overlap at its default, got {cfg.overlap!r}"
-    )
+ROTATED = terms.BoxForm(
+    name="xywhr",
+    dim=5,
+    # Grid units -> pixels: centre and sides scale with the stride, the angle does not.
+    pixel_scale=lambda strides: jnp.concatenate([jnp.broadcast_to(strides, (strides.shape[0], 4)), jnp.ones_like(strides)], -1),
+    stand_in=lambda anchors, strides: jnp.concatenate([anchors, jnp.ones_like(anchors), jnp.zeros_like(strides)], -1),
+    to_ltrb=xywhr_to_ltrb,
+    overlap=lambda pred, target: probiou(pred, target, floor=BOX_FLOOR),
+    # GT rows with a side under 2 pixels own nothing in the loss (Ultralytics drops them).
+    geometry=lambda cfg: rotated(MIN_ROTATED_SIDE),
+)
 
 
-def _pixel_scale(head: Head) -> jax.Array:
-  """``(A, 5)``: multiplies grid-unit xywhr boxes into pixels (the angle unchanged)."""
-  return jnp.concatenate([jnp.broadcast_to(head.strides, (head.strides.shape[0], 4)), jnp.ones_like(head.strides)], -1)
+def _prepare(preds: Predictions, head: Head, cfg: OBBLossConfig, batch: int, shapes, caller: str) -> tuple[Head, jax.Array]:
+  """Validates the angle maps; the head's boxes become ``(b, A, 5)`` xywhr grid units, distances
+  measured along the predicted box's own axes."""
+  pred_angle = task.side_rows(preds.angles, shapes, batch, 1, cfg.layout, "angles", caller)  # (b, A, 1)
+  return head._replace(boxes=ltrb_to_xywhr(head.ltrb, pred_angle, head.anchors)), pred_angle[..., 0]
 
 
-def _obb_head(feats, angles, cfg: OBBLossConfig, caller: str):
-  batch, hw, shapes = _check_head(feats, cfg, caller)
-  pred_angle = _side_rows(angles, shapes, batch, 1, cfg.layout, "angles", caller)[..., 0]
-  head = decode_head(feats, cfg)
-  return batch, hw, head, pred_angle, ltrb_to_xywhr(head.ltrb, pred_angle[..., None], head.anchors)
-
-
-def _obb_terms(head: Head, boxes: jax.Array, pred_angle: jax.Array, targets: Targets, cfg: OBBLossConfig, image_hw, class_weights):
-  """The OBB terms of grid-unit ``boxes (b, A, 5)`` and ``pred_angle (b, A)`` against ``targets``."""
-  n = _normaliser(targets, cfg.axis_name)
-  w = _entry_weights(targets)
+def _parts(inputs: task.Inputs, targets: Targets, cfg: OBBLossConfig, class_weights) -> OBBLossParts:
+  head = inputs.head
+  det = terms.detection_parts(head, targets, cfg, inputs.image_hw, class_weights, ROTATED)
   rows = targets.entries.anchor
-  # Targets in grid units; background anchors get a stand-in unit box about the anchor, so no
-  # padding value reaches a term (their weight is 0 anyway).
-  stand_in = jnp.concatenate([head.anchors, jnp.ones_like(head.anchors), jnp.zeros_like(head.strides)], axis=-1)
-  target = jax.lax.stop_gradient(jnp.where(targets.fg_mask[..., None], targets.boxes / _pixel_scale(head), stand_in))
-  target_ltrb = xywhr_to_ltrb(target, head.anchors)
-
-  at = take_rows(target, rows)  # (b, E, 5)
-  loss_box = jnp.sum(w * (1.0 - probiou(take_rows(boxes, rows), at, floor=_BOX_FLOOR))) / n
-  loss_cls = _class_term(head, targets, class_weights, cfg.plain_kernels) / n
-  if cfg.reg_max > 1:
-    loss_dfl = _dfl_term(head, targets, target_ltrb, w, cfg.reg_max, cfg.plain_kernels) / n
-  else:
-    loss_dfl = _l1_term(head, targets, target_ltrb, w, image_hw) / n
+  at = take_rows(terms.target_boxes(head, targets, ROTATED), rows)  # (b, E, 5) grid units
   # Aspect weight of the target (sides >= 2 px: the ratio is finite; the stand-in is square).
   aspect = jnp.exp(-jnp.log(at[..., 2] / at[..., 3]) ** 2 / 9)
-  loss_angle = jnp.sum(w * jnp.sin(2 * (take_rows(pred_angle, rows) - at[..., 4])) ** 2 * aspect) / n
-  parts = OBBLossParts(cfg.box * loss_box, cfg.cls * loss_cls, cfg.dfl * loss_dfl, cfg.angle * loss_angle)
-  return _finish(parts, head.ltrb.shape[0], cfg.axis_name)
+  w = terms.entry_weights(targets)
+  angle = jnp.sum(w * jnp.sin(2 * (take_rows(inputs.side, rows) - at[..., 4])) ** 2 * aspect)
+  angle = angle / terms.normaliser(targets, cfg.axis_name)
+  return OBBLossParts(det.box, det.cls, det.dfl, cfg.angle * angle)
 
 
-def rotated_task_aligned_assign(
-    pred_scores: jax.Array,
-    pred_boxes: jax.Array,
-    anchor_points: jax.Array,
-    gt: GroundTruth,
-    config: AssignerConfig | None = None,
-    **overrides,
-) -> Assignment:
-  """The task-aligned assigner for rotated ``xywhr`` boxes (Ultralytics' ``RotatedTaskAlignedAssigner``).
-
-  :func:`~jaxtal.assign_targets` with :func:`jaxtal.geometry.rotated`: an anchor is a candidate of
-  a GT when its centre's projections on the box's two edges fall within them (edges included;
-  sides below ``min_box_side`` widened to it first, Ultralytics uses ``strides[1]``), and the
-  overlap is ProbIoU (no variance floor) clamped at 0. Configuration as for
-  :func:`~jaxtal.task_aligned_assign` (``overlap`` must stay at its default).
-
-  Args:
-    pred_scores: ``(b, A, nc)`` predicted class probabilities.
-    pred_boxes: ``(b, A, 5)`` predicted xywhr boxes, centre and sides in input pixels.
-    anchor_points: ``(A, 2)`` anchor centres in input pixels.
-    gt: a :class:`~jaxtal.GroundTruth` with ``(b, M, 5)`` xywhr boxes in pixels (e.g. from
-      :func:`~jaxtal.pack_rotated_labels`). Rows that are padding, non-finite, beyond
-      ``COORD_LIMIT``, with a non-positive side or a class outside ``[0, nc)`` never own anchors.
-    config: an :class:`~jaxtal.AssignerConfig`.
-
-  Returns:
-    An :class:`~jaxtal.Assignment` with ``boxes (b, A, 5)``.
-  """
-  caller = "rotated_task_aligned_assign"
-  cfg = _make_config(AssignerConfig, config, overrides, caller)
-  _rotated_only(cfg, caller)
-  _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 5, caller)
-  _validate.topk_in_range(cfg.topk, cfg.topk2, a, caller)
-  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=rotated(), from_logits=False)
-  return to_assignment(targets, nc)
+OBB = task.Task(name="obb", config_class=OBBLossConfig, needs=("angles",), form=ROTATED, prepare=_prepare, check_gt=None, parts=_parts)
 
 
-def obb_targets(feats, angles, gt: GroundTruth, config: OBBLossConfig | None = None, **overrides) -> tuple[Head, jax.Array, Targets]:
+def obb_targets(preds: Predictions, gt: GroundTruth, config: OBBLossConfig | None = None, **overrides) -> tuple[Head, Targets]:
   """The OBB loss's first half: decoded predictions and the assignment it trains against.
 
   Takes the arguments of :func:`obb_loss` (without ``class_weights``).
 
   Returns:
-    ``(Head, boxes, Targets)``: the decoded head, the predicted ``(b, A, 5)`` xywhr boxes in
-    grid units of each anchor's level, and :class:`~jaxtal.Targets` with ``boxes (b, A, 5)``
-    in pixels.
+    ``(Head, Targets)``: the decoded head, whose ``boxes`` are the predicted ``(b, A, 5)`` xywhr
+    boxes in grid units of each anchor's level, and :class:`~jaxtal.Targets` with ``boxes (b,
+    A, 5)`` in pixels.
   """
-  caller = "obb_targets"
-  cfg = _make_config(OBBLossConfig, config, overrides, caller)
-  _rotated_only(cfg, caller)
-  batch, hw, head, _, boxes = _obb_head(feats, angles, cfg, caller)
-  _validate.ground_truth(gt, batch, caller, box_dim=5)
-  return head, boxes, _assign_rotated(head, boxes, gt, cfg, hw)
+  return task.targets(OBB, preds, gt, config, overrides, "obb_targets")
 
 
-def _assign_rotated(head: Head, boxes: jax.Array, gt: GroundTruth, cfg: OBBLossConfig, image_hw) -> Targets:
-  return assign_targets(
-      head.logits,
-      boxes * _pixel_scale(head),
-      head.anchors * head.strides,
-      gt,
-      cfg,
-      geometry=rotated(_MIN_ROTATED_SIDE),
-      from_logits=True,
-      image_hw=image_hw,
-  )
+def obb_loss_from_targets(
+    preds: Predictions,
+    targets: Targets,
+    gt: GroundTruth | None = None,
+    config: OBBLossConfig | None = None,
+    *,
+    class_weights: jax.Array | None = None,
+    **overrides,
+) -> tuple[jax.Array, OBBLossParts]:
+  """The OBB loss against given targets (``boxes (b, A, 5)`` xywhr pixels), e.g. from :func:`obb_targets`.
+
+  Arguments as :func:`obb_loss`, with the targets second; ``gt`` may be None (the OBB terms
+  read only the targets). Targets are treated as constants.
+  """
+  return task.loss_from_targets(OBB, preds, targets, gt, config, class_weights, overrides, "obb_loss_from_targets")
 
 
 def obb_loss(
-    feats: Sequence[jax.Array],
-    angles: Sequence[jax.Array],
+    preds: Predictions,
     gt: GroundTruth,
     config: OBBLossConfig | None = None,
     *,
@@ -227,20 +184,19 @@ def obb_loss(
   """YOLOv8 OBB loss of raw head maps and predicted angles against padded rotated ground truth.
 
   The assigner sees sigmoid scores and decoded rotated boxes in pixels under ``stop_gradient``
-  (:func:`rotated_task_aligned_assign`'s rule; GT rows with a side under 2 pixels or outside the
-  input are masked too). With ``N = max(sum of target scores, 1)`` and ``w`` an anchor's target
-  score: ``cls`` as :func:`~jaxtal.detection_loss`; ``box = sum over foreground of w * (1 -
-  ProbIoU(pred, target)) / N`` in grid units with a variance floor of 0.01; ``dfl`` on the
-  target's distances along its own axes (L1 when ``reg_max == 1``); ``angle = sum over
+  (:func:`~jaxtal.rotated_task_aligned_assign`'s rule; GT rows with a side under 2 pixels or
+  outside the input are masked too). With ``N = max(sum of target scores, 1)`` and ``w`` an
+  anchor's target score: ``cls`` as :func:`~jaxtal.detection_loss`; ``box = sum over foreground
+  of w * (1 - ProbIoU(pred, target)) / N`` in grid units with a variance floor of 0.01; ``dfl``
+  on the target's distances along its own axes (L1 when ``reg_max == 1``); ``angle = sum over
   foreground of w * sin^2(2 (pred - target angle)) * exp(-ln^2(w_t / h_t) / 9) / N``.
 
   Args:
-    feats: per-level raw head maps, ``(b, H, W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)``
-      (NCHW), as for :func:`~jaxtal.detection_loss`; box distances are measured along the
-      predicted box's own axes.
-    angles: per-level predicted angles in radians, ``(b, H, W, 1)`` (NHWC) or ``(b, 1, H, W)``
-      (NCHW): the head's output after its own activation (Ultralytics: ``(sigmoid(x) - 1/4) * pi``),
-      as Ultralytics' loss receives it.
+    preds: ``Predictions(feats, angles=...)``: ``feats`` the per-level raw head maps, ``(b, H, W,
+      4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)`` (NCHW), box distances measured along the
+      predicted box's own axes; ``angles`` the per-level predicted angles in radians, ``(b, H, W,
+      1)`` (NHWC) or ``(b, 1, H, W)`` (NCHW): the head's output after its own activation
+      (Ultralytics: ``(sigmoid(x) - 1/4) * pi``), as Ultralytics' loss receives it.
     gt: :class:`~jaxtal.GroundTruth` with ``(b, M, 5)`` xywhr boxes in input pixels
       (:func:`~jaxtal.pack_rotated_labels`).
     config: an :class:`~jaxtal.OBBLossConfig`; or its fields as keyword ``overrides``
@@ -258,34 +214,33 @@ def obb_loss(
     (assignment), https://arxiv.org/abs/2108.07755; Li et al., 2020 (DFL),
     https://arxiv.org/abs/2006.04388.
   """
-  caller = "obb_loss"
-  cfg = _make_config(OBBLossConfig, config, overrides, caller)
-  _rotated_only(cfg, caller)
-  batch, hw, head, pred_angle, boxes = _obb_head(feats, angles, cfg, caller)
-  _validate.ground_truth(gt, batch, caller, box_dim=5)
-  _validate.class_weights(class_weights, cfg.num_classes, caller)
-  targets = _assign_rotated(head, boxes, gt, cfg, hw)
-  return _obb_terms(head, boxes, pred_angle, targets, cfg, hw, class_weights)
+  return task.loss(OBB, preds, gt, config, class_weights, overrides, "obb_loss")
 
 
-class OBBLoss(_TaskLossModule):
+def checked_obb_loss(
+    preds: Predictions, gt: GroundTruth, config: OBBLossConfig | None = None, *, class_weights=None, **overrides
+) -> tuple[jax.Array, OBBLossParts]:
+  """:func:`obb_loss` that raises (through ``checkify``) on invalid values: non-finite
+  predictions, or a real GT row with a class outside ``[0, nc)``, a non-finite or out-of-range
+  box, a negative side or no overlap with the input (:func:`~jaxtal.check_values`). Use under
+  ``checkify.checkify``; identical to :func:`obb_loss` when no check fails."""
+  return task.loss(OBB, preds, gt, config, class_weights, overrides, "checked_obb_loss", checked=True)
+
+
+for _fn in (obb_loss, checked_obb_loss):
+  _fn.config_class = OBBLossConfig  # read by TaskLossModule and EndToEndLoss
+
+
+class OBBLoss(TaskLossModule):
   """The YOLOv8 OBB loss (:func:`obb_loss`) as an NNX module holding an :class:`OBBLossConfig`.
 
   Example::
 
     loss_fn = jaxtal.OBBLoss(num_classes=15, strides=(8, 16, 32))
-    total, parts = loss_fn(feats, angles, gt)
+    total, parts = loss_fn(jaxtal.Predictions(feats, angles=angles), gt)
 
   No trainable state; class weights are held as a constant. The class gain is the config's
   ``cls`` field: pass it in an ``OBBLossConfig`` (Flax's constructor reserves the keyword).
   """
 
-  config_class = OBBLossConfig
-
-  def __init__(self, config: OBBLossConfig | None = None, *, class_weights: jax.Array | None = None, **overrides):
-    super().__init__(config, class_weights=class_weights, **overrides)
-    _rotated_only(self.config, "OBBLoss")
-
-  def __call__(self, feats: Sequence[jax.Array], angles: Sequence[jax.Array], gt: GroundTruth) -> tuple[jax.Array, OBBLossParts]:
-    """Returns ``(total, OBBLossParts)`` for head maps ``feats``, angle maps ``angles`` and ``gt``."""
-    return self._run(obb_loss, feats, angles, gt)
+  loss_fn = staticmethod(obb_loss)

@@ -1,7 +1,7 @@
 """Pose (keypoints): the YOLOv8 pose loss and the keypoint decode.
 
-The detection skeleton (:mod:`jaxtal.loss`) with two more terms read at the foreground entry
-list::
+The detection task (:mod:`jaxtal.detect`) with two more terms read at the foreground entry
+list (predictions ``Predictions(feats, keypoints=...)``)::
 
     head maps --decode_head--> Head --assign (axis-aligned)--> Targets --box, cls, dfl--+
     keypoint maps --anchor rows--> take_rows at the entries --pose, kobj---------------+--> (total, parts)
@@ -66,7 +66,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -74,17 +73,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtal import _validate
-from jaxtal.anchors import make_anchors
-from jaxtal.config import Layout, LossConfig, _make_config
-from jaxtal.head import Head, _level_rows, decode_head
+from jaxtal import task
+from jaxtal import terms
+from jaxtal.config import LossConfig
+from jaxtal.head import Head, Predictions, keypoint_xy
 from jaxtal.labels import COORD_LIMIT, GroundTruth
-from jaxtal.loss import _assign, _check_head, _detection_parts, _finish, _foreground_count, _side_rows, _target_boxes
-from jaxtal.module import _TaskLossModule
+from jaxtal.module import TaskLossModule
 from jaxtal.targets import Targets, take_rows
 
 # COCO's per-keypoint OKS sigmas of the 17 person keypoints (nose, eyes, ears, shoulders,
 # elbows, wrists, hips, knees, ankles), from the COCO keypoint evaluation.
-_COCO_SIGMAS = tuple(
+COCO_SIGMAS = tuple(
     v / 10
     for v in (0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89)
 )
@@ -93,39 +92,6 @@ _COCO_SIGMAS = tuple(
 _AREA_EPS = 1e-9
 # The OKS denominator's floor: 8 sigma^2 (area + eps) never rounds to 0 (no 0 / 0).
 _TINY = float(np.finfo(np.float32).tiny)
-
-
-def _kpt_shape(value) -> tuple[int, int]:
-  try:
-    k, d = value
-  except (TypeError, ValueError):
-    raise ValueError(
-        f"kpt_shape must be (K, D): K keypoints of D = 2 (x, y) or 3 (x, y, visibility) values, got {value!r}"
-    ) from None
-  k = _validate.whole("kpt_shape[0] (K, the number of keypoints)", k, low=1)
-  d = _validate.whole("kpt_shape[1] (D)", d)
-  if d not in (2, 3):
-    raise ValueError(f"kpt_shape[1] (D) must be 2 (x, y) or 3 (x, y, visibility logit), got {value!r}")
-  return k, d
-
-
-def _sigmas(value, kpt_shape: tuple[int, int]) -> tuple[float, ...]:
-  k = kpt_shape[0]
-  if value is None:
-    return _COCO_SIGMAS if kpt_shape == (17, 3) else (1.0 / k,) * k
-  flat = np.asarray(value, dtype=object).reshape(-1) if not isinstance(value, (str, bytes)) else None
-  if flat is None or np.ndim(value) == 0 or flat.size != k:
-    raise ValueError(
-        f"sigmas must be {k} positive finite numbers, one per keypoint (K = {k} from kpt_shape), or None; got {value!r}"
-        " (after changing kpt_shape, give sigmas again or None)"
-    )
-  out = []
-  for i, s in enumerate(flat):
-    v = _validate.finite_number(f"sigmas[{i}]", s)
-    if v <= 0:
-      raise ValueError(f"sigmas[{i}] must be a positive finite number, got {s!r}")
-    out.append(v)
-  return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,8 +115,9 @@ class PoseLossConfig(LossConfig):
 
   def __post_init__(self):
     super().__post_init__()
-    object.__setattr__(self, "kpt_shape", _kpt_shape(self.kpt_shape))
-    object.__setattr__(self, "sigmas", _sigmas(self.sigmas, self.kpt_shape))
+    object.__setattr__(self, "kpt_shape", _validate.kpt_shape(self.kpt_shape))
+    default = COCO_SIGMAS if self.kpt_shape == (17, 3) else (1.0 / self.kpt_shape[0],) * self.kpt_shape[0]
+    object.__setattr__(self, "sigmas", _validate.sigmas(self.sigmas, self.kpt_shape, default))
     for name in ("pose", "kobj"):
       object.__setattr__(self, name, _validate.finite_number(name, getattr(self, name)))
 
@@ -173,52 +140,14 @@ class PoseLossParts(NamedTuple):
   dfl: jax.Array
 
 
-def _keypoint_xy(raw_xy: jax.Array, anchors: jax.Array) -> jax.Array:
-  """``2 * raw + anchor - 0.5``: keypoint positions in grid units. Shapes ``(..., K, 2)``, ``(..., 2)``."""
-  return 2.0 * raw_xy + anchors[..., None, :] - 0.5
+def _prepare(preds: Predictions, head: Head, cfg: PoseLossConfig, batch: int, shapes, caller: str) -> tuple[Head, jax.Array]:
+  """The keypoint maps as ``(b, A, K * D)`` anchor rows, validated against the head's levels."""
+  k, d = cfg.kpt_shape
+  return head, task.side_rows(preds.keypoints, shapes, batch, k * d, cfg.layout, "keypoints", caller)
 
 
-def decode_keypoints(
-    keypoint_maps: Sequence[jax.Array],
-    strides: Sequence[float],
-    kpt_shape: tuple[int, int],
-    layout: Layout = "NHWC",
-) -> jax.Array:
-  """Decodes per-level raw keypoint maps into keypoints in input pixels (for inference).
-
-  Args:
-    keypoint_maps: one map per level, ``(b, H, W, K * D)`` for ``"NHWC"`` or ``(b, K * D, H, W)``
-      for ``"NCHW"``, channel ``k * D + d`` holding value ``d`` of keypoint ``k``; any float dtype.
-    strides: one stride per level (input pixels per cell), e.g. ``(8, 16, 32)``.
-    kpt_shape: ``(K, D)``, ``D = 2`` (x, y) or 3 (x, y, visibility logit).
-    layout: ``"NHWC"`` or ``"NCHW"``.
-
-  Returns:
-    ``(b, A, K, D)`` float32, anchors ordered level by level and row-major within a level (the
-    order of :func:`~jaxtal.make_anchors`): ``x, y = (2 * raw + anchor - 0.5) * stride`` in input
-    pixels, anchor centres at cell centres in grid units; with ``D = 3`` the visibility stays a
-    logit (apply ``jax.nn.sigmoid`` for a probability).
-  """
-  caller = "decode_keypoints"
-  k, d = _kpt_shape(kpt_shape)
-  _validate.one_of("layout", layout, ("NHWC", "NCHW"))
-  strides = _validate.strides(strides)
-  if isinstance(keypoint_maps, jax.Array | np.ndarray) or not isinstance(keypoint_maps, Sequence) or not keypoint_maps:
-    raise TypeError(f"{caller}: keypoint_maps must be a non-empty list of per-level maps, one array per level")
-  shapes = []
-  for i, x in enumerate(keypoint_maps):
-    shape = tuple(getattr(x, "shape", ()))
-    if len(shape) != 4:
-      got = getattr(x, "shape", None)
-      raise ValueError(f"{caller}: keypoint_maps[{i}] must be a rank-4 {layout} array, got shape {got}")
-    shapes.append(shape[1:3] if layout == "NHWC" else shape[2:4])
-  _validate.level_maps(keypoint_maps, shapes, keypoint_maps[0].shape[0], k * d, layout, "keypoint_maps", caller)
-  _validate.strides_match(shapes, strides, caller)
-  rows = jnp.concatenate(_level_rows(keypoint_maps, layout), axis=1).astype(jnp.float32)
-  raw = rows.reshape(*rows.shape[:2], k, d)
-  anchors, anchor_strides = make_anchors(tuple(shapes), strides)
-  xy = _keypoint_xy(raw[..., :2], anchors) * anchor_strides[:, None, :]
-  return jnp.concatenate([xy, raw[..., 2:]], axis=-1)
+def _check_gt(gt: GroundTruth, cfg: PoseLossConfig, caller: str) -> None:
+  _validate.gt_keypoints(gt, cfg.kpt_shape[0], caller)
 
 
 def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, targets: Targets, cfg: PoseLossConfig):
@@ -229,7 +158,7 @@ def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, target
   pred = take_rows(rows, e.anchor).reshape(b, -1, k, d)  # (b, E, K, D)
   anchors = take_rows(jnp.broadcast_to(head.anchors, (b, *head.anchors.shape)), e.anchor)  # (b, E, 2)
   stride = take_rows(jnp.broadcast_to(head.strides, (b, *head.strides.shape)), e.anchor)  # (b, E, 1)
-  box = take_rows(_target_boxes(head, targets), e.anchor)  # (b, E, 4) grid units
+  box = take_rows(terms.target_boxes(head, targets), e.anchor)  # (b, E, 4) grid units
   area = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # (b, E)
 
   gt = jax.lax.stop_gradient(take_rows(jnp.asarray(gt_keypoints, jnp.float32), e.gt))  # (b, E, K, Dg) pixels
@@ -241,7 +170,7 @@ def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, target
   labelled = ok & e.valid[..., None]  # (b, E, K)
   gt_xy = jnp.where(labelled[..., None], gt_xy, 0.0) / stride[..., None, :]
 
-  diff = _keypoint_xy(pred[..., :2], anchors) - gt_xy
+  diff = keypoint_xy(pred[..., :2], anchors) - gt_xy
   d2 = jnp.sum(diff * diff, axis=-1)  # (b, E, K)
   sigmas = jnp.asarray(cfg.sigmas, jnp.float32)
   scale = jnp.maximum(8.0 * sigmas**2 * (area[..., None] + _AREA_EPS), _TINY)
@@ -249,7 +178,7 @@ def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, target
   count = jnp.sum(labelled, axis=-1, dtype=jnp.float32)
   per_anchor = jnp.sum(oks_loss, axis=-1) * k / jnp.maximum(count, 1.0)
 
-  n = _foreground_count(targets, cfg.axis_name) * k
+  n = terms.foreground_count(targets, cfg.axis_name) * k
   pose = jnp.sum(per_anchor) / n
   if d < 3:
     return pose, jnp.zeros((), jnp.float32)
@@ -260,9 +189,47 @@ def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, target
   return pose, kobj
 
 
+def _parts(inputs: task.Inputs, targets: Targets, cfg: PoseLossConfig, class_weights) -> PoseLossParts:
+  det = terms.detection_parts(inputs.head, targets, cfg, inputs.image_hw, class_weights)
+  pose, kobj = _keypoint_terms(inputs.head, inputs.side, inputs.gt.keypoints, targets, cfg)
+  return PoseLossParts(det.box, cfg.pose * pose, cfg.kobj * kobj, det.cls, det.dfl)
+
+
+POSE = task.Task(
+    name="pose", config_class=PoseLossConfig, needs=("keypoints",), form=terms.AXIS_ALIGNED, prepare=_prepare,
+    check_gt=_check_gt, parts=_parts,
+)
+
+
+def pose_targets(preds: Predictions, gt: GroundTruth, config: PoseLossConfig | None = None, **overrides) -> tuple[Head, Targets]:
+  """The pose loss's first half: decoded predictions and the assignment (the detection one:
+  keypoints take no part in it). Arguments as :func:`pose_loss` (without ``class_weights``).
+
+  Returns:
+    ``(Head, Targets)``, as :func:`~jaxtal.detection_targets`.
+  """
+  return task.targets(POSE, preds, gt, config, overrides, "pose_targets")
+
+
+def pose_loss_from_targets(
+    preds: Predictions,
+    targets: Targets,
+    gt: GroundTruth,
+    config: PoseLossConfig | None = None,
+    *,
+    class_weights: jax.Array | None = None,
+    **overrides,
+) -> tuple[jax.Array, PoseLossParts]:
+  """The pose loss against given targets (e.g. from :func:`pose_targets`), treated as constants.
+
+  Arguments as :func:`pose_loss`, with the targets second; ``gt`` is required (the keypoint
+  terms read ``gt.keypoints`` at each entry's GT slot).
+  """
+  return task.loss_from_targets(POSE, preds, targets, gt, config, class_weights, overrides, "pose_loss_from_targets")
+
+
 def pose_loss(
-    feats: Sequence[jax.Array],
-    keypoints: Sequence[jax.Array],
+    preds: Predictions,
     gt: GroundTruth,
     config: PoseLossConfig | None = None,
     *,
@@ -280,11 +247,12 @@ def pose_loss(
   ``n_fg * K``). See :mod:`jaxtal.pose` for the masking rules and the deliberate differences.
 
   Args:
-    feats: per-level raw head maps, ``(b, H, W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)``
-      (NCHW), as for :func:`~jaxtal.detection_loss`.
-    keypoints: per-level raw keypoint maps, ``(b, H, W, K * D)`` (NHWC) or ``(b, K * D, H, W)``
-      (NCHW), channel ``k * D + d``: ``x, y`` decode to ``2 * raw + anchor - 0.5`` grid units,
-      ``D = 3``'s third value is a visibility logit (:func:`decode_keypoints` for inference).
+    preds: ``Predictions(feats, keypoints=...)``: ``feats`` the per-level raw head maps, ``(b, H,
+      W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)`` (NCHW), as for :func:`~jaxtal.detection_loss`;
+      ``keypoints`` the per-level raw keypoint maps, ``(b, H, W, K * D)`` (NHWC) or ``(b, K * D,
+      H, W)`` (NCHW), channel ``k * D + d``: ``x, y`` decode to ``2 * raw + anchor - 0.5`` grid
+      units, ``D = 3``'s third value is a visibility logit (:func:`~jaxtal.decode_keypoints` for
+      inference).
     gt: :class:`~jaxtal.GroundTruth` with boxes in input pixels and ``keypoints (b, M, K, Dg)``
       in input pixels, ``Dg = 3`` (visibility non-zero = labelled) or 2 (all labelled), e.g.
       from :func:`~jaxtal.pack_labels` with ``keypoints=``.
@@ -304,38 +272,33 @@ def pose_loss(
     (OKS), https://cocodataset.org/#keypoints-eval; Feng et al., 2021, "TOOD" (assignment),
     https://arxiv.org/abs/2108.07755.
   """
-  caller = "pose_loss"
-  cfg = _make_config(PoseLossConfig, config, overrides, caller)
-  batch, hw, shapes = _check_head(feats, cfg, caller)
-  k, d = cfg.kpt_shape
-  rows = _side_rows(keypoints, shapes, batch, k * d, cfg.layout, "keypoints", caller)
-  _validate.ground_truth(gt, batch, caller)
-  _validate.gt_keypoints(gt, k, caller)
-  _validate.class_weights(class_weights, cfg.num_classes, caller)
-  head = decode_head(feats, cfg)
-  targets = _assign(head, gt, cfg, hw)
-  det = _detection_parts(head, targets, cfg, hw, class_weights)
-  pose, kobj = _keypoint_terms(head, rows, gt.keypoints, targets, cfg)
-  parts = PoseLossParts(det.box, cfg.pose * pose, cfg.kobj * kobj, det.cls, det.dfl)
-  return _finish(parts, batch, cfg.axis_name)
+  return task.loss(POSE, preds, gt, config, class_weights, overrides, "pose_loss")
 
 
-class PoseLoss(_TaskLossModule):
+def checked_pose_loss(
+    preds: Predictions, gt: GroundTruth, config: PoseLossConfig | None = None, *, class_weights=None, **overrides
+) -> tuple[jax.Array, PoseLossParts]:
+  """:func:`pose_loss` that raises (through ``checkify``) on invalid values: the checks of
+  :func:`~jaxtal.checked_detection_loss` plus, on real rows, a non-finite visibility or a labelled
+  keypoint with a non-finite or out-of-range coordinate (:func:`~jaxtal.check_values`). Use under
+  ``checkify.checkify``; identical to :func:`pose_loss` when no check fails."""
+  return task.loss(POSE, preds, gt, config, class_weights, overrides, "checked_pose_loss", checked=True)
+
+
+for _fn in (pose_loss, checked_pose_loss):
+  _fn.config_class = PoseLossConfig  # read by TaskLossModule and EndToEndLoss
+
+
+class PoseLoss(TaskLossModule):
   """The YOLOv8 pose loss (:func:`pose_loss`) as an NNX module holding a :class:`PoseLossConfig`.
 
   Example::
 
     loss_fn = jaxtal.PoseLoss(num_classes=1, strides=(8, 16, 32), kpt_shape=(17, 3))
-    total, parts = loss_fn(feats, keypoints, gt)
+    total, parts = loss_fn(jaxtal.Predictions(feats, keypoints=keypoints), gt)
 
   No trainable state; class weights are held as a constant. The class gain is the config's
   ``cls`` field: pass it in a ``PoseLossConfig`` (Flax's constructor reserves the keyword).
   """
 
-  config_class = PoseLossConfig
-
-  def __call__(
-      self, feats: Sequence[jax.Array], keypoints: Sequence[jax.Array], gt: GroundTruth
-  ) -> tuple[jax.Array, PoseLossParts]:
-    """Returns ``(total, PoseLossParts)`` for head maps ``feats``, keypoint maps ``keypoints`` and ``gt``."""
-    return self._run(pose_loss, feats, keypoints, gt)
+  loss_fn = staticmethod(pose_loss)

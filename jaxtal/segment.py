@@ -1,6 +1,7 @@
 """Instance segmentation: the YOLOv8 segmentation loss (box, mask, class and DFL terms).
 
-The detection skeleton (:mod:`jaxtal.loss`) with one more term read at the foreground entry list::
+The detection task (:mod:`jaxtal.detect`) with one more term read at the foreground entry list
+(predictions ``Predictions(feats, mask_coefs=..., proto=...)``)::
 
     head maps --decode--> Head --assign--> Targets --detection parts + mask term at the entries--> (total, parts)
 
@@ -53,7 +54,12 @@ matches to float32 rounding:
 
 * padding comes from ``gt.mask`` and invalid GT rows own nothing, as in the detection loss;
   with per-slot masks the slot order is ``gt``'s (the reference takes instance masks in
-  label-row order, grouped by image).
+  label-row order, grouped by image);
+* per-slot masks are never read where they do not count: a padding slot, an invalid row or an
+  entry of another image may hold anything, NaN included. A non-finite pixel of a counted
+  slot's mask is masked: it contributes no term (read as 0 with weight 0), while the mean still
+  divides by all ``mh * mw`` pixels; the reference's loss is NaN there.
+  :func:`checked_segment_loss` turns such pixels into an error instead.
 
 The einsum producing the mask logits runs at JAX's default matmul precision, which on GPU and
 TPU may round float32 inputs (set ``jax_default_matmul_precision`` for full float32).
@@ -62,28 +68,29 @@ TPU may round float32 inputs (set ``jax_default_matmul_precision`` for full floa
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxtal import _validate, kernels
-from jaxtal.config import LossConfig, _make_config
-from jaxtal.head import decode_head
+from jaxtal import _validate
+from jaxtal import kernels
+from jaxtal import task
+from jaxtal import terms
+from jaxtal.config import LossConfig
+from jaxtal.head import Head, Predictions
 from jaxtal.labels import GroundTruth
-from jaxtal.loss import _assign, _check_head, _detection_parts, _finish, _foreground_count, _side_rows
-from jaxtal.module import _TaskLossModule
+from jaxtal.module import TaskLossModule
 from jaxtal.targets import Targets, take_rows
 
-# Automatic chunking: one chunk's (b, chunk, mh, mw) float32 mask logits take at most _CHUNK_BYTES, and a
-# chunk holds at most _CHUNK_ENTRIES entries (finer chunks waste less work past the last foreground entry;
+# Automatic chunking: one chunk's (b, chunk, mh, mw) float32 mask logits take at most CHUNK_BYTES, and a
+# chunk holds at most CHUNK_ENTRIES entries (finer chunks waste less work past the last foreground entry;
 # b = 2, M = 100, 160 x 160 prototypes, XLA:CPU, loss step: 0.117 s at 32 entries, 0.098 s at 64, 0.110 s
 # at 128, 0.268 s at 327, the memory bound alone).
-_CHUNK_BYTES = 64 << 20
-_CHUNK_ENTRIES = 64
+CHUNK_BYTES = 64 << 20
+CHUNK_ENTRIES = 64
 # A GT box covering less of the image than this contributes no mask term (the term divides by it).
-_MIN_AREA = 1e-20
+MIN_AREA = 1e-20
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -140,7 +147,7 @@ def _prototypes(proto, batch: int, layout: str, caller: str) -> tuple[jax.Array,
   return proto.astype(jnp.float32), int(nm)
 
 
-def _resize_prototypes(proto: jax.Array, mask_hw) -> jax.Array:
+def resize_prototypes(proto: jax.Array, mask_hw) -> jax.Array:
   """``(b, nm, mh, mw)`` -> ``(b, nm, mh', mw')``: bilinear, half-pixel centres, edges clamped, no
   antialiasing (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``); unchanged at ``(mh, mw)``."""
   if tuple(proto.shape[2:]) == tuple(mask_hw):
@@ -148,26 +155,26 @@ def _resize_prototypes(proto: jax.Array, mask_hw) -> jax.Array:
   return jax.image.resize(proto, proto.shape[:2] + tuple(mask_hw), method="linear", antialias=False)
 
 
-def _entry_boxes(targets: Targets, image_hw, mask_hw) -> tuple[jax.Array, jax.Array]:
+def entry_boxes(targets: Targets, image_hw, mask_hw) -> tuple[jax.Array, jax.Array]:
   """Each entry's GT box in mask pixels ``(b, E, 4)`` and its weight ``(b, E)``: ``1 / (mh mw area)``
-  with ``area`` the box's fraction of the image, 0 on invalid entries and boxes under ``_MIN_AREA``."""
+  with ``area`` the box's fraction of the image, 0 on invalid entries and boxes under ``MIN_AREA``."""
   h, w = image_hw
   mh, mw = mask_hw
   e = targets.entries
   norm = take_rows(targets.boxes, e.anchor) / jnp.array([w, h, w, h], jnp.float32)
   area = (norm[..., 2] - norm[..., 0]) * (norm[..., 3] - norm[..., 1])
-  counted = e.valid & (area >= _MIN_AREA)
+  counted = e.valid & (area >= MIN_AREA)
   weight = jnp.where(counted, 1.0 / (mh * mw * jnp.where(counted, area, 1.0)), 0.0)
   return norm * jnp.array([mw, mh, mw, mh], jnp.float32), weight
 
 
-def _chunk_size(mask_chunk: int | None, batch: int, entries: int, pixels: int) -> int:
+def chunk_size(mask_chunk: int | None, batch: int, entries: int, pixels: int) -> int:
   if mask_chunk is None:
-    mask_chunk = min(_CHUNK_ENTRIES, _CHUNK_BYTES // (4 * batch * pixels))
+    mask_chunk = min(CHUNK_ENTRIES, CHUNK_BYTES // (4 * batch * pixels))
   return max(1, min(int(mask_chunk), entries))
 
 
-def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = ()) -> jax.Array:
+def mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = ()) -> jax.Array:
   """Sum over the foreground entries of the per-anchor mask loss (not yet divided by their number).
 
   ``coefs (b, A, nm)``, ``proto (b, nm, mh, mw)`` at the masks' resolution, ``masks`` as
@@ -178,9 +185,9 @@ def _mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int |
   size = e.anchor.shape[1]
   if size == 0:
     return jnp.zeros((), jnp.float32)
-  box, weight = jax.lax.stop_gradient(_entry_boxes(targets, image_hw, (mh, mw)))
+  box, weight = jax.lax.stop_gradient(entry_boxes(targets, image_hw, (mh, mw)))
   coef = take_rows(coefs, e.anchor)  # (b, E, nm)
-  chunk = _chunk_size(mask_chunk, b, size, mh * mw)
+  chunk = chunk_size(mask_chunk, b, size, mh * mw)
   return kernels.select("mask_bce_sum", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map)
 
 
@@ -191,10 +198,75 @@ def _gt_masks(gt: GroundTruth, index_map: bool) -> jax.Array:
   return masks if masks.dtype == bool else masks.astype(jnp.float32)
 
 
+class _Side(NamedTuple):
+  coefs: jax.Array  # (b, A, nm) anchor rows
+  proto: jax.Array  # (b, nm, mh, mw) float32, at the prototypes' own resolution
+
+
+class _MaskInfo(NamedTuple):
+  index_map: bool
+  mask_hw: tuple[int, int]
+
+
+def _prepare(preds: Predictions, head: Head, cfg: SegmentLossConfig, batch: int, shapes, caller: str) -> tuple[Head, _Side]:
+  given = tuple(getattr(preds.proto, "shape", ()))
+  proto, nm = _prototypes(preds.proto, batch, cfg.layout, caller)
+  try:
+    coefs = task.side_rows(preds.mask_coefs, shapes, batch, nm, cfg.layout, "mask_coefs", caller)
+  except ValueError as e:  # say where nm comes from
+    raise ValueError(f"{e}; nm = {nm} is the number of prototypes in proto {given} ({cfg.layout})") from None
+  return head, _Side(coefs, proto)
+
+
+def _check_gt(gt: GroundTruth, cfg: SegmentLossConfig, caller: str) -> _MaskInfo:
+  return _MaskInfo(*_validate.gt_masks(gt, caller))
+
+
+def _parts(inputs: task.Inputs, targets: Targets, cfg: SegmentLossConfig, class_weights) -> SegmentLossParts:
+  det = terms.detection_parts(inputs.head, targets, cfg, inputs.image_hw, class_weights)
+  index_map, mask_hw = inputs.gt_info
+  proto = resize_prototypes(inputs.side.proto, mask_hw)
+  masks = _gt_masks(inputs.gt, index_map)
+  seg = mask_sum(inputs.side.coefs, proto, masks, targets, inputs.image_hw, cfg.mask_chunk, index_map, cfg.plain_kernels)
+  seg = seg / terms.foreground_count(targets, cfg.axis_name)
+  return SegmentLossParts(det.box, cfg.box * seg, det.cls, det.dfl)
+
+
+SEGMENT = task.Task(
+    name="segment", config_class=SegmentLossConfig, needs=("mask_coefs", "proto"), form=terms.AXIS_ALIGNED,
+    prepare=_prepare, check_gt=_check_gt, parts=_parts,
+)
+
+
+def segment_targets(preds: Predictions, gt: GroundTruth, config: SegmentLossConfig | None = None, **overrides) -> tuple[Head, Targets]:
+  """The segmentation loss's first half: decoded predictions and the assignment (the detection
+  one: masks take no part in it). Arguments as :func:`segment_loss` (without ``class_weights``).
+
+  Returns:
+    ``(Head, Targets)``, as :func:`~jaxtal.detection_targets`.
+  """
+  return task.targets(SEGMENT, preds, gt, config, overrides, "segment_targets")
+
+
+def segment_loss_from_targets(
+    preds: Predictions,
+    targets: Targets,
+    gt: GroundTruth,
+    config: SegmentLossConfig | None = None,
+    *,
+    class_weights: jax.Array | None = None,
+    **overrides,
+) -> tuple[jax.Array, SegmentLossParts]:
+  """The segmentation loss against given targets (e.g. from :func:`segment_targets`), treated as constants.
+
+  Arguments as :func:`segment_loss`, with the targets second; ``gt`` is required (the mask term
+  reads ``gt.masks`` at each entry's GT slot).
+  """
+  return task.loss_from_targets(SEGMENT, preds, targets, gt, config, class_weights, overrides, "segment_loss_from_targets")
+
+
 def segment_loss(
-    feats: Sequence[jax.Array],
-    mask_coefs: Sequence[jax.Array],
-    proto: jax.Array,
+    preds: Predictions,
     gt: GroundTruth,
     config: SegmentLossConfig | None = None,
     *,
@@ -210,11 +282,12 @@ def segment_loss(
   the memory bound and the deliberate differences from Ultralytics.
 
   Args:
-    feats: per-level raw head maps, ``(b, H, W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)``
-      (NCHW), as for :func:`~jaxtal.detection_loss`.
-    mask_coefs: per-level mask coefficients, ``(b, H, W, nm)`` (NHWC) or ``(b, nm, H, W)``
-      (NCHW), one map per level of ``feats`` (raw, as Ultralytics' loss receives them).
-    proto: prototype masks ``(b, mh, mw, nm)`` (NHWC) or ``(b, nm, mh, mw)`` (NCHW).
+    preds: ``Predictions(feats, mask_coefs=..., proto=...)``: ``feats`` the per-level raw head
+      maps, ``(b, H, W, 4R + nc)`` (NHWC) or ``(b, 4R + nc, H, W)`` (NCHW), as for
+      :func:`~jaxtal.detection_loss`; ``mask_coefs`` the per-level mask coefficients, ``(b, H, W,
+      nm)`` (NHWC) or ``(b, nm, H, W)`` (NCHW), one map per level of ``feats`` (raw, as
+      Ultralytics' loss receives them); ``proto`` the prototype masks ``(b, mh, mw, nm)`` (NHWC)
+      or ``(b, nm, mh, mw)`` (NCHW).
     gt: :class:`~jaxtal.GroundTruth` with xyxy boxes in input pixels and ``masks``: an index map
       ``(b, mh', mw')`` int (pixel value ``j + 1`` marks slot ``j``, 0 background;
       :func:`~jaxtal.pack_masks`) or per-slot masks ``(b, M, mh', mw')`` bool or 0/1 float. When
@@ -233,45 +306,33 @@ def segment_loss(
     Bolya et al., 2019, "YOLACT" (prototypes and coefficients), https://arxiv.org/abs/1904.02689;
     Feng et al., 2021, "TOOD" (assignment), https://arxiv.org/abs/2108.07755.
   """
-  caller = "segment_loss"
-  cfg = _make_config(SegmentLossConfig, config, overrides, caller)
-  batch, hw, shapes = _check_head(feats, cfg, caller)
-  _validate.ground_truth(gt, batch, caller)
-  index_map, mask_hw = _validate.gt_masks(gt, caller)
-  given = tuple(getattr(proto, "shape", ()))
-  proto, nm = _prototypes(proto, batch, cfg.layout, caller)
-  try:
-    coefs = _side_rows(mask_coefs, shapes, batch, nm, cfg.layout, "mask_coefs", caller)
-  except ValueError as e:  # say where nm comes from
-    raise ValueError(f"{e}; nm = {nm} is the number of prototypes in proto {given} ({cfg.layout})") from None
-  _validate.class_weights(class_weights, cfg.num_classes, caller)
-  proto = _resize_prototypes(proto, mask_hw)
-
-  head = decode_head(feats, cfg)
-  targets = _assign(head, gt, cfg, hw)
-  det = _detection_parts(head, targets, cfg, hw, class_weights)
-  seg = _mask_sum(coefs, proto, _gt_masks(gt, index_map), targets, hw, cfg.mask_chunk, index_map, cfg.plain_kernels)
-  seg = seg / _foreground_count(targets, cfg.axis_name)
-  parts = SegmentLossParts(det.box, cfg.box * seg, det.cls, det.dfl)
-  return _finish(parts, batch, cfg.axis_name)
+  return task.loss(SEGMENT, preds, gt, config, class_weights, overrides, "segment_loss")
 
 
-class SegmentLoss(_TaskLossModule):
+def checked_segment_loss(
+    preds: Predictions, gt: GroundTruth, config: SegmentLossConfig | None = None, *, class_weights=None, **overrides
+) -> tuple[jax.Array, SegmentLossParts]:
+  """:func:`segment_loss` that raises (through ``checkify``) on invalid values: the checks of
+  :func:`~jaxtal.checked_detection_loss` plus masks (per-slot masks of real slots must hold finite
+  values in ``[0, 1]``, an index map values in ``[0, M]``; :func:`~jaxtal.check_values`). Use under
+  ``checkify.checkify``; identical to :func:`segment_loss` when no check fails."""
+  return task.loss(SEGMENT, preds, gt, config, class_weights, overrides, "checked_segment_loss", checked=True)
+
+
+for _fn in (segment_loss, checked_segment_loss):
+  _fn.config_class = SegmentLossConfig  # read by TaskLossModule and EndToEndLoss
+
+
+class SegmentLoss(TaskLossModule):
   """The YOLOv8 segmentation loss (:func:`segment_loss`) as an NNX module holding a :class:`SegmentLossConfig`.
 
   Example::
 
     loss_fn = jaxtal.SegmentLoss(num_classes=80, strides=(8, 16, 32))
-    total, parts = loss_fn(feats, mask_coefs, proto, gt)
+    total, parts = loss_fn(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt)
 
   No trainable state; class weights are held as a constant. The class gain is the config's
   ``cls`` field: pass it in a ``SegmentLossConfig`` (Flax's constructor reserves the keyword).
   """
 
-  config_class = SegmentLossConfig
-
-  def __call__(
-      self, feats: Sequence[jax.Array], mask_coefs: Sequence[jax.Array], proto: jax.Array, gt: GroundTruth
-  ) -> tuple[jax.Array, SegmentLossParts]:
-    """Returns ``(total, SegmentLossParts)`` for head maps, mask coefficients, prototypes and ``gt``."""
-    return self._run(segment_loss, feats, mask_coefs, proto, gt)
+  loss_fn = staticmethod(segment_loss)

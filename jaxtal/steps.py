@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtal import _validate
-from jaxtal.config import AssignerConfig, _make_config
+from jaxtal.config import AssignerConfig, make_config
 from jaxtal.geometry import Geometry, axis_aligned
 from jaxtal.labels import GroundTruth, valid_rows
 from jaxtal.targets import Assignment
@@ -110,7 +110,7 @@ def assign_steps(
     :class:`~jaxtal.Assignment`, which equals ``task_aligned_assign``'s (``gt_chunk`` is ignored:
     everything is one block).
   """
-  cfg = _make_config(AssignerConfig, config, overrides, "assign_steps")
+  cfg = make_config(AssignerConfig, config, overrides, "assign_steps")
   _, a, _ = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, "assign_steps")
   _validate.topk_in_range(cfg.topk, cfg.topk2, a, "assign_steps")
   geometry = axis_aligned(cfg.overlap)
