@@ -1,0 +1,72 @@
+"""Pose rows: jitted ``jaxtal.pose_loss`` fwd+bwd w.r.t. head and keypoint maps, b = 16, nc = 1, 640 px,
+K = 17, M = 20 and 100; Ultralytics' ``v8PoseLoss`` on the same numbers, paired ratio."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import jaxtal
+import timing
+from timing import BATCH, IMAGE_SIZE, REG_MAX, SEED, STRIDES
+
+POSE_NUM_CLASSES = 1  # person
+POSE_KPT_SHAPE = (17, 3)  # COCO keypoints
+POSE_BOX_COUNTS = (20, 100)  # a few people, a crowd
+NAME = "pose loss fwd+bwd (b16 nc1 640px K17)"
+
+
+def loss_total(feats, keypoints, gt, cfg):
+  """jaxtal's pose loss total: the one call of it in this file."""
+  return jaxtal.pose_loss(feats, keypoints, gt, cfg)[0]
+
+
+def make_pose_keypoints(rows: np.ndarray, seed: int = SEED) -> np.ndarray:
+  """``(n, 17, 3)`` normalised keypoints: uniform inside each row's box, visibility 0, 1 or 2 (a quarter unlabelled)."""
+  rng = np.random.default_rng(seed + 17)
+  n, k = rows.shape[0], POSE_KPT_SHAPE[0]
+  lo, hi = rows[:, None, 2:4] - rows[:, None, 4:6] / 2, rows[:, None, 2:4] + rows[:, None, 4:6] / 2
+  xy = lo + rng.uniform(size=(n, k, 2)) * (hi - lo)
+  vis = rng.choice([0.0, 1.0, 2.0], size=(n, k, 1), p=[0.25, 0.25, 0.5])
+  return np.concatenate([xy, vis], axis=-1).astype(np.float32)
+
+
+def rows(args, table) -> None:
+  k, d = POSE_KPT_SHAPE
+  maps_np = timing.make_head_maps(num_classes=POSE_NUM_CLASSES)
+  kpts_np = timing.make_side_maps(k * d, seed=SEED + 3, scale=0.5)
+  feats, kpts = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in kpts_np]
+  cfg = jaxtal.PoseLossConfig(num_classes=POSE_NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, kpt_shape=POSE_KPT_SHAPE)
+
+  @jax.jit
+  def step(feats, kpts, gt):
+    return jax.value_and_grad(lambda f, p: loss_total(f, p, gt, cfg), argnums=(0, 1))(feats, kpts)
+
+  rows_by_m = {m: timing.make_label_rows(m, seed=SEED + 5, num_classes=POSE_NUM_CLASSES) for m in POSE_BOX_COUNTS}
+  keypoints_by_m = {m: make_pose_keypoints(r) for m, r in rows_by_m.items()}
+  runs = {}
+  for m in POSE_BOX_COUNTS:
+    gt = jax.device_put(jaxtal.pack_labels(rows_by_m[m], BATCH, m, IMAGE_SIZE, keypoints=keypoints_by_m[m]))
+    runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, kpts, gt))  # noqa: E731
+  reference = None if args.no_ultralytics else timing.import_reference(table)
+  if reference is None:
+    timing.compare_rows(args, table, NAME, "jaxtal.pose_loss", runs)
+    return
+  import torch
+  from ultralytics.utils.loss import v8PoseLoss
+
+  preds, leaves = timing.reference_preds(maps_np, POSE_NUM_CLASSES, extra={"kpts": kpts_np})
+  gains = dict(box=7.5, cls=0.5, dfl=1.5, pose=12.0, kobj=1.0)
+  model = reference.Model(POSE_NUM_CLASSES, REG_MAX, list(STRIDES), gains, None)
+  model.model[-1].kpt_shape = list(POSE_KPT_SHAPE)
+  crit = v8PoseLoss(model, tal_topk=10)
+  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  ref_runs = {}
+  for m in POSE_BOX_COUNTS:
+    t = torch.from_numpy(rows_by_m[m])
+    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "keypoints": torch.from_numpy(keypoints_by_m[m])}
+    ref_runs[m] = timing.reference_run(crit, preds, batch, leaves)
+  timing.compare_rows(
+      args, table, NAME, "jaxtal.pose_loss", runs,
+      "Ultralytics v8PoseLoss fwd+bwd", ref_runs, timing.reference_note(reference), "pose loss", "target >= 2.5",
+  )  # fmt: skip

@@ -1,0 +1,92 @@
+"""Instance-segmentation rows: jitted ``jaxtal.segment_loss`` fwd+bwd w.r.t. head, coefficient and prototype
+maps, b = 16, nc = 80, 640 px, 160 x 160 x 32 prototypes, M = 50; Ultralytics' ``v8SegmentationLoss``
+(``overlap_mask=True``) on the same numbers, paired ratio; XLA's memory analysis of the step (also at the
+issue's b = 16, M = 100 bound); the step with its task kernel plain (``ablation.segment_rows``)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+import ablation
+import jaxtal
+import timing
+from timing import BATCH, IMAGE_SIZE, NUM_CLASSES, REG_MAX, SEED, STRIDES
+
+SEG_PROTO = (160, 160, 32)  # YOLOv8-seg: input / 4, 32 prototypes
+SEG_BOX_COUNTS = (50,)
+SEG_MEMORY = (16, 100)  # b, M of the issue's memory bound (2 GB)
+NAME = "segment loss fwd+bwd (b16 nc80 640px 160x160x32)"
+
+
+def loss_total(feats, coefs, proto, gt, cfg):
+  """jaxtal's segmentation loss total: the one call of it in this file."""
+  return jaxtal.segment_loss(feats, coefs, proto, gt, cfg)[0]
+
+
+def make_step(cfg):
+  """``step(feats, coefs, proto, gt) -> (total, grads w.r.t. the three)`` under ``cfg`` (the ablation passes variants)."""
+
+  def step(feats, coefs, proto, gt):
+    return jax.value_and_grad(lambda f, c, p: loss_total(f, c, p, gt, cfg), argnums=(0, 1, 2))(feats, coefs, proto)
+
+  return step
+
+
+def make_index_maps(rows: np.ndarray, batch: int, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """``(rows, index maps (b, mh, mw))``: the rows sorted largest-area first within each image (as Ultralytics'
+  pipeline orders them) and an ellipse filling each box drawn in that order (``jaxtal.pack_masks``)."""
+  order = np.lexsort((-rows[:, 4] * rows[:, 5], rows[:, 0]))
+  rows = rows[order]
+  ys, xs = np.mgrid[: size[0], : size[1]] + 0.5
+  cx, cy, w, h = (rows[:, i, None, None] * s for i, s in ((2, size[1]), (3, size[0]), (4, size[1]), (5, size[0])))
+  masks = ((xs - cx) / (w / 2)) ** 2 + ((ys - cy) / (h / 2)) ** 2 <= 1.0
+  return rows, jaxtal.pack_masks(masks, rows[:, 0], batch, int(np.bincount(rows[:, 0].astype(int)).max()))
+
+
+def rows(args, table) -> None:
+  mh, mw, nm = SEG_PROTO
+  maps_np = timing.make_head_maps()
+  coefs_np = timing.make_side_maps(nm, seed=SEED + 7)
+  proto_np = np.random.default_rng(SEED + 9).standard_normal((BATCH, mh, mw, nm), dtype=np.float32)
+  feats, coefs, proto = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in coefs_np], jax.device_put(proto_np)
+  cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+  step = jax.jit(make_step(cfg))
+  data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
+  inputs_by_m, runs = {}, {}
+  for m, (label_rows, index_maps) in data.items():
+    gt = jax.device_put(jaxtal.pack_labels(label_rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps))
+    inputs_by_m[m] = (feats, coefs, proto, gt)
+    timing.memory_row(table, "segment loss step XLA memory", m, step.lower(*inputs_by_m[m]).compile())
+    runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, coefs, proto, gt))  # noqa: E731
+  b_mem, m_mem = SEG_MEMORY
+  shape = lambda *s, dt=np.float32: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+  abstract = (
+      [shape(b_mem, IMAGE_SIZE // s, IMAGE_SIZE // s, 4 * REG_MAX + NUM_CLASSES) for s in STRIDES],
+      [shape(b_mem, IMAGE_SIZE // s, IMAGE_SIZE // s, nm) for s in STRIDES],
+      shape(b_mem, mh, mw, nm),
+      jaxtal.GroundTruth(shape(b_mem, m_mem, dt=np.int32), shape(b_mem, m_mem, 4), shape(b_mem, m_mem, dt=bool), masks=shape(b_mem, mh, mw, dt=np.int32)),
+  )
+  timing.memory_row(table, f"segment loss step XLA memory, b{b_mem}", m_mem, jax.jit(make_step(cfg)).lower(*abstract).compile())
+  reference = None if args.no_ultralytics else timing.import_reference(table)
+  if reference is None:
+    medians = timing.compare_rows(args, table, NAME, "jaxtal.segment_loss", runs)
+    ablation.segment_rows(args, table, cfg, make_step, inputs_by_m, medians)
+    return
+  import torch
+  from ultralytics.utils.loss import v8SegmentationLoss
+
+  preds, leaves = timing.reference_preds(maps_np, NUM_CLASSES, extra={"mask_coefficient": coefs_np, "proto": proto_np})
+  model = reference.Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, overlap_mask=True), None)
+  crit = v8SegmentationLoss(model, tal_topk=10)
+  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  ref_runs = {}
+  for m, (label_rows, index_maps) in data.items():
+    t = torch.from_numpy(label_rows)
+    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "masks": torch.from_numpy(index_maps)}
+    ref_runs[m] = timing.reference_run(crit, preds, batch, leaves)
+  medians = timing.compare_rows(
+      args, table, NAME, "jaxtal.segment_loss", runs,
+      "Ultralytics v8SegmentationLoss fwd+bwd", ref_runs, timing.reference_note(reference), "segment loss", "target >= 3",
+  )  # fmt: skip
+  ablation.segment_rows(args, table, cfg, make_step, inputs_by_m, medians)
