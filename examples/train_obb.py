@@ -7,10 +7,10 @@
 64x64 images of filled rotated rectangles, ellipses and triangles (class = shape; random angles, sizes and
 colours on a plain or noisy background), drawn with OpenCV (``cv2.fillPoly``, ``cv2.ellipse``) and labelled
 as ``xywhr`` boxes in Ultralytics' convention (angle in ``[0, pi/2)``, sides swapped to get there), packed by
-``jaxtal.pack_rotated_labels``. The model is ``train_toy``'s ``Detector`` (imported, not copied) plus, per
-level, an angle branch whose output goes through Ultralytics' activation ``(sigmoid(x) - 1/4) * pi``
-(``[-pi/4, 3pi/4)``); ``jaxtal.OBBLoss`` (rotated task-aligned assignment, BCE + ProbIoU + DFL + angle)
-trains it with ``train_toy``'s task step and AdamW schedule (``train_task``).
+``jaxtal.pack_rotated_labels``. The model is ``toykit``'s ``Detector`` (``examples/toykit.py``, the pieces the
+training examples share) plus, per level, an angle branch whose output goes through Ultralytics' activation
+``(sigmoid(x) - 1/4) * pi`` (``[-pi/4, 3pi/4)``); ``jaxtal.OBBLoss`` (rotated task-aligned assignment, BCE +
+ProbIoU + DFL + angle) trains it with ``toykit``'s task step and AdamW schedule (``train_task``).
 
 Evaluation on held-out images: boxes decoded with ``jaxtal.decode_rotated_boxes``, a greedy class-aware
 rotated NMS, and a VOC-style all-point AP@0.5 per class averaged over the classes (pycocotools has no rotated
@@ -24,19 +24,15 @@ from __future__ import annotations
 
 import importlib
 import math
-import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import toykit  # the examples' shared model, training loop and start-up checks (examples/toykit.py)
 from flax import nnx
 
 import jaxtal
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import train_toy as toy  # noqa: E402  (the sibling example: model pieces, progress lines, start-up checks)
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle")
 IMAGE_SIZE, MAX_BOXES = 64, 4  # an image holds 1 to MAX_BOXES shapes
@@ -67,7 +63,7 @@ def draw_shape(image: np.ndarray, kind: int, box, colour, turn: bool = False) ->
   painted pixels are those OpenCV's anti-aliased fill covers fully: the pixels whose centres lie inside the shape,
   to a pixel along the outline (its plain fill also paints every pixel the outline touches: some 10 % too many).
   """
-  cv2 = toy.require("cv2", "drawing", SCRIPT)
+  cv2 = toykit.require("cv2", "drawing", SCRIPT)
   one, mask = 16, np.zeros(image.shape[:2], np.uint8)  # one pixel in OpenCV's fixed point (2**shift)
   if kind == 1:  # ellipse
     cx, cy, w, h, angle = box
@@ -139,29 +135,32 @@ def make_dataset(num_images: int, rng: np.random.Generator):
 # --- model and training ------------------------------------------------------------------------------
 
 
-class OBBDetector(toy.Detector):
-  """``train_toy.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, an angle
+class OBBDetector(toykit.Detector):
+  """``toykit.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, an angle
   branch: a block and a 1x1 convolution to one channel, activated as Ultralytics does, ``(sigmoid(x) - 1/4) pi``.
   """
 
   def __init__(self, width: int = 48, *, rngs: nnx.Rngs):
     super().__init__(width, config=CONFIG, rngs=rngs)
     self.angle_heads = nnx.List([
-        nnx.Sequential(toy.Block(width, width, 1, rngs), nnx.Conv(width, 1, (1, 1), rngs=rngs)) for _ in CONFIG.strides
+        nnx.Sequential(toykit.Block(width, width, 1, rngs), nnx.Conv(width, 1, (1, 1), rngs=rngs))
+        for _ in CONFIG.strides
     ])
 
   def __call__(self, x):
-    """``(head maps, angle maps)``: per level ``(b, H, W, 4R + nc)`` and ``(b, H, W, 1)`` radians."""
+    """``Predictions(head maps, angles=angle maps)``: per level ``(b, H, W, 4R + nc)`` and ``(b, H, W, 1)``
+    radians."""
     levels = self.features(x)
     feats = [head(p) for head, p in zip(self.heads, levels)]
     angles = [(jax.nn.sigmoid(head(p)) - 0.25) * jnp.pi for head, p in zip(self.angle_heads, levels)]
-    return feats, angles
+    return toykit.Predictions(feats, angles=angles)
 
 
 @nnx.jit
 def predict(model, images):
   """Sigmoid class scores ``(b, A, nc)`` and rotated xywhr boxes ``(b, A, 5)``, centre and sides in pixels."""
-  feats, angles = model(images)
+  out = model(images)
+  feats, angles = out.feats, out.angles
   pred_dist, logits = jaxtal.flatten_head(feats, CONFIG.num_classes, CONFIG.reg_max)
   anchors, strides = jaxtal.make_anchors([f.shape[1:3] for f in feats], CONFIG.strides)
   angle = jnp.concatenate([a.reshape(a.shape[0], -1, 1) for a in angles], axis=1)
@@ -303,13 +302,13 @@ def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score:
 
 def main(argv=None) -> dict:
   plot_help = "save rotated detections and ground truth of held-out images"
-  parser = toy.example_parser(__doc__.splitlines()[0], 600, plot_help)
+  parser = toykit.example_parser(__doc__.splitlines()[0], 600, plot_help)
   args = parser.parse_args(argv)
-  start = toy.start_up(args, SCRIPT, ("cv2", "drawing"))
+  start = toykit.start_up(args, SCRIPT, ("cv2", "drawing"))
 
   model = OBBDetector(rngs=nnx.Rngs(args.seed))
-  losses, compilations, train_s = toy.train_task(model, jaxtal.OBBLoss(CONFIG), make_dataset, args, start,
-                                                 term="angle")  # fresh images every step
+  losses, compilations, train_s = toykit.train_task(model, jaxtal.OBBLoss(CONFIG), make_dataset, args, start,
+                                                    term="angle")  # fresh images every step
 
   images, gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
   detections = detect(*predict(model, jnp.asarray(images)))

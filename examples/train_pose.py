@@ -11,12 +11,12 @@ keypoints are hidden: a square around one keypoint of a shape is erased back to 
 keypoint under it is labelled with visibility 0 (the others 2). The box is the shape's tight box, hidden
 corners included.
 
-The model is ``train_toy``'s ``Detector`` (imported, not copied) plus, per level, a keypoint branch: a block
-and a 1x1 convolution to ``K * 3`` channels (per keypoint x, y and a visibility logit), decoded as Ultralytics
-does, ``(2 raw + anchor - 1/2) * stride``. ``jaxtal.PoseLoss`` (task-aligned assignment, BCE + CIoU + DFL +
-OKS keypoint loss + keypoint visibility BCE) trains it with optax's AdamW.
+The model is ``toykit``'s ``Detector`` (``examples/toykit.py``, the pieces the training examples share) plus, per
+level, a keypoint branch: a block and a 1x1 convolution to ``K * 3`` channels (per keypoint x, y and a visibility
+logit), decoded as Ultralytics does, ``(2 raw + anchor - 1/2) * stride``. ``jaxtal.PoseLoss`` (task-aligned
+assignment, BCE + CIoU + DFL + OKS keypoint loss + keypoint visibility BCE) trains it with optax's AdamW.
 
-Evaluation on held-out images: OpenCV's class-aware NMS on the boxes (``train_toy.detect``), each kept box
+Evaluation on held-out images: OpenCV's class-aware NMS on the boxes (``toykit.detect``), each kept box
 with its anchor's keypoints, then pycocotools' ``COCOeval(iouType="keypoints")`` with this script's OKS sigmas
 (``SIGMAS``, the ones the loss uses) in ``params.kpt_oks_sigmas``: keypoint AP@0.5 and AP@0.5:0.95 over OKS.
 A ground truth's OKS area is its box's area, as in the loss (COCO uses the segmented area); hidden keypoints
@@ -26,19 +26,15 @@ do not count, and a shape with every keypoint hidden is ignored (COCO's rules).
 from __future__ import annotations
 
 import importlib
-import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import toykit  # the examples' shared model, training loop, NMS, COCOeval, plots (examples/toykit.py)
 from flax import nnx
 
 import jaxtal
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import train_toy as toy  # noqa: E402  (the sibling example: model pieces, NMS, COCOeval, plots, start-up checks)
 
 SCRIPT = "train_pose.py"
 CLASS_NAMES = ("triangle", "dart")
@@ -170,30 +166,33 @@ def make_dataset(num_images: int, rng: np.random.Generator):
 # --- model and training ------------------------------------------------------------------------------
 
 
-class PoseDetector(toy.Detector):
-  """``train_toy.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, a
+class PoseDetector(toykit.Detector):
+  """``toykit.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, a
   keypoint branch: a block and a 1x1 convolution to ``K * 3`` raw channels (channel ``3 k + d``)."""
 
   def __init__(self, width: int = 48, *, rngs: nnx.Rngs):
     super().__init__(width, config=CONFIG, rngs=rngs)
     channels = CONFIG.kpt_shape[0] * 3
     self.keypoint_heads = nnx.List([
-        nnx.Sequential(toy.Block(width, width, 1, rngs), nnx.Conv(width, channels, (1, 1), rngs=rngs))
+        nnx.Sequential(toykit.Block(width, width, 1, rngs), nnx.Conv(width, channels, (1, 1), rngs=rngs))
         for _ in CONFIG.strides
     ])
 
   def __call__(self, x):
-    """``(head maps, keypoint maps)``: per level ``(b, H, W, 4R + nc)`` and ``(b, H, W, 3K)`` raw."""
+    """``Predictions(head maps, keypoints=keypoint maps)``: per level ``(b, H, W, 4R + nc)`` and
+    ``(b, H, W, 3K)`` raw."""
     levels = self.features(x)
-    return [head(p) for head, p in zip(self.heads, levels)], [k(p) for k, p in zip(self.keypoint_heads, levels)]
+    return toykit.Predictions([head(p) for head, p in zip(self.heads, levels)],
+                              keypoints=[k(p) for k, p in zip(self.keypoint_heads, levels)])
 
 
 @nnx.jit
 def predict(model, images):
   """Sigmoid class scores ``(b, A, nc)``, xyxy pixel boxes ``(b, A, 4)`` and keypoints ``(b, A, K, 3)``: pixel
   ``x, y`` and the visibility probability."""
-  feats, keypoint_maps = model(images)
-  scores, boxes = toy.scores_and_boxes(feats, CONFIG)
+  out = model(images)
+  feats, keypoint_maps = out.feats, out.keypoints
+  scores, boxes = toykit.scores_and_boxes(feats, CONFIG)
   keypoints = jaxtal.decode_keypoints(keypoint_maps, CONFIG.strides, CONFIG.kpt_shape)  # visibility: a logit
   return scores, boxes, jnp.concatenate([keypoints[..., :2], jax.nn.sigmoid(keypoints[..., 2:])], axis=-1)
 
@@ -218,8 +217,8 @@ def keypoint_ap(detections, gt_boxes, gt_classes, gt_keypoints, sigmas=SIGMAS) -
   for i, (_, scores, classes, kpts) in enumerate(detections):
     for s, c, k in zip(scores, classes, np.asarray(kpts, np.float64)):
       dets.append(dict(image_id=i, category_id=int(c), score=float(s), keypoints=k.reshape(-1).tolist()))
-  return toy.coco_eval(anns, dets, len(gt_boxes), "keypoints", CLASS_NAMES,
-                       kpt_oks_sigmas=np.asarray(sigmas, np.float64))
+  return toykit.coco_eval(anns, dets, len(gt_boxes), "keypoints", CLASS_NAMES,
+                          kpt_oks_sigmas=np.asarray(sigmas, np.float64))
 
 
 # --- output ------------------------------------------------------------------------------------------------
@@ -247,7 +246,7 @@ def draw_keypoints(ax, gt_keypoints, detections, min_score: float = 0.3) -> None
 
 
 def save_plot(plt, path: str, images, gt, detections, min_score: float = 0.3) -> None:
-  """``train_toy.save_plot``'s boxes on held-out images with the ground-truth and predicted keypoints
+  """``toykit.save_plot``'s boxes on held-out images with the ground-truth and predicted keypoints
   (:func:`draw_keypoints`)."""
   def draw(ax, i):
     draw_keypoints(ax, gt.keypoints[i][gt.mask[i]], detections[i], min_score)
@@ -255,24 +254,25 @@ def save_plot(plt, path: str, images, gt, detections, min_score: float = 0.3) ->
       ax.figure.suptitle(f"held-out images: ground truth (green; hidden keypoints grey x), detections scoring"
                          f" {min_score} or more (red; ^ > < o: apex, right, left, inner)", fontsize=9)
 
-  toy.save_plot(plt, path, images, gt, detections, min_score=min_score, class_names=CLASS_NAMES, draw=draw)
+  toykit.save_plot(plt, path, images, gt, detections, min_score=min_score, class_names=CLASS_NAMES, draw=draw)
 
 
 def main(argv=None) -> dict:
-  parser = toy.example_parser(__doc__.splitlines()[0], 800, "save keypoints, boxes and ground truth of held-out images")
+  plot_help = "save keypoints, boxes and ground truth of held-out images"
+  parser = toykit.example_parser(__doc__.splitlines()[0], 800, plot_help)
   parser.set_defaults(batch_size=16)
   args = parser.parse_args(argv)
-  start = toy.start_up(args, SCRIPT, ("pycocotools.cocoeval", "keypoint AP"), ("cv2", "NMS"))
+  start = toykit.start_up(args, SCRIPT, ("pycocotools.cocoeval", "keypoint AP"), ("cv2", "NMS"))
 
   model = PoseDetector(rngs=nnx.Rngs(args.seed))
-  losses, compilations, train_s = toy.train_task(model, jaxtal.PoseLoss(CONFIG), make_dataset, args, start,
-                                                 term="pose", label="keypoints")  # fresh images every step
+  losses, compilations, train_s = toykit.train_task(model, jaxtal.PoseLoss(CONFIG), make_dataset, args, start,
+                                                    term="pose", label="keypoints")  # fresh images every step
 
   images, gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
-  detections = toy.detect(*predict(model, jnp.asarray(images)))  # each kept box with its anchor's keypoints
+  detections = toykit.detect(*predict(model, jnp.asarray(images)))  # each kept box with its anchor's keypoints
   truth = [[x[m] for x, m in zip(field, gt.mask)] for field in (gt.boxes, gt.labels, gt.keypoints)]
   ap, ap50 = keypoint_ap(detections, *truth)
-  box_ap, box_ap50 = toy.coco_map([d[:3] for d in detections], *truth[:2])  # the boxes, for reference
+  box_ap, box_ap50 = toykit.coco_map([d[:3] for d in detections], *truth[:2])  # the boxes, for reference
   if args.plot:
     save_plot(importlib.import_module("matplotlib.pyplot"), args.plot, images, gt, detections)
   wall = time.perf_counter() - start

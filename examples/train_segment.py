@@ -4,18 +4,18 @@
     python examples/train_segment.py
     python examples/train_segment.py --steps 1000 --plot masks.png
 
-``train_toy``'s 64x64 images of filled rectangles, ellipses and triangles (imported, not copied) with an instance
-mask per shape: the same shape drawn again on the 16x16 grid of the prototypes (input / 4, as YOLO's
-``mask_ratio=4``) and packed by ``jaxtal.pack_masks`` into an index map in ``GroundTruth.masks``. The model is
-``train_toy``'s ``Detector`` plus YOLACT/YOLO-style mask pieces: per level a branch of ``NUM_MASKS`` mask
-coefficients, and a prototype branch (a block on the stride-8 features, a 2x bilinear upsampling to stride 4, a
-block, a 1x1 convolution to ``NUM_MASKS`` prototypes). ``jaxtal.SegmentLoss`` (box, mask, class, DFL) trains it
-with optax's AdamW, on ``train_toy``'s training loop.
+``toykit``'s 64x64 images of filled rectangles, ellipses and triangles (``examples/toykit.py``, the pieces the
+training examples share) with an instance mask per shape: the same shape drawn again on the 16x16 grid of the
+prototypes (input / 4, as YOLO's ``mask_ratio=4``) and packed by ``jaxtal.pack_masks`` into an index map in
+``GroundTruth.masks``. The model is ``toykit``'s ``Detector`` plus YOLACT/YOLO-style mask pieces: per level a
+branch of ``NUM_MASKS`` mask coefficients, and a prototype branch (a block on the stride-8 features, a 2x bilinear
+upsampling to stride 4, a block, a 1x1 convolution to ``NUM_MASKS`` prototypes). ``jaxtal.SegmentLoss`` (box,
+mask, class, DFL) trains it with optax's AdamW, on ``toykit``'s training loop.
 
 An instance's predicted mask is ``sigmoid(coefficients . prototypes) > 0.5`` inside its predicted box, the
 prototypes upsampled bilinearly to the input first (as Ultralytics' ``process_mask(..., upsample=True)``; a pixel
 is in the box when its centre is, where Ultralytics tests its top-left corner). On held-out images: OpenCV's
-class-aware NMS on the boxes (``train_toy``), then COCO mask mAP from pycocotools' ``COCOeval(iouType="segm")`` on
+class-aware NMS on the boxes (``toykit``), then COCO mask mAP from pycocotools' ``COCOeval(iouType="segm")`` on
 RLE masks, against ground-truth masks at the input's resolution (the visible part of each shape where two overlap).
 Box mAP is printed beside it.
 """
@@ -23,25 +23,21 @@ Box mAP is printed beside it.
 from __future__ import annotations
 
 import importlib
-import pathlib
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import toykit  # the examples' shared data, model, training loop, NMS, COCO mAP (examples/toykit.py)
 from flax import nnx
 
 import jaxtal
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import train_toy as toy  # noqa: E402  (the sibling example: data, model, NMS, COCO mAP, progress lines)
-
-CLASS_NAMES, IMAGE_SIZE, MAX_BOXES = toy.CLASS_NAMES, toy.IMAGE_SIZE, toy.MAX_BOXES
+CLASS_NAMES, IMAGE_SIZE, MAX_BOXES = toykit.CLASS_NAMES, toykit.IMAGE_SIZE, toykit.MAX_BOXES
 MASK_SIZE = IMAGE_SIZE // 4  # prototypes and training masks: input / 4
 NUM_MASKS = 8  # prototypes, and coefficients per anchor
-CONFIG = jaxtal.SegmentLossConfig(num_classes=toy.CONFIG.num_classes, strides=toy.CONFIG.strides,
-                                  reg_max=toy.CONFIG.reg_max)
+CONFIG = jaxtal.SegmentLossConfig(num_classes=toykit.CONFIG.num_classes, strides=toykit.CONFIG.strides,
+                                  reg_max=toykit.CONFIG.reg_max)
 SCRIPT = "train_segment.py"
 MASK_COLOURS = {"cyan": (0.0, 0.9, 0.9), "magenta": (1.0, 0.2, 1.0), "orange": (1.0, 0.6, 0.0)}  # per class, --plot
 
@@ -51,19 +47,19 @@ MASK_COLOURS = {"cyan": (0.0, 0.9, 0.9), "magenta": (1.0, 0.2, 1.0), "orange": (
 
 def instance_masks(gt, size: int) -> tuple[np.ndarray, np.ndarray]:
   """``(masks (n, size, size) bool, image index (n,))`` of the real rows of ``gt`` in row order (image, then
-  slot): each row's shape (its class and box) drawn as ``train_toy.draw_shape`` draws it, on a ``size`` grid
+  slot): each row's shape (its class and box) drawn as ``toykit.draw_shape`` draws it, on a ``size`` grid
   covering the input (the box scaled by ``size / IMAGE_SIZE``)."""
   image, slot = np.nonzero(np.asarray(gt.mask))
   scale = size / IMAGE_SIZE
   kinds, boxes = np.asarray(gt.labels)[image, slot], np.asarray(gt.boxes, np.float64)[image, slot]
-  masks = [toy.shape_mask(int(k), b * scale, (size, size)) for k, b in zip(kinds, boxes)]
+  masks = [toykit.shape_mask(int(k), b * scale, (size, size)) for k, b in zip(kinds, boxes)]
   return np.reshape(np.array(masks, bool), (-1, size, size)), image
 
 
 def make_dataset(num_images: int, rng: np.random.Generator):
-  """``train_toy.make_dataset``'s images ``(n, 64, 64, 3)`` and ``GroundTruth``, with ``masks``: the
+  """``toykit.make_dataset``'s images ``(n, 64, 64, 3)`` and ``GroundTruth``, with ``masks``: the
   ``(n, 16, 16)`` int32 index map of the instances (``jaxtal.pack_masks``; where shapes overlap, the later one)."""
-  images, gt = toy.make_dataset(num_images, rng)
+  images, gt = toykit.make_dataset(num_images, rng)
   masks, image = instance_masks(gt, MASK_SIZE)
   return images, gt._replace(masks=jaxtal.pack_masks(masks, image, num_images, MAX_BOXES))
 
@@ -86,8 +82,8 @@ def upsample(x):
   return jax.image.resize(x, (x.shape[0], 2 * x.shape[1], 2 * x.shape[2], x.shape[3]), "bilinear")
 
 
-class SegmentDetector(toy.Detector):
-  """``train_toy.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, a branch of
+class SegmentDetector(toykit.Detector):
+  """``toykit.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, a branch of
   ``num_masks`` mask coefficients (a block and a 1x1 convolution, no activation), and a prototype branch on the
   stride-8 features, YOLO's ``Proto`` made smaller: a block to ``proto_width`` channels, a 2x bilinear upsampling
   (to input / 4; YOLO's 2x2 transposed convolution alone cost more on XLA:CPU than this whole branch), a block
@@ -97,31 +93,32 @@ class SegmentDetector(toy.Detector):
   def __init__(self, width: int = 48, num_masks: int = NUM_MASKS, proto_width: int = 32, *, rngs: nnx.Rngs):
     super().__init__(width, config=CONFIG, rngs=rngs)
     self.coef_heads = nnx.List([
-        nnx.Sequential(toy.Block(width, width, 1, rngs), nnx.Conv(width, num_masks, (1, 1), rngs=rngs))
+        nnx.Sequential(toykit.Block(width, width, 1, rngs), nnx.Conv(width, num_masks, (1, 1), rngs=rngs))
         for _ in CONFIG.strides
     ])
     self.proto = nnx.Sequential(
-        toy.Block(width, proto_width, 1, rngs),
+        toykit.Block(width, proto_width, 1, rngs),
         upsample,
-        toy.Block(proto_width, proto_width, 1, rngs),
+        toykit.Block(proto_width, proto_width, 1, rngs),
         nnx.Conv(proto_width, num_masks, (1, 1), rngs=rngs),
     )
 
   def __call__(self, x):
-    """``(head maps, coefficient maps, prototypes)``: per level ``(b, H, W, 4R + nc)`` and ``(b, H, W, nm)``, and
-    ``(b, 16, 16, nm)`` for a 64x64 input."""
+    """``Predictions(head maps, mask_coefs=coefficient maps, proto=prototypes)``: per level ``(b, H, W, 4R + nc)``
+    and ``(b, H, W, nm)``, and ``(b, 16, 16, nm)`` for a 64x64 input."""
     levels = self.features(x)
     feats = [head(p) for head, p in zip(self.heads, levels)]
     coefs = [head(p) for head, p in zip(self.coef_heads, levels)]
-    return feats, coefs, self.proto(levels[0])
+    return toykit.Predictions(feats, mask_coefs=coefs, proto=self.proto(levels[0]))
 
 
 @nnx.jit
 def predict(model, images):
   """Sigmoid class scores ``(b, A, nc)``, xyxy pixel boxes ``(b, A, 4)``, mask coefficients ``(b, A, nm)`` (in
   the head's anchor order) and the prototypes upsampled bilinearly to the input ``(b, 64, 64, nm)``."""
-  feats, coefs, proto = model(images)
-  scores, boxes = toy.scores_and_boxes(feats, CONFIG)
+  out = model(images)
+  feats, coefs, proto = out.feats, out.mask_coefs, out.proto
+  scores, boxes = toykit.scores_and_boxes(feats, CONFIG)
   coefs = jnp.concatenate([c.reshape(c.shape[0], -1, c.shape[-1]) for c in coefs], axis=1)
   proto = jax.image.resize(proto, (proto.shape[0], *images.shape[1:3], proto.shape[-1]), "bilinear")
   return scores, boxes, coefs, proto
@@ -174,21 +171,22 @@ def save_plot(plt, path: str, images, truth, detections, count: int = 6, min_sco
 
 
 def main(argv=None) -> dict:
-  parser = toy.example_parser(__doc__.splitlines()[0], 600, "save predicted and ground-truth masks of held-out images")
+  plot_help = "save predicted and ground-truth masks of held-out images"
+  parser = toykit.example_parser(__doc__.splitlines()[0], 600, plot_help)
   args = parser.parse_args(argv)
-  start = toy.start_up(args, SCRIPT, ("pycocotools.mask", "mask mAP"), ("pycocotools.cocoeval", "mask mAP"),
-                       ("cv2", "NMS"))
+  start = toykit.start_up(args, SCRIPT, ("pycocotools.mask", "mask mAP"), ("pycocotools.cocoeval", "mask mAP"),
+                          ("cv2", "NMS"))
 
   model = SegmentDetector(rngs=nnx.Rngs(args.seed))
-  losses, compilations, train_s = toy.train_task(model, jaxtal.SegmentLoss(CONFIG), make_dataset, args, start,
-                                                 term="seg", label="mask")  # fresh images every step
+  losses, compilations, train_s = toykit.train_task(model, jaxtal.SegmentLoss(CONFIG), make_dataset, args, start,
+                                                    term="seg", label="mask")  # fresh images every step
 
   images, gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
   scores, boxes, coefs, protos = predict(model, jnp.asarray(images))
-  detections = masks_of(toy.detect(scores, boxes, coefs), protos)  # each kept box with its anchor's coefficients
+  detections = masks_of(toykit.detect(scores, boxes, coefs), protos)  # each kept box with its anchor's coefficients
   truth = ground_truth(gt)
-  mask_ap, mask_ap50 = toy.coco_map(detections, *truth)
-  box_ap, box_ap50 = toy.coco_map(detections, *truth[:2])
+  mask_ap, mask_ap50 = toykit.coco_map(detections, *truth)
+  box_ap, box_ap50 = toykit.coco_map(detections, *truth[:2])
   if args.plot:
     save_plot(importlib.import_module("matplotlib.pyplot"), args.plot, images, truth, detections)
   wall = time.perf_counter() - start
