@@ -34,11 +34,11 @@ def loss_total(feats, gt, cfg):
 
 
 def loss_given_total(feats, targets, cfg):
-  return jaxtal.loss_from_targets(feats, targets, cfg)[0]
+  return jaxtal.loss_from_targets(feats, targets, None, cfg)[0]
 
 
 def e2e_total(many, one, gt, cfg):
-  return jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), gt, weight=E2E_WEIGHT, config=cfg)[0]
+  return jaxtal.end_to_end_loss(jaxtal.detection_loss, many, one, gt, weight=E2E_WEIGHT, config=cfg)[0]
 
 
 def make_loss_step(cfg):

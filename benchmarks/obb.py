@@ -20,7 +20,7 @@ NAME = "OBB loss fwd+bwd (b16 nc15 1024px)"
 
 def loss_total(feats, angles, gt, cfg):
   """jaxtal's OBB loss total: the one call of it in this file."""
-  return jaxtal.obb_loss(feats, angles, gt, cfg)[0]
+  return jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), gt, cfg)[0]
 
 
 def make_obb_inputs(seed: int = SEED):

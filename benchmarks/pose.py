@@ -18,7 +18,7 @@ NAME = "pose loss fwd+bwd (b16 nc1 640px K17)"
 
 def loss_total(feats, keypoints, gt, cfg):
   """jaxtal's pose loss total: the one call of it in this file."""
-  return jaxtal.pose_loss(feats, keypoints, gt, cfg)[0]
+  return jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=keypoints), gt, cfg)[0]
 
 
 def make_pose_keypoints(rows: np.ndarray, seed: int = SEED) -> np.ndarray:

@@ -21,7 +21,7 @@ NAME = "segment loss fwd+bwd (b16 nc80 640px 160x160x32)"
 
 def loss_total(feats, coefs, proto, gt, cfg):
   """jaxtal's segmentation loss total: the one call of it in this file."""
-  return jaxtal.segment_loss(feats, coefs, proto, gt, cfg)[0]
+  return jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, cfg)[0]
 
 
 def make_step(cfg):

@@ -6,7 +6,7 @@ Not an example to run: ``train_toy.py``, ``train_obb.py``, ``train_pose.py`` and
 * data: 64x64 images of filled rectangles, ellipses and triangles (:func:`make_dataset`, :func:`shape_mask`);
 * model: :class:`Detector`, a few Flax NNX conv layers with three NHWC head maps (strides 8/16/32), which the
   other tasks extend with their own branches, returning :class:`Predictions`;
-* the task-loss calls: :func:`task_loss` and :func:`end_to_end_loss`, the only places the examples call a loss;
+* the task-loss call: a model returns ``jaxtal.Predictions``, and every task's loss takes ``(preds, gt)``;
 * training: :func:`example_parser` (the shared command line), :func:`adamw`, :func:`task_step`, :func:`fit`,
   :func:`train_task`, :func:`progress` and :func:`start_up` (the check for the optional packages);
 * evaluation and output: :func:`scores_and_boxes`, OpenCV's class-aware NMS (:func:`detect`), pycocotools'
@@ -24,7 +24,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any, NamedTuple
+
 
 import jax
 import jax.numpy as jnp
@@ -162,32 +162,8 @@ class Detector(nnx.Module):
 # --- the task-loss calls ---------------------------------------------------------------------------------
 
 
-class Predictions(NamedTuple):
-  """A model's outputs by name: the per-level head maps ``feats`` and, per task, the OBB ``angles``, the pose
-  ``keypoints``, the segmentation ``mask_coefs`` and ``proto``; an output a task has not is ``None``."""
-
-  feats: Any
-  angles: Any = None
-  keypoints: Any = None
-  mask_coefs: Any = None
-  proto: Any = None
-
-
-def _loss_inputs(preds: Predictions) -> tuple:
-  """The outputs a loss takes, in its order: the head maps, then the task's own outputs."""
-  return (preds.feats, *(x for x in preds[1:] if x is not None))
-
-
-def task_loss(loss_fn, preds: Predictions, gt):
-  """``(total, parts)`` of the task loss ``loss_fn`` (``jaxtal.DetectionLoss``, ``OBBLoss``, ``PoseLoss``,
-  ``SegmentLoss``, or a function with their arguments) on a model's outputs ``preds`` and the ground truth."""
-  return loss_fn(*_loss_inputs(preds), gt)
-
-
-def end_to_end_loss(loss_fn, one2many: Predictions, one2one: Predictions, gt, weight):
-  """``(total, parts)`` of ``jaxtal.EndToEndLoss`` ``loss_fn`` on the one-to-many and the one-to-one branch's
-  outputs, the first weighted by ``weight`` (``jaxtal.one2many_weight``)."""
-  return loss_fn(_loss_inputs(one2many), _loss_inputs(one2one), gt, weight=weight)
+# A model's outputs by name, the one container every jaxtal task loss takes.
+Predictions = jaxtal.Predictions
 
 
 # --- training --------------------------------------------------------------------------------------------
@@ -197,14 +173,14 @@ TRACES = {"task_step": 0}  # side effects run only while tracing: compilations
 
 @nnx.jit
 def task_step(model, optimizer, loss_fn, images, gt):
-  """One AdamW step of a task loss on the model's outputs, :func:`task_loss` of ``model(images)`` (a model
+  """One AdamW step of a task loss on the model's outputs, ``loss_fn(model(images), gt)`` (a model
   returning :class:`Predictions`: head maps and its task's maps: OBB angles, mask coefficients and prototypes,
   keypoints); returns the loss per image ``total / b`` and the parts. ``gt`` is an argument: a closure over it
   would compile it in as a constant (and recompile for every batch)."""
   TRACES["task_step"] += 1
 
   def loss_of(model):
-    total, parts = task_loss(loss_fn, model(images), gt)
+    total, parts = loss_fn(model(images), gt)
     return total / images.shape[0], parts
 
   (loss, parts), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)

@@ -48,7 +48,7 @@ def train_step(model, optimizer, loss_fn, images, gt):
 
   def loss_of(model):
     feats = model(images)
-    _, parts = toykit.task_loss(loss_fn, toykit.Predictions(feats), gt)
+    _, parts = loss_fn(feats, gt)
     _, targets = jaxtal.detection_targets(feats, gt, loss_fn.config)  # the loss's own assignment, to inspect
     return parts.box + parts.cls + parts.dfl, targets.positives_per_gt  # loss per image
 
@@ -65,7 +65,7 @@ def train_step_e2e(model, optimizer, loss_fn, images, gt, weight):
 
   def loss_of(model):
     one2many, one2one = model.both(images)
-    total, _ = toykit.end_to_end_loss(loss_fn, toykit.Predictions(one2many), toykit.Predictions(one2one), gt, weight)
+    total, _ = loss_fn(one2many, one2one, gt, weight=weight)
     _, targets = jaxtal.detection_targets(one2many, gt, loss_fn.config)  # the one-to-many assignment, to inspect
     return total / images.shape[0], targets.positives_per_gt  # weighted total per image
 

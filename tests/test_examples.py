@@ -638,8 +638,8 @@ def test_detector_outputs_head_and_angle_maps():
   assert [a.shape for a in angles] == [(2, s, s, 1) for s in (8, 4, 2)]
   for a in angles:  # (sigmoid - 1/4) pi lies in [-pi/4, 3 pi/4)
     assert float(a.min()) >= -math.pi / 4 and float(a.max()) <= 3 * math.pi / 4
-  # The loss call the script's training step makes (toykit.task_loss).
-  total, parts = toykit.task_loss(jaxtal.OBBLoss(obb.CONFIG), out, obb.make_dataset(2, np.random.default_rng(0))[1])
+  # The loss call the script's training step makes (the model's Predictions straight into the loss).
+  total, parts = jaxtal.OBBLoss(obb.CONFIG)(out, obb.make_dataset(2, np.random.default_rng(0))[1])
   assert np.isfinite(float(total)) and float(parts.angle) >= 0
   scores, boxes = obb.predict(model, jnp.zeros((2, 64, 64, 3)))
   assert scores.shape == (2, 84, nc) and boxes.shape == (2, 84, 5)
@@ -1107,7 +1107,7 @@ def test_model_outputs_feed_the_loss_and_predict():
   assert [c.shape for c in coefs] == [(2, s, s, nm) for s in (8, 4, 2)]
   assert proto.shape == (2, seg.MASK_SIZE, seg.MASK_SIZE, nm)
   loss_fn = functools.partial(jaxtal.segment_loss, config=seg.CONFIG)
-  total, parts = jax.jit(lambda out, gt: toykit.task_loss(loss_fn, out, gt))(out, gt)  # as the training step calls it
+  total, parts = jax.jit(lambda out, gt: loss_fn(out, gt))(out, gt)  # as the training step calls it
   assert np.isfinite(float(total)) and float(parts.seg) > 0
   scores, boxes, flat, protos = seg.predict(model, jnp.asarray(images))
   assert scores.shape == (2, 84, nc) and boxes.shape == (2, 84, 4) and protos.shape == (2, SIZE, SIZE, nm)
