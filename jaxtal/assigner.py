@@ -417,9 +417,15 @@ def task_aligned_assign(
     https://arxiv.org/abs/2108.07755.
   """
   cfg = make_config(AssignerConfig, config, overrides, "task_aligned_assign")
-  _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, "task_aligned_assign")
-  _validate.topk_in_range(cfg.topk, cfg.topk2, a, "task_aligned_assign")
-  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=axis_aligned(cfg.overlap), from_logits=False)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign")
+
+
+def _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg: AssignerConfig, geometry: Geometry, caller: str) -> Assignment:
+  """The public assigners' shared half: validate probabilities, boxes and ``gt`` of ``geometry``'s kind,
+  assign, and return the dense :class:`~jaxtal.Assignment`."""
+  _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, geometry.box_dim, caller)
+  _validate.topk_in_range(cfg.topk, cfg.topk2, a, caller)
+  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=geometry, from_logits=False)
   return to_assignment(targets, nc)
 
 
@@ -462,7 +468,4 @@ def rotated_task_aligned_assign(
   caller = "rotated_task_aligned_assign"
   cfg = make_config(AssignerConfig, config, overrides, caller)
   rotated_only(cfg.overlap, caller)
-  _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 5, caller)
-  _validate.topk_in_range(cfg.topk, cfg.topk2, a, caller)
-  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=rotated(), from_logits=False)
-  return to_assignment(targets, nc)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, rotated(), caller)
