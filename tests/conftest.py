@@ -12,6 +12,7 @@ import functools
 import os
 import sys
 
+import jax
 import pytest
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -50,3 +51,12 @@ def load_reference():
 def reference():
   """Ultralytics 8.4.190 as a black-box reference (``tests/reference.py``)."""
   return load_reference()
+
+
+@pytest.fixture(params=["with_jit", "without_jit"])
+def variant(request):
+  """The function under test compiled (``jax.jit``, keyword arguments passed on) or run eagerly: the
+  pytest form of ``@chex.variants(with_jit=True, without_jit=True)``."""
+  if request.param == "with_jit":
+    return lambda fn, **jit_kwargs: jax.jit(fn, **jit_kwargs)
+  return lambda fn, **jit_kwargs: fn

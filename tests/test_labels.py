@@ -9,13 +9,12 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
 
 import jaxtal
 from oracles import np_pack
 
 
-class PackLabelsTest(chex.TestCase):
+class TestPackLabels:
 
   ROWS = np.array([
       [1, 2, 0.50, 0.50, 0.20, 0.40],
@@ -28,7 +27,7 @@ class PackLabelsTest(chex.TestCase):
   def test_ordering_within_images_and_padding(self):
     gt = jaxtal.pack_labels(self.ROWS, batch_size=3, max_boxes=4, image_size=(100, 200))
     chex.assert_shape([gt.labels, gt.boxes, gt.mask], [(3, 4), (3, 4, 4), (3, 4)])
-    self.assertEqual((gt.labels.dtype, gt.boxes.dtype, gt.mask.dtype), (np.int32, np.float32, bool))
+    assert (gt.labels.dtype, gt.boxes.dtype, gt.mask.dtype) == (np.int32, np.float32, bool)
     labels, boxes, mask = np_pack(self.ROWS.astype(np.float64), 3, 4, (100, 200))
     np.testing.assert_array_equal(gt.labels, labels)
     np.testing.assert_allclose(gt.boxes, boxes, rtol=1e-6, atol=1e-5)
@@ -49,33 +48,33 @@ class PackLabelsTest(chex.TestCase):
     gt = jaxtal.pack_labels(self.ROWS, batch_size=2, max_boxes=3, image_size=(100, 200))
     np.testing.assert_array_equal(gt.mask.sum(1), [2, 3])
 
-  @parameterized.named_parameters(
-      ("batch_index_too_large", 2, 0, 2.0, "row 2"),
-      ("batch_index_negative", 1, 0, -1.0, "row 1"),
-      ("batch_index_not_whole", 3, 0, 0.5, "row 3"),
-      ("class_negative", 1, 1, -1.0, "row 1"),
-      ("class_not_whole", 4, 1, 1.5, "row 4"),
-      ("nan_centre", 2, 3, np.nan, "row 2"),
-      ("inf_width", 0, 4, np.inf, "row 0"),
-  )
+  @pytest.mark.parametrize("row,col,value,match", [
+      (2, 0, 2.0, "row 2"),
+      (1, 0, -1.0, "row 1"),
+      (3, 0, 0.5, "row 3"),
+      (1, 1, -1.0, "row 1"),
+      (4, 1, 1.5, "row 4"),
+      (2, 3, np.nan, "row 2"),
+      (0, 4, np.inf, "row 0"),
+  ], ids=["batch_index_too_large", "batch_index_negative", "batch_index_not_whole", "class_negative", "class_not_whole", "nan_centre", "inf_width"])
   def test_bad_row_raises_naming_it(self, row, col, value, match):
     rows = self.ROWS.copy()
     rows[row, col] = value
-    with self.assertRaisesRegex(ValueError, rf"\b{match}\b"):
+    with pytest.raises(ValueError, match=rf"\b{match}\b"):
       jaxtal.pack_labels(rows, batch_size=2, max_boxes=4, image_size=(100, 200))
 
   def test_too_many_rows_for_one_image_names_the_first_extra_row(self):
     # Image 1 owns rows 0, 2, 4: with max_boxes = 2 its third box, row 4, is the one that does not fit.
-    with self.assertRaisesRegex(ValueError, r"\brow 4\b.*image 1"):
+    with pytest.raises(ValueError, match=r"\brow 4\b.*image 1"):
       jaxtal.pack_labels(self.ROWS, batch_size=2, max_boxes=2, image_size=(100, 200))
 
-  @parameterized.parameters(
+  @pytest.mark.parametrize("rows,match", [
       (np.zeros((3, 5)), "shape"),
       (np.zeros((3, 6, 1)), "shape"),
       (np.zeros((6,)), "shape"),
-  )
+  ])
   def test_wrong_shape_raises(self, rows, match):
-    with self.assertRaisesRegex(ValueError, match):
+    with pytest.raises(ValueError, match=match):
       jaxtal.pack_labels(rows, batch_size=2, max_boxes=2, image_size=(64, 64))
 
   def test_bad_sizes_raise(self):
@@ -85,7 +84,7 @@ class PackLabelsTest(chex.TestCase):
         (dict(batch_size=2, max_boxes=2, image_size=(64,)), "image_size"),
         (dict(batch_size=2, max_boxes=2, image_size=(0, 64)), "image_size"),
     ):
-      with self.assertRaisesRegex(ValueError, match):
+      with pytest.raises(ValueError, match=match):
         jaxtal.pack_labels(self.ROWS[:1], **kw)
 
 
@@ -117,46 +116,46 @@ class PackLabelsTest(chex.TestCase):
   def test_a_ragged_list_gives_a_clear_error(self):
     # Arrays of different widths: a message about the labels, not NumPy's "inhomogeneous shape".
     ragged = [np.zeros((2, 5)), np.zeros((1, 4))]
-    with self.assertRaisesRegex(ValueError, r"one \(n_i, 5\) array per image .* widths \[4, 5\]") as info:
+    with pytest.raises(ValueError, match=r"one \(n_i, 5\) array per image .* widths \[4, 5\]") as info:
       jaxtal.pack_labels(ragged, batch_size=2, max_boxes=4, image_size=64)
-    self.assertNotIn("inhomogeneous", str(info.exception))
-    with self.assertRaisesRegex(ValueError, r"one \(n_i, 5\) array per image \(batch_size = 3\).*got 2 arrays"):
+    assert "inhomogeneous" not in str(info.value)
+    with pytest.raises(ValueError, match=r"one \(n_i, 5\) array per image \(batch_size = 3\).*got 2 arrays"):
       jaxtal.pack_labels([np.zeros((2, 5)), np.zeros((1, 5))], batch_size=3, max_boxes=4, image_size=64)
     # Rows of mixed lengths in one list.
-    with self.assertRaisesRegex(ValueError, r"labels must be one \(n, 6\) array.*mixed shapes") as info:
+    with pytest.raises(ValueError, match=r"labels must be one \(n, 6\) array.*mixed shapes") as info:
       jaxtal.pack_labels([[0, 1, 0.5, 0.5, 0.1, 0.1], [0, 1, 0.5]], batch_size=2, max_boxes=4, image_size=64)
-    self.assertNotIn("inhomogeneous", str(info.exception))
+    assert "inhomogeneous" not in str(info.value)
 
-  @parameterized.named_parameters(
-      ("side_1e29", 4, 1e29),
-      ("centre_1e29", 2, 1e29),
-      ("centre_negative_1e25", 3, -1e25),
-      ("side_beyond_float32", 5, 1e37),
-  )
+  @pytest.mark.parametrize("col,value", [
+      (4, 1e29),
+      (2, 1e29),
+      (3, -1e25),
+      (5, 1e37),
+  ], ids=["side_1e29", "centre_1e29", "centre_negative_1e25", "side_beyond_float32"])
   def test_coordinates_beyond_coord_limit_are_rejected_naming_the_row(self, col, value):
     rows = self.ROWS.astype(np.float64)
     rows[3, col] = value
     # (1e37 * 640 overflows float32 to inf inside pack_labels: NumPy's overflow warning is expected.)
-    with self.assertRaisesRegex(ValueError, r"label row 3 has a box coordinate beyond 1\.04858e\+06 pixels"), \
+    with pytest.raises(ValueError, match=r"label row 3 has a box coordinate beyond 1\.04858e\+06 pixels"), \
         np.errstate(over="ignore"):
       jaxtal.pack_labels(rows, batch_size=2, max_boxes=4, image_size=640)
 
   def test_coordinate_exactly_at_coord_limit_is_kept(self):
     # cx = 1 on a 2**20-pixel-wide input: x1 = x2 = 2**20 = COORD_LIMIT exactly (a zero-width box, valid data).
-    self.assertEqual(jaxtal.COORD_LIMIT, 2.0**20)
+    assert jaxtal.COORD_LIMIT == 2.0**20
     size = int(jaxtal.COORD_LIMIT)
     gt = jaxtal.pack_labels(np.array([[0, 1, 1.0, 0.5, 0.0, 0.5]]), batch_size=1, max_boxes=1, image_size=size)
     np.testing.assert_array_equal(gt.boxes[0, 0], [2.0**20, 2.0**18, 2.0**20, 3 * 2.0**18])
-    with self.assertRaisesRegex(ValueError, "label row 0 has a box coordinate beyond"):
+    with pytest.raises(ValueError, match="label row 0 has a box coordinate beyond"):
       jaxtal.pack_labels(np.array([[0, 1, 1.0, 0.5, 0.001, 0.5]]), batch_size=1, max_boxes=1, image_size=size)
 
   def test_image_size_errors(self):
     for size in ((64,), (0, 64), -5, (np.inf, 64), "640", True):
-      with self.assertRaisesRegex(ValueError, "image_size"):
+      with pytest.raises(ValueError, match="image_size"):
         jaxtal.pack_labels(self.ROWS[:1], batch_size=2, max_boxes=2, image_size=size)
 
 
-class ValidRowsTest(chex.TestCase):
+class TestValidRows:
   """The one rule of which rows count, against hand-worked rows."""
 
   def test_each_condition(self):
@@ -187,9 +186,6 @@ class ValidRowsTest(chex.TestCase):
     np.testing.assert_array_equal(got2[0], got)
 
 
-if __name__ == "__main__":
-  absltest.main()
-
 
 def test_huge_normalised_values_are_named_without_a_numpy_warning():
   import warnings
@@ -201,10 +197,10 @@ def test_huge_normalised_values_are_named_without_a_numpy_warning():
       jaxtal.pack_labels(rows, 1, 2, 640)
 
 
-class PackKeypointsTest(chex.TestCase):
+class TestPackKeypoints:
   """pack_labels(..., keypoints=): pose keypoints padded beside the boxes (hand-worked values)."""
 
-  ROWS = PackLabelsTest.ROWS
+  ROWS = TestPackLabels.ROWS
 
   def keypoints(self, d=3):
     k = np.zeros((5, 2, d))
@@ -217,7 +213,7 @@ class PackKeypointsTest(chex.TestCase):
   def test_keypoints_follow_their_rows_in_pixels(self):
     gt = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=self.keypoints())
     chex.assert_shape(gt.keypoints, (3, 4, 2, 3))
-    self.assertEqual(gt.keypoints.dtype, np.float32)
+    assert gt.keypoints.dtype == np.float32
     # Image 1 holds rows 0, 2, 4 in that order; x scales by the width 200, y by the height 100.
     np.testing.assert_allclose(gt.keypoints[1, :3, 0, 0], [0.0, 40.0, 80.0], atol=1e-5)
     np.testing.assert_allclose(gt.keypoints[1, :3, 1, 0], [10.0, 50.0, 90.0], atol=1e-5)
@@ -231,15 +227,20 @@ class PackKeypointsTest(chex.TestCase):
     np.testing.assert_array_equal(gt.keypoints[..., 2][gt.mask], 1.0)
     np.testing.assert_array_equal(gt.keypoints[..., 2][~gt.mask], 0.0)
 
-  @parameterized.parameters((0, -0.01), (0, 1.2), (1, -3.0), (1, 1.0001))
+  @pytest.mark.parametrize("axis,value", [
+      (0, -0.01),
+      (0, 1.2),
+      (1, -3.0),
+      (1, 1.0001),
+  ])
   def test_a_keypoint_outside_the_image_becomes_unlabelled_and_clipped(self, axis, value):
     k = self.keypoints()
     k[1, 0, axis] = value  # row 1 = image 0, slot 0, keypoint 0 (visibility 0 before; make it 2)
     k[1, 0, 2] = 2
     gt = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
-    self.assertEqual(gt.keypoints[0, 0, 0, 2], 0.0)
-    self.assertEqual(gt.keypoints[0, 0, 0, axis], (200.0, 100.0)[axis] * float(np.clip(value, 0, 1)))
-    self.assertEqual(gt.keypoints[0, 0, 1, 2], 2.0)  # its other keypoint is untouched
+    assert gt.keypoints[0, 0, 0, 2] == 0.0
+    assert gt.keypoints[0, 0, 0, axis] == (200.0, 100.0)[axis] * float(np.clip(value, 0, 1))
+    assert gt.keypoints[0, 0, 1, 2] == 2.0  # its other keypoint is untouched
 
   def test_keypoints_on_the_border_stay_labelled(self):
     k = self.keypoints()
@@ -255,23 +256,23 @@ class PackKeypointsTest(chex.TestCase):
     want = jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
     np.testing.assert_array_equal(got.keypoints, want.keypoints)
 
-  @parameterized.parameters(
+  @pytest.mark.parametrize("k,match", [
       (np.zeros((4, 2, 3)), "one row per label row"),
       (np.zeros((5, 2, 4)), r"D = 2 \(x, y\) or 3"),
       (np.zeros((5, 6)), r"\(n, K, D\)"),
-  )
+  ])
   def test_bad_keypoint_shapes_raise(self, k, match):
-    with self.assertRaisesRegex(ValueError, match):
+    with pytest.raises(ValueError, match=match):
       jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
 
   def test_a_non_finite_keypoint_names_its_row(self):
     k = self.keypoints()
     k[3, 1, 0] = np.nan
-    with self.assertRaisesRegex(ValueError, "label row 3 have a non-finite"):
+    with pytest.raises(ValueError, match="label row 3 have a non-finite"):
       jaxtal.pack_labels(self.ROWS, 3, 4, (100, 200), keypoints=k)
 
 
-class PackMasksTest(chex.TestCase):
+class TestPackMasks:
   """pack_masks: per-instance binary masks drawn into per-image index maps."""
 
   def test_slots_follow_row_order_and_later_rows_win(self):
@@ -281,7 +282,7 @@ class PackMasksTest(chex.TestCase):
     masks[2, 1:, 1:3] = True  # image 1, slot 1: drawn over row 0 where they overlap
     masks[3, 0, 3] = True  # image 1, slot 2
     out = jaxtal.pack_masks(masks, np.array([1, 0, 1, 1]), batch_size=3, max_boxes=3)
-    self.assertEqual((out.shape, out.dtype), ((3, 3, 4), np.int32))
+    assert (out.shape, out.dtype) == ((3, 3, 4), np.int32)
     np.testing.assert_array_equal(out[0], 1)
     np.testing.assert_array_equal(out[1], [[1, 1, 0, 3], [1, 2, 2, 0], [0, 2, 2, 0]])
     np.testing.assert_array_equal(out[2], 0)
@@ -297,20 +298,20 @@ class PackMasksTest(chex.TestCase):
     gt = jaxtal.pack_labels(rows, 3, 4, 64)
     for r in range(7):
       slot = out[bidx[r], r % 5, r // 5] - 1
-      self.assertEqual(gt.labels[bidx[r], slot], r % 3)
+      assert gt.labels[bidx[r], slot] == r % 3
       np.testing.assert_allclose(gt.boxes[bidx[r], slot, :2], (rows[r, 2:4] - 0.05) * 64, rtol=1e-5)
 
   def test_no_instances(self):
     out = jaxtal.pack_masks(np.zeros((0, 4, 6), bool), np.zeros((0,)), 2, 5)
     np.testing.assert_array_equal(out, np.zeros((2, 4, 6), np.int32))
 
-  @parameterized.parameters(
+  @pytest.mark.parametrize("masks,bidx,match", [
       (np.zeros((2, 4)), np.zeros(2), r"\(n, mh, mw\)"),
       (np.zeros((2, 4, 4)), np.zeros(3), r"batch_idx must be \(n,\)"),
       (np.full((2, 4, 4), 0.5), np.zeros(2), "binary"),
       (np.zeros((2, 4, 4)), np.array([0, 2]), "batch index"),
       (np.zeros((3, 4, 4)), np.zeros(3), "max_boxes is 2"),
-  )
+  ])
   def test_bad_input_raises(self, masks, bidx, match):
-    with self.assertRaisesRegex(ValueError, match):
+    with pytest.raises(ValueError, match=match):
       jaxtal.pack_masks(masks, bidx, 2, 2)

@@ -192,15 +192,14 @@ def test_loss_validation_errors():
 # ----------------------------------------------------------------------------- decode_keypoints
 
 
-class DecodeKeypointsTest(chex.TestCase):
+class TestDecodeKeypoints:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_numpy(self):
+  def test_matches_numpy(self, variant):
     for shape, layout in (((K, 3), "NHWC"), ((2, 2), "NCHW")):
       k, d = shape
       maps = keypoint_maps(seed=1, kpt_shape=shape, layout=layout)
       decode = functools.partial(jaxtal.decode_keypoints, strides=STRIDES, kpt_shape=shape, layout=layout)
-      got = self.variant(decode)(maps)
+      got = variant(decode)(maps)
       chex.assert_shape(got, (2, 20, k, d))
       chex.assert_type(got, jnp.float32)
       # NumPy: anchor rows level by level, channel k * D + d; (2 raw + anchor - 0.5) * stride.

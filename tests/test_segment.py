@@ -172,12 +172,11 @@ def test_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4 * np.abs(want).max())
 
 
-class MaskTermTest(chex.TestCase):
+class TestMaskTerm:
   """The mask term alone (what segment.py adds to the skeleton), chunked (a scan of 3-entry chunks, empty
   chunks skipped), compiled and eager: value and gradients against NumPy."""
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_chunked_matches_numpy(self):
+  def test_chunked_matches_numpy(self, variant):
     feats, coefs, proto = predictions(seed=1)
     gt = ground_truth(seed=1)
     _, want_parts, want_rows, want_proto, count, t = np_segment_loss(feats, coefs, proto, gt, with_targets=True)
@@ -191,7 +190,7 @@ class MaskTermTest(chex.TestCase):
       p = segment._resize_prototypes(proto_nchw, MASK_HW)
       return CFG.box * segment._mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, True) / count
 
-    seg_and_grads = self.variant(jax.value_and_grad(seg_part, argnums=(0, 1)))
+    seg_and_grads = variant(jax.value_and_grad(seg_part, argnums=(0, 1)))
     value, (d_rows, d_proto) = seg_and_grads(coef_rows(coefs), proto.transpose(0, 3, 1, 2))
     np.testing.assert_allclose(value, want_parts[1], rtol=1e-4)
     for got, want in ((d_rows, want_rows), (np.asarray(d_proto).transpose(0, 2, 3, 1), want_proto)):
