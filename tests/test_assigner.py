@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_assign
-from problems import (
+from support.oracles import np_assign
+from support.problems import (
     NC,
     assert_assignment_equal,
     assert_assignment_shapes,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_box_iou
-from problems import random_boxes
+from support.oracles import np_box_iou
+from support.problems import random_boxes
 
 KINDS = ("iou", "giou", "diou", "ciou")
 

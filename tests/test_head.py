@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_anchors, np_decode, np_dfl_expectation, np_flat_head, np_logsumexp
-from problems import FEATURE_SHAPES, NC, R, STRIDES, head_maps, loss_config
+from support.oracles import np_anchors, np_decode, np_dfl_expectation, np_flat_head, np_logsumexp
+from support.problems import FEATURE_SHAPES, NC, R, STRIDES, head_maps, loss_config
 
 
 class TestFlattenHead:

@@ -4,7 +4,7 @@ For each kernel: value and gradient equal the plain twin's (``the ``variant`` fi
 and every custom VJP passes ``jax.test_util.check_grads`` (reverse mode against finite differences,
 run in float64 so the numerical derivative is precise). ``top_k`` is compared index for index with
 ``plain_top_k`` and a NumPy stable sort on tie-heavy metrics. Finally the whole loss traced with
-every plain twin (``kernels._plain``) equals the loss with the tricks, in value and gradient.
+every plain twin (``plain_kernels``) equals the loss with the tricks, in value and gradient.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import optax
 from jax.test_util import check_grads
 
 import jaxtal
-from jaxtal import _parallel, kernels
-from oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
-from problems import R, crowded_loss_problem
+from jaxtal import kernels
+from support import internals
+from support.oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
+from support.problems import R, crowded_loss_problem
 
 GRAD_TOL = dict(atol=1e-6, rtol=1e-6, eps=1e-6)  # check_grads in float64
 
@@ -344,7 +345,7 @@ class TestPlainSwitch:
 
 
 # --------------------------------------------------------------------------------------------------
-# _parallel.global_sum
+# _parallel.global_sum (support.internals.global_sum)
 
 
 class TestGlobalSum:
@@ -354,22 +355,22 @@ class TestGlobalSum:
     spec = jax.sharding.PartitionSpec("d")
 
     def mapped(x):
-      body = lambda v: _parallel.global_sum(jnp.sin(v), "d") * v  # noqa: E731
+      body = lambda v: internals.global_sum(jnp.sin(v), "d") * v  # noqa: E731
       return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))(x)
 
     with jax.enable_x64(True):
       x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5)), jnp.float64)
       check_grads(mapped, (x,), order=1, modes=("rev",), **GRAD_TOL)
-      pm = jax.pmap(lambda v: _parallel.global_sum(jnp.sin(v), "d") * v, axis_name="d")
+      pm = jax.pmap(lambda v: internals.global_sum(jnp.sin(v), "d") * v, axis_name="d")
       check_grads(pm, (x,), order=1, modes=("rev",), **GRAD_TOL)
 
   def test_value_is_the_sum_and_the_gradient_is_the_own_share(self):
     """Under vmap with an axis name (4 'devices'): every device sees the global sum, and differentiating
     its own copy gives the cotangent for its own input only (not 4 times it, as psum's transpose would)."""
     x = jnp.asarray([1.0, 2.0, 3.0, 4.0])
-    summed = jax.vmap(lambda v: _parallel.global_sum(v, "i"), axis_name="i")(x)
+    summed = jax.vmap(lambda v: internals.global_sum(v, "i"), axis_name="i")(x)
     np.testing.assert_array_equal(summed, [10.0] * 4)
-    own = jax.vmap(jax.grad(lambda v: 3.0 * _parallel.global_sum(v * v, "i")), axis_name="i")(x)
+    own = jax.vmap(jax.grad(lambda v: 3.0 * internals.global_sum(v * v, "i")), axis_name="i")(x)
     np.testing.assert_allclose(own, 6.0 * np.asarray(x))  # d(3 * v^2)/dv, this device's share
     psum = jax.vmap(jax.grad(lambda v: 3.0 * jax.lax.psum(v * v, "i")), axis_name="i")(x)
     assert not np.allclose(psum, own)  # control: the plain psum gradient is different here

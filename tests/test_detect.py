@@ -1,8 +1,9 @@
-"""jaxtal.loss: detection_loss, detection_targets and loss_from_targets against the NumPy oracle.
+"""The detection task: detection_loss, detection_targets and loss_from_targets against the NumPy oracle, and
+the DetectionLoss NNX module equal to the function.
 
 ``oracles.np_detection_loss`` decodes the head maps, assigns with the NumPy assigner ``np_assign``
 and sums BCE + CIoU + DFL (or L1 for ``reg_max == 1``) in float64: no jaxtal code is called for
-the expectation. The Ultralytics parity of the same loss is in test_parity_loss.py.
+the expectation. The Ultralytics parity of the same loss is in test_parity_detect.py.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxtal
-from oracles import np_detection_loss
-from problems import (
+from support.oracles import np_detection_loss
+from support.problems import (
     LOSS_CFG,
     NC,
     R,
@@ -189,3 +191,27 @@ class TestTargetsSplit:
     with pytest.raises(ValueError, match=r"targets.weights must be \(b, A\)"):
       jaxtal.loss_from_targets(feats, targets._replace(weights=targets.weights[:, :-1]), LOSS_CFG)
 
+
+# ----------------------------------------------------------------------------- the NNX module
+
+
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
+def test_module_with_a_config_equals_the_function():
+  feats, gt = loss_problem(seed=4)
+  cfg = LOSS_CFG  # its jitted loss is shared with the tests above
+  cw = jnp.array([0.5, 2.0, 0.25])
+  module = jaxtal.DetectionLoss(cfg, class_weights=cw)
+  assert module.config is cfg
+  total, parts = nnx.jit(lambda m, f, g: m(f, g))(module, feats, gt)
+  chex.assert_shape([total, *parts], [()] * 4)
+  want = loss_jit(feats, gt, config=cfg, class_weights=cw)
+  chex.assert_trees_all_close((total, parts), want, rtol=1e-6)
+  # The class weights do change the loss, so the module really passed them on.
+  plain = loss_jit(feats, gt, config=cfg)
+  assert abs(float(plain[1].cls) - float(parts.cls)) > 1e-4
+
+
+def test_the_module_raises_the_functions_errors():
+  feats, gt = loss_problem()
+  with pytest.raises(ValueError, match=r"detection_loss: topk must be a whole number in \[1, A = 20\]"):
+    jaxtal.DetectionLoss(LOSS_CFG, topk=21)(feats, gt)
