@@ -5,12 +5,12 @@ from __future__ import annotations
 import chex
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 
 import jaxtal
 
 
-class MakeAnchorsTest(chex.TestCase):
+class TestMakeAnchors:
 
   def test_order_offsets_and_strides(self):
     points, strides = jaxtal.make_anchors([(2, 3), (1, 2)], [8, 16])
@@ -35,7 +35,7 @@ class MakeAnchorsTest(chex.TestCase):
     np.testing.assert_array_equal(px[6400], [8, 8])
     np.testing.assert_array_equal(px[-1], [624, 624])
 
-  @parameterized.parameters(
+  @pytest.mark.parametrize("shapes,strides,match", [
       ([(2, 2), (1, 1)], [8], "strides"),
       ([(2, 2)], [8, 16], "strides"),
       ([], [], "empty"),
@@ -43,9 +43,9 @@ class MakeAnchorsTest(chex.TestCase):
       ([(2, 2)], [-8], "positive"),
       ([(2, 0)], [8], "positive"),
       ([(2, 2, 2)], [8], "pair"),
-  )
+  ])
   def test_bad_arguments_raise(self, shapes, strides, match):
-    with self.assertRaisesRegex(ValueError, match):
+    with pytest.raises(ValueError, match=match):
       jaxtal.make_anchors(shapes, strides)
 
 
@@ -54,9 +54,6 @@ class MakeAnchorsTest(chex.TestCase):
     np.testing.assert_array_equal(strides[:, 0], [8.0, 12.5])
 
   def test_scalar_strides_raise_with_an_example(self):
-    with self.assertRaisesRegex(ValueError, r"one stride per feature level, e\.g\. \(8, 16, 32\)"):
+    with pytest.raises(ValueError, match=r"one stride per feature level, e\.g\. \(8, 16, 32\)"):
       jaxtal.make_anchors([(2, 2)], 8)
 
-
-if __name__ == "__main__":
-  absltest.main()

@@ -1,7 +1,7 @@
 """jaxtal.assigner: task_aligned_assign and assign_targets against the NumPy oracle ``oracles.np_assign``.
 
 The oracle is the dense ``(M, A)`` algorithm of the TOOD paper and the jaxtal docstring, in float64;
-the key test runs compiled and eager (``chex.variants``). Problems are small (A = 20 anchors) except
+the key test runs compiled and eager (the ``variant`` fixture). Problems are small (A = 20 anchors) except
 the many-anchor tests (A = 2100 over three levels) that make the two-stage top-k prune tiles.
 """
 
@@ -14,11 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
 
 import jaxtal
-from oracles import np_assign
-from problems import (
+from support.oracles import np_assign
+from support.problems import (
     NC,
     assert_assignment_equal,
     assert_assignment_shapes,
@@ -36,7 +35,7 @@ def assign_targets_jit(levels, boxes, anchors, gt, config, from_logits=False):
                                from_logits=from_logits)
 
 
-class TaskAlignedAssignTest(chex.TestCase):
+class TestTaskAlignedAssign:
 
   def test_matches_numpy(self):
     scores, boxes, anchors, gt = assign_problem(seed=0)
@@ -54,15 +53,15 @@ class TaskAlignedAssignTest(chex.TestCase):
     assert_assignment_shapes(target, 3, 20, NC, m=4)
     assert_assignment_equal(target, np_assign(scores, boxes, anchors, gt))
 
-  @parameterized.parameters(
+  @pytest.mark.parametrize("kw", [
       dict(topk=3),
       dict(topk=3, topk2=1),
       dict(topk=10, min_box_side=16.0),
       dict(topk=4, alpha=1.0, beta=2.0),
       dict(topk=3, overlap="iou"),
       dict(topk=4, topk2=2, overlap="iou", min_box_side=16.0),
-  )
-  def test_options_match_numpy(self, **kw):
+  ])
+  def test_options_match_numpy(self, kw):
     for seed in (0, 5):
       scores, boxes, anchors, gt = assign_problem(seed=seed)
       target = assign(scores, boxes, anchors, gt, **kw)
@@ -73,9 +72,9 @@ class TaskAlignedAssignTest(chex.TestCase):
     # Conflicts, padding and top-k truncation must all occur, or test_matches_numpy proves less than it says.
     scores, boxes, anchors, gt = assign_problem(seed=0)
     expected = np_assign(scores, boxes, anchors, gt, topk=3)
-    self.assertGreater(expected["num_multi"].sum(), 0)  # anchors claimed by several GTs
-    self.assertGreater(expected["num_in_box"].max(), 3)  # a GT with more in-box anchors than topk
-    self.assertFalse(np.asarray(gt.mask).all())
+    assert expected["num_multi"].sum() > 0  # anchors claimed by several GTs
+    assert expected["num_in_box"].max() > 3  # a GT with more in-box anchors than topk
+    assert not np.asarray(gt.mask).all()
 
   def test_iou_and_ciou_give_different_assignments(self):
     """The overlap option is not ignored: on this input IoU and CIoU pick different anchors (and the
@@ -116,8 +115,12 @@ class TaskAlignedAssignTest(chex.TestCase):
       assert_assignment_shapes(one, 1, 20, NC, m=4)
       chex.assert_trees_all_close(one, jax.tree.map(lambda x: x[i : i + 1], batch), rtol=1e-6, atol=1e-8)
 
-  @parameterized.parameters(dict(topk=3), dict(topk=6), dict(topk=6, gt_chunk=2))
-  def test_scores_split_by_level_equal_one_block(self, topk, gt_chunk=None):
+  @pytest.mark.parametrize("topk,gt_chunk", [
+      (3, None),
+      (6, None),
+      (6, 2),
+  ])
+  def test_scores_split_by_level_equal_one_block(self, topk, gt_chunk):
     # The loss hands the assigner one score block per level; the two-stage top-k (kernels.top_k)
     # keeps each GT's best tiles of TILE anchors per level and then its top k over the candidates,
     # taken in anchor order. Quantised scores (many exact ties, some 0) check that ties still go to
@@ -135,8 +138,11 @@ class TaskAlignedAssignTest(chex.TestCase):
     np.testing.assert_allclose(np.asarray(levels.weights), expected["scores"].sum(-1), rtol=1e-5, atol=1e-7)
     assert np.asarray(levels.fg_mask).sum() > 0
 
-  @parameterized.parameters(dict(topk=13), dict(topk=10, quantise=True))
-  def test_many_anchors_match_numpy(self, topk, quantise=False):
+  @pytest.mark.parametrize("topk,quantise", [
+      (13, False),
+      (10, True),
+  ])
+  def test_many_anchors_match_numpy(self, topk, quantise):
     # A = 2100 anchors over three levels (sizes 1600, 400, 100: the last is not a whole number of
     # top-k tiles), so the two-stage top-k really prunes tiles; quantised scores add exact ties.
     scores, pred_boxes, anchor_px, gt, sizes = many_anchor_problem(np.random.default_rng(7), NC, 12)
@@ -152,8 +158,11 @@ class TaskAlignedAssignTest(chex.TestCase):
     np.testing.assert_array_equal(np.asarray(levels.fg_mask), expected["fg_mask"])
     np.testing.assert_array_equal(np.asarray(levels.gt_index), expected["gt_index"])
 
-  @parameterized.parameters(dict(alpha=0.5), dict(alpha=0.3, beta=2.0, topk=13))
-  def test_fewer_gt_slots_than_classes_give_the_same_assignment(self, **kw):
+  @pytest.mark.parametrize("kw", [
+      dict(alpha=0.5),
+      dict(alpha=0.3, beta=2.0, topk=13),
+  ])
+  def test_fewer_gt_slots_than_classes_give_the_same_assignment(self, kw):
     # With M < nc, score ** alpha is taken only at the (GT, anchor) pairs read; with M >= nc, over the
     # whole score map first. Padding slots change nothing, so padding M = 12 up to M = nc = 16
     # switches paths: the results must agree (scores to float32 rounding: M changes how XLA vectorises),
@@ -198,8 +207,11 @@ class TaskAlignedAssignTest(chex.TestCase):
     np.testing.assert_array_equal(per_pair.fg_mask, expected["fg_mask"])
     assert np.asarray(per_pair.fg_mask).sum() > 0
 
-  @parameterized.parameters(dict(topk=6, gt_chunk=2), dict(topk=4, topk2=1))
-  def test_entry_list_holds_each_foreground_anchor_once(self, topk, topk2=None, gt_chunk=None):
+  @pytest.mark.parametrize("topk,topk2,gt_chunk", [
+      (6, None, 2),
+      (4, 1, None),
+  ])
+  def test_entry_list_holds_each_foreground_anchor_once(self, topk, topk2, gt_chunk):
     # The loss reads its foreground-only terms at the valid entries: exactly the foreground anchors,
     # each once, even when several GTs list the same anchor (see jaxtal.targets).
     scores, boxes, anchors, gt = assign_problem(seed=5)
@@ -211,7 +223,10 @@ class TaskAlignedAssignTest(chex.TestCase):
     repeated = [np.unique(a).size < a.size for a in np.asarray(t.entries.anchor)]
     assert any(repeated) and np.asarray(t.fg_mask).sum() > 0
 
-  @parameterized.parameters(1, 3)
+  @pytest.mark.parametrize("gt_chunk", [
+      1,
+      3,
+  ])
   def test_gt_chunk_does_not_change_the_result(self, gt_chunk):
     scores, boxes, anchors, gt = assign_problem(seed=3)
     dense = assign(scores, boxes, anchors, gt)
@@ -258,19 +273,19 @@ class TaskAlignedAssignTest(chex.TestCase):
 
   def test_bad_arguments_raise(self):
     scores, boxes, anchors, gt = assign_problem(seed=0)
-    with self.assertRaisesRegex(ValueError, "pred_boxes"):
+    with pytest.raises(ValueError, match="pred_boxes"):
       jaxtal.task_aligned_assign(scores, boxes[:, :-1], anchors, gt)
-    with self.assertRaisesRegex(ValueError, "anchor_points"):
+    with pytest.raises(ValueError, match="anchor_points"):
       jaxtal.task_aligned_assign(scores, boxes, anchors[:-1], gt)
-    with self.assertRaisesRegex(ValueError, r"topk must be a whole number in \[1, A = 20\]"):
+    with pytest.raises(ValueError, match=r"topk must be a whole number in \[1, A = 20\]"):
       jaxtal.task_aligned_assign(scores, boxes, anchors, gt, topk=21)
-    with self.assertRaisesRegex(ValueError, "gt"):
+    with pytest.raises(ValueError, match="gt"):
       jaxtal.task_aligned_assign(scores, boxes, anchors, jax.tree.map(lambda x: x[:2], gt))
-    with self.assertRaises(TypeError):
+    with pytest.raises(TypeError):
       jaxtal.task_aligned_assign(scores, boxes, anchors, tuple(gt))
 
 
-class AssignTargetsTest(chex.TestCase):
+class TestAssignTargets:
   """assign_targets, the form the loss reads: factored scores, entries, and to_assignment back."""
 
   def test_to_assignment_equals_task_aligned_assign(self):
@@ -302,6 +317,3 @@ class AssignTargetsTest(chex.TestCase):
     assert not np.asarray(t.fg_mask).any() and not np.asarray(t.entries.valid).any()
     np.testing.assert_array_equal(jaxtal.entries_cover_foreground(t), True)
 
-
-if __name__ == "__main__":
-  absltest.main()

@@ -8,28 +8,31 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl.testing import absltest, parameterized
+import pytest
 
 import jaxtal
-from oracles import np_box_iou
-from problems import random_boxes
+from support.oracles import np_box_iou
+from support.problems import random_boxes
 
 KINDS = ("iou", "giou", "diou", "ciou")
 
-class BoxIouTest(chex.TestCase):
+class TestBoxIou:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*KINDS)
-  def test_matches_numpy(self, kind):
+  @pytest.mark.parametrize("kind", [
+      *KINDS,
+  ])
+  def test_matches_numpy(self, variant, kind):
     rng = np.random.default_rng(0)
     box1 = random_boxes(rng, (64,), hi=40)
     box2 = np.concatenate([random_boxes(rng, (48,), hi=40), box1[:16] + rng.uniform(-2, 2, (16, 4))]).astype(np.float32)
-    got = self.variant(functools.partial(jaxtal.box_iou, kind=kind))(jnp.asarray(box1), jnp.asarray(box2))
+    got = variant(functools.partial(jaxtal.box_iou, kind=kind))(jnp.asarray(box1), jnp.asarray(box2))
     chex.assert_shape(got, (64,))
     np.testing.assert_allclose(got, np_box_iou(box1, box2, kind), rtol=1e-5, atol=2e-6)
     assert np.any(np.asarray(got) > 0.3) and np.any(np.asarray(got) <= 0)  # overlapping and disjoint pairs
 
-  @parameterized.parameters(*KINDS)
+  @pytest.mark.parametrize("kind", [
+      *KINDS,
+  ])
   def test_broadcasts(self, kind):
     rng = np.random.default_rng(1)
     box1 = random_boxes(rng, (3, 1))
@@ -42,7 +45,9 @@ class BoxIouTest(chex.TestCase):
     chex.assert_shape(one, (5,))
     np.testing.assert_allclose(one, np.asarray(got)[0], rtol=1e-6)
 
-  @parameterized.parameters(*KINDS)
+  @pytest.mark.parametrize("kind", [
+      *KINDS,
+  ])
   def test_known_values(self, kind):
     unit = jnp.array([0.0, 0.0, 10.0, 10.0])
     same = jaxtal.box_iou(unit, unit, kind)
@@ -51,9 +56,10 @@ class BoxIouTest(chex.TestCase):
     expected = {"iou": 0.0, "giou": -1 / 3, "diou": -(20**2) / (30**2 + 10**2), "ciou": -(20**2) / (30**2 + 10**2)}
     np.testing.assert_allclose(far, expected[kind], atol=1e-5)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(*KINDS)
-  def test_degenerate_boxes_give_finite_values_and_gradients(self, kind):
+  @pytest.mark.parametrize("kind", [
+      *KINDS,
+  ])
+  def test_degenerate_boxes_give_finite_values_and_gradients(self, variant, kind):
     box1 = jnp.array([
         [5.0, 5.0, 5.0, 15.0],  # zero width
         [5.0, 5.0, 15.0, 5.0],  # zero height
@@ -71,20 +77,20 @@ class BoxIouTest(chex.TestCase):
         [10.0, 2.0, 6.0, 8.0],  # inverted partner
     ])
     fn = functools.partial(jaxtal.box_iou, kind=kind)
-    values = self.variant(fn)(box1, box2)
+    values = variant(fn)(box1, box2)
     chex.assert_shape(values, (6,))
     chex.assert_tree_all_finite(values)
-    grads = self.variant(jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1)))(box1, box2)
+    grads = variant(jax.grad(lambda a, b: jnp.sum(fn(a, b)), argnums=(0, 1)))(box1, box2)
     chex.assert_shape(grads, [(6, 4), (6, 4)])
     chex.assert_tree_all_finite(grads)
     np.testing.assert_allclose(np.asarray(values)[3], 1.0, atol=1e-6)
 
   def test_invalid_kind_raises(self):
-    with self.assertRaisesRegex(ValueError, "kind"):
+    with pytest.raises(ValueError, match="kind"):
       jaxtal.box_iou(jnp.zeros(4), jnp.zeros(4), kind="eiou")
 
   def test_wrong_coordinate_count_raises(self):
-    with self.assertRaisesRegex(ValueError, "4 coordinates"):
+    with pytest.raises(ValueError, match="4 coordinates"):
       jaxtal.box_iou(jnp.zeros((2, 5)), jnp.zeros((2, 4)))
 
   def test_xywh_round_trip(self):
@@ -108,6 +114,3 @@ class BoxIouTest(chex.TestCase):
     got = jaxtal.box_iou(box1, box2, "ciou", angle1=jnp.asarray(a1), angle2=jnp.asarray(a2))
     np.testing.assert_allclose(got, np_box_iou(box1, box2, "ciou"), rtol=1e-5, atol=2e-6)
 
-
-if __name__ == "__main__":
-  absltest.main()

@@ -16,10 +16,9 @@ import pytest
 from jax.experimental import checkify
 
 import jaxtal
-from problems import broken, crowded_loss_problem, loss_config, targets_jit
-
 # The same small problem as the masking rules of test_contract.py: the checks turn those rules into errors.
-from test_contract import A, B, IMAGE, KW, M, NC, R, SHAPES, STRIDES, assign_inputs, make_feats, make_gt, replace  # noqa: E402
+from support.contract import KW, NC, R, assign_inputs, make_feats, make_gt, replace
+from support.problems import broken, crowded_loss_problem, loss_config, targets_jit
 
 F = make_feats()
 G = make_gt()

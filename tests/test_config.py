@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_assign
-from problems import LOSS_CFG, NC, R, STRIDES, assign, assign_problem, loss_config, loss_problem
+from support.oracles import np_assign
+from support.problems import LOSS_CFG, NC, R, STRIDES, assign, assign_problem, loss_config, loss_problem
 
 
 def test_defaults_are_ultralytics_v8_detection_loss():

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_assign, np_box_iou
-from problems import NC, assign_problem, random_boxes
+from support.oracles import np_assign, np_box_iou
+from support.problems import NC, assign_problem, random_boxes
 
 
 def test_axis_aligned_is_cached_per_overlap():

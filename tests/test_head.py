@@ -8,14 +8,13 @@ import chex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
 
 import jaxtal
-from oracles import np_anchors, np_decode, np_dfl_expectation, np_flat_head, np_logsumexp
-from problems import FEATURE_SHAPES, NC, R, STRIDES, head_maps, loss_config
+from support.oracles import np_anchors, np_decode, np_dfl_expectation, np_flat_head, np_logsumexp
+from support.problems import FEATURE_SHAPES, NC, R, STRIDES, head_maps, loss_config
 
 
-class FlattenHeadTest(chex.TestCase):
+class TestFlattenHead:
 
   def test_nhwc_and_nchw_agree_with_numpy(self):
     nhwc = head_maps(seed=3)
@@ -43,41 +42,43 @@ class FlattenHeadTest(chex.TestCase):
   def test_wrong_channel_count_raises(self):
     maps = head_maps()
     maps[1] = maps[1][..., :-1]
-    with self.assertRaisesRegex(ValueError, r"feats\[1\] has 18 channels"):
+    with pytest.raises(ValueError, match=r"feats\[1\] has 18 channels"):
       jaxtal.flatten_head(maps, NC, R)
-    with self.assertRaisesRegex(ValueError, "channels"):
+    with pytest.raises(ValueError, match="channels"):
       jaxtal.flatten_head(head_maps(), NC, R, layout="NCHW")  # NHWC maps read as NCHW
 
   def test_wrong_rank_raises(self):
     maps = head_maps()
     maps[0] = maps[0][0]
-    with self.assertRaisesRegex(ValueError, "rank-4"):
+    with pytest.raises(ValueError, match="rank-4"):
       jaxtal.flatten_head(maps, NC, R)
 
   def test_batch_mismatch_raises(self):
     maps = head_maps()
     maps[1] = maps[1][:1]
-    with self.assertRaisesRegex(ValueError, "batch size"):
+    with pytest.raises(ValueError, match="batch size"):
       jaxtal.flatten_head(maps, NC, R)
 
   def test_bad_layout_and_containers_raise(self):
-    with self.assertRaisesRegex(ValueError, "layout"):
+    with pytest.raises(ValueError, match="layout"):
       jaxtal.flatten_head(head_maps(), NC, R, layout="NCWH")
-    with self.assertRaises(TypeError):
+    with pytest.raises(TypeError):
       jaxtal.flatten_head(head_maps()[0], NC, R)  # one array, not a list of levels
-    with self.assertRaises(TypeError):
+    with pytest.raises(TypeError):
       jaxtal.flatten_head([m.astype(jnp.int32) for m in head_maps()], NC, R)
 
 
-class DecodeBoxesTest(chex.TestCase):
+class TestDecodeBoxes:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(4, 16)
-  def test_matches_numpy_softmax_expectation(self, reg_max):
+  @pytest.mark.parametrize("reg_max", [
+      4,
+      16,
+  ])
+  def test_matches_numpy_softmax_expectation(self, variant, reg_max):
     rng = np.random.default_rng(reg_max)
     anchors, _ = jaxtal.make_anchors(FEATURE_SHAPES, STRIDES)
     dist = (3 * rng.standard_normal((2, 20, 4 * reg_max))).astype(np.float32)
-    got = self.variant(functools.partial(jaxtal.decode_boxes, reg_max=reg_max))(jnp.asarray(dist), anchors)
+    got = variant(functools.partial(jaxtal.decode_boxes, reg_max=reg_max))(jnp.asarray(dist), anchors)
     chex.assert_shape(got, (2, 20, 4))
     chex.assert_type(got, jnp.float32)
     np.testing.assert_allclose(got, np_decode(dist, anchors, reg_max), rtol=1e-5, atol=1e-5)
@@ -85,11 +86,10 @@ class DecodeBoxesTest(chex.TestCase):
     ltrb = np.concatenate([np.asarray(anchors) - np.asarray(got)[..., :2], np.asarray(got)[..., 2:] - np.asarray(anchors)], -1)
     assert ltrb.min() >= -1e-5 and ltrb.max() <= reg_max - 1 + 1e-5
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_reg_max_one_is_a_passthrough(self):
+  def test_reg_max_one_is_a_passthrough(self, variant):
     anchors = jnp.array([[0.5, 0.5], [1.5, 0.5], [0.5, 1.5]])
     ltrb = jnp.array([[[0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0, 0.0]]])
-    got = self.variant(functools.partial(jaxtal.decode_boxes, reg_max=1))(ltrb, anchors)
+    got = variant(functools.partial(jaxtal.decode_boxes, reg_max=1))(ltrb, anchors)
     chex.assert_shape(got, (1, 3, 4))
     expected = [[[0.4, 0.3, 0.8, 0.9], [0.5, -1.5, 4.5, 4.5], [0.5, 1.5, 0.5, 1.5]]]
     np.testing.assert_allclose(got, expected, rtol=1e-6)
@@ -103,9 +103,9 @@ class DecodeBoxesTest(chex.TestCase):
 
   def test_bad_shapes_raise(self):
     anchors, _ = jaxtal.make_anchors(FEATURE_SHAPES, STRIDES)
-    with self.assertRaisesRegex(ValueError, "4 \\* reg_max"):
+    with pytest.raises(ValueError, match="4 \\* reg_max"):
       jaxtal.decode_boxes(jnp.zeros((1, 20, 15)), anchors, reg_max=4)
-    with self.assertRaisesRegex(ValueError, "anchor_points"):
+    with pytest.raises(ValueError, match="anchor_points"):
       jaxtal.decode_boxes(jnp.zeros((1, 20, 16)), anchors[:19], reg_max=4)
 
 
@@ -116,7 +116,7 @@ class DecodeBoxesTest(chex.TestCase):
     np.testing.assert_allclose(got, np_dfl_expectation(dist, 16), rtol=1e-5, atol=2e-5)
 
 
-class BoxConversionTest(chex.TestCase):
+class TestBoxConversion:
 
   def test_ltrb_and_xyxy_hand_worked(self):
     anchors = jnp.array([[2.0, 3.0], [0.5, 0.5]])
@@ -126,19 +126,18 @@ class BoxConversionTest(chex.TestCase):
     np.testing.assert_array_equal(jaxtal.xyxy_to_ltrb(xyxy, anchors), ltrb)
 
 
-class DecodeHeadTest(chex.TestCase):
+class TestDecodeHead:
   """decode_head is what the loss runs: every field of Head against NumPy."""
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(
-      dict(layout="NHWC", reg_max=4, nc=3),  # 19 channels: the kernel reduces the bins itself
-      dict(layout="NCHW", reg_max=4, nc=4),  # 20 channels, a multiple of R: bin maxima from whole rows
-      dict(layout="NHWC", reg_max=1, nc=3),  # direct ltrb regression, no log-sum-exp
-  )
-  def test_fields_match_numpy(self, layout, reg_max, nc):
+  @pytest.mark.parametrize("layout,reg_max,nc", [
+      ("NHWC", 4, 3),  # 19 channels: the kernel reduces the bins itself
+      ("NCHW", 4, 4),  # 20 channels, a multiple of R: bin maxima from whole rows
+      ("NHWC", 1, 3),  # direct ltrb regression, no log-sum-exp
+  ])
+  def test_fields_match_numpy(self, variant, layout, reg_max, nc):
     feats = head_maps(seed=4, layout=layout, reg_max=reg_max, nc=nc, scale=3.0)
     cfg = loss_config(num_classes=nc, reg_max=reg_max, layout=layout)
-    head = self.variant(functools.partial(jaxtal.decode_head, config=cfg))(feats)
+    head = variant(functools.partial(jaxtal.decode_head, config=cfg))(feats)
     dist, logits = np_flat_head(feats, nc, reg_max, layout)
     anchors, strides = np_anchors(FEATURE_SHAPES, STRIDES)
     b, a = dist.shape[:2]
@@ -152,7 +151,7 @@ class DecodeHeadTest(chex.TestCase):
     np.testing.assert_allclose(head.ltrb, np_dfl_expectation(dist, reg_max), rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(head.boxes, np_decode(dist, anchors, reg_max), rtol=1e-5, atol=2e-5)
     if reg_max == 1:
-      self.assertIsNone(head.lse)
+      assert head.lse is None
     else:
       np.testing.assert_allclose(head.lse, np_logsumexp(dist.reshape(b, a, 4, reg_max)), rtol=1e-6, atol=1e-5)
 
@@ -164,17 +163,14 @@ class DecodeHeadTest(chex.TestCase):
   def test_nchw_maps_without_layout_say_pass_layout_nchw(self):
     # A PyTorch head's maps read as NHWC: the channel count is on axis 1. The message says what to do.
     nchw = head_maps(layout="NCHW")
-    with self.assertRaisesRegex(ValueError, r"has exactly 19: pass layout='NCHW'"):
+    with pytest.raises(ValueError, match=r"has exactly 19: pass layout='NCHW'"):
       jaxtal.decode_head(nchw, loss_config())
-    with self.assertRaisesRegex(ValueError, r"pass layout='NCHW'"):
+    with pytest.raises(ValueError, match=r"pass layout='NCHW'"):
       jaxtal.flatten_head(nchw, NC, R)
-    with self.assertRaisesRegex(ValueError, r"pass layout='NHWC'"):
+    with pytest.raises(ValueError, match=r"pass layout='NHWC'"):
       jaxtal.decode_head(head_maps(), loss_config(layout="NCHW"))
 
   def test_strides_must_match_the_maps(self):
-    with self.assertRaisesRegex(ValueError, "strides do not match"):
+    with pytest.raises(ValueError, match="strides do not match"):
       jaxtal.decode_head(head_maps(), loss_config(strides=(8, 8)))
 
-
-if __name__ == "__main__":
-  absltest.main()

@@ -1,10 +1,10 @@
 """jaxtal.kernels (and jaxtal._parallel): every speed trick against its plain twin and NumPy.
 
-For each kernel: value and gradient equal the plain twin's (``chex.variants``: compiled and eager),
+For each kernel: value and gradient equal the plain twin's (``the ``variant`` fixture: compiled and eager),
 and every custom VJP passes ``jax.test_util.check_grads`` (reverse mode against finite differences,
 run in float64 so the numerical derivative is precise). ``top_k`` is compared index for index with
 ``plain_top_k`` and a NumPy stable sort on tie-heavy metrics. Finally the whole loss traced with
-every plain twin (``kernels._plain``) equals the loss with the tricks, in value and gradient.
+every plain twin (``plain_kernels``) equals the loss with the tricks, in value and gradient.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
-from absl.testing import absltest, parameterized
 from jax.test_util import check_grads
 
 import jaxtal
-from jaxtal import _parallel, kernels
-from oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
-from problems import R, crowded_loss_problem
+from jaxtal import kernels
+from support import internals
+from support.oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
+from support.problems import R, crowded_loss_problem
 
 GRAD_TOL = dict(atol=1e-6, rtol=1e-6, eps=1e-6)  # check_grads in float64
 
@@ -40,14 +41,17 @@ def _bce_inputs(seed=0, shape=(3, 7), nc=5, scale=4.0, dtype=jnp.float32):
 # bce_sum
 
 
-class BceSumTest(parameterized.TestCase):
+class TestBceSum:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  @parameterized.parameters(0.1, 4.0, 40.0)
-  def test_value_and_gradients_equal_the_plain_twin(self, scale):
+  @pytest.mark.parametrize("scale", [
+      0.1,
+      4.0,
+      40.0,
+  ])
+  def test_value_and_gradients_equal_the_plain_twin(self, variant, scale):
     logits, labels, weight, cw = _bce_inputs(scale=scale)
     for weights in (cw, None):
-      got = self.variant(jax.value_and_grad(kernels.bce_sum, argnums=(0, 2)))(logits, labels, weight, weights)
+      got = variant(jax.value_and_grad(kernels.bce_sum, argnums=(0, 2)))(logits, labels, weight, weights)
       want = jax.value_and_grad(kernels.plain_bce_sum, argnums=(0, 2))(logits, labels, weight, weights)
       chex.assert_trees_all_close(got, want, rtol=2e-5, atol=2e-5)
 
@@ -58,7 +62,10 @@ class BceSumTest(parameterized.TestCase):
     np.testing.assert_allclose(kernels.plain_bce_sum(logits, labels, weight, cw), want, rtol=1e-5)
     np.testing.assert_allclose(kernels.bce_sum(logits, labels, weight, cw), want, rtol=1e-5)
 
-  @parameterized.parameters(None, "weights")
+  @pytest.mark.parametrize("class_weights", [
+      None,
+      "weights",
+  ])
   def test_check_grads(self, class_weights):
     with jax.enable_x64(True):
       logits, labels, weight, cw = _bce_inputs(seed=2, dtype=jnp.float64)
@@ -71,8 +78,8 @@ class BceSumTest(parameterized.TestCase):
     logits = logits.at[0, 0].set(jnp.array([1e4, -1e4, 0.0, 88.0, -88.0]))
     for weights in (cw, None):
       value, grad = jax.value_and_grad(kernels.bce_sum)(logits, labels, weight, weights)
-      self.assertTrue(np.isfinite(value))
-      self.assertTrue(np.isfinite(np.asarray(grad)).all())
+      assert np.isfinite(value)
+      assert np.isfinite(np.asarray(grad)).all()
       np.testing.assert_allclose(value, kernels.plain_bce_sum(logits, labels, weight, weights), rtol=1e-5)
 
 
@@ -87,15 +94,14 @@ def _bins_and_cotangents(seed, shape, scale, r=16, dtype=jnp.float32):
   return x, tuple(jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
 
 
-class SoftmaxStatsTest(parameterized.TestCase):
+class TestSoftmaxStats:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_value_and_vjp_equal_the_plain_twin(self):
+  def test_value_and_vjp_equal_the_plain_twin(self, variant):
     x, cot = _bins_and_cotangents(1, (4, 6, 4), 3)
     kernel = kernels.softmax_stats
 
-    chex.assert_trees_all_close(self.variant(kernel)(x), kernels.plain_softmax_stats(x), rtol=1e-6, atol=1e-5)
-    got = self.variant(lambda x: jax.vjp(kernel, x)[1](cot)[0])(x)
+    chex.assert_trees_all_close(variant(kernel)(x), kernels.plain_softmax_stats(x), rtol=1e-6, atol=1e-5)
+    got = variant(lambda x: jax.vjp(kernel, x)[1](cot)[0])(x)
     np.testing.assert_allclose(got, jax.vjp(kernels.plain_softmax_stats, x)[1](cot)[0], rtol=1e-5, atol=1e-6)
 
   def test_plain_twin_matches_numpy(self):
@@ -145,10 +151,9 @@ class SoftmaxStatsTest(parameterized.TestCase):
 # split_channels
 
 
-class SplitChannelsTest(parameterized.TestCase):
+class TestSplitChannels:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_values_and_gradient_equal_the_plain_twin(self):
+  def test_values_and_gradient_equal_the_plain_twin(self, variant):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((2, 5, 9)), jnp.float32)
     w1, w2 = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((2, 5, 4), (2, 5, 5)))
@@ -159,9 +164,9 @@ class SplitChannelsTest(parameterized.TestCase):
         return jnp.sum(jnp.sin(a) * w1) + jnp.sum(b * b * w2)
       return loss
 
-    chex.assert_trees_all_close(self.variant(kernels.split_channels, static_argnums=1)(x, 4), (x[..., :4], x[..., 4:]))
+    chex.assert_trees_all_close(variant(kernels.split_channels, static_argnums=1)(x, 4), (x[..., :4], x[..., 4:]))
     chex.assert_trees_all_close(
-        self.variant(jax.value_and_grad(f(kernels.split_channels)))(x),
+        variant(jax.value_and_grad(f(kernels.split_channels)))(x),
         jax.value_and_grad(f(kernels.plain_split_channels))(x), rtol=1e-6,
     )
 
@@ -200,7 +205,7 @@ def _two_bin_problem(seed=4, b=2, a=9, r=16, extra=7, dtype=jnp.float32):
   return x, target, rows, coef
 
 
-class TwoBinTest(parameterized.TestCase):
+class TestTwoBin:
 
   def test_two_bin_target_matches_numpy(self):
     t = jnp.array([0.0, 0.25, 3.5, 14.99, 7.0], jnp.float32)
@@ -210,11 +215,10 @@ class TwoBinTest(parameterized.TestCase):
     np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose((got * np.arange(16)).sum(-1), t, rtol=1e-6)  # its expectation is the target
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_value_and_gradient_equal_the_plain_twin_with_repeated_rows(self):
+  def test_value_and_gradient_equal_the_plain_twin_with_repeated_rows(self, variant):
     x, target, rows, coef = _two_bin_problem()
     assert any(np.unique(r).size < r.size for r in np.asarray(rows))  # an anchor listed twice
-    got = self.variant(jax.value_and_grad(kernels.two_bin_logit_sum))(x, target, rows, coef)
+    got = variant(jax.value_and_grad(kernels.two_bin_logit_sum))(x, target, rows, coef)
     want = jax.value_and_grad(kernels.plain_two_bin_logit_sum)(x, target, rows, coef)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -253,17 +257,17 @@ def np_top_k(full, k):
   return idx, np.take_along_axis(full, idx, axis=1)
 
 
-class TopKTest(parameterized.TestCase):
+class TestTopK:
 
-  @parameterized.parameters(
-      dict(sizes=(37, 20, 5), k=1),
-      dict(sizes=(37, 20, 5), k=10),
-      dict(sizes=(37, 20, 5), k=13),  # more than the 3 + 2 + 1 = 6 tiles... of a row's best
-      dict(sizes=(37, 20, 5), k=62),  # every anchor
-      dict(sizes=(1, 17, 33), k=7),
-      dict(sizes=(50,), k=5),
-      dict(sizes=(3, 3), k=4),  # fewer tiles than k
-  )
+  @pytest.mark.parametrize("sizes,k", [
+      ((37, 20, 5), 1),
+      ((37, 20, 5), 10),
+      ((37, 20, 5), 13),  # more than the 3 + 2 + 1 = 6 tiles... of a row's best
+      ((37, 20, 5), 62),  # every anchor
+      ((1, 17, 33), 7),
+      ((50,), 5),
+      ((3, 3), 4),  # fewer tiles than k
+  ])
   def test_equals_plain_top_k_and_numpy_on_ties(self, sizes, k):
     for seed in range(3):
       levels, full = _tied_levels(seed, sizes)
@@ -276,10 +280,9 @@ class TopKTest(parameterized.TestCase):
       np.testing.assert_array_equal(got[1], val)
       chex.assert_type(got[0], jnp.int32)
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_compiled_and_eager(self):
+  def test_compiled_and_eager(self, variant):
     levels, full = _tied_levels(5, (37, 20, 5))
-    got = self.variant(lambda *lv: kernels.top_k(list(lv))(10))(*levels)
+    got = variant(lambda *lv: kernels.top_k(list(lv))(10))(*levels)
     idx, val = np_top_k(full, 10)
     np.testing.assert_array_equal(got[0], idx)
     np.testing.assert_array_equal(got[1], val)
@@ -299,19 +302,19 @@ class TopKTest(parameterized.TestCase):
 # plain_kernels: every trick can be replaced by its twin through the config, and the loss does not change
 
 
-class PlainSwitchTest(parameterized.TestCase):
+class TestPlainSwitch:
 
   def test_select_picks_the_twin_named_by_the_config(self):
     for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum"):
-      self.assertIs(kernels.select(name), getattr(kernels, name))
-      self.assertIs(kernels.select(name, (name,)), getattr(kernels, f"plain_{name}"))
+      assert kernels.select(name) is getattr(kernels, name)
+      assert kernels.select(name, (name,)) is getattr(kernels, f"plain_{name}")
     for name in ("sigmoid", "sqrt_sigmoid", "whole_map_scores"):  # one trick spans three functions
-      self.assertIs(kernels.select(name, ("shared_sigmoid",)), getattr(kernels, f"plain_{name}"))
-      self.assertIs(kernels.select(name, ("top_k",)), getattr(kernels, name))
-    self.assertIs(kernels.select("bce_sum", ("bce_sum",)), kernels.plain_bce_sum)
+      assert kernels.select(name, ("shared_sigmoid",)) is getattr(kernels, f"plain_{name}")
+      assert kernels.select(name, ("top_k",)) is getattr(kernels, name)
+    assert kernels.select("bce_sum", ("bce_sum",)) is kernels.plain_bce_sum
     cfg = jaxtal.LossConfig(num_classes=3, strides=(8,), plain_kernels=["top_k", "bce_sum", "top_k"])
-    self.assertEqual(cfg.plain_kernels, ("bce_sum", "top_k"))  # normalised: hashable, one compilation
-    with self.assertRaisesRegex(ValueError, r"unknown kernel name\(s\) \['sqrt_sigmoid'\]"):
+    assert cfg.plain_kernels == ("bce_sum", "top_k")  # normalised: hashable, one compilation
+    with pytest.raises(ValueError, match=r"unknown kernel name\(s\) \['sqrt_sigmoid'\]"):
       jaxtal.AssignerConfig(plain_kernels=("sqrt_sigmoid",))
 
   def test_shared_sigmoid_pair_equals_jax_nn(self):
@@ -342,46 +345,43 @@ class PlainSwitchTest(parameterized.TestCase):
 
 
 # --------------------------------------------------------------------------------------------------
-# _parallel.global_sum
+# _parallel.global_sum (support.internals.global_sum)
 
 
-class GlobalSumTest(parameterized.TestCase):
+class TestGlobalSum:
 
   def test_check_grads_under_shard_map_and_pmap_with_one_device(self):
     mesh = jax.make_mesh((1,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
     spec = jax.sharding.PartitionSpec("d")
 
     def mapped(x):
-      body = lambda v: _parallel.global_sum(jnp.sin(v), "d") * v  # noqa: E731
+      body = lambda v: internals.global_sum(jnp.sin(v), "d") * v  # noqa: E731
       return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))(x)
 
     with jax.enable_x64(True):
       x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5)), jnp.float64)
       check_grads(mapped, (x,), order=1, modes=("rev",), **GRAD_TOL)
-      pm = jax.pmap(lambda v: _parallel.global_sum(jnp.sin(v), "d") * v, axis_name="d")
+      pm = jax.pmap(lambda v: internals.global_sum(jnp.sin(v), "d") * v, axis_name="d")
       check_grads(pm, (x,), order=1, modes=("rev",), **GRAD_TOL)
 
   def test_value_is_the_sum_and_the_gradient_is_the_own_share(self):
     """Under vmap with an axis name (4 'devices'): every device sees the global sum, and differentiating
     its own copy gives the cotangent for its own input only (not 4 times it, as psum's transpose would)."""
     x = jnp.asarray([1.0, 2.0, 3.0, 4.0])
-    summed = jax.vmap(lambda v: _parallel.global_sum(v, "i"), axis_name="i")(x)
+    summed = jax.vmap(lambda v: internals.global_sum(v, "i"), axis_name="i")(x)
     np.testing.assert_array_equal(summed, [10.0] * 4)
-    own = jax.vmap(jax.grad(lambda v: 3.0 * _parallel.global_sum(v * v, "i")), axis_name="i")(x)
+    own = jax.vmap(jax.grad(lambda v: 3.0 * internals.global_sum(v * v, "i")), axis_name="i")(x)
     np.testing.assert_allclose(own, 6.0 * np.asarray(x))  # d(3 * v^2)/dv, this device's share
     psum = jax.vmap(jax.grad(lambda v: 3.0 * jax.lax.psum(v * v, "i")), axis_name="i")(x)
     assert not np.allclose(psum, own)  # control: the plain psum gradient is different here
 
-
-if __name__ == "__main__":
-  absltest.main()
 
 
 # --------------------------------------------------------------------------------------------------
 # mask_bce_sum
 
 
-class MaskBceSumTest(parameterized.TestCase):
+class TestMaskBceSum:
   """The mask term's fused sum (gradients formed in the forward scan) equals its plain twin (autodiff over
   checkpointed chunks) and a NumPy oracle, for both mask forms and any chunk size."""
 
@@ -414,7 +414,13 @@ class MaskBceSumTest(parameterized.TestCase):
         total += weight[i, j] * np.sum(inside * (np.logaddexp(0, x) - x * y))
     return total
 
-  @parameterized.parameters((1, True), (3, True), (7, True), (2, False), (9, False))
+  @pytest.mark.parametrize("chunk,index_map", [
+      (1, True),
+      (3, True),
+      (7, True),
+      (2, False),
+      (9, False),
+  ])
   def test_value_and_gradients_equal_the_plain_twin_and_numpy(self, chunk, index_map):
     coef, proto, masks, gt, box, weight = self._problem(index_map=index_map)
 

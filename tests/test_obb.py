@@ -21,9 +21,9 @@ from flax import nnx
 from hypothesis import HealthCheck, given, settings
 
 import jaxtal
-import obb_cases
-from jaxtal.head import xywhr_to_ltrb
-from oracles import np_dfl_expectation
+from support import obb_cases
+from support.internals import xywhr_to_ltrb
+from support.oracles import np_dfl_expectation
 
 NC, R = 3, 4
 SHAPES = ((8, 8), (4, 4))
@@ -138,78 +138,6 @@ def assert_finite(total, parts, grads, angle_grads):
   assert np.isfinite(total) and all(np.isfinite(p) and p >= 0 for p in parts), (total, parts)
   for g in (*grads, *angle_grads):
     assert np.isfinite(g).all()
-
-
-# ----------------------------------------------------------------------------- pack_rotated_labels
-
-
-def test_pack_rotated_labels_hand_worked():
-  rows = np.array(
-      [
-          [1, 2, 0.5, 0.25, 0.5, 0.125, 0.3],
-          [0, 1, 0.25, 0.5, 0.25, 0.5, -0.7],
-          [1, 0, 0.75, 0.75, 0.125, 0.25, 1.5707964],
-      ],
-      np.float32,
-  )
-  gt = jaxtal.pack_rotated_labels(rows, 3, 3, (64, 128))  # height 64, width 128
-  assert gt.boxes.shape == (3, 3, 5) and gt.boxes.dtype == np.float32 and gt.labels.dtype == np.int32
-  np.testing.assert_array_equal(gt.mask, [[True, False, False], [True, True, False], [False, False, False]])
-  np.testing.assert_array_equal(gt.labels, [[1, 0, 0], [2, 0, 0], [0, 0, 0]])
-  np.testing.assert_array_equal(gt.boxes[0, 0], np.float32([32.0, 32.0, 32.0, 32.0, -0.7]))
-  np.testing.assert_array_equal(gt.boxes[1, 0], np.float32([64.0, 16.0, 64.0, 8.0, 0.3]))  # rows keep their order
-  np.testing.assert_array_equal(gt.boxes[1, 1], np.float32([96.0, 48.0, 16.0, 16.0, 1.5707964]))
-  assert not gt.boxes[2].any() and not gt.boxes[0, 1:].any()
-  # The list form (no batch index) gives the same.
-  per_image = [rows[rows[:, 0] == i, 1:] for i in range(3)]
-  listed = jaxtal.pack_rotated_labels(per_image, 3, 3, (64, 128))
-  for a, b in zip(listed, gt):
-    np.testing.assert_array_equal(a, b)
-
-
-def test_pack_rotated_labels_drops_rows_under_two_pixels_and_they_take_no_slot():
-  size = 64
-  px = lambda v: v / size  # noqa: E731
-  rows = np.array(
-      [
-          [0, 0, 0.5, 0.5, px(1.99), px(10), 0.1],  # dropped (width)
-          [0, 1, 0.5, 0.5, px(10), px(1.5), 0.1],  # dropped (height)
-          [0, 2, 0.5, 0.5, px(2.0), px(2.0), 0.1],  # exactly 2 px: kept
-          [0, 1, 0.4, 0.4, px(8), px(8), 0.0],
-          [1, 0, 0.5, 0.5, px(0.5), px(0.5), 0.0],  # dropped: image 1 is empty
-      ],
-      np.float32,
-  )
-  gt = jaxtal.pack_rotated_labels(rows, 2, 2, size)  # M = 2 is enough: dropped rows take no slot
-  np.testing.assert_array_equal(gt.mask, [[True, True], [False, False]])
-  np.testing.assert_array_equal(gt.labels[0], [2, 1])
-  np.testing.assert_allclose(gt.boxes[0, 0, 2:4], [2.0, 2.0])
-  # The error names the row in the caller's numbering (row 4), counting kept rows only.
-  with pytest.raises(ValueError, match=r"label row 4 is box 3 of image 0, which has 3 boxes; max_boxes is 2"):
-    jaxtal.pack_rotated_labels(np.concatenate([rows[:3], rows[3:4], rows[3:4]]), 2, 2, size)
-
-
-@pytest.mark.parametrize(
-    ("row", "match"),
-    [
-        ([2, 0, 0.5, 0.5, 0.1, 0.1, 0.0], r"label row 0 has batch index 2\.0, expected a whole number in \[0, 2\)"),
-        ([0, -1, 0.5, 0.5, 0.1, 0.1, 0.0], r"label row 0 has class -1\.0, expected a whole number >= 0"),
-        ([0, 0, 0.5, np.nan, 0.1, 0.1, 0.0], r"label row 0 has a non-finite value"),
-        ([0, 0, 0.5, 0.5, 0.1, 0.1, np.inf], r"label row 0 has a non-finite value"),
-        ([0, 0, 0.5, 0.5, 1e5, 0.1, 0.0], r"label row 0 has a box coordinate beyond 1\.04858e\+06 pixels"),
-        ([0, 0, 0.5, 0.5, 0.1, 0.1, 2e6], r"label row 0 has a box coordinate beyond"),
-    ],
-)
-def test_pack_rotated_labels_errors(row, match):
-  with pytest.raises(ValueError, match=match):
-    jaxtal.pack_rotated_labels(np.array([row], np.float64), 2, 3, 64)
-
-
-def test_pack_rotated_labels_shape_errors_and_empty():
-  with pytest.raises(ValueError, match=r"labels must have shape \(n, 7\)"):
-    jaxtal.pack_rotated_labels(np.zeros((2, 6), np.float32), 2, 3, 64)
-  gt = jaxtal.pack_rotated_labels(np.zeros((0, 7), np.float32), 2, 3, 64)
-  assert gt.boxes.shape == (2, 3, 5) and not gt.mask.any()
 
 
 # ----------------------------------------------------------------------------- probiou

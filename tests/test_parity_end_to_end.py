@@ -2,61 +2,26 @@
 
 Every case of ``cases.E2E_CASES`` (two branches' NCHW maps + YOLO label rows, an epoch of a
 run) is checked against its golden fixture (``tests/fixtures/e2e_<case>.npz``) and, marked
-``live``, against ``E2ELoss`` / ``E2EDetectLoss`` run now through ``tests/reference.py``: the
+``live``, against ``E2ELoss`` / ``E2EDetectLoss`` run now through ``tests/support/reference.py``: the
 reference criterion is advanced one ``update()`` per finished epoch, as its trainer does, and
 jaxtal gets ``weight=one2many_weight(epoch, epochs)``.
 
-Rules as in ``test_parity_loss.py``: total and the reported parts within ``rtol=1e-4``; per
+Rules as in ``test_parity_detect.py``: total and the reported parts within ``rtol=1e-4``; per
 level and branch ``max|grad - ref| <= 1e-3 * max|ref|``.
 """
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import numpy as np
 import pytest
 
-import cases
-import jaxtal
-
-LOSS_RTOL = 1e-4
-GRAD_RATIO = 1e-3
-
-
-def _setup(case: dict):
-  kwargs, m = cases.split_loss_config(case["config"])
-  epoch, epochs, v10 = kwargs.pop("epoch"), kwargs.pop("epochs"), kwargs.pop("yolov10")
-  cfg = jaxtal.LossConfig(**kwargs, layout="NCHW")
-  feats = case["inputs"]["feats"]
-  size = feats[0].shape[2] * cfg.strides[0], feats[0].shape[3] * cfg.strides[0]
-  gt = jaxtal.pack_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, size)
-  return cfg, gt, epoch, epochs, v10
-
-
-@functools.partial(jax.jit, static_argnames=("config", "v10"))
-def _value_and_grad(many, one, gt, weight, *, config, v10):
-  def f(many, one):
-    if v10:
-      return jaxtal.end_to_end_sum_loss(jaxtal.detection_loss, (many,), (one,), gt, config=config)
-    return jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), gt, weight=weight, config=config)
-
-  (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(many, one)
-  return total, parts, grads
-
-
-def run_jaxtal(case: dict):
-  cfg, gt, epoch, epochs, v10 = _setup(case)
-  weight = np.float32(jaxtal.one2many_weight(epoch, epochs))
-  many = [np.asarray(f) for f in case["inputs"]["feats"]]
-  one = [np.asarray(f) for f in case["inputs"]["feats_o2o"]]
-  total, parts, (g_many, g_one) = _value_and_grad(many, one, gt, weight, config=cfg, v10=v10)
-  return float(total), parts, [np.asarray(g) for g in g_many], [np.asarray(g) for g in g_one]
+from support import cases, fixtures
+from support.parity import GRAD_RATIO, LOSS_RTOL
+from support.runners import run_end_to_end
 
 
 def assert_matches(case: dict, ref: dict):
-  total, parts, g_many, g_one = run_jaxtal(case)
+  total, parts, g_many, g_one = run_end_to_end(case)
   np.testing.assert_allclose(total, ref["total"], rtol=LOSS_RTOL, atol=1e-6, err_msg="total")
   for name in ("box", "cls", "dfl"):
     np.testing.assert_allclose(float(getattr(parts, name)), ref[name], rtol=LOSS_RTOL, atol=1e-6, err_msg=name)
@@ -112,3 +77,11 @@ def test_live(name, reference):
   kwargs, _ = cases.split_loss_config(case["config"])
   ref = reference.e2e_loss(case["inputs"]["feats"], case["inputs"]["feats_o2o"], case["inputs"]["label_rows"], **kwargs)
   assert_matches(case, ref)
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("e2e",))])
+def test_fixture_script_reproduces_the_file(name, reference, tmp_path):
+  """``tests/make_fixtures.py --kind e2e`` writes this committed file again, byte for byte."""
+  fixtures.assert_reproduces(fixtures.job("e2e", name), str(tmp_path))

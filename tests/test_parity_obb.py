@@ -2,16 +2,16 @@
 
 Every case of ``obb_cases`` is checked against its golden fixture
 (``tests/fixtures/obb_{assign,loss}_<case>.npz``, no torch needed) and, marked ``live``,
-against the reference run now through ``tests/obb_reference.py`` (skipped when it cannot be
+against the reference run now through ``tests/support/obb_reference.py`` (skipped when it cannot be
 imported, failed instead under ``JAXTAL_REQUIRE_REFERENCE=1``, the rule of ``conftest.py``).
 
-Comparison rules, the detection parity tests' (imported from them, not restated):
+Comparison rules, the detection parity tests' (shared through ``support.parity``, not restated):
 
-* assignment: ``test_parity_assign.assert_assignment_matches`` (target scores allclose
+* assignment: ``support.parity.assert_assignment_matches`` (target scores allclose
   everywhere, owner GT, label and box equal on every scored anchor, foreground differing only
   on zero-score anchors), with the target scores' ``rtol`` 5e-5 instead of 1e-5 (see
   ``SCORE_RTOL``);
-* loss: ``test_parity_loss.assert_loss_matches`` for the total, the box/cls/dfl parts and the
+* loss: ``support.parity.assert_loss_matches`` for the total, the box/cls/dfl parts and the
   head-map gradients (``rtol=1e-4``; ``max|grad - ref| <= 1e-3 max|ref|`` per level), the same
   rules for the angle part and the angle-map gradients, and the assignment inside the loss
   (read from the reference's assigner through a forward hook): target-score sums allclose
@@ -28,40 +28,18 @@ Comparison rules, the detection parity tests' (imported from them, not restated)
 
 from __future__ import annotations
 
-import functools
-from unittest import mock
-
-import jax
 import numpy as np
 import pytest
 
-import cases
 import jaxtal
-import obb_cases
-from conftest import reference_required
-from jaxtal.obb import obb_targets
-import test_parity_assign
-from test_parity_assign import assert_assignment_matches
-from test_parity_loss import GRAD_RATIO, LOSS_RTOL, assert_loss_matches
+from support import fixtures, obb_cases
+from support.parity import GRAD_RATIO, LOSS_RTOL, assert_assignment_matches, assert_loss_matches, params
+from support.parity import TASK_SCORE_RTOL as SCORE_RTOL
+from support.parity import TASK_WEIGHT_ATOL as WEIGHT_ATOL
+from support.runners import obb_loss_gt, probiou_and_grads, run_obb_assign, run_obb_loss
 
-# Target scores: ProbIoU is rounded about ten times worse than CIoU in float32 (see below), and
-# the align metric takes it to the power beta = 6, so scores get rtol 5e-5 (detection: 1e-5).
-SCORE_RTOL, WEIGHT_ATOL = 5e-5, 1e-6
 PROBIOU_ATOL = 2e-5
 HELLINGER2_ATOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def obb_reference(reference):
-  """``tests/obb_reference.py``: Ultralytics' OBB pieces as a black box (after ``reference``'s checks)."""
-  try:
-    import obb_reference as module  # noqa: PLC0415
-  except ImportError as e:
-    reason = f"obb_reference not importable (Ultralytics' OBB loss, assigner and probiou): {e}"
-    if reference_required():
-      pytest.fail(f"JAXTAL_REQUIRE_REFERENCE=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
-  return module
 
 
 # Each case compiles the loss (or the assigner) once, about 5 s for the loss on CI's CPUs: the
@@ -70,118 +48,9 @@ FAST_ASSIGN = ("angles", "tiny_side_stride1")
 FAST_LOSS = ("angles",)  # "tiny" runs in the slow set (each case compiles its loss, ~6 s)
 
 
-def _params(names, fast):
-  return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
-
-
-# ----------------------------------------------------------------------------- jaxtal runs
-
-
-@functools.partial(jax.jit, static_argnames=("floor",))
-def _probiou_and_grads(box1, box2, *, floor):
-  iou = jaxtal.probiou(box1, box2, floor=floor)
-  return iou, jax.grad(lambda a, b: jaxtal.probiou(a, b, floor=floor).sum(), argnums=(0, 1))(box1, box2)
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config):
-  return jaxtal.rotated_task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, **dict(config))
-
-
-def run_assign(case: dict) -> dict:
-  x = case["inputs"]
-  gt = jaxtal.GroundTruth(x["gt_labels"], x["gt_boxes"], x["gt_mask"])
-  out = _assign_jit(x["pred_scores"], x["pred_boxes"], x["anchor_points"], gt, config=tuple(sorted(case["config"].items())))
-  return {k: np.asarray(v) for k, v in out._asdict().items()}
-
-
-def _static(config: dict) -> tuple:
-  kwargs, _ = obb_cases.split_loss_config(config)
-  if kwargs["class_weights"] is not None:
-    kwargs["class_weights"] = tuple(kwargs["class_weights"])
-  return tuple(sorted(kwargs.items()))
-
-
-def loss_gt(case: dict) -> jaxtal.GroundTruth:
-  _, m = obb_cases.split_loss_config(case["config"])
-  feats = case["inputs"]["feats"]
-  s = case["config"]["strides"][0]
-  return jaxtal.pack_rotated_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, (feats[0].shape[2] * s, feats[0].shape[3] * s))
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _loss_jit(feats, angles, gt, *, config):
-  kwargs = dict(config)
-  if kwargs["class_weights"] is not None:
-    kwargs["class_weights"] = np.asarray(kwargs["class_weights"], np.float32)
-
-  def f(feats, angles):
-    return jaxtal.obb_loss(feats, angles, gt, layout="NCHW", **kwargs)
-
-  (total, parts), (grads, angle_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(feats, angles)
-  kwargs.pop("class_weights")
-  _, _, targets = obb_targets(feats, angles, gt, layout="NCHW", **kwargs)
-  return total, parts, grads, angle_grads, targets
-
-
-def run_loss(case: dict) -> dict:
-  """jaxtal's OBB loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
-  x = case["inputs"]
-  total, parts, grads, angle_grads, t = _loss_jit(x["feats"], x["angles"], loss_gt(case), config=_static(case["config"]))
-  return loss_outputs(total, parts, grads, t, angle_grads=angle_grads)
-
-
-def loss_outputs(total, parts, grads, targets, **more_grads) -> dict:
-  """A jitted task-loss run as NumPy: ``total``, ``parts`` (floats, the same NamedTuple), ``grads`` (per-level head
-  maps), each of ``more_grads`` (a per-level list, or one array) and the assignment inside the loss (``weights``,
-  ``fg_mask``, ``gt_index``: :class:`jaxtal.DetectionTargets` fields)."""
-  def numpy(g):
-    return [np.asarray(x) for x in g] if isinstance(g, (list, tuple)) else np.asarray(g)
-
-  return dict(
-      total=float(total),
-      parts=type(parts)(*(float(p) for p in parts)),
-      grads=numpy(grads),
-      **{k: numpy(v) for k, v in more_grads.items()},
-      weights=np.asarray(targets.weights),
-      fg_mask=np.asarray(targets.fg_mask),
-      gt_index=np.asarray(targets.gt_index),
-  )
-
-
-def _grad_ratio(grads, ref_grads) -> float:
-  return max(float(np.max(np.abs(g - r)) / max(np.max(np.abs(r)), 1e-30)) for g, r in zip(grads, ref_grads))
-
-
-def part_errors(out: dict, ref: dict) -> dict[str, float]:
-  """``"<part> rel"``: the relative error of the total and each part of ``out["parts"]`` (absolute where the
-  reference's is 0)."""
-  errs = {}
-  for key, value in (("total", out["total"]), *zip(out["parts"]._fields, out["parts"])):
-    errs[f"{key} rel"] = abs(value - ref[key]) / abs(ref[key]) if ref[key] != 0 else abs(value)
-  return errs
-
-
-def assert_owners_match(out: dict, ref: dict, where: str = "") -> None:
-  """The foreground equal, and its owner GT equal on every foreground anchor of the reference."""
-  np.testing.assert_array_equal(out["fg_mask"], ref["fg_mask"], err_msg=f"{where}foreground")
-  fg = ref["fg_mask"]
-  np.testing.assert_array_equal(out["gt_index"][fg], ref["gt_index"][fg], err_msg=f"{where}owner GT on foreground")
-
-
-def loss_errors(out: dict, ref: dict) -> dict[str, float]:
-  """Relative errors of the total and parts, gradient ratios, and the worst target-score difference."""
-  errs = part_errors(out, ref)
-  errs["grad ratio"] = _grad_ratio(out["grads"], ref["grads"])
-  errs["angle grad ratio"] = _grad_ratio(out["angle_grads"], ref["angle_grads"])
-  errs["target score abs"] = float(np.max(np.abs(out["weights"] - ref["weights"]), initial=0.0))
-  return errs
-
-
 def assert_obb_assignment_matches(got: dict, ref: dict, where: str = "") -> None:
-  """``test_parity_assign.assert_assignment_matches`` with the target-score rtol of this module."""
-  with mock.patch.object(test_parity_assign, "SCORE_RTOL", SCORE_RTOL):
-    assert_assignment_matches(got, ref, where)
+  """``support.parity.assert_assignment_matches`` with the target-score rtol of this module."""
+  assert_assignment_matches(got, ref, where, score_rtol=SCORE_RTOL)
 
 
 def assert_obb_loss_matches(out: dict, ref: dict, where: str = "") -> None:
@@ -198,18 +67,18 @@ def assert_obb_loss_matches(out: dict, ref: dict, where: str = "") -> None:
 # ----------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize("name", _params(obb_cases.OBB_ASSIGN_CASES, FAST_ASSIGN))
+@pytest.mark.parametrize("name", params(obb_cases.OBB_ASSIGN_CASES, FAST_ASSIGN))
 def test_golden_assign(name):
   case, ref, version = obb_cases.load_fixture("assign", name)
   assert version == "8.4.190"
-  assert_obb_assignment_matches(run_assign(case), ref, where=f"[obb {name}] ")
+  assert_obb_assignment_matches(run_obb_assign(case), ref, where=f"[obb {name}] ")
 
 
-@pytest.mark.parametrize("name", _params(obb_cases.OBB_LOSS_CASES, FAST_LOSS))
+@pytest.mark.parametrize("name", params(obb_cases.OBB_LOSS_CASES, FAST_LOSS))
 def test_golden_loss(name):
   case, ref, version = obb_cases.load_fixture("loss", name)
   assert version == "8.4.190"
-  assert_obb_loss_matches(run_loss(case), ref, where=f"[obb {name}] ")
+  assert_obb_loss_matches(run_obb_loss(case), ref, where=f"[obb {name}] ")
 
 
 def _hellinger2(iou) -> np.ndarray:
@@ -220,13 +89,13 @@ def assert_probiou_matches(x: dict, ref: dict) -> None:
   """ProbIoU rules of the module docstring on a ``obb_cases.probiou_case`` and the reference's outputs."""
   good = ~np.isin(np.asarray(obb_cases.PROBIOU_KINDS)[x["kind"]], obb_cases.ILL_CONDITIONED)
   for suffix, floor in (("", 0.0), ("_floor", 0.01)):
-    got = np.asarray(_probiou_and_grads(x["box1"], x["box2"], floor=floor)[0])
+    got = np.asarray(probiou_and_grads(x["box1"], x["box2"], floor=floor)[0])
     assert np.isfinite(got).all() and (got >= 0).all() and (got <= 1).all()
     np.testing.assert_allclose(got[good], ref["iou" + suffix][good], atol=PROBIOU_ATOL, rtol=0, err_msg=f"floor {floor}")
     for want, what in ((ref["iou" + suffix], "reference"), (ref["iou64" + suffix], "float64 reference")):
       worst = np.max(np.abs(_hellinger2(got) - _hellinger2(want)))
       assert worst <= HELLINGER2_ATOL, f"floor {floor}: squared Hellinger distance {worst:.2e} from the {what}"
-  _, (g1, g2) = _probiou_and_grads(x["box1"], x["box2"], floor=0.0)
+  _, (g1, g2) = probiou_and_grads(x["box1"], x["box2"], floor=0.0)
   for g, r in ((g1, ref["d_box1"]), (g2, ref["d_box2"])):
     g = np.asarray(g)
     assert np.isfinite(g).all()
@@ -287,7 +156,7 @@ def test_golden_cases_are_informative():
   rows = case["inputs"]["label_rows"]
   px = rows[:, 4:6] * np.float32(64)
   assert (px.min(1) < 2).any() and (px.min(1) == 2).any()
-  assert int(np.asarray(loss_gt(case).mask).sum()) == int((px.min(1) >= 2).sum())
+  assert int(np.asarray(obb_loss_gt(case).mask).sum()) == int((px.min(1) >= 2).sum())
   assert not (obb_cases.load_fixture("loss", "empty_batch")[0]["inputs"]["label_rows"].size)
 
 
@@ -295,24 +164,24 @@ def test_golden_cases_are_informative():
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", _params(obb_cases.OBB_ASSIGN_CASES, FAST_ASSIGN))
+@pytest.mark.parametrize("name", params(obb_cases.OBB_ASSIGN_CASES, FAST_ASSIGN))
 def test_live_assign(name, obb_reference):
   case = obb_cases.assign_case(name)
   x = case["inputs"]
   ref = obb_reference.assign(
       x["pred_scores"], x["pred_boxes"], x["anchor_points"], x["gt_labels"], x["gt_boxes"], x["gt_mask"], **case["config"]
   )
-  assert_obb_assignment_matches(run_assign(case), ref, where=f"[obb {name} live] ")
+  assert_obb_assignment_matches(run_obb_assign(case), ref, where=f"[obb {name} live] ")
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", _params(obb_cases.OBB_LOSS_CASES, FAST_LOSS))
+@pytest.mark.parametrize("name", params(obb_cases.OBB_LOSS_CASES, FAST_LOSS))
 def test_live_loss(name, obb_reference):
   case = obb_cases.loss_case(name)
   kwargs, _ = obb_cases.split_loss_config(case["config"])
   x = case["inputs"]
   ref = obb_reference.loss(x["feats"], x["angles"], x["label_rows"], **kwargs)
-  assert_obb_loss_matches(run_loss(case), ref, where=f"[obb {name} live] ")
+  assert_obb_loss_matches(run_obb_loss(case), ref, where=f"[obb {name} live] ")
 
 
 @pytest.mark.live
@@ -343,4 +212,12 @@ def test_live_half_turn_changes_only_the_dfl_part(obb_reference):
   assert abs(ref["dfl"] - ref0["dfl"]) > 1e-3 * ref0["dfl"]
   for key in ("box", "cls", "angle"):
     np.testing.assert_allclose(ref[key], ref0[key], rtol=1e-5)
-  assert_obb_loss_matches(run_loss(turned), ref, where="[obb angles + pi live] ")
+  assert_obb_loss_matches(run_obb_loss(turned), ref, where="[obb angles + pi live] ")
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("obb",))])
+def test_fixture_script_reproduces_the_file(name, obb_reference, tmp_path):
+  """``tests/make_fixtures.py --kind obb`` writes this committed file again, byte for byte."""
+  fixtures.assert_reproduces(fixtures.job("obb", name), str(tmp_path))

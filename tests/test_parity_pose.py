@@ -2,12 +2,12 @@
 
 Every case of ``pose_cases`` is checked against its golden fixture
 (``tests/fixtures/pose_loss_<case>.npz``, no torch needed) and, marked ``live``, against the
-reference run now through ``tests/pose_reference.py`` (skipped when it cannot be imported,
+reference run now through ``tests/support/pose_reference.py`` (skipped when it cannot be imported,
 failed instead under ``JAXTAL_REQUIRE_REFERENCE=1``, the rule of ``conftest.py``). jaxtal runs
 ``jax.value_and_grad`` of ``pose_loss(..., layout="NCHW")`` w.r.t. the head maps and the
 keypoint maps, jitted.
 
-Comparison rules (:func:`assert_pose_loss_matches`): ``test_parity_loss.assert_loss_matches``
+Comparison rules (:func:`assert_pose_loss_matches`): ``support.parity.assert_loss_matches``
 for the total, box/cls/dfl and the head-map gradients, and, tighter (float32 rounding), the
 total and all five parts within ``rtol=1e-5`` (``atol=1e-7`` for parts that are 0), both
 gradients within ``max|grad - ref| <= 1e-4 max|ref|`` per level, the foreground of the
@@ -22,72 +22,23 @@ differs there (so the rule can fail); every other case matches the native refere
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import numpy as np
 import pytest
 
-import cases
 import jaxtal
-import pose_cases
-from test_parity_loss import assert_loss_matches
-from test_parity_obb import _grad_ratio, _params, assert_owners_match, loss_outputs, part_errors
+from support import cases, fixtures, pose_cases
+from support.parity import assert_loss_matches, assert_owners_match, params
+from support.runners import run_pose_loss
 
 POSE_RTOL, PART_ATOL = 1e-5, 1e-7
 POSE_GRAD_RATIO = 1e-4
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
 
 
-@pytest.fixture(scope="session")
-def pose_reference(reference):
-  """``tests/pose_reference.py``: Ultralytics' pose loss as a black box (after ``reference``'s checks)."""
-  import pose_reference as module  # noqa: PLC0415  (imports only what ``reference`` did, and v8PoseLoss)
-
-  return module
-
-
 # Each configuration compiles the loss once (a few seconds on CI's CPUs): the default run keeps
 # one case, golden and live (one compilation), ``-m slow`` runs the rest.
 FAST_GOLDEN = ("ties",)
 FAST_LIVE = ("ties",)
-
-
-# ----------------------------------------------------------------------------- jaxtal runs
-
-
-def _config(config: dict) -> tuple[jaxtal.PoseLossConfig, np.ndarray | None]:
-  kwargs, _ = pose_cases.split_loss_config(config)
-  cw = kwargs.pop("class_weights")
-  return jaxtal.PoseLossConfig(**kwargs, layout="NCHW"), None if cw is None else np.asarray(cw, np.float32)
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def _loss_jit(feats, kpts, gt, class_weights, *, config):
-  def f(feats, kpts):
-    return jaxtal.pose_loss(feats, kpts, gt, config, class_weights=class_weights)
-
-  (total, parts), (grads, kpt_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(feats, kpts)
-  _, targets = jaxtal.detection_targets(feats, gt, config)
-  return total, parts, grads, kpt_grads, targets
-
-
-def run_loss(case: dict) -> dict:
-  """jaxtal's pose loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
-  x = case["inputs"]
-  config, class_weights = _config(case["config"])
-  gt = pose_cases.gt_of(case)
-  total, parts, grads, kpt_grads, t = _loss_jit(x["feats"], x["kpts"], gt, class_weights, config=config)
-  return loss_outputs(total, parts, grads, t, kpt_grads=kpt_grads)
-
-
-def loss_errors(out: dict, ref: dict) -> dict[str, float]:
-  """Relative errors of the total and parts (absolute where the reference's is 0), gradient ratios."""
-  errs = part_errors(out, ref)
-  errs["grad ratio"] = _grad_ratio(out["grads"], ref["grads"])
-  errs["kpt grad ratio"] = _grad_ratio(out["kpt_grads"], ref["kpt_grads"])
-  errs["foreground mismatches"] = float(np.sum(out["fg_mask"] != ref["fg_mask"]))
-  return errs
 
 
 def assert_pose_loss_matches(out: dict, ref: dict, where: str = "") -> None:
@@ -113,11 +64,11 @@ def assert_pose_loss_matches(out: dict, ref: dict, where: str = "") -> None:
 # ----------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize("name", _params(pose_cases.POSE_LOSS_CASES, FAST_GOLDEN))
+@pytest.mark.parametrize("name", params(pose_cases.POSE_LOSS_CASES, FAST_GOLDEN))
 def test_golden_loss(name):
   case, ref, version = pose_cases.load_fixture(name)
   assert version == "8.4.190"
-  assert_pose_loss_matches(run_loss(case), ref, where=f"[pose {name}] ")
+  assert_pose_loss_matches(run_pose_loss(case), ref, where=f"[pose {name}] ")
 
 
 def test_fixture_inputs_match_builders():
@@ -155,18 +106,18 @@ def test_golden_cases_are_informative():
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", _params([n for n in pose_cases.POSE_LOSS_CASES if n not in pose_cases.TIE_CASES], ()))
+@pytest.mark.parametrize("name", params([n for n in pose_cases.POSE_LOSS_CASES if n not in pose_cases.TIE_CASES], ()))
 def test_live_loss(name, pose_reference):
   """Cases without top-k ties match the native reference."""
   case = pose_cases.loss_case(name)
   kwargs, _ = pose_cases.split_loss_config(case["config"])
   x = case["inputs"]
   ref = pose_reference.loss(x["feats"], x["kpts"], x["label_rows"], x["keypoints"], **kwargs)
-  assert_pose_loss_matches(run_loss(case), ref, where=f"[pose {name} live] ")
+  assert_pose_loss_matches(run_pose_loss(case), ref, where=f"[pose {name} live] ")
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", _params(pose_cases.TIE_CASES, FAST_LIVE))
+@pytest.mark.parametrize("name", params(pose_cases.TIE_CASES, FAST_LIVE))
 def test_live_ties_match_the_stable_reference_not_the_native_one(name, pose_reference):
   """With tied zero-metric top-k candidates jaxtal is the reference with a stable top-k; the
   native reference takes other tied candidates, so its foreground and pose terms differ."""
@@ -174,10 +125,18 @@ def test_live_ties_match_the_stable_reference_not_the_native_one(name, pose_refe
   kwargs, _ = pose_cases.split_loss_config(case["config"])
   x = case["inputs"]
   args = (x["feats"], x["kpts"], x["label_rows"], x["keypoints"])
-  out = run_loss(case)
+  out = run_pose_loss(case)
   assert_pose_loss_matches(out, pose_reference.loss(*args, stable=True, **kwargs), where=f"[pose {name} stable] ")
   native = pose_reference.loss(*args, **kwargs)
   assert (native["fg_mask"] != out["fg_mask"]).any()
   assert abs(native["pose"] - out["parts"].pose) > 1e-3 * native["pose"]
   with pytest.raises(AssertionError):
     assert_pose_loss_matches(out, native)
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("pose",))])
+def test_fixture_script_reproduces_the_file(name, pose_reference, tmp_path):
+  """``tests/make_fixtures.py --kind pose`` writes this committed file again, byte for byte."""
+  fixtures.assert_reproduces(fixtures.job("pose", name), str(tmp_path))

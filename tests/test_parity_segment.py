@@ -3,7 +3,7 @@
 Every case of ``segment_cases.SEGMENT_CASES`` (NCHW head maps, mask coefficients and prototypes,
 YOLO label rows and the reference's masks) is checked against its golden fixture
 (``tests/fixtures/segment_<case>.npz``) and, marked ``live``, against the reference run now
-through ``tests/segment_reference.py``. jaxtal runs ``jax.value_and_grad`` of
+through ``tests/support/segment_reference.py``. jaxtal runs ``jax.value_and_grad`` of
 ``segment_loss(..., layout="NCHW")`` w.r.t. the head maps, the coefficient maps and the
 prototypes, jitted.
 
@@ -12,7 +12,7 @@ and float), masks at the prototypes' resolution, at a higher one and at a lower,
 (the prototypes are resized), empty images, an all-empty batch, ``reg_max = 1`` and overlapping
 instances (every case but the empty ones).
 
-Comparison rules (the detection rules, ``test_parity_loss.assert_loss_matches``, imported):
+Comparison rules (the detection rules, ``support.parity.assert_loss_matches``, shared):
 the total and each gain-scaled part (box, seg, cls, dfl) within ``rtol=1e-4``; for every
 level's head map, every level's coefficient map and the prototypes, ``max|grad - ref| <= 1e-3 *
 max|ref|``; the assignment inside the loss as in ``test_parity_obb`` (target-score sums
@@ -28,69 +28,19 @@ comparison is not vacuous).
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import numpy as np
 import pytest
 
-import cases
-import jaxtal
-import segment_cases
-from test_parity_loss import LOSS_RTOL, assert_loss_matches
-from test_parity_obb import (
-    SCORE_RTOL, WEIGHT_ATOL, _grad_ratio, _params, assert_owners_match, loss_outputs, part_errors,
-)
-
-
-@pytest.fixture(scope="session")
-def segment_reference(reference):
-  """``tests/segment_reference.py``: Ultralytics' segmentation loss as a black box (after ``reference``'s checks)."""
-  import segment_reference as module  # noqa: PLC0415  (needs only what ``reference`` imported)
-
-  return module
+from support import cases, fixtures, segment_cases
+from support.parity import LOSS_RTOL, assert_loss_matches, assert_owners_match, params
+from support.parity import TASK_SCORE_RTOL as SCORE_RTOL
+from support.parity import TASK_WEIGHT_ATOL as WEIGHT_ATOL
+from support.runners import run_segment_loss
 
 
 # Each case compiles the loss once (about 5 s on CI's CPUs): the default run keeps one case, ``ties``
 # (golden, live with stable ties, live with native ties: one compilation), ``-m slow`` runs the rest.
 FAST = ("ties",)
-
-
-# ----------------------------------------------------------------------------- jaxtal runs
-
-
-@functools.partial(jax.jit, static_argnames=("config",))
-def _loss_jit(feats, coefs, proto, gt, *, config):
-  kwargs = dict(config)
-  kwargs.pop("class_weights")
-
-  def f(feats, coefs, proto):
-    return jaxtal.segment_loss(feats, coefs, proto, gt, layout="NCHW", **kwargs)
-
-  (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(feats, coefs, proto)
-  _, targets = jaxtal.detection_targets(feats, gt, layout="NCHW", **kwargs)
-  return total, parts, grads, targets
-
-
-def run_loss(case: dict) -> dict:
-  """jaxtal's segmentation loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
-  kwargs, _, _ = segment_cases.split_config(case["config"])
-  assert kwargs["class_weights"] is None
-  x = case["inputs"]
-  total, parts, (grads, coef_grads, proto_grad), t = _loss_jit(
-      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(kwargs.items()))
-  )
-  return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
-
-
-def loss_errors(out: dict, ref: dict) -> dict[str, float]:
-  """Relative errors of the total and parts, gradient ratios, and the worst target-score difference."""
-  errs = part_errors(out, ref)
-  errs["grad ratio"] = _grad_ratio(out["grads"], ref["grads"])
-  errs["coef grad ratio"] = _grad_ratio(out["coef_grads"], ref["coef_grads"])
-  errs["proto grad ratio"] = _grad_ratio([out["proto_grad"]], [ref["proto_grad"]])
-  errs["target score abs"] = float(np.max(np.abs(out["weights"] - ref["weights"]), initial=0.0))
-  return errs
 
 
 def assert_segment_loss_matches(out: dict, ref: dict, where: str = "") -> None:
@@ -109,11 +59,11 @@ def assert_segment_loss_matches(out: dict, ref: dict, where: str = "") -> None:
 # ----------------------------------------------------------------------------- golden
 
 
-@pytest.mark.parametrize("name", _params(segment_cases.SEGMENT_CASES, FAST))
+@pytest.mark.parametrize("name", params(segment_cases.SEGMENT_CASES, FAST))
 def test_golden_loss(name):
   case, ref, version = segment_cases.load_fixture(name)
   assert version == "8.4.190"
-  assert_segment_loss_matches(run_loss(case), ref, where=f"[segment {name}] ")
+  assert_segment_loss_matches(run_segment_loss(case), ref, where=f"[segment {name}] ")
 
 
 def test_fixture_inputs_match_builders():
@@ -159,21 +109,21 @@ def test_golden_cases_are_informative():
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", _params(segment_cases.SEGMENT_CASES, FAST))
+@pytest.mark.parametrize("name", params(segment_cases.SEGMENT_CASES, FAST))
 def test_live_loss_stable_ties(name, segment_reference):
   case = segment_cases.loss_case(name)
   ref = segment_cases.reference_loss(segment_reference, case, stable=True)
-  assert_segment_loss_matches(run_loss(case), ref, where=f"[segment {name} live, stable ties] ")
+  assert_segment_loss_matches(run_segment_loss(case), ref, where=f"[segment {name} live, stable ties] ")
 
 
 @pytest.mark.live
-@pytest.mark.parametrize("name", _params(segment_cases.SEGMENT_CASES, FAST))
+@pytest.mark.parametrize("name", params(segment_cases.SEGMENT_CASES, FAST))
 def test_live_loss_native_ties(name, segment_reference):
   """The native reference matches every case but ``ties``, where its top-k order of tied zero-metric anchors
   picks other foreground anchors, so its mask term (only) differs from jaxtal's."""
   case = segment_cases.loss_case(name)
   ref = segment_cases.reference_loss(segment_reference, case, stable=False)
-  out = run_loss(case)
+  out = run_segment_loss(case)
   if name not in segment_cases.NATIVE_TIES_DIFFER:
     assert_segment_loss_matches(out, ref, where=f"[segment {name} live, native ties] ")
     return
@@ -197,8 +147,16 @@ def test_live_zero_area_box_makes_only_the_reference_nan(segment_reference):
   rows[0, 2:6] = [0.1, 0.1, 0.0, 0.2]  # image 0, slot 0: 6.4 px from the left, no width
   case = dict(case, inputs=dict(case["inputs"], label_rows=rows))
   ref = segment_cases.reference_loss(segment_reference, case, stable=True)
-  out = run_loss(case)
+  out = run_segment_loss(case)
   assert np.isnan(ref["seg"]) and np.isfinite(out["parts"].seg) and out["parts"].seg > 0
   assert ref["fg_mask"][0][ref["gt_index"][0] == 0].any() and not out["fg_mask"][0][out["gt_index"][0] == 0].any()
   for key in ("box", "cls", "dfl"):
     np.testing.assert_allclose(getattr(out["parts"], key), ref[key], rtol=LOSS_RTOL, err_msg=key)
+
+
+@pytest.mark.live
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("segment",))])
+def test_fixture_script_reproduces_the_file(name, segment_reference, tmp_path):
+  """``tests/make_fixtures.py --kind segment`` writes this committed file again, byte for byte."""
+  fixtures.assert_reproduces(fixtures.job("segment", name), str(tmp_path))

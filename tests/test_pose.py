@@ -20,9 +20,9 @@ import pytest
 from flax import nnx
 
 import jaxtal
-from jaxtal.pose import _COCO_SIGMAS
-from oracles import np_anchors, np_bce_with_logits, np_detection_loss
-from problems import FEATURE_SHAPES, NC, R, STRIDES, loss_problem
+from support.internals import COCO_SIGMAS
+from support.oracles import np_anchors, np_bce_with_logits, np_detection_loss
+from support.problems import FEATURE_SHAPES, NC, R, STRIDES, loss_problem
 
 K = 3
 CFG = jaxtal.PoseLossConfig(
@@ -134,9 +134,9 @@ def test_config_defaults_and_normalisation():
   cfg = jaxtal.PoseLossConfig(num_classes=1, strides=[8, 16, 32])
   assert isinstance(cfg, jaxtal.LossConfig)
   assert (cfg.kpt_shape, cfg.pose, cfg.kobj, cfg.topk, cfg.box) == ((17, 3), 12.0, 1.0, 10, 7.5)
-  assert cfg.sigmas == _COCO_SIGMAS and len(cfg.sigmas) == 17
+  assert cfg.sigmas == COCO_SIGMAS and len(cfg.sigmas) == 17
   np.testing.assert_allclose(cfg.sigmas[:3], [0.026, 0.025, 0.025])  # COCO's nose and eyes
-  same = jaxtal.PoseLossConfig(num_classes=1, strides=(8, 16, 32), kpt_shape=[17.0, 3], sigmas=list(_COCO_SIGMAS))
+  same = jaxtal.PoseLossConfig(num_classes=1, strides=(8, 16, 32), kpt_shape=[17.0, 3], sigmas=list(COCO_SIGMAS))
   assert same == cfg and hash(same) == hash(cfg)
   # Other shapes default to 1 / K (the reference's (17, 2) too).
   for shape in ((17, 2), (5, 3), (1, 2)):
@@ -192,15 +192,14 @@ def test_loss_validation_errors():
 # ----------------------------------------------------------------------------- decode_keypoints
 
 
-class DecodeKeypointsTest(chex.TestCase):
+class TestDecodeKeypoints:
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_matches_numpy(self):
+  def test_matches_numpy(self, variant):
     for shape, layout in (((K, 3), "NHWC"), ((2, 2), "NCHW")):
       k, d = shape
       maps = keypoint_maps(seed=1, kpt_shape=shape, layout=layout)
       decode = functools.partial(jaxtal.decode_keypoints, strides=STRIDES, kpt_shape=shape, layout=layout)
-      got = self.variant(decode)(maps)
+      got = variant(decode)(maps)
       chex.assert_shape(got, (2, 20, k, d))
       chex.assert_type(got, jnp.float32)
       # NumPy: anchor rows level by level, channel k * D + d; (2 raw + anchor - 0.5) * stride.

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_assign_one, np_box_iou, np_decode, np_flat_head, np_sigmoid
+from support.oracles import np_assign_one, np_box_iou, np_decode, np_flat_head, np_sigmoid
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "toy_assign.py"
@@ -82,7 +82,7 @@ def _seed_gt():
   return jaxtal.pack_labels(toy.SEED_LABELS, toy.BATCH, toy.MAX_BOXES, toy.IMAGE_SIZE)
 
 
-# --- independent NumPy expectations (tests/oracles.py, float64) -----------------------------------
+# --- independent NumPy expectations (tests/support/oracles.py, float64) -----------------------------------
 
 NP_ANCHORS_PX = SEED_ANCHOR_POINTS.astype(np.float64) * np.repeat([80.0, 160.0, 320.0], [64, 16, 4])[:, None]
 

@@ -20,9 +20,9 @@ import pytest
 from flax import nnx
 
 import jaxtal
-import segment_cases
-from jaxtal import segment
-from oracles import np_bce_with_logits, np_detection_loss, np_sigmoid
+from support import segment_cases
+from support import internals
+from support.oracles import np_bce_with_logits, np_detection_loss, np_sigmoid
 
 NC, R, NM = 3, 4, 4
 SHAPES = ((8, 8), (4, 4))
@@ -172,12 +172,11 @@ def test_matches_numpy():
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4 * np.abs(want).max())
 
 
-class MaskTermTest(chex.TestCase):
+class TestMaskTerm:
   """The mask term alone (what segment.py adds to the skeleton), chunked (a scan of 3-entry chunks, empty
   chunks skipped), compiled and eager: value and gradients against NumPy."""
 
-  @chex.variants(with_jit=True, without_jit=True)
-  def test_chunked_matches_numpy(self):
+  def test_chunked_matches_numpy(self, variant):
     feats, coefs, proto = predictions(seed=1)
     gt = ground_truth(seed=1)
     _, want_parts, want_rows, want_proto, count, t = np_segment_loss(feats, coefs, proto, gt, with_targets=True)
@@ -188,10 +187,10 @@ class MaskTermTest(chex.TestCase):
     targets = jaxtal.Targets(zeros, boxes, fg.astype(np.float32), fg, owner, zeros[:, :M], entries)
 
     def seg_part(rows, proto_nchw):  # box * (mask term) / count, as the loss's seg part
-      p = segment._resize_prototypes(proto_nchw, MASK_HW)
-      return CFG.box * segment._mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, True) / count
+      p = internals.resize_prototypes(proto_nchw, MASK_HW)
+      return CFG.box * internals.mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, True) / count
 
-    seg_and_grads = self.variant(jax.value_and_grad(seg_part, argnums=(0, 1)))
+    seg_and_grads = variant(jax.value_and_grad(seg_part, argnums=(0, 1)))
     value, (d_rows, d_proto) = seg_and_grads(coef_rows(coefs), proto.transpose(0, 3, 1, 2))
     np.testing.assert_allclose(value, want_parts[1], rtol=1e-4)
     for got, want in ((d_rows, want_rows), (np.asarray(d_proto).transpose(0, 2, 3, 1), want_proto)):
@@ -245,7 +244,7 @@ def test_entry_weight_of_a_tiny_box_is_zero_not_inf():
   entries = jaxtal.ForegroundEntries(jnp.arange(4)[None], jnp.zeros((1, 4), jnp.int32), valid)
   zeros = jnp.zeros((1, 4), jnp.int32)
   t = jaxtal.Targets(zeros, jnp.asarray(boxes), zeros.astype(jnp.float32), zeros > 0, zeros, zeros, entries)
-  box, weight = segment._entry_boxes(t, (32.0, 32.0), (16, 16))
+  box, weight = internals.entry_boxes(t, (32.0, 32.0), (16, 16))
   np.testing.assert_allclose(weight, [[1 / (256 * 0.125), 0.0, 0.0, 0.0]])
   np.testing.assert_allclose(box[0, 0], [0, 0, 8, 4])
 
@@ -258,7 +257,7 @@ def test_chunked_matches_unchunked():
   feats, coefs, proto = predictions(seed=5)
   gt = ground_truth(seed=5)
   e = M * CFG.topk
-  assert segment._chunk_size(None, B, e, MASK_HW[0] * MASK_HW[1]) == e  # the default: one chunk here
+  assert internals.chunk_size(None, B, e, MASK_HW[0] * MASK_HW[1]) == e  # the default: one chunk here
   whole = loss_and_grads(feats, coefs, proto, gt)
   cfg = jaxtal.SegmentLossConfig(**{**_fields(CFG), "mask_chunk": 3})
   chunked = loss_and_grads(feats, coefs, proto, gt, config=cfg)
@@ -316,17 +315,17 @@ def test_resize_matches_torch_and_numpy(src, dst, reference):
 
   x = np.random.default_rng(sum(src + dst)).normal(size=(2, 3) + src).astype(np.float32)
   want = torch.nn.functional.interpolate(torch.tensor(x), dst, mode="bilinear", align_corners=False).numpy()
-  np.testing.assert_allclose(np.asarray(segment._resize_prototypes(jnp.asarray(x), dst)), want, rtol=0, atol=5e-6)
+  np.testing.assert_allclose(np.asarray(internals.resize_prototypes(jnp.asarray(x), dst)), want, rtol=0, atol=5e-6)
   np.testing.assert_allclose(np_resize(x, dst), want, rtol=0, atol=5e-6)  # the oracle above
 
 
 def test_resize_keeps_the_edges_and_the_same_size():
   x = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
-  up = np.asarray(segment._resize_prototypes(jnp.asarray(x), (6, 8)))
+  up = np.asarray(internals.resize_prototypes(jnp.asarray(x), (6, 8)))
   np.testing.assert_array_equal(up[0, 0, 0, 0], x[0, 0, 0, 0])  # corners are clamped, not extrapolated
   np.testing.assert_array_equal(up[0, 0, -1, -1], x[0, 0, -1, -1])
   np.testing.assert_allclose(up, np_resize(x, (6, 8)), atol=1e-6)
-  assert segment._resize_prototypes(x, (3, 4)) is x
+  assert internals.resize_prototypes(x, (3, 4)) is x
 
 
 # ----------------------------------------------------------------------------- forms of the same loss

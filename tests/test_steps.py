@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import jaxtal
-from oracles import np_assign
-from problems import A, NC, assert_assignment_equal, assign, assign_problem, many_anchor_problem
+from support.oracles import np_assign
+from support.problems import A, NC, assert_assignment_equal, assign, assign_problem, many_anchor_problem
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -20,8 +20,8 @@ from jax.test_util import check_grads
 
 import jaxtal
 from jaxtal import kernels
-from oracles import np_assign, np_sigmoid
-from problems import (
+from support.oracles import np_assign, np_sigmoid
+from support.problems import (
     IMAGE,
     NC,
     crowded_loss_problem,

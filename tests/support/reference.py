@@ -107,7 +107,7 @@ class _Head(torch.nn.Module):
     self.stride = torch.tensor(strides, dtype=torch.float32)
 
 
-class _Model(torch.nn.Module):
+class Model(torch.nn.Module):
   """The attributes v8DetectionLoss reads from a model, and nothing else."""
 
   def __init__(self, nc, reg_max, strides, gains, class_weights):
@@ -158,7 +158,7 @@ def loss(
   Returns:
     ``dict(total, box, cls, dfl, grads=[per-level NCHW gradients])``.
   """
-  model = _Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl), class_weights)
+  model = Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl), class_weights)
   crit = v8DetectionLoss(model, tal_topk=topk, tal_topk2=topk2)
   crit.assigner.alpha, crit.assigner.beta = alpha, beta
   crit.assigner.stride_val = float(min_box_side)
@@ -188,7 +188,7 @@ def e2e_loss(feats_o2m, feats_o2o, label_rows, *, num_classes, strides, reg_max=
   Returns ``dict(total, box, cls, dfl, grads=[...], grads_o2o=[...])``: per-level NCHW gradients of
   the one-to-many and the one-to-one maps.
   """
-  model = _Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl), class_weights)
+  model = Model(num_classes, reg_max, list(strides), dict(box=box, cls=cls, dfl=dfl), class_weights)
   model.args.epochs = epochs
   crit = E2EDetectLoss(model) if yolov10 else E2ELoss(model)
   for c in (crit.one2many, crit.one2one):
@@ -214,11 +214,11 @@ def e2e_loss(feats_o2m, feats_o2o, label_rows, *, num_classes, strides, reg_max=
 
 def criterion(loss_class, *, num_classes, strides, reg_max=16, topk=10, topk2=None, alpha=0.5, beta=6.0,
               min_box_side=0.0, class_weights=None, head_attrs=None, model_attrs=None, **gains):
-  """A reference criterion (``v8DetectionLoss`` or a task subclass) on the stand-in :class:`_Model`,
+  """A reference criterion (``v8DetectionLoss`` or a task subclass) on the stand-in :class:`Model`,
   with the assigner's settings applied; ``head_attrs`` / ``model_attrs`` are set on the head /
   model before the criterion reads them (e.g. ``kpt_shape``, ``kpt_oks_sigmas``); ``gains`` are
   the hyperparameters it reads (``box``, ``cls``, ``dfl``, and the task's)."""
-  model = _Model(num_classes, reg_max, list(strides), gains, class_weights)
+  model = Model(num_classes, reg_max, list(strides), gains, class_weights)
   for name, value in (head_attrs or {}).items():
     setattr(model.model[-1], name, value)
   for name, value in (model_attrs or {}).items():

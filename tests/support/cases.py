@@ -21,7 +21,6 @@ keys ``input.<name>``, ``ref.<name>``, ``config`` (JSON) and ``reference_version
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -31,7 +30,7 @@ import numpy as np
 
 import jaxtal
 
-FIXTURES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+FIXTURES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures")  # tests/fixtures
 
 ASSIGN_CASES = (
     "seed",
@@ -68,32 +67,32 @@ SEED_STRIDES = (80, 160, 320)  # maps 8x8, 4x4, 2x2: A = 84, as in the walkthrou
 # ----------------------------------------------------------------------------- helpers
 
 
-def _rng(name: str, salt: int = 0) -> np.random.Generator:
+def case_rng(name: str, salt: int = 0) -> np.random.Generator:
   """A generator seeded from the case name (stable across runs and platforms)."""
   return np.random.default_rng([salt] + [ord(c) for c in name])
 
 
-def _shapes(image: int, strides) -> list[tuple[int, int]]:
+def level_shapes(image: int, strides) -> list[tuple[int, int]]:
   return [(image // s, image // s) for s in strides]
 
 
-def _anchors_px(image: int, strides) -> tuple[np.ndarray, np.ndarray]:
+def anchors_px(image: int, strides) -> tuple[np.ndarray, np.ndarray]:
   """``(A, 2)`` anchor centres in pixels and ``(A,)`` strides, level by level, row-major."""
   pts, st = [], []
-  for (h, w), s in zip(_shapes(image, strides), strides):
+  for (h, w), s in zip(level_shapes(image, strides), strides):
     ys, xs = np.meshgrid(np.arange(h, dtype=np.float32) + 0.5, np.arange(w, dtype=np.float32) + 0.5, indexing="ij")
     pts.append(np.stack([xs, ys], -1).reshape(-1, 2) * np.float32(s))
     st.append(np.full((h * w,), s, np.float32))
   return np.concatenate(pts), np.concatenate(st)
 
 
-def _rows_xyxy(rows: np.ndarray, image: int) -> np.ndarray:
+def rows_xyxy(rows: np.ndarray, image: int) -> np.ndarray:
   """``(n, 4)`` xyxy pixel boxes of YOLO rows (float64, for building predictions only)."""
   cxcy, wh = rows[:, 2:4].astype(np.float64) * image, rows[:, 4:6].astype(np.float64) * image
   return np.concatenate([cxcy - wh / 2, cxcy + wh / 2], axis=1)
 
 
-def _random_rows(rng, counts, num_classes, image, side_px, *, clusters=False, pairs=False) -> np.ndarray:
+def random_rows(rng, counts, num_classes, image, side_px, *, clusters=False, pairs=False) -> np.ndarray:
   """YOLO rows sorted by image: ``counts[i]`` boxes in image ``i``, sides in ``side_px`` pixels.
 
   With ``clusters`` the boxes of an image gather around two centres, so they overlap; with
@@ -153,13 +152,13 @@ def head_maps(
   ``min_side`` (pixels) widens small boxes for choosing those anchors, as the assigner's
   ``min_box_side`` does.
   """
-  boxes = _rows_xyxy(rows, image)
+  boxes = rows_xyxy(rows, image)
   ctr, half = (boxes[:, :2] + boxes[:, 2:]) / 2, np.maximum(boxes[:, 2:] - boxes[:, :2], min_side) / 2
   grown = np.concatenate([ctr - half, ctr + half], axis=1)
   img_of = rows[:, 0].astype(int)
   cls_of = rows[:, 1].astype(int)
   maps = []
-  for (h, w), s in zip(_shapes(image, strides), strides):
+  for (h, w), s in zip(level_shapes(image, strides), strides):
     c = 4 * reg_max + num_classes
     if not realistic:
       maps.append(rng.standard_normal((batch, c, h, w)).astype(np.float32))
@@ -193,21 +192,30 @@ def head_maps(
 
 
 def decode_head(maps, num_classes, image, strides, reg_max=16) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Assigner inputs from NCHW head maps with jaxtal's own decoding.
+  """Assigner inputs from NCHW head maps, decoded as jaxtal decoded them when the assignment fixtures were
+  written: eager ``jax.nn.softmax`` over each side's bins, the elementwise expectation ``sum_i p_i * i``
+  in float32, ``anchor -/+ distance``, times the stride. Pinned here (not ``jaxtal.decode_boxes``) so that
+  the stored inputs do not move by float32 rounding whenever the library's decode kernel changes, and
+  the fixtures stay reproducible byte for byte.
 
   Returns ``pred_scores (b, A, nc)`` sigmoid probabilities, ``pred_boxes (b, A, 4)`` and
   ``anchor_points (A, 2)``, both in pixels, all float32 NumPy.
   """
   import jax  # noqa: PLC0415  (kept local: the rest of this module is NumPy)
+  import jax.numpy as jnp  # noqa: PLC0415
 
-  dist, logits = jaxtal.flatten_head([np.asarray(m) for m in maps], num_classes, reg_max, layout="NCHW")
-  anchors, anchor_strides = jaxtal.make_anchors(_shapes(image, strides), strides)
-  boxes = jaxtal.decode_boxes(dist, anchors, reg_max) * anchor_strides
-  scores = jax.nn.sigmoid(logits)
+  b, c = maps[0].shape[0], 4 * reg_max + num_classes
+  flat = np.concatenate([np.asarray(m, np.float32).transpose(0, 2, 3, 1).reshape(b, -1, c) for m in maps], axis=1)
+  dist, logits = jnp.asarray(flat[..., : 4 * reg_max]), jnp.asarray(flat[..., 4 * reg_max :])
+  points, anchor_strides = anchors_px(image, strides)
+  grid, anchor_strides = jnp.asarray(points / anchor_strides[:, None]), jnp.asarray(anchor_strides[:, None])
+  probs = jax.nn.softmax(dist.reshape(*dist.shape[:-1], 4, reg_max), axis=-1)
+  ltrb = jnp.sum(probs * jnp.arange(reg_max, dtype=jnp.float32), axis=-1)
+  boxes = jnp.concatenate([grid - ltrb[..., :2], grid + ltrb[..., 2:]], axis=-1) * anchor_strides
   return (
-      np.asarray(scores, np.float32),
+      np.asarray(jax.nn.sigmoid(logits), np.float32),
       np.asarray(boxes, np.float32),
-      np.asarray(anchors * anchor_strides, np.float32),
+      np.asarray(points, np.float32),
   )
 
 
@@ -220,9 +228,9 @@ def _near_gt_predictions(rng, rows, batch, num_classes, image, strides, *, jitte
   random boxes. Gives many non-zero metrics, several GTs competing for an anchor, and more
   positive candidates than ``topk``.
   """
-  anchors, _ = _anchors_px(image, strides)
+  anchors, _ = anchors_px(image, strides)
   a = anchors.shape[0]
-  boxes = _rows_xyxy(rows, image)
+  boxes = rows_xyxy(rows, image)
   img_of = rows[:, 0].astype(int)
   cls_of = rows[:, 1].astype(int)
   scores = rng.uniform(0.0, 0.15, (batch, a, num_classes))
@@ -257,7 +265,7 @@ def _random_boxes(rng, lead, image) -> np.ndarray:
   return np.concatenate([ctr - wh / 2, ctr + wh / 2], axis=-1).astype(np.float32)
 
 
-def _assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, *, pack=jaxtal.pack_labels, width=6, **config) -> dict:
+def make_assign_case(name, rows, batch, max_boxes, image, scores, boxes, anchors, *, pack=jaxtal.pack_labels, width=6, **config) -> dict:
   """An assignment case; ``pack`` / ``width``: the packer and label-row width (OBB: 7 columns)."""
   gt = pack(rows, batch, max_boxes, (image, image))
   cfg = dict(topk=10, topk2=None, alpha=0.5, beta=6.0, min_box_side=0.0)
@@ -297,50 +305,50 @@ def _tiny_rows(rng, image, strides) -> np.ndarray:
 
 def assign_case(name: str) -> dict:
   """Builds the assignment case ``name`` (one of :data:`ASSIGN_CASES`)."""
-  rng = _rng(name)
+  rng = case_rng(name)
   if name == "seed":
     nc, image, strides = 3, SEED_IMAGE, SEED_STRIDES
     maps = head_maps(rng, SEED_ROWS, 4, nc, image, strides, 16, realistic=False)
-    return _assign(name, SEED_ROWS, 4, 3, image, *decode_head(maps, nc, image, strides))
+    return make_assign_case(name, SEED_ROWS, 4, 3, image, *decode_head(maps, nc, image, strides))
   if name == "nc80_small":
     nc, image, strides = 80, 96, (8, 16, 32)
-    rows = _random_rows(rng, (4, 1, 7), nc, image, (10, 60))
+    rows = random_rows(rng, (4, 1, 7), nc, image, (10, 60))
     maps = head_maps(rng, rows, 3, nc, image, strides, 16)
-    return _assign(name, rows, 3, 9, image, *decode_head(maps, nc, image, strides))
+    return make_assign_case(name, rows, 3, 9, image, *decode_head(maps, nc, image, strides))
   if name == "empty_images":
     nc, image, strides = 3, 128, (8, 16, 32)
-    rows = _random_rows(rng, (3, 0, 2, 0), nc, image, (16, 80))
+    rows = random_rows(rng, (3, 0, 2, 0), nc, image, (16, 80))
     maps = head_maps(rng, rows, 4, nc, image, strides, 16)
-    return _assign(name, rows, 4, 4, image, *decode_head(maps, nc, image, strides))
+    return make_assign_case(name, rows, 4, 4, image, *decode_head(maps, nc, image, strides))
   if name == "all_empty":
     nc, image, strides = 3, 128, (8, 16, 32)
     rows = np.zeros((0, 6), np.float32)
     maps = head_maps(rng, rows, 2, nc, image, strides, 16, realistic=False)
-    return _assign(name, rows, 2, 3, image, *decode_head(maps, nc, image, strides))
+    return make_assign_case(name, rows, 2, 3, image, *decode_head(maps, nc, image, strides))
   if name in ("tiny_boxes_side0", "tiny_boxes_side_stride1"):
     nc, image, strides = 3, 128, (8, 16, 32)
-    rng = _rng("tiny_boxes")  # both cases share inputs and differ only in min_box_side
+    rng = case_rng("tiny_boxes")  # both cases share inputs and differ only in min_box_side
     rows = _tiny_rows(rng, image, strides)
     preds = _near_gt_predictions(rng, rows, 2, nc, image, strides, jitter=0.25)
     side = 0.0 if name == "tiny_boxes_side0" else float(strides[1])
-    return _assign(name, rows, 2, 6, image, *preds, min_box_side=side)
+    return make_assign_case(name, rows, 2, 6, image, *preds, min_box_side=side)
   if name == "topk2":
     nc, image, strides = 5, 128, (8, 16, 32)
-    rows = _random_rows(rng, (5, 3), nc, image, (20, 70), clusters=True, pairs=True)
+    rows = random_rows(rng, (5, 3), nc, image, (20, 70), clusters=True, pairs=True)
     preds = _near_gt_predictions(rng, rows, 2, nc, image, strides)
-    return _assign(name, rows, 2, 6, image, *preds, topk=7, topk2=1, min_box_side=float(strides[1]))
+    return make_assign_case(name, rows, 2, 6, image, *preds, topk=7, topk2=1, min_box_side=float(strides[1]))
   if name == "noise":
     nc, image, strides = 4, 128, (8, 16, 32)
-    rows = _random_rows(rng, (5, 3), nc, image, (10, 90))
-    anchors, _ = _anchors_px(image, strides)
+    rows = random_rows(rng, (5, 3), nc, image, (10, 90))
+    anchors, _ = anchors_px(image, strides)
     scores = rng.uniform(0.0, 1.0, (2, anchors.shape[0], nc))
     boxes = _random_boxes(rng, (2, anchors.shape[0]), image)
-    return _assign(name, rows, 2, 6, image, scores, boxes, anchors)
+    return make_assign_case(name, rows, 2, 6, image, scores, boxes, anchors)
   if name == "near_gt":
     nc, image, strides = 4, 128, (8, 16, 32)
-    rows = _random_rows(rng, (6, 4), nc, image, (24, 72), clusters=True, pairs=True)
+    rows = random_rows(rng, (6, 4), nc, image, (24, 72), clusters=True, pairs=True)
     preds = _near_gt_predictions(rng, rows, 2, nc, image, strides)
-    return _assign(name, rows, 2, 8, image, *preds)
+    return make_assign_case(name, rows, 2, 8, image, *preds)
   raise KeyError(f"unknown assignment case {name!r}; expected one of {ASSIGN_CASES}")
 
 
@@ -366,7 +374,7 @@ def shared_variant(name: str, cfg: dict, batch: int, counts: tuple) -> tuple[int
 
 def loss_case(name: str) -> dict:
   """Builds the loss case ``name`` (one of :data:`LOSS_CASES`)."""
-  rng = _rng(name, salt=1)
+  rng = case_rng(name, salt=1)
   cfg = dict(num_classes=3, strides=(8, 16, 32), reg_max=16, topk=10, topk2=None, min_box_side=0.0, class_weights=None)
   image, batch = 64, 2
   realistic = True
@@ -375,17 +383,17 @@ def loss_case(name: str) -> dict:
     image, batch, rows, realistic = SEED_IMAGE, 4, SEED_ROWS, False
   elif name == "nc80":
     cfg.update(num_classes=80)
-    rows = _random_rows(rng, (3, 5), 80, image, (10, 40))
+    rows = random_rows(rng, (3, 5), 80, image, (10, 40))
   elif name == "reg_max1":
     cfg.update(reg_max=1)
-    rows = _random_rows(rng, (3, 4), 3, image, (10, 40), clusters=True)
+    rows = random_rows(rng, (3, 4), 3, image, (10, 40), clusters=True)
   elif name == "class_weights":
     cfg.update(num_classes=4, class_weights=(0.5, 1.0, 2.0, 0.25))
-    rows = _random_rows(rng, (4, 2), 4, image, (10, 40), clusters=True)
+    rows = random_rows(rng, (4, 2), 4, image, (10, 40), clusters=True)
   elif name == "one2one":
     cfg.update(topk=7, topk2=1, min_box_side=float(cfg["strides"][1]))
     # Small boxes too: several contain no anchor centre unless widened to min_box_side.
-    rows = _random_rows(rng, (4, 3), 3, image, (3, 30), clusters=True)
+    rows = random_rows(rng, (4, 3), 3, image, (3, 30), clusters=True)
   elif name == "empty_batch":
     rows = np.zeros((0, 6), np.float32)
   else:
@@ -406,10 +414,10 @@ def e2e_case(name: str) -> dict:
   """
   if name not in E2E_CASES:
     raise KeyError(f"unknown end-to-end case {name!r}; expected one of {E2E_CASES}")
-  rng = _rng(name, salt=2)
+  rng = case_rng(name, salt=2)
   cfg = dict(num_classes=3, strides=(8, 16, 32), reg_max=16, min_box_side=0.0, epoch=0, epochs=20, yolov10=False)
   image, batch = 64, 2
-  rows = _random_rows(rng, (3, 4), 3, image, (6, 40), clusters=True)
+  rows = random_rows(rng, (3, 4), 3, image, (6, 40), clusters=True)
   if name == "middle_epoch":
     cfg.update(epoch=9, min_box_side=16.0)
   elif name == "last_epoch":
@@ -479,36 +487,10 @@ def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
       zf.writestr(info, buf.getvalue())
 
 
-def write_fixtures(ref_module, to_arrays_fn, jobs) -> None:
-  """Writes golden fixtures with a reference driver (``reference`` or a task's ``<task>_reference``).
-
-  ``jobs`` yields ``(path, case, run)``: the file is ``save_npz(path, to_arrays_fn(case, run(ref_module, case),
-  version))``. Runs torch on one thread (a fixed reduction order: the same bytes on every run), refuses a
-  reference other than the pinned version, and prints each file's size and the total.
-  """
-  import torch  # noqa: PLC0415
-
-  torch.set_num_threads(1)
-  if ref_module.VERSION != ref_module.REFERENCE_VERSION:
-    raise SystemExit(
-        f"reference is ultralytics {ref_module.VERSION}, fixtures must come from {ref_module.REFERENCE_VERSION}"
-    )
-  os.makedirs(FIXTURES_DIR, exist_ok=True)
-  total = 0
-  for path, case, run in jobs:
-    save_npz(path, to_arrays_fn(case, run(ref_module, case), ref_module.VERSION))
-    size = os.path.getsize(path)
-    total += size
-    print(f"{os.path.relpath(path)}: {size / 1024:.1f} KiB")
-  print(f"total {total / 1024:.1f} KiB")
-
-
-def fixture_main(doc: str, write_all, check_all, argv=None) -> None:
-  """A task's fixture script's command line (``doc``: its usage): ``write_all()``, or with ``--check``
-  ``check_all()``."""
-  parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--check", action="store_true", help="compare jaxtal with the stored fixtures instead of writing")
-  (check_all if parser.parse_args(argv).check else write_all)()
+def numbered(d: dict, prefix: str) -> list:
+  """Pops ``<prefix>0, <prefix>1, ...`` from ``d`` and returns them in order (a per-level list stored as numbered keys)."""
+  keys = sorted((k for k in d if k.startswith(prefix) and k[len(prefix) :].isdigit()), key=lambda k: int(k[len(prefix) :]))
+  return [d.pop(k) for k in keys]
 
 
 def load_fixture(kind: str, name: str) -> tuple[dict, dict, str]:

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import numpy as np
 
-import cases
+from support import cases
 import jaxtal
-from obb_cases import _numbered
+
 
 # "ties" has tied zero-metric top-k candidates (see TIE_CASES); every other case has none.
 POSE_LOSS_CASES = (
@@ -64,13 +64,13 @@ def keypoint_maps(rng, rows, keypoints, batch, kpt_shape, *, min_side=0.0):
   (jittered by a fifth of the box size) and its visibility logits lean towards the GT's labels.
   """
   k, d = kpt_shape
-  boxes = cases._rows_xyxy(rows, _IMAGE)
+  boxes = cases.rows_xyxy(rows, _IMAGE)
   ctr, half = (boxes[:, :2] + boxes[:, 2:]) / 2, np.maximum(boxes[:, 2:] - boxes[:, :2], min_side) / 2
   img_of = rows[:, 0].astype(int)
   kp_px = keypoints[..., :2].astype(np.float64) * _IMAGE
   labelled = keypoints[..., 2] != 0 if keypoints.shape[-1] == 3 else np.ones(keypoints.shape[:2], bool)
   maps = []
-  for (h, w), s in zip(cases._shapes(_IMAGE, _STRIDES), _STRIDES):
+  for (h, w), s in zip(cases.level_shapes(_IMAGE, _STRIDES), _STRIDES):
     f = rng.normal(0.0, 0.6, (batch, h * w, k, d))
     if d == 3:
       f[..., 2] = rng.normal(0.0, 1.5, (batch, h * w, k))
@@ -114,7 +114,7 @@ def _without_class(maps, rows, reg_max, cls, keep):
 
 def loss_case(name: str) -> dict:
   """Builds the pose loss case ``name`` (one of :data:`POSE_LOSS_CASES`)."""
-  rng = cases._rng("pose_" + name, salt=3)
+  rng = cases.case_rng("pose_" + name, salt=3)
   cfg = dict(
       num_classes=1, strides=_STRIDES, kpt_shape=(4, 3), sigmas=None, reg_max=16, topk=10, topk2=None,
       min_box_side=0.0, class_weights=None,
@@ -144,7 +144,7 @@ def loss_case(name: str) -> dict:
     counts, side = (2, 2), (20, 40)
   else:
     raise KeyError(f"unknown pose loss case {name!r}; expected one of {POSE_LOSS_CASES}")
-  rows = cases._random_rows(rng, counts, cfg["num_classes"], _IMAGE, side, clusters=True)
+  rows = cases.random_rows(rng, counts, cfg["num_classes"], _IMAGE, side, clusters=True)
   if name == "ties":
     # Image 0's first GT, the only one of class 1, spans the lower rows of level 0, where the
     # native torch.topk takes its tied zero-metric candidates; the stable order takes the top rows.
@@ -157,8 +157,8 @@ def loss_case(name: str) -> dict:
       rng, rows, batch, cfg["num_classes"], _IMAGE, _STRIDES, cfg["reg_max"], min_side=cfg["min_box_side"]
   )
   if name == "ties":
-    ref_box = cases._rows_xyxy(rows[:1], _IMAGE)[0]
-    anchors, _ = cases._anchors_px(_IMAGE, _STRIDES)
+    ref_box = cases.rows_xyxy(rows[:1], _IMAGE)[0]
+    anchors, _ = cases.anchors_px(_IMAGE, _STRIDES)
     inside = np.flatnonzero(((anchors > ref_box[:2]) & (anchors < ref_box[2:])).all(axis=1))
     maps = _without_class(maps, rows, cfg["reg_max"], 1, inside[::3][:3])
   kpts = keypoint_maps(rng, rows, keypoints, batch, cfg["kpt_shape"], min_side=cfg["min_box_side"])
@@ -198,8 +198,8 @@ def to_arrays(case: dict, ref: dict, version: str) -> dict[str, np.ndarray]:
 def load_fixture(name: str) -> tuple[dict, dict, str]:
   """Reads ``tests/fixtures/pose_loss_<name>.npz`` as ``(case, ref, version)``."""
   case, ref, version = cases.load_fixture("pose_loss", name)
-  case["inputs"]["kpts"] = _numbered(case["inputs"], "kpt")
-  ref["kpt_grads"] = _numbered(ref, "kpt_grad")
+  case["inputs"]["kpts"] = cases.numbered(case["inputs"], "kpt")
+  ref["kpt_grads"] = cases.numbered(ref, "kpt_grad")
   for key in ("pose", "kobj"):
     ref[key] = float(ref[key])
   cfg = case["config"]

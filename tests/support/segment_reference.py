@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-import reference  # (sets the environment, restores NumPy's print options, pins the version)
-from reference import REFERENCE_VERSION, VERSION  # noqa: F401
+from support import reference  # (sets the environment, restores NumPy's print options, pins the version)
+from support.reference import REFERENCE_VERSION, VERSION  # noqa: F401
 
 _print_options = np.get_printoptions()
 import torch  # noqa: E402

@@ -1,8 +1,9 @@
-"""jaxtal.loss: detection_loss, detection_targets and loss_from_targets against the NumPy oracle.
+"""The detection task: detection_loss, detection_targets and loss_from_targets against the NumPy oracle, and
+the DetectionLoss NNX module equal to the function.
 
 ``oracles.np_detection_loss`` decodes the head maps, assigns with the NumPy assigner ``np_assign``
 and sums BCE + CIoU + DFL (or L1 for ``reg_max == 1``) in float64: no jaxtal code is called for
-the expectation. The Ultralytics parity of the same loss is in test_parity_loss.py.
+the expectation. The Ultralytics parity of the same loss is in test_parity_detect.py.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl.testing import absltest, parameterized
+from flax import nnx
 
 import jaxtal
-from oracles import np_detection_loss
-from problems import (
+from support.oracles import np_detection_loss
+from support.problems import (
     LOSS_CFG,
     NC,
     R,
@@ -37,7 +38,7 @@ def oracle(feats, gt, cfg, **kw):
   return np_detection_loss(feats, gt, **{k: getattr(cfg, k) for k in fields}, **kw)
 
 
-class DetectionLossTest(chex.TestCase):
+class TestDetectionLoss:
 
   def test_matches_numpy(self):
     feats, gt = loss_problem(seed=0)
@@ -58,12 +59,12 @@ class DetectionLossTest(chex.TestCase):
     np.testing.assert_allclose(parts, expected_parts, rtol=2e-5)
     np.testing.assert_allclose(total, expected_total, rtol=2e-5)
 
-  @parameterized.named_parameters(
-      ("gains_topk", dict(topk=5, box=2.0, cls=1.0, dfl=0.25)),
-      ("topk2_side", dict(topk=7, topk2=1, min_box_side=16.0)),
-      ("iou", dict(overlap="iou")),
-      ("reg_max_1", dict(reg_max=1)),
-  )
+  @pytest.mark.parametrize("kw", [
+      dict(topk=5, box=2.0, cls=1.0, dfl=0.25),
+      dict(topk=7, topk2=1, min_box_side=16.0),
+      dict(overlap="iou"),
+      dict(reg_max=1),
+  ], ids=["gains_topk", "topk2_side", "iou", "reg_max_1"])
   def test_options_match_numpy(self, kw):
     feats, gt = crowded_loss_problem(seed=1) if "reg_max" not in kw else loss_problem(seed=1, reg_max=1)
     if "reg_max" in kw:  # direct ltrb regression: positive distances of a few cells
@@ -139,19 +140,19 @@ class DetectionLossTest(chex.TestCase):
 
   def test_bad_arguments_raise(self):
     feats, gt = loss_problem(seed=0)
-    with self.assertRaisesRegex(ValueError, "strides"):
+    with pytest.raises(ValueError, match="strides"):
       jaxtal.detection_loss(feats, gt, num_classes=NC, strides=(8, 8), reg_max=R)
-    with self.assertRaisesRegex(ValueError, "strides"):
+    with pytest.raises(ValueError, match="strides"):
       jaxtal.detection_loss(feats, gt, num_classes=NC, strides=(8,), reg_max=R)
-    with self.assertRaisesRegex(ValueError, "class_weights"):
+    with pytest.raises(ValueError, match="class_weights"):
       jaxtal.detection_loss(feats, gt, LOSS_CFG, class_weights=jnp.ones(2))
-    with self.assertRaisesRegex(ValueError, "batch"):
+    with pytest.raises(ValueError, match="batch"):
       jaxtal.detection_loss(feats, jax.tree.map(lambda x: x[:1], gt), LOSS_CFG)
-    with self.assertRaisesRegex(ValueError, "channels"):
+    with pytest.raises(ValueError, match="channels"):
       jaxtal.detection_loss(feats, gt, num_classes=NC + 1, strides=STRIDES, reg_max=R)
 
 
-class TargetsSplitTest(chex.TestCase):
+class TestTargetsSplit:
   """detection_targets + loss_from_targets is detection_loss in two halves."""
 
   def test_halves_equal_the_whole_and_the_targets_are_used(self):
@@ -180,16 +181,37 @@ class TargetsSplitTest(chex.TestCase):
   def test_loss_from_targets_validates_its_arguments(self):
     feats, gt = loss_problem(seed=5)
     _, targets = targets_jit(feats, gt, config=LOSS_CFG)
-    with self.assertRaisesRegex(TypeError, "loss_from_targets: targets must be a jaxtal.Targets"):
+    with pytest.raises(TypeError, match="loss_from_targets: targets must be a jaxtal.Targets"):
       jaxtal.loss_from_targets(feats, tuple(targets), LOSS_CFG)
-    with self.assertRaisesRegex(ValueError, r"targets.labels must be \(b, A\) with b = 2"):
+    with pytest.raises(ValueError, match=r"targets.labels must be \(b, A\) with b = 2"):
       jaxtal.loss_from_targets(feats, jax.tree.map(lambda x: x[:1], targets), LOSS_CFG)
-    with self.assertRaisesRegex(ValueError, r"targets.entries.valid must be \(b, E\)"):
+    with pytest.raises(ValueError, match=r"targets.entries.valid must be \(b, E\)"):
       bad = targets._replace(entries=targets.entries._replace(valid=targets.entries.valid[:, :-1]))
       jaxtal.loss_from_targets(feats, bad, LOSS_CFG)
-    with self.assertRaisesRegex(ValueError, r"targets.weights must be \(b, A\)"):
+    with pytest.raises(ValueError, match=r"targets.weights must be \(b, A\)"):
       jaxtal.loss_from_targets(feats, targets._replace(weights=targets.weights[:, :-1]), LOSS_CFG)
 
 
-if __name__ == "__main__":
-  absltest.main()
+# ----------------------------------------------------------------------------- the NNX module
+
+
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
+def test_module_with_a_config_equals_the_function():
+  feats, gt = loss_problem(seed=4)
+  cfg = LOSS_CFG  # its jitted loss is shared with the tests above
+  cw = jnp.array([0.5, 2.0, 0.25])
+  module = jaxtal.DetectionLoss(cfg, class_weights=cw)
+  assert module.config is cfg
+  total, parts = nnx.jit(lambda m, f, g: m(f, g))(module, feats, gt)
+  chex.assert_shape([total, *parts], [()] * 4)
+  want = loss_jit(feats, gt, config=cfg, class_weights=cw)
+  chex.assert_trees_all_close((total, parts), want, rtol=1e-6)
+  # The class weights do change the loss, so the module really passed them on.
+  plain = loss_jit(feats, gt, config=cfg)
+  assert abs(float(plain[1].cls) - float(parts.cls)) > 1e-4
+
+
+def test_the_module_raises_the_functions_errors():
+  feats, gt = loss_problem()
+  with pytest.raises(ValueError, match=r"detection_loss: topk must be a whole number in \[1, A = 20\]"):
+    jaxtal.DetectionLoss(LOSS_CFG, topk=21)(feats, gt)

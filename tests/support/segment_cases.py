@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-import cases
+from support import cases
 import jaxtal
-from obb_cases import _numbered
+
 
 SEGMENT_CASES = (
     "overlap", "per_instance", "upsampled", "downsampled", "empty_images", "empty_batch", "reg_max1", "ties"
@@ -78,7 +78,7 @@ def loss_case(name: str) -> dict:
   """Builds the segmentation case ``name`` (one of :data:`SEGMENT_CASES`)."""
   if name not in SEGMENT_CASES:
     raise KeyError(f"unknown segmentation case {name!r}; expected one of {SEGMENT_CASES}")
-  rng = cases._rng("segment_" + name, salt=3)
+  rng = cases.case_rng("segment_" + name, salt=3)
   strides = (8, 16, 32)
   cfg = dict(num_classes=3, strides=strides, reg_max=16, topk=10, topk2=None, min_box_side=0.0, class_weights=None,
              overlap_mask=True, slot_dtype="float32")
@@ -98,14 +98,14 @@ def loss_case(name: str) -> dict:
     mask_hw = (12, 10)
   elif name == "ties":
     counts, sides, pairs = (2, 3), (30, 56), False
-  rows = cases._random_rows(rng, counts, cfg["num_classes"], _IMAGE, sides, clusters=True, pairs=pairs)
+  rows = cases.random_rows(rng, counts, cfg["num_classes"], _IMAGE, sides, clusters=True, pairs=pairs)
   cfg["max_boxes"] = int(max(max(counts), 1) + 2)  # M above the largest count: padding is exercised
   maps = cases.head_maps(
       rng, rows, batch, cfg["num_classes"], _IMAGE, strides, cfg["reg_max"], min_side=cfg["min_box_side"]
   )
   if name == "ties":
     _tiny_boxes(maps, _IMAGE, cfg["reg_max"])
-  coefs = [rng.normal(0.0, 1.0, (batch, nm, h, w)).astype(np.float32) for h, w in cases._shapes(_IMAGE, strides)]
+  coefs = [rng.normal(0.0, 1.0, (batch, nm, h, w)).astype(np.float32) for h, w in cases.level_shapes(_IMAGE, strides)]
   proto = rng.normal(0.0, 1.0, (batch, nm, _PROTO, _PROTO)).astype(np.float32)
   inst = instance_masks(rng, rows, _IMAGE, mask_hw)
   masks = jaxtal.pack_masks(inst, rows[:, 0], batch, cfg["max_boxes"]) if cfg["overlap_mask"] else inst
@@ -159,7 +159,7 @@ def load_fixture(name: str) -> tuple[dict, dict, str]:
   case, ref, version = cases.load_fixture("segment", name)
   groups = {"input": case["inputs"], "ref": ref}
   for key, (group, prefix) in _LISTS.items():
-    groups[group][key] = _numbered(groups[group], prefix)
+    groups[group][key] = cases.numbered(groups[group], prefix)
   ref["seg"] = float(ref["seg"])
   case["config"]["strides"] = tuple(case["config"]["strides"])
   return case, ref, version

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import cases
+from support import cases
 import jaxtal
 
 OBB_ASSIGN_CASES = ("angles", "squares_thin", "tiny_side0", "tiny_side_stride1", "empty_images", "all_empty", "topk2", "noise")
@@ -102,7 +102,7 @@ def _random_rboxes(rng, lead, image) -> np.ndarray:
 def _near_gt_predictions(rng, rows, batch, num_classes, image, strides, *, jitter=0.12, min_side=0.0):
   """Predictions built around the GT boxes: anchors inside a GT (or a third of the others)
   predict a jittered copy of one (centre, sides and angle), with a high score on its class."""
-  anchors, _ = cases._anchors_px(image, strides)
+  anchors, _ = cases.anchors_px(image, strides)
   a = anchors.shape[0]
   boxes = _rows_px(rows, image)
   img_of, cls_of = rows[:, 0].astype(int), rows[:, 1].astype(int)
@@ -131,7 +131,7 @@ def _near_gt_predictions(rng, rows, batch, num_classes, image, strides, *, jitte
 
 
 def _assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, **config) -> dict:
-  return cases._assign(name, rows, batch, max_boxes, image, scores, boxes, anchors, pack=jaxtal.pack_rotated_labels, width=7, **config)
+  return cases.make_assign_case(name, rows, batch, max_boxes, image, scores, boxes, anchors, pack=jaxtal.pack_rotated_labels, width=7, **config)
 
 
 def _tiny_rows(rng, image, strides) -> np.ndarray:
@@ -156,7 +156,7 @@ def _tiny_rows(rng, image, strides) -> np.ndarray:
 
 def assign_case(name: str) -> dict:
   """Builds the OBB assignment case ``name`` (one of :data:`OBB_ASSIGN_CASES`)."""
-  rng = cases._rng("obb_" + name)
+  rng = cases.case_rng("obb_" + name)
   nc, image, strides = 4, 128, (8, 16, 32)
   if name == "angles":
     rows = _rows(rng, (6, 4), nc, image, (12, 60), clusters=True, every_angle=True)
@@ -166,7 +166,7 @@ def assign_case(name: str) -> dict:
     preds = _near_gt_predictions(rng, rows, 2, nc, image, strides, min_side=strides[1])
     return _assign(name, rows, 2, 7, image, *preds, min_box_side=float(strides[1]))
   if name in ("tiny_side0", "tiny_side_stride1"):
-    rng = cases._rng("obb_tiny")  # both cases share inputs and differ only in min_box_side
+    rng = cases.case_rng("obb_tiny")  # both cases share inputs and differ only in min_box_side
     rows = _tiny_rows(rng, image, strides)
     side = 0.0 if name == "tiny_side0" else float(strides[1])
     preds = _near_gt_predictions(rng, rows, 2, 3, image, strides, jitter=0.25, min_side=float(strides[1]))
@@ -176,7 +176,7 @@ def assign_case(name: str) -> dict:
     return _assign(name, rows, 4, 4, image, *_near_gt_predictions(rng, rows, 4, nc, image, strides))
   if name == "all_empty":
     rows = np.zeros((0, 7), np.float32)
-    anchors, _ = cases._anchors_px(image, strides)
+    anchors, _ = cases.anchors_px(image, strides)
     scores = rng.uniform(0, 1, (2, anchors.shape[0], nc))
     return _assign(name, rows, 2, 3, image, scores, _random_rboxes(rng, (2, anchors.shape[0]), image), anchors)
   if name == "topk2":
@@ -185,7 +185,7 @@ def assign_case(name: str) -> dict:
     return _assign(name, rows, 2, 6, image, *preds, topk=7, topk2=1, min_box_side=float(strides[1]))
   if name == "noise":
     rows = _rows(rng, (5, 3), nc, image, (10, 90))
-    anchors, _ = cases._anchors_px(image, strides)
+    anchors, _ = cases.anchors_px(image, strides)
     scores = rng.uniform(0.0, 1.0, (2, anchors.shape[0], nc))
     return _assign(name, rows, 2, 6, image, scores, _random_rboxes(rng, (2, anchors.shape[0]), image), anchors)
   raise KeyError(f"unknown OBB assignment case {name!r}; expected one of {OBB_ASSIGN_CASES}")
@@ -204,7 +204,7 @@ def head_maps(rng, rows, batch, num_classes, image, strides, reg_max, *, min_sid
   boxes = _rows_px(rows, image)
   img_of, cls_of = rows[:, 0].astype(int), rows[:, 1].astype(int)
   maps, angles = [], []
-  for (h, w), s in zip(cases._shapes(image, strides), strides):
+  for (h, w), s in zip(cases.level_shapes(image, strides), strides):
     c = 4 * reg_max + num_classes
     f = np.empty((batch, h * w, c), np.float64)
     if reg_max > 1:
@@ -240,7 +240,7 @@ def head_maps(rng, rows, batch, num_classes, image, strides, reg_max, *, min_sid
 
 def loss_case(name: str) -> dict:
   """Builds the OBB loss case ``name`` (one of :data:`OBB_LOSS_CASES`)."""
-  rng = cases._rng("obb_" + name, salt=1)
+  rng = cases.case_rng("obb_" + name, salt=1)
   strides = (8, 16, 32)
   cfg = dict(num_classes=3, strides=strides, reg_max=16, topk=10, topk2=None, min_box_side=0.0, class_weights=None)
   image, batch = 64, 2
@@ -346,15 +346,10 @@ def to_arrays(case: dict, ref: dict, version: str) -> dict[str, np.ndarray]:
   return cases.to_arrays(dict(case, inputs=inputs), ref, version)
 
 
-def _numbered(d: dict, prefix: str) -> list:
-  keys = sorted((k for k in d if k.startswith(prefix) and k[len(prefix) :].isdigit()), key=lambda k: int(k[len(prefix) :]))
-  return [d.pop(k) for k in keys]
-
-
 def load_fixture(kind: str, name: str) -> tuple[dict, dict, str]:
   """Reads ``tests/fixtures/obb_<kind>_<name>.npz`` (``kind``: ``"assign"`` or ``"loss"``) as ``(case, ref, version)``."""
   case, ref, version = cases.load_fixture(f"obb_{kind}", name)
-  angles, angle_grads = _numbered(case["inputs"], "angle"), _numbered(ref, "angle_grad")
+  angles, angle_grads = cases.numbered(case["inputs"], "angle"), cases.numbered(ref, "angle_grad")
   if angles:
     case["inputs"]["angles"] = angles
   if angle_grads:

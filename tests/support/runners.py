@@ -1,0 +1,250 @@
+"""jaxtal on a parity case, one runner per task: the only place the parity tests and the fixture
+checker call jaxtal's assigners and task losses.
+
+Each runner jits its computation with the case's configuration static (one compilation per
+configuration and pytest process) and returns NumPy: assignments as dicts of ``Assignment`` fields,
+losses as ``(total, parts, grads)`` (detection, end-to-end) or :func:`loss_outputs` dicts (the tasks,
+with the assignment inside the loss).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+import jaxtal
+from support import cases, obb_cases, pose_cases, segment_cases
+from support.internals import obb_targets
+
+# ----------------------------------------------------------------------------- detection: assignment
+
+
+def assign_gt(inputs) -> jaxtal.GroundTruth:
+  """The GroundTruth of an assignment case's inputs."""
+  return jaxtal.GroundTruth(inputs["gt_labels"], inputs["gt_boxes"], inputs["gt_mask"])
+
+
+def assign_args(inputs):
+  """``(pred_scores, pred_boxes, anchor_points, gt)``: an assignment case's arguments of the assigner."""
+  return inputs["pred_scores"], inputs["pred_boxes"], inputs["anchor_points"], assign_gt(inputs)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config):
+  return jaxtal.task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, config)
+
+
+def run_assign(case: dict, gt_chunk: int | None = None) -> dict:
+  """jaxtal's assignment of a case (jitted, the case's config as a static AssignerConfig) as NumPy arrays."""
+  config = jaxtal.AssignerConfig(**case["config"], gt_chunk=gt_chunk)
+  out = _assign_jit(*assign_args(case["inputs"]), config=config)
+  return {k: np.asarray(v) for k, v in out._asdict().items()}
+
+
+# ----------------------------------------------------------------------------- detection: loss
+
+
+def detection_config(config: dict, layout: str = "NCHW") -> tuple[jaxtal.LossConfig, np.ndarray | None]:
+  """A case's config as a (static, hashable) LossConfig and its class weights (an array, not configuration)."""
+  kwargs, _ = cases.split_loss_config(config)
+  cw = kwargs.pop("class_weights")
+  return jaxtal.LossConfig(**kwargs, layout=layout), None if cw is None else np.asarray(cw, np.float32)
+
+
+def detection_gt(case: dict) -> jaxtal.GroundTruth:
+  """A detection loss case's label rows packed into its ``max_boxes`` slots."""
+  _, m = cases.split_loss_config(case["config"])
+  feats = case["inputs"]["feats"]
+  size = feats[0].shape[2] * case["config"]["strides"][0], feats[0].shape[3] * case["config"]["strides"][0]
+  return jaxtal.pack_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, size)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _detection_value_and_grad(feats, gt, class_weights, *, config):
+  def f(feats):
+    return jaxtal.detection_loss(feats, gt, config, class_weights=class_weights)
+
+  (total, parts), grads = jax.value_and_grad(f, has_aux=True)(feats)
+  return total, parts, grads
+
+
+def run_detection_loss(case: dict, layout: str = "NCHW"):
+  """``(total, LossParts, grads)`` of jaxtal on a case, as NumPy; grads in the layout of the input."""
+  feats = [np.asarray(f) for f in case["inputs"]["feats"]]
+  if layout == "NHWC":
+    feats = [f.transpose(0, 2, 3, 1) for f in feats]
+  config, class_weights = detection_config(case["config"], layout)
+  total, parts, grads = _detection_value_and_grad(feats, detection_gt(case), class_weights, config=config)
+  return float(total), jaxtal.LossParts(*(float(p) for p in parts)), [np.asarray(g) for g in grads]
+
+
+# ----------------------------------------------------------------------------- end-to-end
+
+
+def _end_to_end_setup(case: dict):
+  kwargs, m = cases.split_loss_config(case["config"])
+  epoch, epochs, v10 = kwargs.pop("epoch"), kwargs.pop("epochs"), kwargs.pop("yolov10")
+  cfg = jaxtal.LossConfig(**kwargs, layout="NCHW")
+  feats = case["inputs"]["feats"]
+  size = feats[0].shape[2] * cfg.strides[0], feats[0].shape[3] * cfg.strides[0]
+  gt = jaxtal.pack_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, size)
+  return cfg, gt, epoch, epochs, v10
+
+
+@functools.partial(jax.jit, static_argnames=("config", "v10"))
+def _end_to_end_value_and_grad(many, one, gt, weight, *, config, v10):
+  def f(many, one):
+    if v10:
+      return jaxtal.end_to_end_sum_loss(jaxtal.detection_loss, (many,), (one,), gt, config=config)
+    return jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), gt, weight=weight, config=config)
+
+  (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(many, one)
+  return total, parts, grads
+
+
+def run_end_to_end(case: dict):
+  """``(total, parts, one-to-many grads, one-to-one grads)`` of jaxtal's end-to-end loss on a case, as NumPy."""
+  cfg, gt, epoch, epochs, v10 = _end_to_end_setup(case)
+  weight = np.float32(jaxtal.one2many_weight(epoch, epochs))
+  many = [np.asarray(f) for f in case["inputs"]["feats"]]
+  one = [np.asarray(f) for f in case["inputs"]["feats_o2o"]]
+  total, parts, (g_many, g_one) = _end_to_end_value_and_grad(many, one, gt, weight, config=cfg, v10=v10)
+  return float(total), parts, [np.asarray(g) for g in g_many], [np.asarray(g) for g in g_one]
+
+
+# ----------------------------------------------------------------------------- the tasks' shared output
+
+
+def loss_outputs(total, parts, grads, targets, **more_grads) -> dict:
+  """A jitted task-loss run as NumPy: ``total``, ``parts`` (floats, the same NamedTuple), ``grads`` (per-level head
+  maps), each of ``more_grads`` (a per-level list, or one array) and the assignment inside the loss (``weights``,
+  ``fg_mask``, ``gt_index``: :class:`jaxtal.DetectionTargets` fields)."""
+  def numpy(g):
+    return [np.asarray(x) for x in g] if isinstance(g, (list, tuple)) else np.asarray(g)
+
+  return dict(
+      total=float(total),
+      parts=type(parts)(*(float(p) for p in parts)),
+      grads=numpy(grads),
+      **{k: numpy(v) for k, v in more_grads.items()},
+      weights=np.asarray(targets.weights),
+      fg_mask=np.asarray(targets.fg_mask),
+      gt_index=np.asarray(targets.gt_index),
+  )
+
+
+# ----------------------------------------------------------------------------- oriented boxes
+
+
+@functools.partial(jax.jit, static_argnames=("floor",))
+def probiou_and_grads(box1, box2, *, floor):
+  """``(probiou, (d/dbox1, d/dbox2))`` of the sum, jitted."""
+  iou = jaxtal.probiou(box1, box2, floor=floor)
+  return iou, jax.grad(lambda a, b: jaxtal.probiou(a, b, floor=floor).sum(), argnums=(0, 1))(box1, box2)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _obb_assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config):
+  return jaxtal.rotated_task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, **dict(config))
+
+
+def run_obb_assign(case: dict) -> dict:
+  """jaxtal's rotated assignment of an OBB assignment case (jitted) as NumPy arrays."""
+  x = case["inputs"]
+  gt = assign_gt(x)
+  out = _obb_assign_jit(x["pred_scores"], x["pred_boxes"], x["anchor_points"], gt, config=tuple(sorted(case["config"].items())))
+  return {k: np.asarray(v) for k, v in out._asdict().items()}
+
+
+def _obb_static(config: dict) -> tuple:
+  kwargs, _ = obb_cases.split_loss_config(config)
+  if kwargs["class_weights"] is not None:
+    kwargs["class_weights"] = tuple(kwargs["class_weights"])
+  return tuple(sorted(kwargs.items()))
+
+
+def obb_loss_gt(case: dict) -> jaxtal.GroundTruth:
+  """An OBB loss case's label rows packed into its ``max_boxes`` slots."""
+  _, m = obb_cases.split_loss_config(case["config"])
+  feats = case["inputs"]["feats"]
+  s = case["config"]["strides"][0]
+  return jaxtal.pack_rotated_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, (feats[0].shape[2] * s, feats[0].shape[3] * s))
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _obb_loss_jit(feats, angles, gt, *, config):
+  kwargs = dict(config)
+  if kwargs["class_weights"] is not None:
+    kwargs["class_weights"] = np.asarray(kwargs["class_weights"], np.float32)
+
+  def f(feats, angles):
+    return jaxtal.obb_loss(feats, angles, gt, layout="NCHW", **kwargs)
+
+  (total, parts), (grads, angle_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(feats, angles)
+  kwargs.pop("class_weights")
+  _, _, targets = obb_targets(feats, angles, gt, layout="NCHW", **kwargs)
+  return total, parts, grads, angle_grads, targets
+
+
+def run_obb_loss(case: dict) -> dict:
+  """jaxtal's OBB loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
+  x = case["inputs"]
+  total, parts, grads, angle_grads, t = _obb_loss_jit(x["feats"], x["angles"], obb_loss_gt(case), config=_obb_static(case["config"]))
+  return loss_outputs(total, parts, grads, t, angle_grads=angle_grads)
+
+
+# ----------------------------------------------------------------------------- pose
+
+
+def _pose_config(config: dict) -> tuple[jaxtal.PoseLossConfig, np.ndarray | None]:
+  kwargs, _ = pose_cases.split_loss_config(config)
+  cw = kwargs.pop("class_weights")
+  return jaxtal.PoseLossConfig(**kwargs, layout="NCHW"), None if cw is None else np.asarray(cw, np.float32)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _pose_loss_jit(feats, kpts, gt, class_weights, *, config):
+  def f(feats, kpts):
+    return jaxtal.pose_loss(feats, kpts, gt, config, class_weights=class_weights)
+
+  (total, parts), (grads, kpt_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(feats, kpts)
+  _, targets = jaxtal.detection_targets(feats, gt, config)
+  return total, parts, grads, kpt_grads, targets
+
+
+def run_pose_loss(case: dict) -> dict:
+  """jaxtal's pose loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
+  x = case["inputs"]
+  config, class_weights = _pose_config(case["config"])
+  gt = pose_cases.gt_of(case)
+  total, parts, grads, kpt_grads, t = _pose_loss_jit(x["feats"], x["kpts"], gt, class_weights, config=config)
+  return loss_outputs(total, parts, grads, t, kpt_grads=kpt_grads)
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _segment_loss_jit(feats, coefs, proto, gt, *, config):
+  kwargs = dict(config)
+  kwargs.pop("class_weights")
+
+  def f(feats, coefs, proto):
+    return jaxtal.segment_loss(feats, coefs, proto, gt, layout="NCHW", **kwargs)
+
+  (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(feats, coefs, proto)
+  _, targets = jaxtal.detection_targets(feats, gt, layout="NCHW", **kwargs)
+  return total, parts, grads, targets
+
+
+def run_segment_loss(case: dict) -> dict:
+  """jaxtal's segmentation loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
+  kwargs, _, _ = segment_cases.split_config(case["config"])
+  assert kwargs["class_weights"] is None
+  x = case["inputs"]
+  total, parts, (grads, coef_grads, proto_grad), t = _segment_loss_jit(
+      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(kwargs.items()))
+  )
+  return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
