@@ -160,7 +160,7 @@ def test_checked_loss_from_targets_passes_valid_targets_and_equals_the_loss():
   _, t = targets_jit(feats, gt, config=loss_config())
   err, (total, parts) = checked_from_targets()(feats, t)
   assert err.get() is None
-  want = jax.jit(lambda f, t: jaxtal.loss_from_targets(f, t, loss_config()))(feats, t)
+  want = jax.jit(lambda f, t: jaxtal.loss_from_targets(f, t, None, loss_config()))(feats, t)
   np.testing.assert_array_equal(total, want[0])
   np.testing.assert_array_equal(np.asarray(parts), np.asarray(want[1]))
 

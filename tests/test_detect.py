@@ -182,14 +182,14 @@ class TestTargetsSplit:
     feats, gt = loss_problem(seed=5)
     _, targets = targets_jit(feats, gt, config=LOSS_CFG)
     with pytest.raises(TypeError, match="loss_from_targets: targets must be a jaxtal.Targets"):
-      jaxtal.loss_from_targets(feats, tuple(targets), LOSS_CFG)
+      jaxtal.loss_from_targets(feats, tuple(targets), None, LOSS_CFG)
     with pytest.raises(ValueError, match=r"targets.labels must be \(b, A\) with b = 2"):
-      jaxtal.loss_from_targets(feats, jax.tree.map(lambda x: x[:1], targets), LOSS_CFG)
+      jaxtal.loss_from_targets(feats, jax.tree.map(lambda x: x[:1], targets), None, LOSS_CFG)
     with pytest.raises(ValueError, match=r"targets.entries.valid must be \(b, E\)"):
       bad = targets._replace(entries=targets.entries._replace(valid=targets.entries.valid[:, :-1]))
-      jaxtal.loss_from_targets(feats, bad, LOSS_CFG)
+      jaxtal.loss_from_targets(feats, bad, None, LOSS_CFG)
     with pytest.raises(ValueError, match=r"targets.weights must be \(b, A\)"):
-      jaxtal.loss_from_targets(feats, targets._replace(weights=targets.weights[:, :-1]), LOSS_CFG)
+      jaxtal.loss_from_targets(feats, targets._replace(weights=targets.weights[:, :-1]), None, LOSS_CFG)
 
 
 # ----------------------------------------------------------------------------- the NNX module

@@ -54,7 +54,7 @@ def test_one2many_weight_custom_ends():
 def test_end_to_end_total_mixes_the_branches_and_reports_one2one_parts():
   many, one = maps(0), maps(1)
   w = 0.3
-  total, parts = jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), GT, weight=w, config=CFG)
+  total, parts = jaxtal.end_to_end_loss(jaxtal.detection_loss, many, one, GT, weight=w, config=CFG)
   t_many, _ = jaxtal.detection_loss(many, GT, CFG)
   t_one, p_one = jaxtal.detection_loss(one, GT, CFG, topk=7, topk2=1)
   np.testing.assert_allclose(float(total), w * float(t_many) + 0.7 * float(t_one), rtol=1e-6)
@@ -66,7 +66,7 @@ def test_end_to_end_total_mixes_the_branches_and_reports_one2one_parts():
 @pytest.mark.slow
 def test_weight_above_one_gives_the_one2one_branch_no_negative_weight():
   many, one = maps(0), maps(1)
-  total, _ = jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), GT, weight=1.5, config=CFG)
+  total, _ = jaxtal.end_to_end_loss(jaxtal.detection_loss, many, one, GT, weight=1.5, config=CFG)
   t_many, _ = jaxtal.detection_loss(many, GT, CFG)
   np.testing.assert_allclose(float(total), 1.5 * float(t_many), rtol=1e-6)
 
@@ -78,7 +78,7 @@ def test_one2one_branch_uses_its_own_topk():
   _, targets = jaxtal.detection_targets(one, GT, CFG, topk=7, topk2=1)
   assert np.asarray(targets.positives_per_gt).max() == 1
   # And end_to_end_loss's one-to-one part is that branch's loss, not the topk=10 one.
-  _, parts = jaxtal.end_to_end_loss(jaxtal.detection_loss, (maps(0),), (one,), GT, weight=0.5, config=CFG)
+  _, parts = jaxtal.end_to_end_loss(jaxtal.detection_loss, maps(0), one, GT, weight=0.5, config=CFG)
   _, p10 = jaxtal.detection_loss(one, GT, CFG)
   assert not np.allclose(np.asarray(parts), np.asarray(p10))
 
@@ -86,7 +86,7 @@ def test_one2one_branch_uses_its_own_topk():
 @pytest.mark.slow
 def test_yolov10_sum_form():
   many, one = maps(0), maps(1)
-  total, parts = jaxtal.end_to_end_sum_loss(jaxtal.detection_loss, (many,), (one,), GT, config=CFG)
+  total, parts = jaxtal.end_to_end_sum_loss(jaxtal.detection_loss, many, one, GT, config=CFG)
   t_many, p_many = jaxtal.detection_loss(many, GT, CFG)
   t_one, p_one = jaxtal.detection_loss(one, GT, CFG, topk=1, topk2=None)
   np.testing.assert_allclose(float(total), float(t_many) + float(t_one), rtol=1e-6)
@@ -99,7 +99,7 @@ def test_gradients_reach_both_branches_and_only_through_the_weighted_totals():
   w = 0.25
 
   def e2e(a, b):
-    return jaxtal.end_to_end_loss(jaxtal.detection_loss, (a,), (b,), GT, weight=w, config=CFG)[0]
+    return jaxtal.end_to_end_loss(jaxtal.detection_loss, a, b, GT, weight=w, config=CFG)[0]
 
   ga, gb = jax.grad(e2e, argnums=(0, 1))(many, one)
   want_a = jax.grad(lambda a: jaxtal.detection_loss(a, GT, CFG)[0])(many)
@@ -118,11 +118,11 @@ def test_module_equals_function_and_compiles_once_over_epochs():
   @jax.jit
   def step(a, b, gt, epoch):
     traces.append(1)
-    return module((a,), (b,), gt, weight=jaxtal.one2many_weight(epoch, 20))
+    return module(a, b, gt, weight=jaxtal.one2many_weight(epoch, 20))
 
   @jax.jit  # the function, jitted too (eager, three epochs took ~25 s)
   def want_fn(a, b, gt, epoch):
-    return jaxtal.end_to_end_loss(jaxtal.detection_loss, (a,), (b,), gt, weight=jaxtal.one2many_weight(epoch, 20), config=CFG)
+    return jaxtal.end_to_end_loss(jaxtal.detection_loss, a, b, gt, weight=jaxtal.one2many_weight(epoch, 20), config=CFG)
 
   for epoch in (0, 7, 19):
     got = step(many, one, GT, epoch)
@@ -135,11 +135,10 @@ def test_module_equals_function_and_compiles_once_over_epochs():
 def test_module_keeps_class_weights_and_overrides():
   cw = jnp.asarray([1.0, 2.0, 0.5])
   module = jaxtal.EndToEndLoss(CFG, class_weights=cw, reg_max=16, one2one_topk=5, one2one_topk2=None)
-  got = module((maps(0),), (maps(1),), GT, weight=0.5)
+  got = module(maps(0), maps(1), GT, weight=0.5)
   want = jaxtal.end_to_end_loss(
-      jaxtal.detection_loss, (maps(0),), (maps(1),), GT, weight=0.5, one2one_topk=5, one2one_topk2=None, config=CFG,
-      class_weights=cw,
-  )
+      jaxtal.detection_loss, maps(0), maps(1), GT, weight=0.5, one2one_topk=5, one2one_topk2=None, config=CFG,
+      class_weights=cw)
   np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
 
 
@@ -147,7 +146,7 @@ def test_module_keeps_class_weights_and_overrides():
 def test_reg_max1_yolo26_head():
   cfg = jaxtal.LossConfig(num_classes=NC, strides=STRIDES, reg_max=1)
   total, parts = jaxtal.end_to_end_loss(
-      jaxtal.detection_loss, (maps(0, 1),), (maps(1, 1),), GT, weight=jaxtal.one2many_weight(0, 10), config=cfg
+      jaxtal.detection_loss, maps(0, 1), maps(1, 1), GT, weight=jaxtal.one2many_weight(0, 10), config=cfg
   )
   assert np.isfinite(float(total)) and all(np.isfinite(np.asarray(p)) for p in parts)
 
@@ -170,17 +169,17 @@ def test_works_with_the_obb_task_loss():
   rng = np.random.default_rng(3)
   angles = [jnp.asarray(rng.uniform(-0.7, 0.7, (B, h, w, 1)), jnp.float32) for h, w in SHAPES]
   total, parts = jaxtal.end_to_end_loss(
-      jaxtal.obb_loss, (maps(0), angles), (maps(1), angles), gt, weight=0.6, config=cfg
+      jaxtal.obb_loss, jaxtal.Predictions(maps(0), angles=angles), jaxtal.Predictions(maps(1), angles=angles), gt, weight=0.6, config=cfg
   )
-  t_many, _ = jaxtal.obb_loss(maps(0), angles, gt, cfg)
-  t_one, p_one = jaxtal.obb_loss(maps(1), angles, gt, cfg, topk=7, topk2=1)
+  t_many, _ = jaxtal.obb_loss(jaxtal.Predictions(maps(0), angles=angles), gt, cfg)
+  t_one, p_one = jaxtal.obb_loss(jaxtal.Predictions(maps(1), angles=angles), gt, cfg, topk=7, topk2=1)
   np.testing.assert_allclose(float(total), 0.6 * float(t_many) + 0.4 * float(t_one), rtol=1e-5)
   assert parts._fields == ("box", "cls", "dfl", "angle")
   np.testing.assert_allclose(np.asarray(parts), np.asarray(p_one), rtol=1e-6)
 
 
 def test_bad_arguments_are_named():
-  with pytest.raises(TypeError, match="one2many must be a tuple"):
-    jaxtal.end_to_end_loss(jaxtal.detection_loss, maps(0), (maps(1),), GT, weight=0.5, config=CFG)
+  with pytest.raises(TypeError, match="not a tuple of arguments"):  # the old (feats,) branch form
+    jaxtal.end_to_end_loss(jaxtal.detection_loss, (maps(0),), maps(1), GT, weight=0.5, config=CFG)
   with pytest.raises(TypeError, match="loss_fn must be"):
-    jaxtal.end_to_end_loss(None, (maps(0),), (maps(1),), GT, weight=0.5, config=CFG)
+    jaxtal.end_to_end_loss(None, maps(0), maps(1), GT, weight=0.5, config=CFG)

@@ -21,7 +21,7 @@ from jax.test_util import check_grads
 
 import jaxtal
 from jaxtal import kernels
-from support import internals
+from jaxtal._parallel import global_sum
 from support.oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
 from support.problems import R, crowded_loss_problem
 
@@ -345,7 +345,7 @@ class TestPlainSwitch:
 
 
 # --------------------------------------------------------------------------------------------------
-# _parallel.global_sum (support.internals.global_sum)
+# _parallel.global_sum (support.global_sum)
 
 
 class TestGlobalSum:
@@ -355,22 +355,22 @@ class TestGlobalSum:
     spec = jax.sharding.PartitionSpec("d")
 
     def mapped(x):
-      body = lambda v: internals.global_sum(jnp.sin(v), "d") * v  # noqa: E731
+      body = lambda v: global_sum(jnp.sin(v), "d") * v  # noqa: E731
       return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))(x)
 
     with jax.enable_x64(True):
       x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5)), jnp.float64)
       check_grads(mapped, (x,), order=1, modes=("rev",), **GRAD_TOL)
-      pm = jax.pmap(lambda v: internals.global_sum(jnp.sin(v), "d") * v, axis_name="d")
+      pm = jax.pmap(lambda v: global_sum(jnp.sin(v), "d") * v, axis_name="d")
       check_grads(pm, (x,), order=1, modes=("rev",), **GRAD_TOL)
 
   def test_value_is_the_sum_and_the_gradient_is_the_own_share(self):
     """Under vmap with an axis name (4 'devices'): every device sees the global sum, and differentiating
     its own copy gives the cotangent for its own input only (not 4 times it, as psum's transpose would)."""
     x = jnp.asarray([1.0, 2.0, 3.0, 4.0])
-    summed = jax.vmap(lambda v: internals.global_sum(v, "i"), axis_name="i")(x)
+    summed = jax.vmap(lambda v: global_sum(v, "i"), axis_name="i")(x)
     np.testing.assert_array_equal(summed, [10.0] * 4)
-    own = jax.vmap(jax.grad(lambda v: 3.0 * internals.global_sum(v * v, "i")), axis_name="i")(x)
+    own = jax.vmap(jax.grad(lambda v: 3.0 * global_sum(v * v, "i")), axis_name="i")(x)
     np.testing.assert_allclose(own, 6.0 * np.asarray(x))  # d(3 * v^2)/dv, this device's share
     psum = jax.vmap(jax.grad(lambda v: 3.0 * jax.lax.psum(v * v, "i")), axis_name="i")(x)
     assert not np.allclose(psum, own)  # control: the plain psum gradient is different here

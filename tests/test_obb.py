@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 
 import jaxtal
 from support import obb_cases
-from support.internals import xywhr_to_ltrb
+from jaxtal.boxes import xywhr_to_ltrb
 from support.oracles import np_dfl_expectation
 
 NC, R = 3, 4
@@ -124,7 +124,7 @@ def loss_step(**overrides):
   kw = {**KW, **overrides}
 
   def f(feats, angles, gt, class_weights=None):
-    return jaxtal.obb_loss(feats, angles, gt, class_weights=class_weights, **kw)
+    return jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), gt, class_weights=class_weights, **kw)
 
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
@@ -442,32 +442,32 @@ def test_obb_loss_config():
     jaxtal.OBBLossConfig(3, (8,))  # keyword-only
   feats, angles = head()
   with pytest.raises(TypeError, match=r"obb_loss: config must be a jaxtal.OBBLossConfig, got LossConfig"):
-    jaxtal.obb_loss(feats, angles, BASE_GT, jaxtal.LossConfig(**KW))
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), BASE_GT, jaxtal.LossConfig(**KW))
   with pytest.raises(TypeError, match=r"obb_loss: unknown configuration keyword\(s\) \['angel'\]"):
-    jaxtal.obb_loss(feats, angles, BASE_GT, angel=1.0, **KW)
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), BASE_GT, angel=1.0, **KW)
 
 
 def test_obb_loss_validation():
   feats, angles = head()
   with pytest.raises(TypeError, match=r"obb_loss: angles must be a list of per-level maps, one per level of feats \(2\)"):
-    jaxtal.obb_loss(feats, angles[:1], BASE_GT, **KW)
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles[:1]), BASE_GT, **KW)
   with pytest.raises(ValueError, match=r"angles\[1\] must be \(2, 4, 4, 1\) \(NHWC: 1 per cell of feats\[1\]\)"):
-    jaxtal.obb_loss(feats, [angles[0], angles[1][..., 0]], BASE_GT, **KW)
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=[angles[0], angles[1][..., 0]]), BASE_GT, **KW)
   with pytest.raises(TypeError, match=r"angles\[0\] must be a float array, got dtype int32"):
-    jaxtal.obb_loss(feats, [angles[0].astype(np.int32), angles[1]], BASE_GT, **KW)
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=[angles[0].astype(np.int32), angles[1]]), BASE_GT, **KW)
   with pytest.raises(ValueError, match=r"obb_loss: gt.boxes must be \(b, M, 5\)"):
-    jaxtal.obb_loss(feats, angles, jaxtal.GroundTruth(BASE_GT.labels, BASE_GT.boxes[..., :4], BASE_GT.mask), **KW)
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), jaxtal.GroundTruth(BASE_GT.labels, BASE_GT.boxes[..., :4], BASE_GT.mask), **KW)
   with pytest.raises(ValueError, match=r"class_weights must have shape \(nc,\) = \(3,\)"):
-    jaxtal.obb_loss(feats, angles, BASE_GT, class_weights=np.ones(4, np.float32), **KW)
+    jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), BASE_GT, class_weights=np.ones(4, np.float32), **KW)
 
 
 @jax.jit
 def _variants(feats, angles, gt, class_weights):
   """One compilation for several settings: (angle gain 2.5, class weights, angle gain 0) parts."""
   return (
-      jaxtal.obb_loss(feats, angles, gt, angle=2.5, **KW)[1],
-      jaxtal.obb_loss(feats, angles, gt, class_weights=class_weights, **KW)[1],
-      jax.grad(lambda a: jaxtal.obb_loss(feats, a, gt, angle=0.0, **KW)[0])(angles),
+      jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), gt, angle=2.5, **KW)[1],
+      jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), gt, class_weights=class_weights, **KW)[1],
+      jax.grad(lambda a: jaxtal.obb_loss(jaxtal.Predictions(feats, angles=a), gt, angle=0.0, **KW)[0])(angles),
   )
 
 
@@ -522,7 +522,7 @@ def test_module_matches_function_and_nhwc_matches_nchw():
 
   @nnx.jit
   def both(m, f, a, f_nchw, a_nchw, g):  # one compilation for the two spellings
-    return m(f, a, g), jaxtal.obb_loss(f_nchw, a_nchw, g, layout="NCHW", **KW)
+    return m(jaxtal.Predictions(f, angles=a), g), jaxtal.obb_loss(jaxtal.Predictions(f_nchw, angles=a_nchw), g, layout="NCHW", **KW)
 
   for total, parts in both(module, feats, angles, *nchw, BASE_GT):
     np.testing.assert_allclose(float(total), want_total, rtol=1e-6)
@@ -538,8 +538,8 @@ def test_end_to_end_loss_with_obb_loss():
 
   @jax.jit
   def run(f1, a1, f2, a2, g):  # the combinator and, by hand, its two branches (one compilation)
-    e2e = jaxtal.end_to_end_loss(jaxtal.obb_loss, (f1, a1), (f2, a2), g, weight=w, config=cfg)
-    return e2e, jaxtal.obb_loss(f1, a1, g, config=cfg), jaxtal.obb_loss(f2, a2, g, config=cfg, topk=7, topk2=1)
+    e2e = jaxtal.end_to_end_loss(jaxtal.obb_loss, jaxtal.Predictions(f1, angles=a1), jaxtal.Predictions(f2, angles=a2), g, weight=w, config=cfg)
+    return e2e, jaxtal.obb_loss(jaxtal.Predictions(f1, angles=a1), g, config=cfg), jaxtal.obb_loss(jaxtal.Predictions(f2, angles=a2), g, config=cfg, topk=7, topk2=1)
 
   (total, parts), many, one = run(f1, a1, f2, a2, BASE_GT)
   assert isinstance(parts, jaxtal.OBBLossParts)
@@ -557,7 +557,7 @@ def test_axis_name_gives_the_global_loss_on_every_shard():
   split = lambda x: np.asarray(x).reshape(2, -1, *np.shape(x)[1:])  # noqa: E731
 
   def local(f, a, g):
-    fn = lambda f, a: jaxtal.obb_loss(f, a, g, axis_name="data", **KW)  # noqa: E731
+    fn = lambda f, a: jaxtal.obb_loss(jaxtal.Predictions(f, angles=a), g, axis_name="data", **KW)  # noqa: E731
     return jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)(f, a)
 
   (t, p), (g, ga) = jax.jit(jax.vmap(local, axis_name="data"))(

@@ -20,7 +20,7 @@ import pytest
 from flax import nnx
 
 import jaxtal
-from support.internals import COCO_SIGMAS
+from jaxtal.pose import COCO_SIGMAS
 from support.oracles import np_anchors, np_bce_with_logits, np_detection_loss
 from support.problems import FEATURE_SHAPES, NC, R, STRIDES, loss_problem
 
@@ -111,8 +111,8 @@ def np_pose_loss(feats, kpt_maps, gt, cfg: jaxtal.PoseLossConfig, layout="NHWC")
 def step(feats, kpts, gt, config=CFG):
   """``((total, parts), (head grads, keypoint grads)), module_out``: ``pose_loss``'s value and gradients
   and the :class:`jaxtal.PoseLoss` module's value, the one compilation of the main config."""
-  module_out = jaxtal.PoseLoss(config)(feats, kpts, gt)
-  loss = lambda f, k: jaxtal.pose_loss(f, k, gt, config)  # noqa: E731
+  module_out = jaxtal.PoseLoss(config)(jaxtal.Predictions(feats, keypoints=kpts), gt)
+  loss = lambda f, k: jaxtal.pose_loss(jaxtal.Predictions(f, keypoints=k), gt, config)  # noqa: E731
   return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(feats, kpts), module_out
 
 
@@ -174,19 +174,19 @@ def test_config_errors(kwargs, error, match):
 def test_loss_validation_errors():
   feats, kpts, gt = pose_problem()
   with pytest.raises(TypeError, match=r"pose_loss: config must be a jaxtal.PoseLossConfig, got LossConfig"):
-    jaxtal.pose_loss(feats, kpts, gt, jaxtal.LossConfig(**KW))
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt, jaxtal.LossConfig(**KW))
   with pytest.raises(TypeError, match=r"pose_loss: unknown configuration keyword\(s\) \['kpt_shap'\]"):
-    jaxtal.pose_loss(feats, kpts, gt, kpt_shap=(3, 3), **KW)
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt, kpt_shap=(3, 3), **KW)
   with pytest.raises(ValueError, match=r"keypoints\[0\] must be \(2, 4, 4, 9\) \(NHWC: 9 per cell.*\(2, 4, 4, 6\)"):
-    jaxtal.pose_loss(feats, keypoint_maps(kpt_shape=(3, 2)), gt, CFG)
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=keypoint_maps(kpt_shape=(3, 2))), gt, CFG)
   with pytest.raises(TypeError, match=r"pose_loss: keypoints must be a list of per-level maps, one per level of feats"):
-    jaxtal.pose_loss(feats, kpts[:1], gt, CFG)
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts[:1]), gt, CFG)
   with pytest.raises(ValueError, match=r"pose_loss: gt.keypoints is None; pose needs \(b, M, K, D\) keypoints"):
-    jaxtal.pose_loss(feats, kpts, gt._replace(keypoints=None), CFG)
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt._replace(keypoints=None), CFG)
   with pytest.raises(ValueError, match=r"gt.keypoints must be \(b, M, K, D\) = \(2, 3, 3, 2 or 3\).*\(2, 3, 4, 3\)"):
-    jaxtal.pose_loss(feats, kpts, gt._replace(keypoints=jnp.zeros((2, 3, 4, 3))), CFG)
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt._replace(keypoints=jnp.zeros((2, 3, 4, 3))), CFG)
   with pytest.raises(ValueError, match=r"pose_loss: class_weights must have shape \(nc,\) = \(3,\)"):
-    jaxtal.pose_loss(feats, kpts, gt, CFG, class_weights=np.ones(2, np.float32))
+    jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt, CFG, class_weights=np.ones(2, np.float32))
 
 
 # ----------------------------------------------------------------------------- decode_keypoints
@@ -216,7 +216,7 @@ class TestDecodeKeypoints:
     m[0, 0, 1] = [0.25, -0.5, 3.0]
     got = np.asarray(jaxtal.decode_keypoints([m], (8,), (1, 3)))
     np.testing.assert_allclose(got[0, :, 0], [[0.0, 0.0, 0.0], [(0.5 + 1.5 - 0.5) * 8, (-1.0 + 0.5 - 0.5) * 8, 3.0]])
-    with pytest.raises(ValueError, match=r"decode_keypoints: keypoint_maps\[0\] must be \(1, 1, 2, 6\)"):
+    with pytest.raises(ValueError, match=r"decode_keypoints: keypoint_maps\[0\] has 3 channels .*expected 6 \(shape \(1, 1, 2, 3\)\)"):
       jaxtal.decode_keypoints([m], (8,), (2, 3))
     with pytest.raises(ValueError, match=r"keypoint_maps\[0\] must be a rank-4 NHWC array.*\(1, 2, 3\)"):
       jaxtal.decode_keypoints([m[0]], (8,), (1, 3))
@@ -353,9 +353,9 @@ def test_end_to_end_loss_and_module_with_pose_loss():
 
   @nnx.jit
   def run_all(m, f1, k1, f2, k2, g):
-    e2e = jaxtal.end_to_end_loss(jaxtal.pose_loss, (f1, k1), (f2, k2), g, weight=w, config=cfg)
-    many = jaxtal.pose_loss(f1, k1, g, config=cfg)
-    one = jaxtal.pose_loss(f2, k2, g, config=cfg, topk=7, topk2=1)
+    e2e = jaxtal.end_to_end_loss(jaxtal.pose_loss, jaxtal.Predictions(f1, keypoints=k1), jaxtal.Predictions(f2, keypoints=k2), g, weight=w, config=cfg)
+    many = jaxtal.pose_loss(jaxtal.Predictions(f1, keypoints=k1), g, config=cfg)
+    one = jaxtal.pose_loss(jaxtal.Predictions(f2, keypoints=k2), g, config=cfg, topk=7, topk2=1)
     return e2e, m((f1, k1), (f2, k2), g, weight=w), many, one
 
   (total, parts), (m_total, m_parts), many, one = run_all(module, feats, k1, feats2, k2, gt)
@@ -374,7 +374,7 @@ def test_end_to_end_loss_and_module_with_pose_loss():
 def test_eager_equals_numpy():
   """``pose_loss`` without jit (op by op: many small compiles, hence slow) equals the oracle."""
   feats, kpts, gt = pose_problem(seed=0)
-  total, parts = jaxtal.pose_loss(feats, kpts, gt, CFG)
+  total, parts = jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt, CFG)
   want_total, want_parts, _ = np_pose_loss(feats, kpts, gt, CFG)
   np.testing.assert_allclose([float(p) for p in parts], want_parts, rtol=2e-5)
   np.testing.assert_allclose(float(total), want_total, rtol=2e-5)
@@ -390,7 +390,7 @@ def test_axis_name_gives_the_global_loss_on_every_shard():
   cfg = dataclasses.replace(CFG, axis_name="data")
 
   def local(f, k, g):
-    return jax.value_and_grad(lambda f, k: jaxtal.pose_loss(f, k, g, cfg), argnums=(0, 1), has_aux=True)(f, k)
+    return jax.value_and_grad(lambda f, k: jaxtal.pose_loss(jaxtal.Predictions(f, keypoints=k), g, cfg), argnums=(0, 1), has_aux=True)(f, k)
 
   mapped = jax.jit(jax.vmap(local, axis_name="data"))
   (t, p), (g, gk) = mapped([split(f) for f in feats], [split(m) for m in kpts], jax.tree.map(split, gt))

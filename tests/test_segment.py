@@ -21,7 +21,7 @@ from flax import nnx
 
 import jaxtal
 from support import segment_cases
-from support import internals
+from jaxtal.segment import chunk_size, entry_boxes, mask_sum, resize_prototypes
 from support.oracles import np_bce_with_logits, np_detection_loss, np_sigmoid
 
 NC, R, NM = 3, 4, 4
@@ -141,7 +141,7 @@ def np_segment_loss(feats, coefs, proto, gt, config=CFG, with_targets=False):
 @functools.partial(jax.jit, static_argnames="config")
 def loss_and_grads(feats, coefs, proto, gt, config=CFG):
   """``(total, parts, (d feats, d coefs, d proto))`` of ``segment_loss``."""
-  f = lambda *x: jaxtal.segment_loss(*x, gt, config)  # noqa: E731
+  f = lambda f, c, p: jaxtal.segment_loss(jaxtal.Predictions(f, mask_coefs=c, proto=p), gt, config)  # noqa: E731
   (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(feats, coefs, proto)
   return total, parts, grads
 
@@ -187,8 +187,8 @@ class TestMaskTerm:
     targets = jaxtal.Targets(zeros, boxes, fg.astype(np.float32), fg, owner, zeros[:, :M], entries)
 
     def seg_part(rows, proto_nchw):  # box * (mask term) / count, as the loss's seg part
-      p = internals.resize_prototypes(proto_nchw, MASK_HW)
-      return CFG.box * internals.mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, True) / count
+      p = resize_prototypes(proto_nchw, MASK_HW)
+      return CFG.box * mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, True) / count
 
     seg_and_grads = variant(jax.value_and_grad(seg_part, argnums=(0, 1)))
     value, (d_rows, d_proto) = seg_and_grads(coef_rows(coefs), proto.transpose(0, 3, 1, 2))
@@ -244,7 +244,7 @@ def test_entry_weight_of_a_tiny_box_is_zero_not_inf():
   entries = jaxtal.ForegroundEntries(jnp.arange(4)[None], jnp.zeros((1, 4), jnp.int32), valid)
   zeros = jnp.zeros((1, 4), jnp.int32)
   t = jaxtal.Targets(zeros, jnp.asarray(boxes), zeros.astype(jnp.float32), zeros > 0, zeros, zeros, entries)
-  box, weight = internals.entry_boxes(t, (32.0, 32.0), (16, 16))
+  box, weight = entry_boxes(t, (32.0, 32.0), (16, 16))
   np.testing.assert_allclose(weight, [[1 / (256 * 0.125), 0.0, 0.0, 0.0]])
   np.testing.assert_allclose(box[0, 0], [0, 0, 8, 4])
 
@@ -257,7 +257,7 @@ def test_chunked_matches_unchunked():
   feats, coefs, proto = predictions(seed=5)
   gt = ground_truth(seed=5)
   e = M * CFG.topk
-  assert internals.chunk_size(None, B, e, MASK_HW[0] * MASK_HW[1]) == e  # the default: one chunk here
+  assert chunk_size(None, B, e, MASK_HW[0] * MASK_HW[1]) == e  # the default: one chunk here
   whole = loss_and_grads(feats, coefs, proto, gt)
   cfg = jaxtal.SegmentLossConfig(**{**_fields(CFG), "mask_chunk": 3})
   chunked = loss_and_grads(feats, coefs, proto, gt, config=cfg)
@@ -272,7 +272,7 @@ def test_chunked_without_skipping_matches_unchunked():
   whole = loss_and_grads(feats, coefs, proto, gt)
   cfg = jaxtal.SegmentLossConfig(**{**_fields(CFG), "mask_chunk": 7})
   cfg = dataclasses.replace(cfg, plain_kernels=("mask_bce_sum",))
-  loss = lambda *x: jaxtal.segment_loss(*x, gt, cfg)[0]  # noqa: E731
+  loss = lambda f, c, p: jaxtal.segment_loss(jaxtal.Predictions(f, mask_coefs=c, proto=p), gt, cfg)[0]  # noqa: E731
   plain = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(feats, coefs, proto)
   chex.assert_trees_all_close(plain, (whole[0], whole[2]), rtol=2e-6, atol=1e-7)
 
@@ -293,7 +293,7 @@ def test_memory_of_a_large_batch_stays_under_2_gb():
   coefs = [spec((b, image // s, image // s, nm), jnp.float32) for s in strides]
   gt = jaxtal.GroundTruth(spec((b, m), jnp.int32), spec((b, m, 4), jnp.float32), spec((b, m), bool),
                           masks=spec((b, mh, mh), jnp.int32))
-  grad = jax.jit(jax.grad(lambda f, c, p, g: jaxtal.segment_loss(f, c, p, g, cfg)[0], argnums=(0, 1, 2)))
+  grad = jax.jit(jax.grad(lambda f, c, p, g: jaxtal.segment_loss(jaxtal.Predictions(f, mask_coefs=c, proto=p), g, cfg)[0], argnums=(0, 1, 2)))
   stats = grad.lower(feats, coefs, spec((b, mh, mh, nm), jnp.float32), gt).compile().memory_analysis()
   used = stats.temp_size_in_bytes + stats.argument_size_in_bytes + stats.output_size_in_bytes
   print(f"temp {stats.temp_size_in_bytes / 2**20:.0f} MiB, arguments {stats.argument_size_in_bytes / 2**20:.0f} MiB,"
@@ -315,17 +315,17 @@ def test_resize_matches_torch_and_numpy(src, dst, reference):
 
   x = np.random.default_rng(sum(src + dst)).normal(size=(2, 3) + src).astype(np.float32)
   want = torch.nn.functional.interpolate(torch.tensor(x), dst, mode="bilinear", align_corners=False).numpy()
-  np.testing.assert_allclose(np.asarray(internals.resize_prototypes(jnp.asarray(x), dst)), want, rtol=0, atol=5e-6)
+  np.testing.assert_allclose(np.asarray(resize_prototypes(jnp.asarray(x), dst)), want, rtol=0, atol=5e-6)
   np.testing.assert_allclose(np_resize(x, dst), want, rtol=0, atol=5e-6)  # the oracle above
 
 
 def test_resize_keeps_the_edges_and_the_same_size():
   x = np.arange(12, dtype=np.float32).reshape(1, 1, 3, 4)
-  up = np.asarray(internals.resize_prototypes(jnp.asarray(x), (6, 8)))
+  up = np.asarray(resize_prototypes(jnp.asarray(x), (6, 8)))
   np.testing.assert_array_equal(up[0, 0, 0, 0], x[0, 0, 0, 0])  # corners are clamped, not extrapolated
   np.testing.assert_array_equal(up[0, 0, -1, -1], x[0, 0, -1, -1])
   np.testing.assert_allclose(up, np_resize(x, (6, 8)), atol=1e-6)
-  assert internals.resize_prototypes(x, (3, 4)) is x
+  assert resize_prototypes(x, (3, 4)) is x
 
 
 # ----------------------------------------------------------------------------- forms of the same loss
@@ -341,7 +341,7 @@ def test_mask_forms_give_the_same_loss():
 
   @jax.jit
   def forms(feats, coefs, proto, gts, nchw_maps):
-    got = [jaxtal.segment_loss(feats, coefs, proto, g, CFG) for g in gts]
+    got = [jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), g, CFG) for g in gts]
     return got + [jaxtal.segment_loss(*nchw_maps, gts[0], CFG, layout="NCHW")]
 
   gts = [gt] + [gt._replace(masks=slot_masks_of(gt.masks, dtype)) for dtype in (bool, np.float32)]
@@ -361,7 +361,8 @@ def test_axis_name_gives_the_global_loss_on_every_shard():
   cfg = jaxtal.SegmentLossConfig(**{**_fields(CFG), "axis_name": "data", "mask_chunk": 3})
 
   def local(f, c, p, g):
-    return jax.value_and_grad(lambda *x: jaxtal.segment_loss(*x, g, cfg), argnums=(0, 1, 2), has_aux=True)(f, c, p)
+    loss = lambda f, c, p: jaxtal.segment_loss(jaxtal.Predictions(f, mask_coefs=c, proto=p), g, cfg)  # noqa: E731
+    return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(f, c, p)
 
   (t, p), g = jax.jit(jax.vmap(local, axis_name="data"))(
       [split(f) for f in feats], [split(c) for c in coefs], split(proto), jax.tree.map(split, gt)
@@ -381,7 +382,7 @@ def test_module_matches_function():
   weights = np.array([0.5, 1.0, 2.0], np.float32)
   module = jaxtal.SegmentLoss(CFG, class_weights=weights)
   assert isinstance(module, nnx.Module) and module.config == CFG
-  want = jaxtal.segment_loss(feats, coefs, proto, gt, CFG, class_weights=weights)
+  want = jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG, class_weights=weights)
   chex.assert_trees_all_close(module(feats, coefs, proto, gt), want)
   assert jaxtal.SegmentLoss(num_classes=NC, strides=STRIDES, reg_max=R, mask_chunk=5).config.mask_chunk == 5
 
@@ -394,10 +395,10 @@ def test_end_to_end_loss_with_segment_loss():
   gt = ground_truth(seed=8)
   w = 0.6
   total, parts = jaxtal.end_to_end_loss(
-      jaxtal.segment_loss, (feats, coefs, proto), (feats2, coefs2, proto), gt, weight=w, config=CFG
+      jaxtal.segment_loss, jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), jaxtal.Predictions(feats2, mask_coefs=coefs2, proto=proto), gt, weight=w, config=CFG
   )
-  many, _ = jaxtal.segment_loss(feats, coefs, proto, gt, CFG)
-  one, one_parts = jaxtal.segment_loss(feats2, coefs2, proto, gt, CFG, topk=7, topk2=1)
+  many, _ = jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG)
+  one, one_parts = jaxtal.segment_loss(jaxtal.Predictions(feats2, mask_coefs=coefs2, proto=proto), gt, CFG, topk=7, topk2=1)
   assert isinstance(parts, jaxtal.SegmentLossParts)
   chex.assert_trees_all_close((total, parts), (w * many + (1 - w) * one, one_parts), rtol=1e-6)
 
@@ -432,10 +433,10 @@ def test_validation():
       ((feats, coefs, proto, gt._replace(masks=np.zeros((B, 3, 8, 8), bool))), ValueError, r"segment_loss: gt.masks"),
       ((feats, coefs, proto, gt._replace(masks=np.zeros((B, 8, 8), np.float32))), ValueError, r"an integer index map"),
   ]
-  for args, error, match in cases:
+  for (f, c, p, g), error, match in cases:
     with pytest.raises(error, match=match):
-      run(*args)
+      run(jaxtal.Predictions(f, mask_coefs=c, proto=p), g)
   with pytest.raises(TypeError, match=r"segment_loss: unknown configuration keyword\(s\) \['chunk'\]"):
-    jaxtal.segment_loss(feats, coefs, proto, gt, CFG, chunk=4)
+    jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG, chunk=4)
   with pytest.raises(ValueError, match=r"segment_loss: class_weights must have shape \(nc,\) = \(3,\)"):
-    jaxtal.segment_loss(feats, coefs, proto, gt, CFG, class_weights=np.ones(4))
+    jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG, class_weights=np.ones(4))

@@ -178,7 +178,7 @@ def test_a_duplicated_entry_counts_twice_with_a_consistent_gradient(crowded_targ
   assert float(total) > float(good_total)  # the repeated anchor's CIoU and DFL terms are added again
 
   def loss(feats, cfg=cfg):
-    return jaxtal.loss_from_targets(feats, bad, cfg)[0]
+    return jaxtal.loss_from_targets(feats, bad, None, cfg)[0]
 
   check_grads(jax.jit(loss), (feats,), order=1, modes=("rev",), eps=1e-2, atol=5e-2, rtol=5e-3)
   plain_cfg = dataclasses.replace(cfg, plain_kernels=kernels.KERNELS)

@@ -12,5 +12,4 @@ module here imports another's underscore names.
 * ``runners``: jaxtal on a parity case, one function per task (the only place parity calls the task losses).
 * ``parity``: tolerances and comparisons of jaxtal's results with the reference's.
 * ``fixtures``: writes, checks and regenerates the golden fixtures (``tests/make_fixtures.py`` is its command line).
-* ``internals``: every library name outside ``jaxtal.__all__`` that tests reach, in one place.
 """

@@ -63,7 +63,7 @@ def targets_jit(feats, gt, config=LOSS_CFG):
 @functools.partial(jax.jit, static_argnames="config")
 def loss_from_targets_and_grad(feats, targets, config=LOSS_CFG):
   """``((total, parts), grads)`` of ``loss_from_targets`` w.r.t. the head maps."""
-  return jax.value_and_grad(lambda f: jaxtal.loss_from_targets(f, targets, config), has_aux=True)(feats)
+  return jax.value_and_grad(lambda f: jaxtal.loss_from_targets(f, targets, None, config), has_aux=True)(feats)
 
 
 def loss_config(**overrides) -> jaxtal.LossConfig:

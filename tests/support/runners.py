@@ -16,7 +16,6 @@ import numpy as np
 
 import jaxtal
 from support import cases, obb_cases, pose_cases, segment_cases
-from support.internals import obb_targets
 
 # ----------------------------------------------------------------------------- detection: assignment
 
@@ -97,8 +96,8 @@ def _end_to_end_setup(case: dict):
 def _end_to_end_value_and_grad(many, one, gt, weight, *, config, v10):
   def f(many, one):
     if v10:
-      return jaxtal.end_to_end_sum_loss(jaxtal.detection_loss, (many,), (one,), gt, config=config)
-    return jaxtal.end_to_end_loss(jaxtal.detection_loss, (many,), (one,), gt, weight=weight, config=config)
+      return jaxtal.end_to_end_sum_loss(jaxtal.detection_loss, many, one, gt, config=config)
+    return jaxtal.end_to_end_loss(jaxtal.detection_loss, many, one, gt, weight=weight, config=config)
 
   (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(many, one)
   return total, parts, grads
@@ -180,11 +179,11 @@ def _obb_loss_jit(feats, angles, gt, *, config):
     kwargs["class_weights"] = np.asarray(kwargs["class_weights"], np.float32)
 
   def f(feats, angles):
-    return jaxtal.obb_loss(feats, angles, gt, layout="NCHW", **kwargs)
+    return jaxtal.obb_loss(jaxtal.Predictions(feats, angles=angles), gt, layout="NCHW", **kwargs)
 
   (total, parts), (grads, angle_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(feats, angles)
   kwargs.pop("class_weights")
-  _, _, targets = obb_targets(feats, angles, gt, layout="NCHW", **kwargs)
+  _, targets = jaxtal.obb_targets(jaxtal.Predictions(feats, angles=angles), gt, layout="NCHW", **kwargs)
   return total, parts, grads, angle_grads, targets
 
 
@@ -207,7 +206,7 @@ def _pose_config(config: dict) -> tuple[jaxtal.PoseLossConfig, np.ndarray | None
 @functools.partial(jax.jit, static_argnames="config")
 def _pose_loss_jit(feats, kpts, gt, class_weights, *, config):
   def f(feats, kpts):
-    return jaxtal.pose_loss(feats, kpts, gt, config, class_weights=class_weights)
+    return jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpts), gt, config, class_weights=class_weights)
 
   (total, parts), (grads, kpt_grads) = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(feats, kpts)
   _, targets = jaxtal.detection_targets(feats, gt, config)
@@ -232,7 +231,7 @@ def _segment_loss_jit(feats, coefs, proto, gt, *, config):
   kwargs.pop("class_weights")
 
   def f(feats, coefs, proto):
-    return jaxtal.segment_loss(feats, coefs, proto, gt, layout="NCHW", **kwargs)
+    return jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, layout="NCHW", **kwargs)
 
   (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(feats, coefs, proto)
   _, targets = jaxtal.detection_targets(feats, gt, layout="NCHW", **kwargs)
