@@ -4,8 +4,9 @@ Needs the ``parity`` extra (torch + ultralytics 8.4.190). Every case of ``suppor
 ``obb_cases.py``, ``pose_cases.py`` and ``segment_cases.py`` runs through its reference driver
 (``support/reference.py``, ``obb_reference.py``, ``pose_reference.py``, ``segment_reference.py``);
 each file holds the case's inputs, the reference outputs, the config (JSON) and the reference
-version. The output is byte-for-byte reproducible on one machine and torch build (the parity
-tests' ``test_fixture_script_reproduces_the_file``, live and slow, check it).
+version. The output is byte-for-byte reproducible on one machine and torch build; on another, the
+inputs and config bit for bit and the reference's outputs to float32 rounding (the parity tests'
+``test_fixture_script_reproduces_the_file``, live and slow, check it).
 
 Usage::
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+import pathlib
 import types
 
 import jaxtal
@@ -57,3 +59,47 @@ def test_public_callables_come_from_jaxtal():
     module = getattr(obj, "__module__", None)
     if module is not None and (callable(obj) or inspect.isclass(obj)):
       assert module.startswith("jaxtal"), (name, module)
+
+
+def _cross_module_private_uses(path: pathlib.Path, modules: set[str]) -> list[str]:
+  """``from jaxtal.x import _name`` and ``x._name`` (``x`` a jaxtal module imported here) in one file.
+
+  Package-internal modules (``_validate``, ``_parallel``) may be imported whole; NamedTuple's own
+  ``_replace``/``_fields``/``_asdict``/``_make`` are public API despite the underscore.
+  """
+  tree = ast.parse(path.read_text())
+  module_aliases, found = {}, []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jaxtal":
+      for alias in node.names:
+        if node.module == "jaxtal" and alias.name in modules:
+          module_aliases[alias.asname or alias.name] = alias.name
+        elif alias.name.startswith("_"):
+          found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name.startswith("jaxtal.") and alias.asname:
+          module_aliases[alias.asname] = alias.name.split(".")[-1]
+  namedtuple_api = {"_replace", "_fields", "_asdict", "_make"}
+  for node in ast.walk(tree):
+    if (
+        isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in module_aliases
+        and node.attr.startswith("_") and not node.attr.startswith("__") and node.attr not in namedtuple_api
+    ):
+      found.append(f"{path.name}:{node.lineno} reads {module_aliases[node.value.id]}.{node.attr}")
+  return found
+
+
+def test_no_module_reads_another_modules_underscore_names():
+  """What two modules share has a public name in the module that owns it (the shared loss terms live in jaxtal.terms)."""
+  package = pathlib.Path(jaxtal.__file__).parent
+  modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
+  found = [use for path in sorted(package.glob("*.py")) for use in _cross_module_private_uses(path, modules)]
+  assert not found, f"cross-module underscore names: {found}"
+
+
+def test_the_walker_finds_what_it_forbids(tmp_path):
+  bad = tmp_path / "bad.py"
+  bad.write_text("from jaxtal.terms import _x\nfrom jaxtal import segment, _validate\nsegment._mask_sum(1)\nt._replace(a=1)\n")
+  found = _cross_module_private_uses(bad, {"segment", "_validate", "terms"})
+  assert found == ["bad.py:1 imports jaxtal.terms._x", "bad.py:3 reads segment._mask_sum"], found

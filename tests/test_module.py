@@ -1,6 +1,6 @@
-"""jaxtal.module: the NNX task-loss base, through its detection subclass ``DetectionLoss``: a held, validated
-configuration built from a config or keywords, and no trainable state. That the module computes its task's
-loss is each task's test (test_detect.py, test_obb.py, ...)."""
+"""jaxtal.module: the NNX task-loss base (directly, and through its detection subclass ``DetectionLoss``): a
+held, validated configuration of the loss function's config class, built from a config or keywords, and no
+trainable state. That the module computes its task's loss is each task's test (test_detect.py, test_obb.py, ...)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import jaxtal
+from jaxtal.module import TaskLossModule
 from support.problems import LOSS_CFG, NC, R, STRIDES, loss_config
 
 
@@ -40,3 +41,25 @@ def test_no_trainable_state():
   assert not jax.tree.leaves(nnx.state(module, nnx.Param))  # an optimiser finds nothing to update
   np.testing.assert_array_equal(module.class_weights[...], np.ones(NC))
   assert jaxtal.DetectionLoss(LOSS_CFG).class_weights is None
+
+
+def test_a_task_module_is_the_base_with_its_loss_function():
+  """The config class comes from ``loss_fn.config_class``; ``__call__(preds, gt)`` forwards config and weights."""
+  seen = {}
+
+  def fake_loss(preds, gt, config, *, class_weights=None):
+    seen.update(preds=preds, gt=gt, config=config, class_weights=class_weights)
+    return jnp.float32(0.0), ()
+
+  fake_loss.config_class = jaxtal.PoseLossConfig
+
+  class MyLoss(TaskLossModule):
+    loss_fn = staticmethod(fake_loss)
+
+  module = MyLoss(num_classes=1, strides=(8,), kpt_shape=(5, 2), class_weights=jnp.full(1, 2.0))
+  assert type(module.config) is jaxtal.PoseLossConfig and module.config.kpt_shape == (5, 2)
+  module("preds", "gt")
+  assert seen["preds"] == "preds" and seen["gt"] == "gt" and seen["config"] is module.config
+  np.testing.assert_array_equal(seen["class_weights"], [2.0])
+  for task in (jaxtal.DetectionLoss, jaxtal.OBBLoss, jaxtal.PoseLoss, jaxtal.SegmentLoss):
+    assert issubclass(task, TaskLossModule) and task.loss_fn.config_class.__name__.startswith(task.__name__[:-4])

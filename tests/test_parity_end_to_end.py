@@ -83,5 +83,5 @@ def test_live(name, reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("e2e",))])
 def test_fixture_script_reproduces_the_file(name, reference, tmp_path):
-  """``tests/make_fixtures.py --kind e2e`` writes this committed file again, byte for byte."""
+  """``tests/make_fixtures.py --kind e2e`` writes this committed file again (byte for byte here; see support.fixtures.assert_reproduces)."""
   fixtures.assert_reproduces(fixtures.job("e2e", name), str(tmp_path))

@@ -219,5 +219,5 @@ def test_live_half_turn_changes_only_the_dfl_part(obb_reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("obb",))])
 def test_fixture_script_reproduces_the_file(name, obb_reference, tmp_path):
-  """``tests/make_fixtures.py --kind obb`` writes this committed file again, byte for byte."""
+  """``tests/make_fixtures.py --kind obb`` writes this committed file again (byte for byte here; see support.fixtures.assert_reproduces)."""
   fixtures.assert_reproduces(fixtures.job("obb", name), str(tmp_path))

@@ -138,5 +138,5 @@ def test_live_ties_match_the_stable_reference_not_the_native_one(name, pose_refe
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("pose",))])
 def test_fixture_script_reproduces_the_file(name, pose_reference, tmp_path):
-  """``tests/make_fixtures.py --kind pose`` writes this committed file again, byte for byte."""
+  """``tests/make_fixtures.py --kind pose`` writes this committed file again (byte for byte here; see support.fixtures.assert_reproduces)."""
   fixtures.assert_reproduces(fixtures.job("pose", name), str(tmp_path))

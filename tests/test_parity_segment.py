@@ -158,5 +158,5 @@ def test_live_zero_area_box_makes_only_the_reference_nan(segment_reference):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [j.name for j in fixtures.jobs(("segment",))])
 def test_fixture_script_reproduces_the_file(name, segment_reference, tmp_path):
-  """``tests/make_fixtures.py --kind segment`` writes this committed file again, byte for byte."""
+  """``tests/make_fixtures.py --kind segment`` writes this committed file again (byte for byte here; see support.fixtures.assert_reproduces)."""
   fixtures.assert_reproduces(fixtures.job("segment", name), str(tmp_path))

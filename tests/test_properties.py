@@ -644,3 +644,88 @@ def test_any_float32_ground_truth_gives_a_finite_loss(batch):
 def test_any_float32_ground_truth_gives_a_finite_loss_3000(batch):
   check_degenerate_batch(*batch)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Property: the task side data (per-slot and index-map masks, keypoints) of any value through the jitted losses.
+# Padding and invalid rows are never read (the same result as zeros there); any value in a real row is masked.
+
+K_PROP, NM_PROP, MH_PROP = 3, 2, IMAGE // 4
+SIDE_VALUES = st.sampled_from([0.0, 1.0, 1.0, 0.5, np.nan, np.inf, -np.inf, -1.0, 2.0, 3e38, -F32_MAX])
+
+
+@st.composite
+def degenerate_task_batches(draw):
+  """(feats, gt with per-slot masks and keypoints, index map, coefs, proto, keypoint maps) of any values."""
+  feats, gt = draw(degenerate_batches())
+  # Slot 1 of every image a real box, so that anchors are foreground and the mask and keypoint terms run.
+  lo = np.array(draw(st.lists(st.floats(0.0, IMAGE / 2 - 4, width=32), min_size=2 * B, max_size=2 * B)), np.float32)
+  size = np.array(draw(st.lists(st.floats(4.0, IMAGE / 2, width=32), min_size=2 * B, max_size=2 * B)), np.float32)
+  boxes, labels, mask = gt.boxes.copy(), gt.labels.copy(), gt.mask.copy()
+  boxes[:, 1] = np.c_[lo.reshape(B, 2), lo.reshape(B, 2) + size.reshape(B, 2)]
+  labels[:, 1], mask[:, 1] = 0, True
+  gt = gt._replace(labels=labels, boxes=boxes, mask=mask)
+  n_pix = B * M_PROP * MH_PROP * MH_PROP
+  base = np.array(draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n_pix, max_size=n_pix)), np.float32)
+  masks = base.reshape(B, M_PROP, MH_PROP, MH_PROP)
+  for _ in range(draw(st.integers(0, 6))):  # a few odd pixels anywhere, real rows included
+    masks[draw(st.integers(0, B - 1)), draw(st.integers(0, M_PROP - 1)), draw(st.integers(0, MH_PROP - 1)),
+          draw(st.integers(0, MH_PROP - 1))] = draw(SIDE_VALUES)
+  if draw(st.booleans()):  # padding slots full of NaN: never read, so no different from zeros
+    masks[~np.asarray(gt.mask, bool)] = np.nan
+  index_map = np.array(draw(st.lists(st.integers(-2, M_PROP + 2), min_size=B * MH_PROP**2, max_size=B * MH_PROP**2)),
+                       np.int32).reshape(B, MH_PROP, MH_PROP)
+  n_kpt = B * M_PROP * K_PROP * 3
+  kpts = np.array(draw(st.lists(st.one_of(COORDS, st.sampled_from([0.0, 1.0, 2.0])), min_size=n_kpt, max_size=n_kpt)),
+                  np.float32).reshape(B, M_PROP, K_PROP, 3)
+  if draw(st.booleans()):
+    kpts[~np.asarray(gt.mask, bool)] = np.nan
+  rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+  coefs = [jnp.asarray(rng.normal(size=(B, h, w, NM_PROP)), jnp.float32) for h, w in SHAPES]
+  proto = jnp.asarray(rng.normal(size=(B, MH_PROP, MH_PROP, NM_PROP)), jnp.float32)
+  kpt_maps = [jnp.asarray(rng.normal(size=(B, h, w, K_PROP * 3)), jnp.float32) for h, w in SHAPES]
+  return feats, gt._replace(masks=masks, keypoints=kpts), index_map, coefs, proto, kpt_maps
+
+
+@functools.cache
+def property_task_steps():
+  kw = dict(num_classes=NC, strides=STRIDES, reg_max=R, topk=4, min_box_side=4.0)
+
+  def segment(feats, coefs, proto, gt):
+    preds = jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto)
+    return jaxtal.segment_loss(preds, gt, mask_chunk=3, **kw)
+
+  def pose(feats, kpt_maps, gt):
+    return jaxtal.pose_loss(jaxtal.Predictions(feats, keypoints=kpt_maps), gt, kpt_shape=(K_PROP, 3), **kw)
+
+  grad = lambda f, n: jax.jit(jax.value_and_grad(f, argnums=tuple(range(n)), has_aux=True))  # noqa: E731
+  return grad(segment, 3), grad(pose, 2)
+
+
+def _assert_finite(out):
+  (total, parts), grads = out
+  assert np.isfinite(float(total)) and all(np.isfinite(float(p)) for p in parts), (total, parts)
+  assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+def check_degenerate_task_batch(feats, gt, index_map, coefs, proto, kpt_maps):
+  segment, pose = property_task_steps()
+  valid = np_valid_rows(gt.labels, gt.boxes, gt.mask, NC, image_hw=(IMAGE, IMAGE))
+  box_gt = jax.tree.map(jnp.asarray, gt._replace(masks=None, keypoints=None))
+  clean_masks = np.where(valid[..., None, None], gt.masks, 0.0).astype(np.float32)  # unread rows zeroed
+  clean_kpts = np.where(valid[..., None, None], gt.keypoints, 0.0).astype(np.float32)
+  per_slot = segment(feats, coefs, proto, box_gt._replace(masks=jnp.asarray(gt.masks)))
+  _assert_finite(per_slot)
+  chex_equal = lambda a, b: jax.tree.map(np.testing.assert_array_equal, a, b)  # noqa: E731
+  chex_equal(per_slot, segment(feats, coefs, proto, box_gt._replace(masks=jnp.asarray(clean_masks))))
+  _assert_finite(segment(feats, coefs, proto, box_gt._replace(masks=jnp.asarray(index_map))))
+  with_kpts = pose(feats, kpt_maps, box_gt._replace(keypoints=jnp.asarray(gt.keypoints)))
+  _assert_finite(with_kpts)
+  chex_equal(with_kpts, pose(feats, kpt_maps, box_gt._replace(keypoints=jnp.asarray(clean_kpts))))
+
+
+@settings(max_examples=60, **PROPERTY)
+@given(batch=degenerate_task_batches())
+@pytest.mark.slow  # > 4 s; CI runs it in the slow set
+def test_any_masks_and_keypoints_give_a_finite_loss_and_padding_is_never_read(batch):
+  check_degenerate_task_batch(*batch)

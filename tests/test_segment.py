@@ -440,3 +440,27 @@ def test_validation():
     jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG, chunk=4)
   with pytest.raises(ValueError, match=r"segment_loss: class_weights must have shape \(nc,\) = \(3,\)"):
     jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG, class_weights=np.ones(4))
+
+
+def test_a_nan_pixel_in_a_padding_slot_is_never_read():
+  """The issue's minimal case: per-slot masks, slot 0 padding with one NaN pixel, slot 1 a real filled square."""
+  rng = np.random.default_rng(0)
+  preds = jaxtal.Predictions(
+      [jnp.asarray(rng.normal(size=(1, 8, 8, 4 * 16 + 1)), jnp.float32)],
+      mask_coefs=[jnp.asarray(rng.normal(size=(1, 8, 8, 1)), jnp.float32)],
+      proto=jnp.asarray(rng.normal(size=(1, 16, 16, 1)), jnp.float32),
+  )
+  masks = np.zeros((1, 2, 16, 16), np.float32)
+  masks[0, 1, 4:12, 4:12] = 1.0
+  boxes = np.zeros((1, 2, 4), np.float32)
+  boxes[0, 1] = [16, 16, 48, 48]
+  gt = jaxtal.GroundTruth(jnp.zeros((1, 2), jnp.int32), jnp.asarray(boxes), jnp.asarray([[False, True]]), masks=jnp.asarray(masks))
+  step = jax.jit(jax.value_and_grad(lambda p, g: jaxtal.segment_loss(p, g, num_classes=1, strides=(8,))[0]))
+  total, grads = step(preds, gt)
+  poisoned, poisoned_grads = step(preds, gt._replace(masks=gt.masks.at[0, 0, 0, 0].set(jnp.nan)))
+  assert float(total) > 0 and np.isfinite(float(poisoned))
+  np.testing.assert_array_equal(poisoned, total)
+  jax.tree.map(np.testing.assert_array_equal, poisoned_grads, grads)
+  # A non-finite pixel of a real slot is masked: finite, and that pixel adds nothing.
+  inside = step(preds, gt._replace(masks=gt.masks.at[0, 1, 5, 5].set(jnp.inf)))
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(inside))

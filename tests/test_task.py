@@ -88,11 +88,11 @@ def test_loss_equals_the_loss_from_its_own_targets_and_the_module(task):
   preds, gt, cfg = problem(task)
   loss, _ = entry(task, "loss")
   total, parts = jax.jit(functools.partial(loss, config=cfg))(preds, gt)
-  head, targets = entry(task, "targets")[0](preds, gt, cfg)
+  head, targets = jax.jit(functools.partial(entry(task, "targets")[0], config=cfg))(preds, gt)
   assert int(np.asarray(targets.fg_mask).sum()) > 0
   assert head.boxes.shape[-1] == gt.boxes.shape[-1]  # the task's box form (xywhr for OBB)
-  total2, parts2 = entry(task, "from_targets")[0](preds, targets, gt, cfg)
-  total3, parts3 = entry(task, "module")[0](cfg)(preds, gt)
+  total2, parts2 = jax.jit(functools.partial(entry(task, "from_targets")[0], config=cfg))(preds, targets, gt)
+  total3, parts3 = jax.jit(lambda p, g: entry(task, "module")[0](cfg)(p, g))(preds, gt)
   assert isinstance(parts, entry(task, "parts")[0])
   for t, p in ((total2, parts2), (total3, parts3)):
     np.testing.assert_allclose(t, total, rtol=1e-6)
@@ -100,18 +100,19 @@ def test_loss_equals_the_loss_from_its_own_targets_and_the_module(task):
   np.testing.assert_allclose(float(total), float(sum(parts)) * B, rtol=1e-6)
 
 
+@pytest.mark.slow  # the same property per task is in test_<task>.py; all tasks at once here
 @pytest.mark.parametrize("task", ("detection", "obb"))
 def test_loss_from_targets_needs_no_gt_for_box_tasks(task):
   preds, gt, cfg = problem(task)
-  _, targets = entry(task, "targets")[0](preds, gt, cfg)
-  with_gt = entry(task, "from_targets")[0](preds, targets, gt, cfg)[0]
-  np.testing.assert_allclose(entry(task, "from_targets")[0](preds, targets, None, cfg)[0], with_gt, rtol=1e-7)
+  _, targets = jax.jit(functools.partial(entry(task, "targets")[0], config=cfg))(preds, gt)
+  from_targets = jax.jit(lambda p, t, g: entry(task, "from_targets")[0](p, t, g, cfg)[0])
+  np.testing.assert_allclose(from_targets(preds, targets, None), from_targets(preds, targets, gt), rtol=1e-7)
 
 
 @pytest.mark.parametrize("task", ("pose", "segment"))
 def test_loss_from_targets_of_tasks_that_read_the_gt_names_it(task):
   preds, gt, cfg = problem(task)
-  _, targets = entry(task, "targets")[0](preds, gt, cfg)
+  _, targets = jax.jit(functools.partial(entry(task, "targets")[0], config=cfg))(preds, gt)
   with pytest.raises(ValueError, match=f"gt is None; the {task} terms read the ground truth"):
     entry(task, "from_targets")[0](preds, targets, None, cfg)
 
@@ -128,6 +129,7 @@ def test_predictions_name_what_is_missing_or_extra():
     jaxtal.detection_loss((list(preds.feats),), gt, jaxtal.LossConfig(num_classes=NC, strides=STRIDES, reg_max=R))
 
 
+@pytest.mark.slow  # the same property per task is in test_<task>.py; all tasks at once here
 def test_a_plain_list_of_head_maps_is_detection_predictions():
   preds, gt, cfg = problem("detection")
   np.testing.assert_array_equal(jaxtal.detection_loss(list(preds.feats), gt, cfg)[0], jaxtal.detection_loss(preds, gt, cfg)[0])
@@ -145,22 +147,23 @@ def test_each_input_is_validated_once_per_call(task, monkeypatch):
       return _original(*args, **kwargs)
 
     monkeypatch.setattr(_validate, name, counted)
-  entry(task, "loss")[0](preds, gt, cfg)
+  jax.jit(functools.partial(entry(task, "loss")[0], config=cfg))(preds, gt)  # validation runs while tracing
   assert calls and max(calls.values()) == 1, calls
   assert calls["head"] == calls["ground_truth"] == calls["class_weights"] == 1
   if task == "obb" or task == "pose":
     assert calls["level_maps"] == 1
 
 
+@pytest.mark.slow  # the same property per task is in test_<task>.py; all tasks at once here
 @pytest.mark.parametrize("task", TASKS)
 def test_end_to_end_loss_forwards_each_branch_and_takes_the_task_config_class(task):
   preds, gt, cfg = problem(task)
   loss, _ = entry(task, "loss")
   e2e = jaxtal.EndToEndLoss(loss_fn=loss, num_classes=NC, strides=STRIDES, reg_max=R, **({"kpt_shape": (K, 3)} if task == "pose" else {}))
   assert type(e2e.config) is entry(task, "config")[0]
-  total, parts = e2e(preds, preds, gt, weight=0.25)
-  many = loss(preds, gt, cfg)[0]
-  one, one_parts = loss(preds, gt, cfg, topk=7, topk2=1)
+  total, parts = jax.jit(lambda p, g: e2e(p, p, g, weight=0.25))(preds, gt)
+  many = jax.jit(lambda p, g: loss(p, g, cfg)[0])(preds, gt)
+  one, one_parts = jax.jit(lambda p, g: loss(p, g, cfg, topk=7, topk2=1))(preds, gt)
   np.testing.assert_allclose(total, 0.25 * many + 0.75 * one, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(parts), np.asarray(one_parts), rtol=1e-6)
 
@@ -170,6 +173,7 @@ def test_end_to_end_loss_of_a_foreign_loss_needs_its_config():
     jaxtal.EndToEndLoss(loss_fn=lambda preds, gt, **kw: None, num_classes=NC, strides=STRIDES)
 
 
+@pytest.mark.slow  # the same property per task is in test_<task>.py; all tasks at once here
 @pytest.mark.parametrize("task", TASKS)
 def test_checked_loss_equals_the_loss_on_valid_input(task):
   preds, gt, cfg = problem(task)
@@ -178,8 +182,13 @@ def test_checked_loss_equals_the_loss_on_valid_input(task):
   np.testing.assert_allclose(total, entry(task, "loss")[0](preds, gt, cfg)[0], rtol=1e-6)
 
 
+@functools.cache
+def _checked(task, cfg):
+  return jax.jit(checkify.checkify(functools.partial(entry(task, "checked")[0], config=cfg)))
+
+
 def _checked_error(task, preds, gt, cfg):
-  err, _ = checkify.checkify(functools.partial(entry(task, "checked")[0], config=cfg))(preds, gt)
+  err, _ = _checked(task, cfg)(preds, gt)  # compiled once per task and input shapes; the values vary
   return err.get()
 
 

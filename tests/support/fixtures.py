@@ -153,8 +153,13 @@ def write(selected, out_dir: str = cases.FIXTURES_DIR, *, verbose: bool = True) 
 
 
 def assert_reproduces(j: Job, out_dir: str) -> None:
-  """Writes ``j``'s file into ``out_dir`` and asserts its bytes equal the committed file's; on a difference, the
-  message names each array that differs (and by how much)."""
+  """Writes ``j``'s file into ``out_dir`` and asserts it reproduces the committed file.
+
+  On the machine and torch build that wrote the file the bytes are equal. Elsewhere torch's CPU kernels may round
+  the reference's outputs differently (seen: a few ulps), so then the inputs and the config must still be equal bit
+  for bit (the script builds the same case) and the reference's outputs (``ref.*``) equal to float32 rounding.
+  On a difference, the message names each array that differs (and by how much).
+  """
   write([j], out_dir, verbose=False)
   fresh, committed = os.path.join(out_dir, j.filename), os.path.join(cases.FIXTURES_DIR, j.filename)
   with open(fresh, "rb") as f, open(committed, "rb") as g:
@@ -170,11 +175,13 @@ def assert_reproduces(j: Job, out_dir: str) -> None:
       if x.dtype != y.dtype or x.shape != y.shape:
         diffs.append(f"{key}: {x.dtype}{x.shape} fresh, {y.dtype}{y.shape} committed")
       elif x.tobytes() != y.tobytes():
-        worst = np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))) if x.dtype.kind in "fiub" else "-"
-        diffs.append(f"{key}: {int(np.sum(x != y))} values differ, max |diff| {worst}")
-  raise AssertionError(
-      f"tests/make_fixtures.py no longer reproduces fixtures/{j.filename}: " + ("; ".join(diffs) or "same arrays, other bytes")
-  )
+        rounding = key.startswith("ref.") and x.dtype.kind == "f" and np.allclose(
+            x, y, rtol=1e-5, atol=1e-6 * max(float(np.max(np.abs(y), initial=0.0)), 1e-30))
+        if not rounding:
+          worst = np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))) if x.dtype.kind in "fiub" else "-"
+          diffs.append(f"{key}: {int(np.sum(x != y))} values differ, max |diff| {worst}")
+  if diffs:
+    raise AssertionError(f"tests/make_fixtures.py no longer reproduces fixtures/{j.filename}: " + "; ".join(diffs))
 
 
 # ----------------------------------------------------------------------------- jaxtal against the files (``--check``)
