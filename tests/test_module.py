@@ -62,4 +62,4 @@ def test_a_task_module_is_the_base_with_its_loss_function():
   assert seen["preds"] == "preds" and seen["gt"] == "gt" and seen["config"] is module.config
   np.testing.assert_array_equal(seen["class_weights"], [2.0])
   for task in (jaxtal.DetectionLoss, jaxtal.OBBLoss, jaxtal.PoseLoss, jaxtal.SegmentLoss):
-    assert issubclass(task, TaskLossModule) and task.loss_fn.config_class.__name__.startswith(task.__name__[:-4])
+    assert issubclass(task, TaskLossModule) and task.loss_fn.config_class is getattr(jaxtal, task.__name__ + "Config")
