@@ -128,15 +128,13 @@ def _prepare(preds: Predictions, head: Head, cfg: OBBLossConfig, batch: int, sha
 
 
 def _parts(inputs: task.Inputs, targets: Targets, cfg: OBBLossConfig, class_weights) -> OBBLossParts:
-  head = inputs.head
-  det = terms.detection_parts(head, targets, cfg, inputs.image_hw, class_weights, ROTATED)
+  shared = terms.box_targets(inputs.head, targets, cfg, ROTATED)
+  det = terms.detection_parts(inputs.head, targets, cfg, inputs.image_hw, class_weights, ROTATED, shared)
   rows = targets.entries.anchor
-  at = take_rows(terms.target_boxes(head, targets, ROTATED), rows)  # (b, E, 5) grid units
+  at = take_rows(shared.target, rows)  # (b, E, 5) grid units
   # Aspect weight of the target (sides >= 2 px: the ratio is finite; the stand-in is square).
   aspect = jnp.exp(-jnp.log(at[..., 2] / at[..., 3]) ** 2 / 9)
-  w = terms.entry_weights(targets)
-  angle = jnp.sum(w * jnp.sin(2 * (take_rows(inputs.side, rows) - at[..., 4])) ** 2 * aspect)
-  angle = angle / terms.normaliser(targets, cfg.axis_name)
+  angle = jnp.sum(shared.w * jnp.sin(2 * (take_rows(inputs.side, rows) - at[..., 4])) ** 2 * aspect) / shared.n
   return OBBLossParts(det.box, det.cls, det.dfl, cfg.angle * angle)
 
 

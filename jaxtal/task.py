@@ -133,9 +133,9 @@ def _inputs(task: Task, preds, gt, cfg: LossConfig, class_weights, caller: str, 
   _validate.topk_in_range(cfg.topk, cfg.topk2, sum(h * w for h, w in shapes), caller)
   head, side = task.prepare(preds, decode_maps(preds.feats, cfg, shapes), cfg, batch, shapes, caller)
   gt_info = None
-  if gt is not None or gt_required or task.check_gt is not None:
-    if gt is None:
-      raise ValueError(f"{caller}: gt is None; the {task.name} terms read the ground truth (pass the GroundTruth the targets were made from)")
+  if gt is None and not gt_required and task.check_gt is not None:
+    raise ValueError(f"{caller}: gt is None; the {task.name} terms read the ground truth (pass the GroundTruth the targets were made from)")
+  if gt is not None or gt_required:
     _validate.ground_truth(gt, batch, caller, box_dim=task.form.dim)
     if task.check_gt is not None:
       gt_info = task.check_gt(gt, cfg, caller)

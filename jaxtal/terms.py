@@ -199,16 +199,36 @@ def l1_term(head: Head, targets: Targets, target_ltrb: jax.Array, w: jax.Array, 
   return jnp.sum(w * jnp.mean(diff, axis=-1))
 
 
+class BoxTargets(NamedTuple):
+  """What every foreground term weighs and divides by, computed once per loss (see :func:`box_targets`).
+
+  Attributes:
+    n: the normaliser ``N`` (scalar).
+    w: ``(b, E)`` entry weights.
+    target: ``(b, A, D)`` target boxes in grid units (the form's stand-in on background anchors).
+  """
+
+  n: jax.Array
+  w: jax.Array
+  target: jax.Array
+
+
+def box_targets(head: Head, targets: Targets, cfg: LossConfig, form: BoxForm = AXIS_ALIGNED) -> BoxTargets:
+  """The normaliser, entry weights and grid-unit target boxes, for :func:`detection_parts` and a task's own
+  foreground terms alike (OBB's angle term reads the same ones)."""
+  return BoxTargets(normaliser(targets, cfg.axis_name), entry_weights(targets), target_boxes(head, targets, form))
+
+
 def detection_parts(
-    head: Head, targets: Targets, cfg: LossConfig, image_hw, class_weights, form: BoxForm = AXIS_ALIGNED
+    head: Head, targets: Targets, cfg: LossConfig, image_hw, class_weights, form: BoxForm = AXIS_ALIGNED,
+    shared: BoxTargets | None = None,
 ) -> LossParts:
   """The gain-scaled class, box and DFL/L1 terms (not yet finished): what every task loss shares.
 
-  ``head.boxes`` and ``targets.boxes`` are of ``form``'s kind (``(b, A, D)``).
+  ``head.boxes`` and ``targets.boxes`` are of ``form``'s kind (``(b, A, D)``); ``shared`` is
+  :func:`box_targets` when the caller needs them too (computed here otherwise).
   """
-  n = normaliser(targets, cfg.axis_name)
-  w = entry_weights(targets)
-  target = target_boxes(head, targets, form)
+  n, w, target = box_targets(head, targets, cfg, form) if shared is None else shared
   target_ltrb = form.to_ltrb(target, head.anchors)
   loss_cls = class_term(head, targets, class_weights, cfg.plain_kernels) / n
   loss_box = box_term(head, targets, target, w, form) / n
