@@ -400,8 +400,9 @@ def _mask_chunk(proto, masks, coef, gt, box, weight, index_map: bool):
   ``j + 1`` marks GT slot ``j``) or per-slot masks ``(b, M, mh, mw)``; ``coef (b, C, nm)``,
   ``gt (b, C)`` int, ``box (b, C, 4)`` xyxy in mask pixels, ``weight (b, C)``. A pixel of column
   ``x`` (row ``y``) is in the box when ``x1 <= x < x2`` (``y1 <= y < y2``), its index compared.
-  A non-finite per-slot mask pixel is read as 0 and weighted 0 (double ``where``): it adds nothing,
-  and an entry that does not count never multiplies its mask's NaN by a zero weight.
+  A per-slot mask pixel that is not a value in ``[0, 1]`` (NaN, inf, or out of range) is read as 0 and
+  weighted 0 (double ``where``): it adds nothing, and an entry that does not count never multiplies its
+  mask's NaN by a zero weight.
   """
   logits = jnp.einsum("bcn,bnhw->bchw", coef, proto)
   mh, mw = logits.shape[-2:]
@@ -413,8 +414,8 @@ def _mask_chunk(proto, masks, coef, gt, box, weight, index_map: bool):
     target = (masks[:, None] == (gt + 1)[..., None, None]).astype(jnp.float32)
   else:
     target = take_rows(masks, gt).astype(jnp.float32)
-    finite = jnp.isfinite(target)
-    target, counted = jnp.where(finite, target, 0.0), counted & finite
+    ok = (target >= 0.0) & (target <= 1.0)  # False for NaN too
+    target, counted = jnp.where(ok, target, 0.0), counted & ok
   pixel_weight = jnp.where(counted, weight[..., None, None], 0.0)
   return logits, target, pixel_weight
 

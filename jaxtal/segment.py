@@ -56,9 +56,10 @@ matches to float32 rounding:
   with per-slot masks the slot order is ``gt``'s (the reference takes instance masks in
   label-row order, grouped by image);
 * per-slot masks are never read where they do not count: a padding slot, an invalid row or an
-  entry of another image may hold anything, NaN included. A non-finite pixel of a counted
-  slot's mask is masked: it contributes no term (read as 0 with weight 0), while the mean still
-  divides by all ``mh * mw`` pixels; the reference's loss is NaN there.
+  entry of another image may hold anything, NaN included. A pixel of a counted slot's mask that
+  is not a value in ``[0, 1]`` (NaN, inf, or out of range) is masked: it contributes no term
+  (read as 0 with weight 0), while the mean still divides by all ``mh * mw`` pixels; the
+  reference's loss is NaN (or, for a huge value, inf or NaN) there.
   :func:`checked_segment_loss` turns such pixels into an error instead.
 
 The einsum producing the mask logits runs at JAX's default matmul precision, which on GPU and

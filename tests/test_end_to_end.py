@@ -155,7 +155,7 @@ def test_reg_max1_yolo26_head():
 def test_empty_batch_is_finite():
   empty = jaxtal.pack_labels(np.zeros((0, 6), np.float32), B, 4, 64)
   f = functools.partial(jaxtal.end_to_end_loss, jaxtal.detection_loss, weight=0.8, config=CFG)
-  (total, parts), grads = jax.value_and_grad(lambda a: f((a,), (maps(1),), empty), has_aux=True)(maps(0))
+  (total, parts), grads = jax.value_and_grad(lambda a: f(a, maps(1), empty), has_aux=True)(maps(0))
   assert np.isfinite(float(total)) and float(parts.box) == 0.0
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 

@@ -356,7 +356,7 @@ def test_end_to_end_loss_and_module_with_pose_loss():
     e2e = jaxtal.end_to_end_loss(jaxtal.pose_loss, jaxtal.Predictions(f1, keypoints=k1), jaxtal.Predictions(f2, keypoints=k2), g, weight=w, config=cfg)
     many = jaxtal.pose_loss(jaxtal.Predictions(f1, keypoints=k1), g, config=cfg)
     one = jaxtal.pose_loss(jaxtal.Predictions(f2, keypoints=k2), g, config=cfg, topk=7, topk2=1)
-    return e2e, m((f1, k1), (f2, k2), g, weight=w), many, one
+    return e2e, m(jaxtal.Predictions(f1, keypoints=k1), jaxtal.Predictions(f2, keypoints=k2), g, weight=w), many, one
 
   (total, parts), (m_total, m_parts), many, one = run_all(module, feats, k1, feats2, k2, gt)
   assert isinstance(parts, jaxtal.PoseLossParts) and float(parts.kobj) == 0.0 and float(parts.pose) > 0

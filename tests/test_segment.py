@@ -342,7 +342,8 @@ def test_mask_forms_give_the_same_loss():
   @jax.jit
   def forms(feats, coefs, proto, gts, nchw_maps):
     got = [jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), g, CFG) for g in gts]
-    return got + [jaxtal.segment_loss(*nchw_maps, gts[0], CFG, layout="NCHW")]
+    f, c, p = nchw_maps
+    return got + [jaxtal.segment_loss(jaxtal.Predictions(f, mask_coefs=c, proto=p), gts[0], CFG, layout="NCHW")]
 
   gts = [gt] + [gt._replace(masks=slot_masks_of(gt.masks, dtype)) for dtype in (bool, np.float32)]
   want, *others = forms(feats, coefs, proto, gts, ([nchw(f) for f in feats], [nchw(c) for c in coefs], nchw(proto)))
@@ -383,7 +384,7 @@ def test_module_matches_function():
   module = jaxtal.SegmentLoss(CFG, class_weights=weights)
   assert isinstance(module, nnx.Module) and module.config == CFG
   want = jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, CFG, class_weights=weights)
-  chex.assert_trees_all_close(module(feats, coefs, proto, gt), want)
+  chex.assert_trees_all_close(module(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt), want)
   assert jaxtal.SegmentLoss(num_classes=NC, strides=STRIDES, reg_max=R, mask_chunk=5).config.mask_chunk == 5
 
 
