@@ -188,6 +188,16 @@ def task_step(model, optimizer, loss_fn, images, gt):
   return loss, parts
 
 
+def first_call(step, *args, name: str = "the training step"):
+  """``step(*args)``, the first call of a jitted step: says it is compiling (the silent 10-40 s of an example's
+  start) and, once the step has run, how long that took (compiling and the step itself)."""
+  print(f"compiling {name} ...", end="", flush=True)
+  begin = time.perf_counter()
+  out = jax.block_until_ready(step(*args))
+  print(f" done in {time.perf_counter() - begin:.1f} s", flush=True)
+  return out
+
+
 def progress(step: int, total: int, text: str) -> None:
   """Writes ``text`` for ``step`` of ``total``: on a terminal after a bar, redrawn in place; otherwise as a line."""
   if sys.stdout.isatty():
@@ -223,13 +233,14 @@ def fit(step, make_batch, args, start: float, term: str | None = None, label: st
   """Runs ``args.steps`` training steps ``step(images, gt) -> (loss, parts)``, each on fresh images
   ``make_batch(args.batch_size, rng)`` (``rng`` seeded by ``args.seed``), with a progress line (:func:`progress`)
   every ``args.log_every`` steps off a terminal: the mean loss and, with ``term``, the mean of ``parts.<term>``
-  ("of which ``label``"), and the seconds since ``start``. Returns the losses ``(steps,)``."""
+  ("of which ``label``"), and the seconds since ``start``; the first step through :func:`first_call` (a line saying
+  it compiles, and how long it took). Returns the losses ``(steps,)``."""
   rng = np.random.default_rng(args.seed)
   every = max(1, args.steps // 100) if sys.stdout.isatty() else max(1, args.log_every)
   losses, terms = [], []
   for n in range(1, args.steps + 1):
     images, gt = make_batch(args.batch_size, rng)
-    loss, parts = step(jnp.asarray(images), gt)
+    loss, parts = (first_call if n == 1 else lambda f, *a: f(*a))(step, jnp.asarray(images), gt)
     losses.append(loss)  # device values: reading one waits for its step, so only when reporting
     terms.append(loss if term is None else getattr(parts, term))
     if n % every == 0 or n == args.steps:
@@ -340,10 +351,33 @@ def coco_eval(anns, dets, num_images: int, iou_type: str, class_names=CLASS_NAME
 # --- output ----------------------------------------------------------------------------------------------
 
 
+def box_label(ax, box, text: str, colour) -> None:
+  """``text`` at the top left of ``box`` (xyxy pixels): above it, or just inside when the box touches the image's
+  top edge; never clipped by the panel (``clip_on=False``; :func:`finish_plot` saves every artist)."""
+  above = box[1] >= 8
+  ax.text(box[0], box[1] - 1 if above else box[1] + 1, text, color=colour, fontsize=6, va="bottom" if above else "top",
+          clip_on=False)
+
+
+def finish_plot(fig, path: str, handles, title: str) -> None:
+  """Title, a legend of ``handles`` (matplotlib artists with labels) under the panels, and the file saved with
+  every artist inside it (``bbox_inches="tight"``: labels beyond a panel's edge are not cut off)."""
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 5),
+             fontsize=8,
+             frameon=False)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  print(f"saved {path}")
+
+
 def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score: float = 0.3, *,
-              class_names=CLASS_NAMES, draw=None) -> None:
-  """Ground truth (green) and detections scoring ``min_score`` or more (red) on the first held-out images;
-  ``draw(ax, i)``, if given, adds more to the panel of image ``i`` (e.g. keypoints)."""
+              class_names=CLASS_NAMES, draw=None, legend=(), title=None) -> None:
+  """Ground truth (green) and detections scoring ``min_score`` or more (red, dashed, with class and score) on the
+  first held-out images, with a legend; ``draw(ax, i)``, if given, adds more to the panel of image ``i`` (e.g.
+  keypoints), ``legend`` its legend entries and ``title`` replaces the default title."""
+  from matplotlib.lines import Line2D
+
   fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.8))
   for i, (ax, image, boxes, real, (dets, scores, classes, *_)) in enumerate(
       zip(axes, images, gt.boxes, gt.mask, detections)):
@@ -354,9 +388,10 @@ def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score:
     for b, s, c in zip(dets, scores, classes):
       if s >= min_score:
         ax.add_patch(plt.Rectangle(b[:2], *(b[2:] - b[:2]), fill=False, color="red", lw=1, ls="--"))
-        ax.text(b[0], b[1] - 1, f"{class_names[c][:4]} {s:.2f}", color="red", fontsize=6)
+        box_label(ax, b, f"{class_names[c][:4]} {s:.2f}", "red")
     if draw is not None:
       draw(ax, i)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"saved {path}")
+  handles = [Line2D([], [], color="lime", lw=1.5, label="ground truth"),
+             Line2D([], [], color="red", lw=1, ls="--", label=f"detection (score >= {min_score}): class, score"),
+             *legend]
+  finish_plot(fig, path, handles, title or "held-out images")

@@ -282,7 +282,10 @@ def average_precision(detections, gt_boxes, gt_classes, num_classes: int, iou: f
 
 
 def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score: float = 0.3) -> None:
-  """Ground truth (green) and detections scoring ``min_score`` or more (red, dashed) on held-out images."""
+  """Ground truth (green) and detections scoring ``min_score`` or more (red, dashed) on held-out images, with a
+  legend (:func:`toykit.finish_plot`)."""
+  from matplotlib.lines import Line2D
+
   fig, axes = plt.subplots(1, count, figsize=(3.2 * count, 3.5))
   for ax, image, boxes, real, (dets, scores, classes) in zip(axes, images, gt.boxes, gt.mask, detections):
     ax.imshow(image)
@@ -293,11 +296,11 @@ def save_plot(plt, path: str, images, gt, detections, count: int = 6, min_score:
       if s >= min_score:
         c = corners(b) - 0.5
         ax.add_patch(plt.Polygon(c, closed=True, fill=False, color="red", lw=1, ls="--"))
-        ax.text(*c[c[:, 1].argmin()], f"{CLASS_NAMES[k][:4]} {s:.2f}", color="red", fontsize=6, va="bottom")
-  fig.suptitle(f"held-out images: ground truth (green), detections scoring {min_score} or more (red)", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"saved {path}")
+        top = c[c[:, 1].argmin()]
+        toykit.box_label(ax, (*top, *top), f"{CLASS_NAMES[k][:4]} {s:.2f}", "red")
+  handles = [Line2D([], [], color="lime", lw=1.5, label="ground truth"),
+             Line2D([], [], color="red", lw=1, ls="--", label=f"detection (score >= {min_score}): class, score")]
+  toykit.finish_plot(fig, path, handles, "held-out images: rotated boxes")
 
 
 def main(argv=None) -> dict:

@@ -224,6 +224,7 @@ def keypoint_ap(detections, gt_boxes, gt_classes, gt_keypoints, sigmas=SIGMAS) -
 # --- output ------------------------------------------------------------------------------------------------
 
 MARKERS = ("^", ">", "<", "o")  # per keypoint: apex, right, left, inner
+KEYPOINT_NAMES = ("apex", "right", "left", "inner")
 
 
 def draw_keypoints(ax, gt_keypoints, detections, min_score: float = 0.3) -> None:
@@ -248,13 +249,17 @@ def draw_keypoints(ax, gt_keypoints, detections, min_score: float = 0.3) -> None
 def save_plot(plt, path: str, images, gt, detections, min_score: float = 0.3) -> None:
   """``toykit.save_plot``'s boxes on held-out images with the ground-truth and predicted keypoints
   (:func:`draw_keypoints`)."""
+  from matplotlib.lines import Line2D
+
   def draw(ax, i):
     draw_keypoints(ax, gt.keypoints[i][gt.mask[i]], detections[i], min_score)
-    if i == 0:
-      ax.figure.suptitle(f"held-out images: ground truth (green; hidden keypoints grey x), detections scoring"
-                         f" {min_score} or more (red; ^ > < o: apex, right, left, inner)", fontsize=9)
 
-  toykit.save_plot(plt, path, images, gt, detections, min_score=min_score, class_names=CLASS_NAMES, draw=draw)
+  legend = [Line2D([], [], ls="", marker="o", ms=5, mfc="none", mec="lime", label="keypoint (ground truth)"),
+            Line2D([], [], ls="", marker="x", ms=4, color="0.7", label="hidden keypoint"),
+            Line2D([], [], color="red", lw=0.6, marker="o", ms=3, label="predicted visible keypoints"),
+            *(Line2D([], [], ls="", marker=m, ms=4, color="0.3", label=n) for m, n in zip(MARKERS, KEYPOINT_NAMES))]
+  toykit.save_plot(plt, path, images, gt, detections, min_score=min_score, class_names=CLASS_NAMES, draw=draw,
+                   legend=legend, title="held-out images: keypoints and boxes")
 
 
 def main(argv=None) -> dict:

@@ -147,10 +147,13 @@ def masks_of(detections, protos):
 def save_plot(plt, path: str, images, truth, detections, count: int = 6, min_score: float = 0.3) -> None:
   """Predicted masks scoring ``min_score`` or more (filled, a colour per class, their boxes dashed) and the
   ground-truth masks' outlines (green) on the first held-out images, shown in grey."""
+  from matplotlib.lines import Line2D
+  from matplotlib.patches import Patch
+
   fig, axes = plt.subplots(1, count, figsize=(2.6 * count, 2.9))
   extent = (0, IMAGE_SIZE, IMAGE_SIZE, 0)  # pixel i covers [i, i + 1), as the boxes' coordinates
   centres = np.arange(IMAGE_SIZE) + 0.5
-  colours, legend = list(MASK_COLOURS.values()), ", ".join(f"{n} {c}" for n, c in zip(CLASS_NAMES, MASK_COLOURS))
+  colours = list(MASK_COLOURS.values())
   for ax, image, gt_masks, (boxes, scores, classes, masks) in zip(axes, images, truth[2], detections):
     ax.imshow(image.mean(-1), cmap="gray", vmin=0.0, vmax=1.0, extent=extent)
     ax.set_axis_off()
@@ -160,14 +163,13 @@ def save_plot(plt, path: str, images, truth, detections, count: int = 6, min_sco
         overlay[m] = (*colours[c], 0.55)
         ax.imshow(overlay, extent=extent)
         ax.add_patch(plt.Rectangle(b[:2], *(b[2:] - b[:2]), fill=False, color=colours[c], lw=0.8, ls="--"))
-        ax.text(b[0], b[1] - 1, f"{CLASS_NAMES[c][:4]} {s:.2f}", color=colours[c], fontsize=6)
+        toykit.box_label(ax, b, f"{CLASS_NAMES[c][:4]} {s:.2f}", colours[c])
     for m in gt_masks:
       ax.contour(centres, centres, m.astype(float), levels=[0.5], colors="lime", linewidths=0.8)
-  fig.suptitle(f"held-out images: predicted masks scoring {min_score} or more ({legend}), ground truth (green)",
-               fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  print(f"saved {path}")
+  handles = [Line2D([], [], color="lime", lw=0.8, label="ground-truth mask"),
+             *(Patch(color=(*colour, 0.55), label=f"predicted {name} (score >= {min_score})")
+               for name, colour in zip(CLASS_NAMES, colours))]
+  toykit.finish_plot(fig, path, handles, "held-out images: instance masks")
 
 
 def main(argv=None) -> dict:

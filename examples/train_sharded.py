@@ -162,6 +162,9 @@ def main(argv=None) -> dict:
   all_match = True
   history = {name: [] for name in state}
   for step in range(1, args.steps + 1):
+    if step == 1:  # the first step compiles each training step: tens of seconds without output otherwise
+      print(f"compiling the single-device step and the {len(variants)} sharded ones ...", end="", flush=True)
+      compile_start = time.perf_counter()
     images, gt = make_batch(rng, args.batch_size)
     p, o, loss, gnorm = single(*state["single"], jnp.asarray(images), jax.tree.map(jnp.asarray, gt))
     state["single"] = (p, o)
@@ -182,6 +185,8 @@ def main(argv=None) -> dict:
       line.append(
           f"{name} {float(loss):.5f} grad norm {float(g):.4f} (params differ by {drift:.1e}{'' if ok else ', MISMATCH'})"
       )
+    if step == 1:
+      print(f" done in {time.perf_counter() - compile_start:.1f} s")
     print(" | ".join(line))
 
   verdict = "matches the single-device step" if all_match else "does NOT match the single-device step: MISMATCH"

@@ -139,11 +139,13 @@ def main(argv=None) -> dict:
   losses, zero, real = [], 0, 0
   for step in range(1, args.steps + 1):
     images, gt = toykit.make_dataset(args.batch_size, rng)  # fresh images every step
+    call = toykit.first_call if step == 1 else lambda f, *a, name: f(*a)  # the first step compiles: say so
     if args.end2end:
       weight = jaxtal.one2many_weight(epoch_of(step, args.steps, epochs), epochs)
-      loss, (z, n) = train_step_e2e(model, optimizer, loss_fn, jnp.asarray(images), gt, jnp.float32(weight))
+      loss, (z, n) = call(train_step_e2e, model, optimizer, loss_fn, jnp.asarray(images), gt, jnp.float32(weight),
+                          name=step_name)
     else:
-      loss, (z, n) = train_step(model, optimizer, loss_fn, jnp.asarray(images), gt)
+      loss, (z, n) = call(train_step, model, optimizer, loss_fn, jnp.asarray(images), gt, name=step_name)
     losses.append(loss)  # device values: reading one waits for its step, so only when reporting
     zero, real = zero + z, real + n
     if step % every == 0 or step == args.steps:

@@ -117,6 +117,10 @@ def head(feats, num_classes: int, reg_max: int, layout: str, caller: str) -> tup
       other = shape[1] if layout == "NHWC" else shape[3]
       if other == channels:
         hint = f"; axis {'1' if layout == 'NHWC' else '3'} has exactly {channels}: pass layout={'NCHW' if layout == 'NHWC' else 'NHWC'!r}"
+      elif c > num_classes and (c - num_classes) % 4 == 0:
+        r = (c - num_classes) // 4
+        yolo26 = " (YOLO26's head: direct ltrb regression, no DFL bins)" if r == 1 else ""
+        hint = f"; {c} = 4 * {r} + {num_classes}: did you mean reg_max={r}{yolo26}?"
       raise ValueError(
           f"{caller}: feats[{i}] has {c} channels in its {where} axis ({layout}); expected {formula} = {channels}"
           f" (shape {tuple(shape)}){hint}"

@@ -22,6 +22,7 @@ from flax import nnx
 from jaxtal.config import LossConfig, make_config
 from jaxtal.detect import detection_loss
 from jaxtal.labels import GroundTruth
+from jaxtal.module import LossModuleMeta
 
 
 def one2many_weight(epoch, epochs, *, start: float = 0.8, end: float = 0.1):
@@ -112,7 +113,7 @@ def end_to_end_sum_loss(
   return many[0] + one[0], jax.tree.map(lambda a, b: a + b, many[1], one[1])
 
 
-class EndToEndLoss(nnx.Module):
+class EndToEndLoss(nnx.Module, metaclass=LossModuleMeta):
   """:func:`end_to_end_loss` as an NNX module holding the task loss and its configuration.
 
   Example::
@@ -131,7 +132,8 @@ class EndToEndLoss(nnx.Module):
     loss_fn: the task loss (default :func:`~jaxtal.detection_loss`).
     one2one_topk, one2one_topk2: the one-to-one branch's assigner settings.
     class_weights: optional ``(nc,)`` class weights (a constant, not a parameter).
-    **overrides: fields amending ``config``.
+    **overrides: fields amending ``config`` (the class gain ``cls`` goes in the config: Flax reserves the
+      keyword, see :class:`~jaxtal.module.LossModuleMeta`).
   """
 
   def __init__(

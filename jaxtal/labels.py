@@ -39,6 +39,12 @@ class GroundTruth(NamedTuple):
   The optional fields are ``None`` when unused (``None`` is an empty pytree: ``jax.tree.map``,
   ``jit`` and ``stop_gradient`` pass it through). Build arrays from a packed NumPy result with
   ``jax.tree.map(jnp.asarray, gt)``.
+
+  Pass it to the jitted training step **as an argument** (``step(params, images, gt)``), never by
+  closing over it. ``jit`` bakes a captured ``gt`` into the compiled step as a constant: reassigning
+  the Python variable to the next batch does not change the compiled step, which keeps computing
+  the loss of the first batch without any warning. As an argument, ``gt`` is
+  traced like the images, and one compilation serves every batch of the same shapes.
   """
 
   labels: jax.Array

@@ -19,7 +19,30 @@ from jaxtal.config import make_config
 from jaxtal.labels import GroundTruth
 
 
-class TaskLossModule(nnx.Module):
+class LossModuleMeta(type(nnx.Module)):
+  """The metaclass of jaxtal's NNX loss modules: Flax's, with a clear error for ``cls=``.
+
+  Flax's module constructor is its metaclass's ``__call__(cls, *args, **kwargs)``, so a keyword
+  ``cls`` (the class gain, a config field) collides with the class itself before ``__init__``
+  runs, as ``PytreeMeta.__call__() got multiple values for argument 'cls'``. This ``__call__``
+  names its first argument otherwise, sees the keyword first, and says where the gain goes.
+  """
+
+  def __call__(klass, *args, **kwargs):
+    if "cls" in kwargs:
+      loss_fn = kwargs.get("loss_fn", getattr(klass, "loss_fn", None))  # EndToEndLoss takes it as a keyword
+      config_class = getattr(loss_fn, "config_class", None)
+      kind = "LossConfig" if config_class is None else config_class.__name__
+      gain = kwargs["cls"]
+      raise TypeError(
+          f"{klass.__name__}: the class gain cls cannot be a keyword argument here (Flax's module constructor"
+          f" reserves the name cls); put it in the config: {klass.__name__}(dataclasses.replace(config, cls={gain!r}))"
+          f" or {klass.__name__}(jaxtal.{kind}(..., cls={gain!r}))"
+      )
+    return super().__call__(*args, **kwargs)
+
+
+class TaskLossModule(nnx.Module, metaclass=LossModuleMeta):
   """A task loss as an NNX module: holds the task's config and optional class weights as a constant
   (not a trainable ``nnx.Param``: optimisers never touch it); ``__call__`` delegates to the task's
   loss function, so module and function give identical results.
@@ -28,7 +51,9 @@ class TaskLossModule(nnx.Module):
     config: the task's config (``loss_fn.config_class``), or None to build one from ``overrides``.
     class_weights: optional ``(nc,)`` weights of the class term.
     **overrides: config fields (they amend ``config`` when both are given). The class gain ``cls``
-      cannot be a keyword here (Flax's constructor reserves the name): put it in the config.
+      cannot be a keyword here (Flax's constructor reserves the name, see :class:`LossModuleMeta`,
+      which says so when it is given): put it in the config, ``dataclasses.replace(config, cls=1.0)``
+      or ``LossConfig(..., cls=1.0)``.
   """
 
   loss_fn: Callable[..., tuple[jax.Array, Any]]

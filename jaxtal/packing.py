@@ -8,10 +8,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
 from jaxtal import _validate
 from jaxtal.labels import COORD_LIMIT, MIN_ROTATED_SIDE, GroundTruth
+
+# Largest normalised centre or size a label row may hold. Ultralytics' rows are normalised to
+# [0, 1] (its pipeline clips boxes to the image); a row slightly outside (a box partly off the
+# image after another pipeline's augmentation) is data, and the loss ignores the part outside.
+# Beyond twice the image, a row is pixel coordinates given as normalised ones: rejected.
+NORMALISED_LIMIT = 2.0
+_NORMALISE_HINT = "labels must be normalised to [0, 1] (divide pixel coordinates by the image width/height)"
+
+
+def _on_host(caller: str, **arrays) -> None:
+  """TypeError when an argument holds a traced JAX value: the packers are NumPy code run before the jitted step."""
+  for name, x in arrays.items():
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(x)):
+      raise TypeError(
+          f"{caller}: {name} is a traced JAX value ({caller} was called inside jax.jit, grad or vmap); packing"
+          f" runs on the host with NumPy, before the jitted step: call {caller} outside jit and pass the"
+          " GroundTruth it returns to the jitted step as an argument"
+      )
 
 
 def _row_error(caller: str, row: int, what: str, value) -> ValueError:
@@ -34,25 +53,19 @@ def _image_hw(image_size, caller: str) -> tuple[float, float]:
   return h, w
 
 
-def _label_rows(labels, batch_size: int, max_boxes: int, columns: int, caller: str, keep=None):
+def _label_rows(labels, batch_size: int, max_boxes: int, columns: int, caller: str, keep=None, num_classes=None):
   """Validates YOLO label rows; returns ``(rows (n, columns) array, image (n,) int64, slot (n,) int64)``.
 
   ``labels`` is one ``(n, columns)`` array ``[batch_idx, cls, ...]``, or a list of ``batch_size``
   per-image arrays ``(n_i, columns - 1)`` without the batch index. Rows keep their order within
   each image; the error for a bad row names it. ``keep``: optional ``rows (n, columns) -> (n,)
   bool`` of the validated rows that take a slot; the others get slot -1 and do not count
-  towards ``max_boxes``.
+  towards ``max_boxes``. ``num_classes``: when given, a class id ``>= num_classes`` is an error.
   """
   batch_size = _validate_whole(caller, "batch_size", batch_size)
   max_boxes = _validate_whole(caller, "max_boxes", max_boxes)
-  if isinstance(labels, (list, tuple)) and labels and all(np.ndim(x) == 2 for x in labels):
-    widths = {np.shape(x)[1] for x in labels}
-    if widths != {columns - 1} or len(labels) != batch_size:
-      raise ValueError(
-          f"{caller}: a list of labels must hold one (n_i, {columns - 1}) array per image (batch_size ="
-          f" {batch_size}), without the batch index; got {len(labels)} arrays of widths {sorted(widths)}"
-      )
-    labels = np.concatenate([np.c_[np.full((len(x), 1), i), np.asarray(x, np.float64)] for i, x in enumerate(labels)])
+  if isinstance(labels, (list, tuple)) and labels and any(np.ndim(x) == 2 for x in labels):
+    labels = _per_image_rows(labels, batch_size, columns, caller)
   try:
     arr = np.asarray(labels)
   except ValueError:
@@ -77,6 +90,12 @@ def _label_rows(labels, batch_size: int, max_boxes: int, columns: int, caller: s
     )
   for r in np.flatnonzero((cls != np.round(cls)) | (cls < 0))[:1]:
     raise _row_error(caller, int(r), f"has class {arr[r, 1].item()!r}, expected a whole number >= 0", arr[r].tolist())
+  if num_classes is not None:
+    nc = _validate_whole(caller, "num_classes", num_classes)
+    for r in np.flatnonzero(cls >= nc)[:1]:
+      raise _row_error(
+          caller, int(r), f"has class {arr[r, 1].item()!r}, expected a class id in [0, num_classes = {nc})", arr[r].tolist()
+      )
   image = bidx.astype(np.int64)
   kept = np.ones(arr.shape[0], bool) if keep is None else np.asarray(keep(arr64), bool)
   order = np.flatnonzero(kept)[np.argsort(image[kept], kind="stable")]
@@ -93,15 +112,53 @@ def _label_rows(labels, batch_size: int, max_boxes: int, columns: int, caller: s
   return arr, image, slot
 
 
+def _per_image_rows(labels, batch_size: int, columns: int, caller: str) -> np.ndarray:
+  """The list form: one ``(n_i, columns - 1)`` array per image -> ``(n, columns)`` rows with the batch index.
+
+  An entry of size 0 of any shape (``np.zeros(0)``, ``[]``) is an image without labels.
+  """
+  width = columns - 1
+  entries = [np.asarray(x) for x in labels]
+  entries = [x.reshape(0, width) if x.size == 0 else x for x in entries]
+  bad = [i for i, x in enumerate(entries) if x.ndim != 2 or x.shape[1] != width]
+  if bad or len(entries) != batch_size:
+    widths = sorted({x.shape[1] for x in entries if x.ndim == 2})
+    which = ""
+    if bad:
+      i = bad[0]
+      which = (
+          f"; labels[{i}] has shape {np.shape(labels[i])} (an image without labels is np.zeros((0, {width})),"
+          f" one row is a (1, {width}) array)"
+      )
+    raise ValueError(
+        f"{caller}: a list of labels must hold one (n_i, {width}) array per image (batch_size ="
+        f" {batch_size}), without the batch index; got {len(entries)} arrays of widths {widths}{which}"
+    )
+  return np.concatenate([np.c_[np.full((len(x), 1), i), x.astype(np.float64)] for i, x in enumerate(entries)])
+
+
 def _validate_whole(caller: str, name: str, x) -> int:
   return _validate.whole(name, x, low=1, caller=caller)
 
 
+def _not_normalised(arr: np.ndarray) -> np.ndarray:
+  """``(n,)`` bool: rows whose ``cx, cy, w`` or ``h`` (columns 2-5) exceeds :data:`NORMALISED_LIMIT`."""
+  return (arr[:, 2:6].astype(np.float64) > NORMALISED_LIMIT).any(axis=1)
+
+
 def _check_coordinates(caller: str, arr: np.ndarray, pixels: np.ndarray) -> None:
-  """Rejects rows whose pixel coordinates exceed :data:`COORD_LIMIT` (they would overflow squares)."""
+  """Rejects rows whose pixel coordinates exceed :data:`COORD_LIMIT` (they would overflow squares),
+  then rows that hold pixel coordinates instead of normalised ones (:data:`NORMALISED_LIMIT`)."""
   for r in np.flatnonzero(~(np.abs(pixels.astype(np.float64)) <= COORD_LIMIT).all(axis=1))[:1]:
+    hint = f"; {_NORMALISE_HINT}" if _not_normalised(arr[r : r + 1])[0] else ""
     raise _row_error(
-        caller, int(r), f"has a box coordinate beyond {COORD_LIMIT:g} pixels once scaled to the input", arr[r].tolist()
+        caller, int(r), f"has a box coordinate beyond {COORD_LIMIT:g} pixels once scaled to the input{hint}",
+        arr[r].tolist(),
+    )
+  for r in np.flatnonzero(_not_normalised(arr))[:1]:
+    raise _row_error(
+        caller, int(r), f"has a centre or size above {NORMALISED_LIMIT:g} (pixel coordinates?): {_NORMALISE_HINT}",
+        arr[r].tolist(),
     )
 
 
@@ -112,13 +169,25 @@ def pack_labels(
     image_size: int | Sequence[int],
     *,
     keypoints=None,
+    num_classes: int | None = None,
 ) -> GroundTruth:
   """Packs YOLO label rows into a fixed-size :class:`GroundTruth` (host side, NumPy).
 
+  Call it outside ``jit``, once per batch, and pass the result to the jitted step **as an
+  argument**: ``step(params, feats, gt)``, not a step that reads a ``gt`` from the enclosing scope.
+  A captured ``gt`` is baked into the compiled step as a constant, so reassigning the Python
+  variable afterwards does not change what the compiled step computes (it keeps training on the
+  first batch, silently); as an argument, one compilation serves every batch of the same shapes.
+
   Args:
-    labels: ``(n, 6)`` rows ``[batch_idx, cls, cx, cy, w, h]``, the box normalised to ``[0, 1]``,
-      in any row order; or a list of ``batch_size`` per-image ``(n_i, 5)`` arrays without the
-      batch index. ``n = 0`` is valid and gives an all-padding result.
+    labels: ``(n, 6)`` rows ``[batch_idx, cls, cx, cy, w, h]``, the box **normalised** to
+      ``[0, 1]`` (Ultralytics' label files and data pipeline), in any row order; or a list of
+      ``batch_size`` per-image ``(n_i, 5)`` arrays without the batch index, where an image without
+      labels is ``np.zeros((0, 5))`` (any size-0 entry, ``np.zeros(0)`` or ``[]``, is accepted as
+      one). ``n = 0`` is valid and gives an all-padding result. A centre or size up to
+      :data:`NORMALISED_LIMIT` ``= 2`` is accepted (a box partly off the image; the loss ignores
+      the part outside, and a box with no overlap is treated as padding); a larger one is taken
+      for pixel coordinates and rejected: divide pixel coordinates by the image width / height.
     batch_size: ``b``, number of images.
     max_boxes: ``M``, static number of box slots per image.
     image_size: ``(height, width)`` of the network input in pixels, or one int for a square input.
@@ -128,6 +197,8 @@ def pack_labels(
       ``labels`` is a list. Visibility 1 and 2 both mean labelled, 0 unlabelled. A keypoint
       outside ``[0, 1]`` is marked unlabelled (visibility 0) and its coordinates clipped into the
       image, as Ultralytics' data pipeline does.
+    num_classes: optional ``nc``: when given, a row whose class id is ``>= num_classes`` is an
+      error (without it such a row is packed, and the loss treats it as padding).
 
   Returns:
     A :class:`GroundTruth` of NumPy arrays (``labels (b, M) int32``, ``boxes (b, M, 4) float32``
@@ -137,13 +208,17 @@ def pack_labels(
 
   Raises:
     ValueError: naming the offending row for a batch index outside ``[0, batch_size)`` or not whole,
-      a negative or non-whole class, a non-finite value, a coordinate beyond ``COORD_LIMIT`` pixels,
-      or more than ``max_boxes`` rows for one image; or naming the argument for a wrong shape or size;
-      for ``keypoints``, a count or shape that does not match the rows, or a non-finite value.
+      a negative or non-whole class (or one ``>= num_classes``), a non-finite value, a coordinate
+      beyond ``COORD_LIMIT`` pixels, a centre or size above ``NORMALISED_LIMIT`` (pixel
+      coordinates), or more than ``max_boxes`` rows for one image; naming the argument (and the
+      list entry) for a wrong shape or size; for ``keypoints``, a count or shape that does not
+      match the rows, or a non-finite value.
+    TypeError: when called inside ``jit`` (an argument is a tracer): packing runs on the host.
   """
   caller = "pack_labels"
+  _on_host(caller, labels=labels, keypoints=keypoints)
   height, width = _image_hw(image_size, caller)
-  arr, image, slot = _label_rows(labels, batch_size, max_boxes, 6, caller)
+  arr, image, slot = _label_rows(labels, batch_size, max_boxes, 6, caller, num_classes=num_classes)
   kpts = None if keypoints is None else _keypoint_rows(keypoints, labels, arr.shape[0], caller)
   # float32 throughout, scale first and then convert: the same rounding as the reference. A huge
   # value overflows to inf here, which the coordinate check below names (no NumPy warning first).
@@ -174,7 +249,9 @@ def _keypoint_rows(keypoints, labels, n: int, caller: str) -> np.ndarray:
     for i, (k, l) in enumerate(zip(keypoints, labels)):
       if np.shape(k)[:1] != np.shape(l)[:1]:
         raise ValueError(f"{caller}: keypoints[{i}] has {np.shape(k)[:1]} rows but labels[{i}] has {np.shape(l)[:1]}")
-    keypoints = np.concatenate([np.asarray(k, np.float64) for k in keypoints])
+    parts = [np.asarray(k, np.float64) for k in keypoints]
+    # An image without labels may give its keypoints as any size-0 array (np.zeros(0)), as its labels.
+    keypoints = np.concatenate([k for k in parts if k.ndim == 3 or k.size] or parts)
   kpts = np.asarray(keypoints)
   if kpts.ndim != 3 or kpts.shape[2] not in (2, 3) or kpts.shape[0] != n:
     raise ValueError(
@@ -223,8 +300,10 @@ def pack_masks(instance_masks, batch_idx, batch_size: int, max_boxes: int) -> np
   Raises:
     ValueError: naming the argument for a wrong shape, a mask value other than 0/1, a bad image
       index, or more than ``max_boxes`` rows for one image.
+    TypeError: when called inside ``jit`` (an argument is a tracer): packing runs on the host.
   """
   caller = "pack_masks"
+  _on_host(caller, instance_masks=instance_masks, batch_idx=batch_idx)
   masks = np.asarray(instance_masks)
   if masks.ndim != 3:
     raise ValueError(f"{caller}: instance_masks must be (n, mh, mw) binary masks, one per label row; got shape {masks.shape}")
@@ -254,6 +333,8 @@ def pack_rotated_labels(
     batch_size: int,
     max_boxes: int,
     image_size: int | Sequence[int],
+    *,
+    num_classes: int | None = None,
 ) -> GroundTruth:
   """Packs YOLO OBB label rows into a fixed-size :class:`GroundTruth` of xywhr boxes (host side, NumPy).
 
@@ -261,10 +342,14 @@ def pack_rotated_labels(
     labels: ``(n, 7)`` rows ``[batch_idx, cls, cx, cy, w, h, angle]``, the box normalised to
       ``[0, 1]`` and the angle in radians (the rows Ultralytics' OBB datasets produce), in any
       row order; or a list of ``batch_size`` per-image ``(n_i, 6)`` arrays without the batch
-      index. ``n = 0`` is valid and gives an all-padding result.
+      index (an image without labels is ``np.zeros((0, 6))``; any size-0 entry is accepted as
+      one). ``n = 0`` is valid and gives an all-padding result. As in :func:`pack_labels`, a
+      centre or size above :data:`NORMALISED_LIMIT` ``= 2`` is taken for pixel coordinates and
+      rejected.
     batch_size: ``b``, number of images.
     max_boxes: ``M``, static number of box slots per image.
     image_size: ``(height, width)`` of the network input in pixels, or one int for a square input.
+    num_classes: optional ``nc``: when given, a row whose class id is ``>= num_classes`` is an error.
 
   Returns:
     A :class:`GroundTruth` of NumPy arrays: ``labels (b, M) int32``, ``boxes (b, M, 5) float32``
@@ -275,10 +360,12 @@ def pack_rotated_labels(
 
   Raises:
     ValueError: as :func:`pack_labels` (bad batch index or class, non-finite value, a centre,
-      size or angle beyond ``COORD_LIMIT`` once scaled, more than ``max_boxes`` kept rows in
-      one image, wrong shape).
+      size or angle beyond ``COORD_LIMIT`` once scaled, a centre or size above
+      ``NORMALISED_LIMIT``, more than ``max_boxes`` kept rows in one image, wrong shape).
+    TypeError: when called inside ``jit`` (an argument is a tracer): packing runs on the host.
   """
   caller = "pack_rotated_labels"
+  _on_host(caller, labels=labels)
   height, width = _image_hw(image_size, caller)
 
   def keep(rows):
@@ -286,7 +373,7 @@ def pack_rotated_labels(
       wh = _rotated_pixels(rows, height, width)[:, 2:4]
     return (wh >= MIN_ROTATED_SIDE).all(axis=1)
 
-  arr, image, slot = _label_rows(labels, batch_size, max_boxes, 7, caller, keep=keep)
+  arr, image, slot = _label_rows(labels, batch_size, max_boxes, 7, caller, keep=keep, num_classes=num_classes)
   with np.errstate(over="ignore", invalid="ignore"):
     xywhr = _rotated_pixels(arr, height, width)
   _check_coordinates(caller, arr, xywhr)

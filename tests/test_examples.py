@@ -25,6 +25,7 @@ import functools
 import importlib.util
 import math
 import pathlib
+import re
 import sys
 import types
 
@@ -175,10 +176,54 @@ def test_fit_trains_on_fresh_batches_and_reports_a_term(capsys):
   expected = np.random.default_rng(4).integers(1000, size=6)  # one draw per step, from an rng seeded by --seed
   np.testing.assert_array_equal(seen, expected)
   np.testing.assert_allclose(losses, expected)
-  lines = capsys.readouterr().out.splitlines()
+  compiling, *lines = capsys.readouterr().out.splitlines()
+  assert re.fullmatch(r"compiling the training step \.\.\. done in \d+\.\d s", compiling), compiling  # step 1 compiles
   assert [line.split()[:4] for line in lines] == [["step", "3/6", "loss", f"{expected[:3].mean():.3f}"],
                                                   ["step", "6/6", "loss", f"{expected[3:].mean():.3f}"]]
   assert f"of which mask {expected[3:].mean() / 10:5.3f}" in lines[1]
+
+
+def test_first_call_says_the_step_is_compiling_and_how_long_it_took(capsys):
+  """The examples were silent for 17-38 s while the first step compiled: the line says so before it starts."""
+  seen = []
+
+  def step(x, y):
+    seen.append(capsys.readouterr().out)  # what was printed before the step ran
+    return jnp.float32(x + y)
+
+  assert float(toykit.first_call(step, 2.0, 3.0, name="the pose step")) == 5.0
+  assert seen == ["compiling the pose step ..."]
+  assert re.fullmatch(r" done in \d+\.\d s\n", capsys.readouterr().out)
+
+
+def test_box_labels_stay_in_the_picture():
+  calls = []
+  ax = types.SimpleNamespace(text=lambda *a, **kw: calls.append((a, kw)))
+  toykit.box_label(ax, np.array([10.0, 20.0, 30.0, 40.0]), "rect 0.90", "red")  # room above the box: above it
+  toykit.box_label(ax, np.array([10.0, 2.0, 30.0, 40.0]), "rect 0.90", "red")  # at the top edge: just inside
+  assert [(a[:3], kw["va"], kw["clip_on"]) for a, kw in calls] == [((10.0, 19.0, "rect 0.90"), "bottom", False),
+                                                                    ((10.0, 3.0, "rect 0.90"), "top", False)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+def test_the_plot_has_a_legend_and_keeps_labels_beyond_the_panels(tmp_path, monkeypatch, capsys):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  saved = {}
+  monkeypatch.setattr(plt.Figure, "savefig", lambda fig, path, **kw: saved.update(fig=fig, path=path, **kw))
+  images = np.zeros((2, 64, 64, 3), np.float32)
+  gt = types.SimpleNamespace(boxes=np.array([[[0, 0, 20, 20]], [[5, 5, 30, 30]]], np.float32), mask=np.ones((2, 1), bool))
+  detections = [(np.array([[0.0, 0.0, 20.0, 20.0]]), np.array([0.9]), np.array([1]))] * 2
+  toykit.save_plot(plt, str(tmp_path / "p.png"), images, gt, detections, count=2)
+  assert saved["bbox_inches"] == "tight"  # every artist inside the file: labels beyond a panel are not cut off
+  (legend,) = saved["fig"].legends
+  assert [t.get_text() for t in legend.get_texts()] == ["ground truth", "detection (score >= 0.3): class, score"]
+  (text,) = saved["fig"].axes[0].texts
+  assert text.get_text() == "elli 0.90" and not text.get_clip_on()
+  plt.close(saved["fig"])
 
 
 # ======================================================================================================================

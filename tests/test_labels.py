@@ -39,3 +39,25 @@ class TestValidRows:
     # Batched shapes (..., M) work the same.
     got2 = jaxtal.valid_rows(labels[None], boxes[None], mask[None].astype(jnp.int32), 3, box_ok[None])
     np.testing.assert_array_equal(got2[0], got)
+
+
+def test_a_captured_gt_is_a_constant_of_the_compiled_step():
+  """Why ``gt`` is an argument of the jitted step (GroundTruth's docstring): a step that closes over ``gt`` keeps
+  the batch it was compiled with after the Python variable is reassigned; one taking it as an argument does not."""
+  import jax
+
+  from support.problems import LOSS_CFG, loss_problem
+
+  feats, gt = loss_problem(seed=0)
+  _, other = loss_problem(seed=1)
+  want_first = float(jaxtal.detection_loss(feats, gt, LOSS_CFG)[0])
+  want_other = float(jaxtal.detection_loss(feats, other, LOSS_CFG)[0])
+  assert not np.isclose(want_first, want_other)  # control: the two batches' losses differ
+
+  captured = jax.jit(lambda f: jaxtal.detection_loss(f, gt, LOSS_CFG)[0])
+  np.testing.assert_allclose(captured(feats), want_first, rtol=1e-6)
+  gt = other  # the next batch, assigned to the captured name: the compiled step does not see it
+  np.testing.assert_allclose(captured(feats), want_first, rtol=1e-6)
+
+  as_argument = jax.jit(lambda f, g: jaxtal.detection_loss(f, g, LOSS_CFG)[0])
+  np.testing.assert_allclose(as_argument(feats, other), want_other, rtol=1e-6)

@@ -4,6 +4,9 @@ trainable state. That the module computes its task's loss is each task's test (t
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jaxtal
-from jaxtal.module import TaskLossModule
+from jaxtal.module import LossModuleMeta, TaskLossModule
 from support.problems import LOSS_CFG, NC, R, STRIDES, loss_config
 
 
@@ -23,10 +26,41 @@ def test_keywords_build_the_same_config():
 
 
 def test_the_class_gain_goes_through_the_config():
-  """Flax's module constructor takes its class as ``cls``: the class gain cannot be a keyword here."""
-  with pytest.raises(TypeError):
-    jaxtal.DetectionLoss(num_classes=NC, strides=STRIDES, cls=1.0)
+  """Flax's module constructor takes its class as ``cls``: the class gain cannot be a keyword here,
+  and the error says where it goes (not Flax's "got multiple values for argument 'cls'")."""
+  with pytest.raises(TypeError) as info:
+    jaxtal.DetectionLoss(LOSS_CFG, cls=1.0)
+  message = str(info.value)
+  assert message == (
+      "DetectionLoss: the class gain cls cannot be a keyword argument here (Flax's module constructor reserves the"
+      " name cls); put it in the config: DetectionLoss(dataclasses.replace(config, cls=1.0)) or"
+      " DetectionLoss(jaxtal.LossConfig(..., cls=1.0))"
+  )
+  assert "multiple values" not in message
   assert jaxtal.DetectionLoss(loss_config(cls=1.0)).config.cls == 1.0
+  assert jaxtal.DetectionLoss(dataclasses.replace(LOSS_CFG, cls=1.0)).config.cls == 1.0
+
+
+@pytest.mark.parametrize("module, kind, kwargs", [
+    (jaxtal.OBBLoss, "OBBLossConfig", {}),
+    (jaxtal.PoseLoss, "PoseLossConfig", {}),
+    (jaxtal.SegmentLoss, "SegmentLossConfig", {}),
+    (jaxtal.EndToEndLoss, "LossConfig", {}),
+    (jaxtal.EndToEndLoss, "OBBLossConfig", {"loss_fn": jaxtal.obb_loss}),
+])
+def test_every_loss_module_names_its_config_class_for_the_class_gain(module, kind, kwargs):
+  with pytest.raises(TypeError, match=re.escape(f"{module.__name__}: the class gain cls cannot be a keyword")) as info:
+    module(num_classes=NC, strides=STRIDES, cls=2, **kwargs)
+  assert f"{module.__name__}(jaxtal.{kind}(..., cls=2))" in str(info.value)
+
+
+def test_the_metaclass_leaves_flax_graph_operations_alone():
+  module = jaxtal.DetectionLoss(LOSS_CFG, topk=3, class_weights=jnp.ones(NC))
+  assert type(module).__class__ is LossModuleMeta and type(jaxtal.EndToEndLoss(LOSS_CFG)).__class__ is LossModuleMeta
+  graph, state = nnx.split(module)
+  again = nnx.merge(graph, state)
+  assert type(again) is jaxtal.DetectionLoss and again.config == module.config
+  np.testing.assert_array_equal(again.class_weights[...], np.ones(NC))
 
 
 def test_unknown_keyword_and_wrong_config_kind():

@@ -355,3 +355,114 @@ def test_pack_rotated_labels_shape_errors_and_empty():
     jaxtal.pack_rotated_labels(np.zeros((2, 6), np.float32), 2, 3, 64)
   gt = jaxtal.pack_rotated_labels(np.zeros((0, 7), np.float32), 2, 3, 64)
   assert gt.boxes.shape == (2, 3, 5) and not gt.mask.any()
+
+
+# ----------------------------------------------------------------------------- mistakes of a new user
+
+
+class TestNewUserMistakes:
+  """Label rows in pixels, class ids beyond ``num_classes``, a 1-D empty image in the list form and
+  packing inside ``jit``: each is an error that names the row (or entry) and says what to do."""
+
+  ROWS = TestPackLabels.ROWS
+  NORMALISE = r"labels must be normalised to \[0, 1\] \(divide pixel coordinates by the image width/height\)"
+
+  @pytest.mark.parametrize("col,value", [(2, 320.0), (3, 50.0), (4, 64.0), (5, 2.5)], ids=["cx", "cy", "w", "h"])
+  def test_pixel_coordinates_are_rejected_naming_the_row(self, col, value):
+    rows = self.ROWS.astype(np.float64)
+    rows[2, col] = value
+    with pytest.raises(ValueError, match=rf"pack_labels: label row 2 has a centre or size above 2 .*{self.NORMALISE}"):
+      jaxtal.pack_labels(rows, 2, 4, 640)
+
+  def test_a_whole_batch_in_pixels_is_rejected_at_its_first_row(self):
+    # The issue's case: every row in pixels of a 640 input (it packed silently and trained on "all background").
+    rows = self.ROWS.astype(np.float64)
+    rows[:, 2:6] *= 640
+    with pytest.raises(ValueError, match=rf"label row 0 .*{self.NORMALISE}.*row = \[1\.0, 2\.0, 320\.0"):
+      jaxtal.pack_labels(rows, 2, 4, 640)
+
+  def test_pixels_of_a_large_source_image_get_the_hint_beside_the_coordinate_limit(self):
+    # 1920-pixel coordinates scaled by a 1024 input pass COORD_LIMIT first: the message says both.
+    rows = np.array([[0, 1, 1500.0, 900.0, 50.0, 80.0]])
+    with pytest.raises(ValueError, match=rf"label row 0 has a box coordinate beyond 1\.04858e\+06 pixels.*; {self.NORMALISE}"):
+      jaxtal.pack_labels(rows, 1, 4, 1024)
+    # Beyond COORD_LIMIT for another reason (a huge negative centre): no normalisation hint.
+    with pytest.raises(ValueError, match="beyond") as info:
+      jaxtal.pack_labels(np.array([[0, 1, -1e29, 0.5, 0.1, 0.1]]), 1, 4, 64)
+    assert "normalised" not in str(info.value)
+
+  @pytest.mark.parametrize("value", [1.0, 1.001, 1.3, 2.0])
+  def test_rows_slightly_outside_the_image_are_still_data(self, value):
+    # A box partly off the image (augmentation without clipping), or larger than it: accepted up to 2.
+    rows = np.array([[0, 1, value, 0.5, value, 0.2], [0, 0, 0.5, value, 0.2, value]])
+    gt = jaxtal.pack_labels(rows, 1, 2, (100, 200))
+    # Independent expectation: xyxy = (cx -+ w/2, cy -+ h/2) scaled by (width 200, height 100).
+    want = [[(value - value / 2) * 200, 40.0, (value + value / 2) * 200, 60.0],
+            [80.0, (value - value / 2) * 100, 120.0, (value + value / 2) * 100]]
+    np.testing.assert_allclose(gt.boxes[0], want, rtol=1e-6)
+    np.testing.assert_array_equal(gt.mask, [[True, True]])
+
+  def test_just_above_the_limit_is_rejected(self):
+    rows = np.array([[0, 1, 0.5, 0.5, 0.2, float(np.nextafter(2.0, 3.0))]])
+    with pytest.raises(ValueError, match=rf"label row 0 .*{self.NORMALISE}"):
+      jaxtal.pack_labels(rows, 1, 2, 64)
+
+  def test_rotated_rows_in_pixels_are_rejected(self):
+    rows = np.array([[0, 0, 0.5, 0.5, 0.1, 0.1, 0.3], [1, 2, 300.0, 200.0, 40.0, 20.0, 0.3]])
+    with pytest.raises(ValueError, match=rf"pack_rotated_labels: label row 1 has a centre or size above 2 .*{self.NORMALISE}"):
+      jaxtal.pack_rotated_labels(rows, 2, 2, 640)
+    # The angle column is radians, not normalised: a large angle is no pixel coordinate.
+    gt = jaxtal.pack_rotated_labels(np.array([[0, 0, 0.5, 0.5, 0.1, 0.1, 3.0]]), 1, 1, 640)
+    assert gt.boxes[0, 0, 4] == np.float32(3.0)
+
+  def test_num_classes_rejects_a_class_id_out_of_range_naming_the_row(self):
+    with pytest.raises(ValueError, match=r"pack_labels: label row 3 has class 4\.0, expected a class id in \[0, num_classes = 4\)"):
+      jaxtal.pack_labels(self.ROWS, 2, 4, 640, num_classes=4)
+    gt = jaxtal.pack_labels(self.ROWS, 2, 4, 640, num_classes=5)  # ids 0..4 fit 5 classes
+    np.testing.assert_array_equal(gt.labels[0, :2], [0, 4])
+    rot = np.array([[0, 0, 0.5, 0.5, 0.1, 0.1, 0.0], [0, 3, 0.5, 0.5, 0.1, 0.1, 0.0]])
+    with pytest.raises(ValueError, match=r"pack_rotated_labels: label row 1 has class 3\.0, expected a class id in \[0, num_classes = 3\)"):
+      jaxtal.pack_rotated_labels(rot, 1, 2, 640, num_classes=3)
+    with pytest.raises(ValueError, match=r"num_classes must be a whole number >= 1, got 0"):
+      jaxtal.pack_labels(self.ROWS, 2, 4, 640, num_classes=0)
+
+  @pytest.mark.parametrize("empty", [np.zeros(0), [], np.zeros((0, 5)), np.zeros((0,), np.float32)],
+                           ids=["zeros_0", "empty_list", "zeros_0x5", "zeros_0_float32"])
+  def test_an_empty_image_in_the_list_form_may_be_any_size_0_array(self, empty):
+    per_image = [np.array([[1, 0.5, 0.5, 0.2, 0.4]]), empty, np.array([[2, 0.25, 0.25, 0.1, 0.1]])]
+    gt = jaxtal.pack_labels(per_image, 3, 2, 100)
+    np.testing.assert_array_equal(gt.mask, [[True, False], [False, False], [True, False]])
+    np.testing.assert_array_equal(gt.labels[:, 0], [1, 0, 2])
+    np.testing.assert_allclose(gt.boxes[2, 0], [20.0, 20.0, 30.0, 30.0], rtol=1e-6)
+
+  def test_an_empty_rotated_image_and_empty_keypoints_in_the_list_form(self):
+    gt = jaxtal.pack_rotated_labels([np.zeros(0), np.array([[1, 0.5, 0.5, 0.25, 0.25, 0.1]])], 2, 1, 64)
+    np.testing.assert_array_equal(gt.mask, [[False], [True]])
+    kp = [np.zeros(0), np.full((1, 2, 3), 0.5)]
+    gt = jaxtal.pack_labels([np.zeros(0), np.array([[1, 0.5, 0.5, 0.25, 0.25]])], 2, 1, 64, keypoints=kp)
+    np.testing.assert_array_equal(gt.keypoints[1, 0], [[32.0, 32.0, 0.5], [32.0, 32.0, 0.5]])
+
+  @pytest.mark.parametrize("entry,shape", [(np.zeros(5), r"\(5,\)"), (np.zeros((1, 4)), r"\(1, 4\)"), (np.zeros((2, 6)), r"\(2, 6\)")])
+  def test_a_list_entry_of_the_wrong_shape_is_named(self, entry, shape):
+    with pytest.raises(ValueError, match=rf"labels\[1\] has shape {shape} \(an image without labels is np\.zeros\(\(0, 5\)\)"):
+      jaxtal.pack_labels([np.zeros((2, 5)), entry], 2, 4, 64)
+    with pytest.raises(ValueError, match=r"labels\[0\] has shape \(3,\) \(an image without labels is np\.zeros\(\(0, 6\)\)"):
+      jaxtal.pack_rotated_labels([np.zeros(3), np.zeros((1, 6))], 2, 4, 64)
+
+  def test_packing_inside_jit_says_to_pack_on_the_host(self):
+    import jax
+    import jax.numpy as jnp
+
+    want = r"is a traced JAX value .*packing runs on the host with NumPy, before the jitted step: call {0} outside jit" \
+           r" and pass the GroundTruth it returns to the jitted step as an argument"
+    with pytest.raises(TypeError, match=rf"pack_labels: labels {want.format('pack_labels')}"):
+      jax.jit(lambda r: jaxtal.pack_labels(r, 2, 4, 64).boxes)(jnp.asarray(self.ROWS))
+    with pytest.raises(TypeError, match=rf"pack_labels: labels {want.format('pack_labels')}"):
+      jax.jit(lambda r: jaxtal.pack_labels([r, np.zeros((0, 5))], 2, 4, 64).boxes)(jnp.zeros((1, 5)))
+    with pytest.raises(TypeError, match=rf"pack_rotated_labels: labels {want.format('pack_rotated_labels')}"):
+      jax.jit(lambda r: jaxtal.pack_rotated_labels(r, 1, 4, 64).boxes)(jnp.zeros((1, 7)))
+    with pytest.raises(TypeError, match=rf"pack_masks: instance_masks {want.format('pack_masks')}"):
+      jax.jit(lambda m: jaxtal.pack_masks(m, np.zeros(1), 1, 2))(jnp.zeros((1, 4, 4)))
+    # A concrete jax.Array (outside jit) is host data: packed as NumPy would be.
+    gt = jaxtal.pack_labels(jnp.asarray(self.ROWS), 2, 4, 64)
+    np.testing.assert_array_equal(gt.labels, jaxtal.pack_labels(self.ROWS, 2, 4, 64).labels)
