@@ -29,24 +29,9 @@ and angle terms, but not the same DFL term: distances along the target's axes sw
 ``t/b`` (Ultralytics alike). Datasets that keep angles in one half turn (Ultralytics': ``[0,
 pi/2)``) never meet it.
 
-Deliberate differences from Ultralytics 8.4.190 (``v8OBBLoss``, ``RotatedTaskAlignedAssigner``,
-``probiou``); everything else matches to float32 rounding:
-
-* padding comes from ``gt.mask``. Ultralytics infers it from ``sum(xywhr) > 0``, so it also
-  drops a real box whose five numbers sum to 0 and keeps a padding row holding garbage;
-* rows that do not count never own anchors: a non-finite box or angle, ``|value| >
-  COORD_LIMIT``, a class outside ``[0, nc)``, a non-positive side, or, in the loss, a side under
-  2 input pixels (Ultralytics' loss drops those rows too, before padding; its ``sum > 0`` test
-  also drops NaN rows) or no overlap with the input. Ultralytics raises an IndexError for a
-  class ``>= nc``;
-* :func:`~jaxtal.probiou` is clamped to ``[0, 1]`` (the reference's is about ``-1e-7`` for
-  far-apart boxes), is 0 for a box with a non-finite value or ``|value| > COORD_LIMIT``, stays
-  finite where rounding makes the summed covariance singular or negative (the reference can give
-  NaN there), and its gradient is finite for zero-width boxes (double ``where``);
-* ``sqrt(det S1 det S2)`` is computed as ``sqrt(det S1) sqrt(det S2)`` (no overflow for large
-  boxes; the same value to float32 rounding);
-* label rows may come in any order (:func:`~jaxtal.pack_rotated_labels`); Ultralytics' loss
-  expects them grouped by image, as its data loader makes them.
+Everything matches Ultralytics 8.4.190 (``v8OBBLoss``, ``RotatedTaskAlignedAssigner``,
+``probiou``) to float32 rounding except the deliberate differences listed, once for every task,
+in docs/deviations.md (padding from ``gt.mask``, invalid rows, a clamped and finite ProbIoU).
 """
 
 from __future__ import annotations

@@ -33,29 +33,9 @@ keypoint contributes 0 to ``pose`` (its ``kobj`` targets are all 0). A zero-area
 keeps ``1e-9`` in the denominator (as the reference), and the denominator is floored at the
 smallest normal float32, so a tiny ``sigma`` cannot make it 0: the term stays finite.
 
-Deliberate differences from Ultralytics 8.4.190 (``v8PoseLoss``, ``KeypointLoss``); everything
-else matches to float32 rounding:
-
-* the assignment's own deliberate differences (README "Deliberate differences") reach ``pose``
-  and ``kobj`` in a way they do not reach the detection parts, because these two terms count
-  every foreground anchor, also those whose align metric (and so their box/class weight) is 0:
-
-  - top-k ties: when a GT has fewer in-box anchors with a positive metric than ``topk``, the
-    remaining top-k slots go to zero-metric candidates, and which of the tied candidates are
-    taken is up to the top-k routine. jaxtal takes the lower anchor index, one legal order of
-    the reference's algorithm (the reference's ``torch.topk`` documents none); with such ties
-    the foreground set, hence ``n_fg``, ``pose`` and ``kobj``, can differ from the reference's
-    native order, and match it under a stable top-k;
-  - conflict resolution: an anchor claimed by several GTs whose in-box overlaps are all 0 may
-    be handed to GT slot 0 by the reference, possibly a padding slot; jaxtal never lets padding
-    own an anchor, so such an anchor's keypoint terms read its real GT's keypoints (or it is
-    background), where the reference reads slot 0's;
-
-* a GT keypoint with a NaN visibility counts as labelled in the reference (``NaN != 0``) and
-  as unlabelled here, and non-finite or out-of-range coordinates are masked (the reference
-  propagates NaN);
-* the per-anchor factor ``K / (|L| + 1e-9)`` is computed as ``K / max(|L|, 1)``: the same
-  float32 value whenever ``|L| >= 1``, and the term it scales is 0 otherwise.
+Everything matches Ultralytics 8.4.190 (``v8PoseLoss``, ``KeypointLoss``) to float32 rounding
+except the deliberate differences listed, once for every task, in docs/deviations.md (the
+assignment's top-k ties and conflict resolution reach ``pose`` and ``kobj``; NaN visibilities).
 
 References:
   Lin et al., 2014, "Microsoft COCO" (keypoint OKS and its per-keypoint sigmas),

@@ -32,35 +32,9 @@ whatever ``E`` (``b = 16``, ``M = 100``, a 640 input, 160 x 160 prototypes, ``nm
 0.8 GB for the gradient by XLA's memory analysis, 4.99 GB with all entries in one chunk). The
 crop is separable (a row mask times a column mask), never an ``(E, mh, mw)`` box mask.
 
-Deliberate differences from Ultralytics 8.4.190 (``v8SegmentationLoss``); everything else
-matches to float32 rounding:
-
-* a GT box covering less than ``1e-20`` of the image (a zero-area box above all) contributes no
-  mask term. Such a box never owns an anchor in jaxtal (a box needs a positive area), but the
-  reference can hand one anchors (its in-box test widens small sides), and then divides by a
-  zero area: its mask term is NaN;
-* the mask term counts every foreground anchor, including those with a zero target score, so it
-  sees two assignment details that the detection terms never see (their weight there is 0):
-
-  - ties among zero-metric candidates in top-k: jaxtal keeps the lower anchor index; the
-    reference's ``torch.topk`` orders ties in no documented way, so when a GT has fewer than
-    ``topk`` candidates of non-zero metric, the zero-metric anchors that fill its list (and
-    become foreground) can differ, and with them the mask term. The parity tests also run the
-    reference with stable ties (``tests/reference.stable_ties``), which jaxtal matches;
-  - conflict resolution: an anchor claimed by several GTs whose in-box overlaps are all zero
-    goes to the lowest-index valid in-box GT in jaxtal; the reference hands it to GT slot 0
-    (possibly padding) and uses GT 0's box and mask for it (NaN when slot 0 is padding: its box
-    has no area). jaxtal never lets padding own an anchor;
-
-* padding comes from ``gt.mask`` and invalid GT rows own nothing, as in the detection loss;
-  with per-slot masks the slot order is ``gt``'s (the reference takes instance masks in
-  label-row order, grouped by image);
-* per-slot masks are never read where they do not count: a padding slot, an invalid row or an
-  entry of another image may hold anything, NaN included. A pixel of a counted slot's mask that
-  is not a value in ``[0, 1]`` (NaN, inf, or out of range) is masked: it contributes no term
-  (read as 0 with weight 0), while the mean still divides by all ``mh * mw`` pixels; the
-  reference's loss is NaN (or, for a huge value, inf or NaN) there.
-  :func:`checked_segment_loss` turns such pixels into an error instead.
+Everything matches Ultralytics 8.4.190 (``v8SegmentationLoss``) to float32 rounding except the
+deliberate differences listed, once for every task, in docs/deviations.md (zero-area boxes,
+mask pixels that are not a value in [0, 1], the assignment's top-k ties and conflict resolution).
 
 The einsum producing the mask logits runs at JAX's default matmul precision, which on GPU and
 TPU may round float32 inputs (set ``jax_default_matmul_precision`` for full float32).
