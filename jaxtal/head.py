@@ -6,8 +6,8 @@ loss decodes them with :func:`decode_head`: per level it views the map as ``(b, 
 anchor rows, splits box bins from class logits, and takes each side's DFL expectation (and the
 log-sum-exp DFL's cross-entropy needs) with :func:`jaxtal.kernels.softmax_stats`. The step
 functions of the seed walkthrough, :func:`flatten_head` and :func:`decode_boxes`, are thin
-wrappers over the same pieces, so the README's step-by-step code computes the same floats as
-training does; :func:`decode_rotated_boxes` and :func:`decode_keypoints` decode the OBB and pose
+wrappers over the same pieces, so the step-by-step code of docs/detection.md computes the same floats
+as training does; :func:`decode_rotated_boxes` and :func:`decode_keypoints` decode the OBB and pose
 side maps for inference.
 """
 
