@@ -83,7 +83,8 @@ def test_detection_keeps_its_first_names_as_aliases():
   assert jaxtal.loss_from_targets is jaxtal.detection_loss_from_targets
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", [*TASKS[:1], pytest.param("obb", marks=pytest.mark.slow),
+                                  pytest.param("pose", marks=pytest.mark.slow), TASKS[3]])
 def test_loss_equals_the_loss_from_its_own_targets_and_the_module(task):
   preds, gt, cfg = problem(task)
   loss, _ = entry(task, "loss")
@@ -192,6 +193,7 @@ def _checked_error(task, preds, gt, cfg):
   return err.get()
 
 
+@pytest.mark.slow  # five checkified losses compiled; check_values alone is tested below in the default run
 def test_checked_losses_name_a_bad_value_of_each_task():
   preds, gt, cfg = problem("obb")
   msg = _checked_error("obb", preds, gt._replace(boxes=gt.boxes.at[1, 0, 3].set(-4.0)), cfg)
@@ -212,3 +214,22 @@ def test_checked_losses_name_a_bad_value_of_each_task():
   assert msg and "image 0, slot 0, pixel (y, x) = (5, 6)" in msg, msg
   msg = _checked_error("segment", preds._replace(proto=preds.proto.at[0, 0, 0, 0].set(jnp.inf)), gt, cfg)
   assert msg and "preds.proto" in msg, msg
+
+
+def _values_error(gt):
+  err, _ = jax.jit(checkify.checkify(lambda g: jaxtal.check_values(g, num_classes=NC, image_size=(IMAGE, IMAGE))))(gt)
+  return err.get()
+
+
+def test_check_values_names_bad_keypoints_and_masks_of_real_rows_only():
+  _, gt, _ = problem("pose")
+  assert _values_error(gt) is None
+  assert _values_error(gt._replace(keypoints=gt.keypoints.at[0, 2, 1, 0].set(jnp.nan))) is None  # slot 2 is padding
+  msg = _values_error(gt._replace(keypoints=gt.keypoints.at[0, 0, 0, 1].set(2e6)))
+  assert msg and "beyond COORD_LIMIT" in msg and "image 0, slot 0, keypoint 0" in msg, msg
+  _, gt, _ = problem("segment")
+  per_slot = jnp.stack([gt.masks == j + 1 for j in range(3)], axis=1).astype(jnp.float32)
+  msg = _values_error(gt._replace(masks=per_slot.at[1, 1, 2, 3].set(1.5)))
+  assert msg and "not a finite value in [0, 1]" in msg and "image 1, slot 1, pixel (y, x) = (2, 3)" in msg, msg
+  msg = _values_error(gt._replace(masks=gt.masks.at[0, 0, 0].set(-1)))
+  assert msg and "outside [0, M = 3]" in msg, msg
