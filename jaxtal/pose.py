@@ -130,15 +130,16 @@ def _check_gt(gt: GroundTruth, cfg: PoseLossConfig, caller: str) -> None:
   _validate.gt_keypoints(gt, cfg.kpt_shape[0], caller)
 
 
-def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, targets: Targets, cfg: PoseLossConfig):
-  """``(pose, kobj)`` before gains: the keypoint terms of anchor rows ``(b, A, K * D)`` at the entry list."""
+def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, targets: Targets, target: jax.Array, cfg: PoseLossConfig):
+  """``(pose, kobj)`` before gains: the keypoint terms of anchor rows ``(b, A, K * D)`` at the entry list;
+  ``target (b, A, 4)`` the grid-unit target boxes (:func:`jaxtal.terms.box_targets`), for the OKS area."""
   k, d = cfg.kpt_shape
   e = targets.entries
   b = rows.shape[0]
   pred = take_rows(rows, e.anchor).reshape(b, -1, k, d)  # (b, E, K, D)
   anchors = take_rows(jnp.broadcast_to(head.anchors, (b, *head.anchors.shape)), e.anchor)  # (b, E, 2)
   stride = take_rows(jnp.broadcast_to(head.strides, (b, *head.strides.shape)), e.anchor)  # (b, E, 1)
-  box = take_rows(terms.target_boxes(head, targets), e.anchor)  # (b, E, 4) grid units
+  box = take_rows(target, e.anchor)  # (b, E, 4) grid units
   area = (box[..., 2] - box[..., 0]) * (box[..., 3] - box[..., 1])  # (b, E)
 
   gt = jax.lax.stop_gradient(take_rows(jnp.asarray(gt_keypoints, jnp.float32), e.gt))  # (b, E, K, Dg) pixels
@@ -170,8 +171,9 @@ def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, target
 
 
 def _parts(inputs: task.Inputs, targets: Targets, cfg: PoseLossConfig, class_weights) -> PoseLossParts:
-  det = terms.detection_parts(inputs.head, targets, cfg, inputs.image_hw, class_weights)
-  pose, kobj = _keypoint_terms(inputs.head, inputs.side, inputs.gt.keypoints, targets, cfg)
+  shared = terms.box_targets(inputs.head, targets, cfg)
+  det = terms.detection_parts(inputs.head, targets, cfg, inputs.image_hw, class_weights, shared=shared)
+  pose, kobj = _keypoint_terms(inputs.head, inputs.side, inputs.gt.keypoints, targets, shared.target, cfg)
   return PoseLossParts(det.box, cfg.pose * pose, cfg.kobj * kobj, det.cls, det.dfl)
 
 
