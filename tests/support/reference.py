@@ -225,7 +225,8 @@ def criterion(loss_class, *, num_classes, strides, reg_max=16, topk=10, topk2=No
     setattr(model, name, value)
   crit = loss_class(model, tal_topk=topk, tal_topk2=topk2)
   crit.assigner.alpha, crit.assigner.beta = alpha, beta
-  crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
+  if min_box_side is not None:  # None: the reference's own default (strides[1])
+    crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
   return crit
 
 
