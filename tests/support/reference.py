@@ -22,7 +22,8 @@ _print_options = np.get_printoptions()
 import torch  # noqa: E402
 import ultralytics  # noqa: E402
 from ultralytics.nn.modules.block import RealNVP  # noqa: E402
-from ultralytics.utils.loss import RLE_WEIGHT, E2EDetectLoss, E2ELoss, v8DetectionLoss  # noqa: E402
+from ultralytics.utils.loss import RLE_WEIGHT as _RLE_WEIGHT  # noqa: E402
+from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss  # noqa: E402
 from ultralytics.utils.tal import TaskAlignedAssigner  # noqa: E402
 
 np.set_printoptions(**_print_options)
@@ -252,6 +253,10 @@ def run_observed(crit, preds, batch, *, stable=False):
       fg.numpy().astype(bool),
       gt_idx.numpy().astype(np.int32),
   )
+
+
+# The COCO-17 per-keypoint weights of the RLE term, as the reference's pose loss imports them.
+RLE_WEIGHT = np.asarray(_RLE_WEIGHT, np.float32)
 
 
 def flow_state_dict(seed: int = 0) -> dict:
