@@ -105,7 +105,7 @@ def np_targets(feats, kpts, gt, cfg):
     gb = np.asarray(gt.boxes[i], np.float64)
     out.append(np_assign_one(
         scores[i], boxes[i], anchors * stride, np.asarray(gt.labels[i]), gb, np.asarray(gt.mask[i]), topk=cfg.topk,
-        topk2=cfg.topk2, min_box_side=cfg.min_box_side, image_hw=(image, image),
+        topk2=cfg.topk2, min_box_side=cfg.side_floor, image_hw=(image, image),
         pair_overlap=np_oks(gt.keypoints[i], gb, pred_px[i], boxes[i], cfg.sigmas), gate=np_gate(gb, stride[:, 0], cfg.level_range),
     ))
   return {k: np.stack([o[k] for o in out]) for k in ("scores", "boxes", "fg_mask", "gt_index")}

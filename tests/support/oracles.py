@@ -102,14 +102,19 @@ def np_valid_rows(labels, boxes, mask, nc, image_hw=None):
 
 
 def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, topk2=None, alpha=0.5, beta=6.0,
-                  eps=1e-9, min_box_side=0.0, overlap="ciou", image_hw=None, pair_overlap=None, gate=None):
+                  eps=1e-9, min_box_side=16.0, overlap="ciou", image_hw=None, gate=None, shortlist=None,
+                  pair_overlap=None):
   """Task-aligned assignment of one image, dense ``(M, A)``, from the TOOD paper and the jaxtal docstring.
 
   ``overlap`` is ``"ciou"`` (Ultralytics) or ``"iou"``: the overlap of the align metric and of
-  conflict resolution; or ``pair_overlap``, a given ``(M, A)`` overlap (e.g. keypoint OKS). ``gate``:
-  an optional ``(M, A)`` bool further candidate condition, applied to a GT only where it leaves it a
-  candidate. Returns the final targets, the per-GT positive counts and every intermediate step
-  (``valid``, ``in_box``, ``overlaps``, ``metric``, ``topk_mask``, ``pos``).
+  conflict resolution; or ``pair_overlap``, a given ``(M, A)`` overlap (e.g. keypoint OKS).
+  ``min_box_side`` defaults to jaxtal's (16: ``strides[1]`` of the test problems' ``(8, 16)`` and a
+  bare assigner config's). ``gate``: an ``(M, A)`` bool further candidate condition, applied to a GT
+  only where it leaves it a candidate. ``shortlist``: ``(f, listed_fn, unlisted_fn)``: each GT's
+  ``min(f * topk, A)`` best candidates by ``s^alpha u^beta + eps`` get overlap ``listed_fn(u)``,
+  the others ``unlisted_fn(u)`` (both ``(M, A)`` -> ``(M, A)``). Returns the final targets, the
+  per-GT positive counts and every intermediate step (``valid``, ``in_box``, ``overlaps``,
+  ``metric``, ``topk_mask``, ``pos``).
   """
   m, a = len(labels), len(anchors)
   nc = scores.shape[-1]
@@ -128,6 +133,14 @@ def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, 
   u = np_box_iou(boxes[:, None], pred_boxes[None], overlap) if pair_overlap is None else np.asarray(pair_overlap, np.float64)
   overlaps = np.where(cand & np.isfinite(u), np.maximum(u, 0), 0)
   s = np.where(np.isfinite(scores), np.clip(scores, 0, 1), 0)[:, np.clip(labels, 0, nc - 1)].T
+  if shortlist is not None:
+    factor, listed_fn, unlisted_fn = shortlist
+    rank = np.where(cand, s**alpha * overlaps**beta + eps, 0)
+    listed = np.zeros((m, a), bool)
+    for g in range(m):
+      listed[g, np.argsort(-rank[g], kind="stable")[: min(factor * topk, a)]] = True
+    u = np.where(listed, listed_fn(overlaps), unlisted_fn(overlaps))
+    overlaps = np.where(cand & np.isfinite(u), np.maximum(u, 0), 0)
   metric = np.where(cand, s**alpha * overlaps**beta, 0)
   # 3. top-k per GT (ties: lower anchor index), in-box only.
   pos = np.zeros((m, a), bool)
@@ -231,6 +244,8 @@ def np_detection_loss(feats, gt, *, num_classes, strides, reg_max=16, layout="NH
   ``scores (b, A, nc)``, ``boxes (b, A, 4)`` pixels and ``fg_mask (b, A)``. The box term is
   CIoU whatever ``overlap`` the assigner used. Returns ``(total, parts [box, cls, dfl], assignment)``.
   """
+  if assign_kw.get("min_box_side", None) is None:  # Ultralytics 8.4.190's side floor: the second stride
+    assign_kw["min_box_side"] = float(strides[1] if len(strides) > 1 else strides[0])
   dist, logits = np_flat_head(feats, num_classes, reg_max, layout)
   b = dist.shape[0]
   first = np.asarray(feats[0]).shape

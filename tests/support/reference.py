@@ -22,7 +22,8 @@ _print_options = np.get_printoptions()
 import torch  # noqa: E402
 import ultralytics  # noqa: E402
 from ultralytics.nn.modules.block import RealNVP  # noqa: E402
-from ultralytics.utils.loss import RLE_WEIGHT, E2EDetectLoss, E2ELoss, v8DetectionLoss  # noqa: E402
+from ultralytics.utils.loss import RLE_WEIGHT as _RLE_WEIGHT  # noqa: E402
+from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss  # noqa: E402
 from ultralytics.utils.tal import TaskAlignedAssigner  # noqa: E402
 
 np.set_printoptions(**_print_options)
@@ -226,7 +227,8 @@ def criterion(loss_class, *, num_classes, strides, reg_max=16, topk=10, topk2=No
     setattr(model, name, value)
   crit = loss_class(model, tal_topk=topk, tal_topk2=topk2)
   crit.assigner.alpha, crit.assigner.beta = alpha, beta
-  crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
+  if min_box_side is not None:  # None: the reference's own default (strides[1])
+    crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
   return crit
 
 
@@ -252,6 +254,10 @@ def run_observed(crit, preds, batch, *, stable=False):
       fg.numpy().astype(bool),
       gt_idx.numpy().astype(np.int32),
   )
+
+
+# The COCO-17 per-keypoint weights of the RLE term, as the reference's pose loss imports them.
+RLE_WEIGHT = np.asarray(_RLE_WEIGHT, np.float32)
 
 
 def flow_state_dict(seed: int = 0) -> dict:
