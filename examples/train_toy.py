@@ -74,9 +74,7 @@ def train_step_e2e(model, optimizer, loss_fn, images, gt, weight):
   return loss, zero_positive_counts(positives, gt.mask)
 
 
-def epoch_of(step: int, steps: int, epochs: int) -> int:
-  """0-based epoch of 1-based ``step`` when ``steps`` steps make ``epochs`` epochs (as equal as they split)."""
-  return (step - 1) * epochs // steps
+epoch_of = toykit.epoch_of  # 0-based epoch of a 1-based step (the one-to-many weight's schedule)
 
 
 def report(step: int, total: int, loss: float, zero: float, elapsed: float) -> None:
@@ -98,20 +96,7 @@ def predict_both(model, images):
   return toykit.scores_and_boxes(one2many), toykit.scores_and_boxes(one2one)
 
 
-def top_detections(scores, boxes, conf: float = 0.001, max_det: int = 100):
-  """Per image ``(boxes xyxy, scores, classes)`` with NO NMS, for the one-to-one branch: each anchor's best
-  class, the anchors scoring above ``conf``, the ``max_det`` best of them, best first. Nothing is suppressed.
-
-  (Ultralytics' end-to-end postprocess ranks (anchor, class) pairs, so an anchor may give two classes; one class
-  per anchor, as ``toykit.detect``, leaves NMS the only difference between the two evaluations.)
-  """
-  out = []
-  for s, b in zip(np.asarray(scores), np.asarray(boxes, np.float64)):
-    best, cls = s.max(-1), s.argmax(-1)
-    keep = np.flatnonzero(best > conf)
-    keep = keep[np.argsort(-best[keep], kind="stable")[:max_det]]
-    out.append((b[keep], best[keep], cls[keep]))
-  return out
+top_detections = toykit.top_detections  # the one-to-one branch's detections: the best anchors, no NMS
 
 
 def main(argv=None) -> dict:
