@@ -32,7 +32,7 @@ from jaxtal.detect import (
     loss_from_targets,
 )
 from jaxtal.end_to_end import EndToEndLoss, end_to_end_loss, end_to_end_sum_loss, one2many_weight
-from jaxtal.geometry import Geometry, axis_aligned, rotated
+from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, rotated
 from jaxtal.head import (
     Head,
     Predictions,
@@ -98,6 +98,7 @@ __all__ = [
     "EndToEndLoss",
     "ForegroundEntries",
     "Geometry",
+    "GeometryExtra",
     "GroundTruth",
     "Head",
     "LossConfig",

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jaxtal import _validate
 from jaxtal import kernels
 from jaxtal.config import AssignerConfig, make_config
-from jaxtal.geometry import Geometry, axis_aligned, rotated
+from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, rotated
 from jaxtal.labels import GroundTruth, valid_rows
 from jaxtal.targets import Assignment, ForegroundEntries, Targets, to_assignment
 
@@ -52,6 +52,9 @@ class _Gts(NamedTuple):
   labels: jax.Array  # (M,) int32 class (clipped into [0, nc) for reading scores)
   valid: jax.Array  # (M,) bool, the one rule of jaxtal.labels.valid_rows
   data: Any  # the geometry's per-GT data
+  gated: jax.Array | None = None  # (M,) bool: the geometry's gate applies (it leaves the GT a candidate)
+  listed: jax.Array | None = None  # (M, L) int32: a shortlist geometry's refined pairs' anchors
+  listed_overlap: jax.Array | None = None  # (M, L) float32: their refined overlaps
 
 
 class _Scores(NamedTuple):
@@ -141,26 +144,52 @@ def _tree_take(tree, idx):
   return jax.tree.map(lambda x: x[idx], tree)
 
 
-def _candidate_overlap(geometry: Geometry, gts: _Gts, preds, eps: float) -> tuple[jax.Array, jax.Array]:
+def _candidates(geometry: Geometry, gts: _Gts, preds, eps: float) -> jax.Array:
+  """Broadcasting pairs: the candidate test of valid GTs, with the geometry's gate where it applies."""
+  cand = geometry.candidate(gts.data, preds, eps) & gts.valid
+  if geometry.gate is not None and gts.gated is not None:
+    cand = cand & (geometry.gate(gts.data, preds) | ~gts.gated)
+  return cand
+
+
+def _candidate_overlap(geometry: Geometry, gts: _Gts, preds, eps: float, anchor=None) -> tuple[jax.Array, jax.Array]:
   """Broadcasting pairs: candidate mask and overlap clamped to ``[0, ...)`` (0 off candidates).
 
   Every place that needs a pair's overlap calls this, so the dense pass and the per-entry
-  passes compute the same floats.
+  passes compute the same floats. With a shortlist geometry's refined list in ``gts``, the
+  pairs' ``anchor`` indices (broadcasting like the pairs) look up the listed pairs' overlaps.
   """
-  cand = geometry.candidate(gts.data, preds, eps) & gts.valid
+  cand = _candidates(geometry, gts, preds, eps)
   overlap = geometry.overlap(gts.data, preds)
+  if gts.listed is not None and anchor is not None:
+    hit = gts.listed == anchor[..., None]  # (..., L): a pair is listed at most once
+    overlap = jnp.where(jnp.any(hit, axis=-1), jnp.sum(jnp.where(hit, gts.listed_overlap, 0.0), axis=-1), overlap)
   return cand, jnp.where(cand & jnp.isfinite(overlap), jnp.maximum(overlap, 0.0), 0.0)
 
 
-def _select_topk(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig):
-  """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors -> ``(C, k)`` anchors and metrics."""
+def _select_topk(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig, k: int | None = None, rank: bool = False):
+  """Steps 1-3 for a block of ``C`` GTs against all ``A`` anchors -> ``(C, k)`` anchors and metrics.
+
+  ``rank``: a shortlist geometry's ranking pass (candidates score ``metric + eps``, so a
+  zero-metric candidate still outranks every non-candidate). With the shortlist refined
+  (``gts.listed``), the listed pairs' metrics replace the others' in the row before the top-k.
+  """
   metric_levels = []
   for r, (lo, hi) in zip(scores.rows, _spans(scores)):
     level = jax.tree.map(lambda x: x[None, lo:hi], preds)  # (1, A_l, ...)
     cand, overlap = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], gts), level, cfg.eps)
     s = scores.power(jnp.take(r, gts.labels, axis=0))  # (C, A_l)
-    metric_levels.append(jnp.where(cand, s * _power(overlap, cfg.beta), 0.0))
-  return kernels.select("top_k", cfg.plain_kernels)(metric_levels)(cfg.topk)
+    metric = s * _power(overlap, cfg.beta)
+    metric_levels.append(jnp.where(cand, metric + cfg.eps if rank else metric, 0.0))
+  if gts.listed is not None:
+    # Refined pairs: row-aligned (C, L) against their own anchors, scattered into the whole row.
+    listed = _tree_take(preds, gts.listed)  # leaves (C, L, ...)
+    cand, overlap = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], gts), listed, cfg.eps, gts.listed)
+    s = _score_at(scores, gts.labels[:, None], gts.listed)
+    row = jnp.concatenate(metric_levels, axis=1)
+    rows = jnp.arange(row.shape[0], dtype=jnp.int32)[:, None]
+    metric_levels = [row.at[rows, gts.listed].set(jnp.where(cand, s * _power(overlap, cfg.beta), 0.0))]
+  return kernels.select("top_k", cfg.plain_kernels)(metric_levels)(cfg.topk if k is None else k)
 
 
 def _blocks(tree, size: int):
@@ -180,18 +209,37 @@ def _claims(top_anchor, top_metric, gts: _Gts, preds, geometry: Geometry, eps: f
   m, k = top_anchor.shape
   anchor = top_anchor.reshape(-1)  # (E,)
   owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), k)
-  positive, overlap = _candidate_overlap(geometry, _tree_take(gts, owner), _tree_take(preds, anchor), eps)
+  positive, overlap = _candidate_overlap(geometry, _tree_take(gts, owner), _tree_take(preds, anchor), eps, anchor)
   return _Claims(anchor, owner, positive, overlap, top_metric.reshape(-1))
 
 
-def _best_candidate_gt(gts: _Gts, entry_preds, geometry: Geometry, cfg: AssignerConfig, gt_chunk: int):
+def _gate_applies(gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig, gt_chunk: int) -> jax.Array:
+  """``(M,)`` whether a gated geometry's gate leaves each GT some candidate (else it keeps its ungated ones)."""
+
+  def block(g: _Gts):
+    gated = geometry.candidate(g.data, preds, cfg.eps) & g.valid & geometry.gate(g.data, preds)
+    return jnp.any(gated, axis=1)
+
+  pairs = lambda g: jax.tree.map(lambda x: x[:, None], g)  # noqa: E731
+  preds = jax.tree.map(lambda x: x[None], preds)
+  m = gts.labels.shape[0]
+  if gt_chunk >= m:
+    return block(pairs(gts))
+  blocks, _ = _blocks(gts, gt_chunk)
+  _, out = jax.lax.scan(lambda c, g: (c, block(pairs(g))), None, blocks)
+  return out.reshape(-1)[:m]
+
+
+def _best_candidate_gt(gts: _Gts, entry_preds, entry_anchor, geometry: Geometry, cfg: AssignerConfig, gt_chunk: int):
   """Step 4 helper: for each entry's anchor, the candidate GT of highest overlap among all ``M``.
 
   Returns ``(overlap (E,), gt (E,))``: -1 and 0 where the anchor is no GT's candidate.
   """
 
   def block(g: _Gts):  # (C,) GTs against (E,) entries: reductions run across GTs
-    cand, overlap = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], g), jax.tree.map(lambda x: x[None], entry_preds), cfg.eps)
+    cand, overlap = _candidate_overlap(
+        geometry, jax.tree.map(lambda x: x[:, None], g), jax.tree.map(lambda x: x[None], entry_preds), cfg.eps, entry_anchor[None]
+    )
     masked = jnp.where(cand, overlap, -1.0)
     best = jnp.max(masked, axis=0)
     ids = jnp.arange(masked.shape[0], dtype=jnp.int32)[:, None]
@@ -282,8 +330,31 @@ def _targets(a: _PerAnchor, entries: ForegroundEntries, gt_labels, gt_boxes, eps
   return Targets(labels, boxes, weights, a.fg, a.gt.astype(jnp.int32), positives, entries)
 
 
-def _assign_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mask, *, cfg, geometry, from_logits, gt_chunk, image_hw):
-  """Steps 1-5 for one image: score levels ``(A_l, nc)``, ``(A, D)``, ``(A, 2)``, ``(M,)``, ``(M, D)``, ``(M,)``."""
+def _topk_blocks(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig, gt_chunk: int, k: int, rank: bool = False):
+  """:func:`_select_topk` for all ``M`` GTs, a block of ``gt_chunk`` at a time: ``(M, k)`` anchors and metrics."""
+  m = gts.labels.shape[0]
+  if gt_chunk >= m:
+    return _select_topk(scores, gts, preds, geometry, cfg, k, rank)
+  blocks, _ = _blocks(gts, gt_chunk)
+  _, (top_anchor, top_metric) = jax.lax.scan(lambda c, g: (c, _select_topk(scores, g, preds, geometry, cfg, k, rank)), None, blocks)
+  return top_anchor.reshape(-1, k)[:m], top_metric.reshape(-1, k)[:m]
+
+
+def _refine(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig, gt_chunk: int, image_extra) -> _Gts:
+  """A shortlist geometry's first pass: each GT's ``L`` best pairs by the unrefined metric, refined once."""
+  num_anchors = jax.tree.leaves(preds)[0].shape[0]
+  size = min(geometry.shortlist * cfg.topk, num_anchors)
+  listed, _ = _topk_blocks(scores, gts, preds, geometry, cfg, gt_chunk, size, rank=True)  # (M, L)
+  listed_preds = _tree_take(preds, listed)
+  cand = _candidates(geometry, jax.tree.map(lambda x: x[:, None], gts), listed_preds, cfg.eps)
+  data, overlap = geometry.refine(gts.data, listed_preds, listed, cand, image_extra)
+  overlap = jnp.where(cand & jnp.isfinite(overlap), overlap, 0.0).astype(jnp.float32)
+  return gts._replace(data=data, listed=listed, listed_overlap=overlap)
+
+
+def _assign_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mask, extra, *, cfg, geometry, from_logits, gt_chunk, image_hw):
+  """Steps 1-5 for one image: score levels ``(A_l, nc)``, ``(A, D)``, ``(A, 2)``, ``(M,)``, ``(M, D)``, ``(M,)``,
+  and the image's :class:`~jaxtal.geometry.GeometryExtra` (or None)."""
   nc = score_levels[0].shape[-1]
   m, num_anchors = gt_labels.shape[0], pred_boxes.shape[0]
   box_ok = geometry.box_ok(gt_boxes)
@@ -291,23 +362,26 @@ def _assign_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mas
     box_ok = box_ok & geometry.on_image(gt_boxes, image_hw)
   valid = valid_rows(gt_labels, gt_boxes, gt_mask, nc, box_ok)
   safe_boxes = jnp.where(valid[:, None], gt_boxes, 0.0)  # invalid rows never reach the geometry
-  gts = _Gts(jnp.clip(gt_labels, 0, nc - 1), valid, geometry.gt_data(safe_boxes, valid, cfg.min_box_side))
+  safe_preds = jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0)
   # Anchors ride along with the (per-image) predictions, so gathers stay local to an image
   # when the batch is sharded.
-  preds = geometry.pred_data(jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0), anchors)
+  if extra is None:
+    data, preds = geometry.gt_data(safe_boxes, valid, cfg.min_box_side), geometry.pred_data(safe_preds, anchors)
+  else:
+    data, preds = geometry.gt_data(safe_boxes, valid, cfg.min_box_side, extra.gt), geometry.pred_data(safe_preds, anchors, extra.pred)
+  gts = _Gts(jnp.clip(gt_labels, 0, nc - 1), valid, data)
+  if geometry.gate is not None:
+    gts = gts._replace(gated=_gate_applies(gts, preds, geometry, cfg, gt_chunk))
   scores = _read_scores(score_levels, from_logits, cfg.alpha, m, cfg.plain_kernels)
+  if geometry.shortlist:
+    gts = _refine(scores, gts, preds, geometry, cfg, gt_chunk, None if extra is None else extra.image)
 
   # Steps 1-3, a block of GTs at a time: (M, topk) anchors and metrics.
-  if gt_chunk >= m:
-    top_anchor, top_metric = _select_topk(scores, gts, preds, geometry, cfg)
-  else:
-    blocks, _ = _blocks(gts, gt_chunk)
-    _, (top_anchor, top_metric) = jax.lax.scan(lambda c, g: (c, _select_topk(scores, g, preds, geometry, cfg)), None, blocks)
-    top_anchor, top_metric = top_anchor.reshape(-1, cfg.topk)[:m], top_metric.reshape(-1, cfg.topk)[:m]
+  top_anchor, top_metric = _topk_blocks(scores, gts, preds, geometry, cfg, gt_chunk, cfg.topk)
   claims = _claims(top_anchor, top_metric, gts, preds, geometry, cfg.eps)
 
   # Step 4.
-  best_overlap, best_gt = _best_candidate_gt(gts, _tree_take(preds, claims.anchor), geometry, cfg, gt_chunk)
+  best_overlap, best_gt = _best_candidate_gt(gts, _tree_take(preds, claims.anchor), claims.anchor, geometry, cfg, gt_chunk)
   best_score = _score_at(scores, gts.labels[best_gt], claims.anchor)
   best_metric = jnp.where(best_overlap >= 0, best_score * _power(jnp.maximum(best_overlap, 0.0), cfg.beta), 0.0)
   per_anchor = _resolve_conflicts(claims, _Best(best_overlap, best_gt, best_metric), num_anchors)
@@ -329,6 +403,7 @@ def assign_targets(
     geometry: Geometry,
     from_logits: bool,
     image_hw: tuple[float, float] | None = None,
+    extra: GeometryExtra | None = None,
 ) -> Targets:
   """Batched assignment in the form the loss reads (:class:`~jaxtal.Targets`), for any geometry.
 
@@ -344,6 +419,8 @@ def assign_targets(
     from_logits: whether ``score_levels`` are logits.
     image_hw: the input ``(H, W)`` in pixels when known (the loss): GT rows with no overlap
       with the image are then masked too.
+    extra: the geometry's data beyond boxes (:class:`~jaxtal.geometry.GeometryExtra`, leaves
+      ``(b, ...)``, taken under ``stop_gradient``), or None for box geometries.
 
   Returns:
     :class:`~jaxtal.Targets` with ``E = M * topk`` entries, under ``stop_gradient``. Arguments
@@ -353,6 +430,8 @@ def assign_targets(
     # No GT slots at all: the same as one slot that is padding (every anchor is background).
     b = gt.labels.shape[0]
     gt = GroundTruth(jnp.zeros((b, 1), jnp.int32), jnp.zeros((b, 1, geometry.box_dim), jnp.float32), jnp.zeros((b, 1), bool))
+    if extra is not None and extra.gt is not None:  # per-GT extras get the padding slot too
+      extra = extra._replace(gt=jax.tree.map(lambda x: jnp.zeros((x.shape[0], 1, *x.shape[2:]), x.dtype), extra.gt))
   m = gt.labels.shape[1]
   num_anchors = pred_boxes.shape[1]
   gt_chunk = config.gt_chunk
@@ -367,9 +446,9 @@ def assign_targets(
   if sharding is not None and getattr(sharding, "mesh", None) is not None and not sharding.mesh.empty:
     anchors = jax.sharding.reshard(anchors, sharding)
 
-  def one(levels, boxes, anchors, labels, gt_boxes, mask):
+  def one(levels, boxes, anchors, labels, gt_boxes, mask, extra):
     return _assign_image(
-        levels, boxes, anchors, labels, gt_boxes, mask,
+        levels, boxes, anchors, labels, gt_boxes, mask, extra,
         cfg=config, geometry=geometry, from_logits=from_logits, gt_chunk=min(int(gt_chunk), m), image_hw=image_hw,
     )
 
@@ -380,6 +459,7 @@ def assign_targets(
       sg(jnp.asarray(gt.labels, jnp.int32)),
       sg(jnp.asarray(gt.boxes, jnp.float32)),
       sg(jnp.asarray(gt.mask).astype(bool)),
+      None if extra is None else jax.tree.map(sg, extra),
   )
 
 

@@ -33,12 +33,26 @@ class Geometry(NamedTuple):
       count (see :func:`jaxtal.labels.valid_rows`), e.g. a positive area.
     on_image: ``((..., D) boxes, (H, W)) -> (...) bool``: whether a GT box overlaps the
       network input at all (the loss masks rows that do not).
-    gt_data: ``((M, D) boxes, (M,) valid, min_box_side) -> g``: per-GT data, computed once per
-      image (invalid rows hold harmless stand-ins, never NaN).
-    pred_data: ``((A, D) predicted boxes, (A, 2) anchor centres) -> p``: per-anchor data.
+    gt_data: ``((M, D) boxes, (M,) valid, min_box_side[, extra]) -> g``: per-GT data, computed
+      once per image (invalid rows hold harmless stand-ins, never NaN). ``extra`` is the image's
+      ``GeometryExtra.gt`` (e.g. ``(M, K, 3)`` keypoints), passed only when the caller gives extras.
+    pred_data: ``((A, D) predicted boxes, (A, 2) anchor centres[, extra]) -> p``: per-anchor
+      data; ``extra`` is the image's ``GeometryExtra.pred`` (e.g. ``(A, K, 2)`` keypoints).
     candidate: ``(g, p, eps) -> bool``: whether an anchor may be assigned to a GT (step 1).
     overlap: ``(g, p) -> float``: the overlap of GT and predicted box (steps 2 and 4); the
       assigner clamps it at 0 and maps non-finite values to 0, so it needs no guard of its own.
+    gate: optional ``(g, p) -> bool``, broadcasting: a further candidate condition (e.g. YOLO26
+      pose's pyramid-level gate). The assigner applies it per GT only where it leaves the GT some
+      candidate: a GT the gate would empty keeps its ungated candidates.
+    shortlist: ``0``, or a factor ``f``: the overlap is refined on each GT's ``L = min(f * topk,
+      A)`` best pairs only. The assigner ranks each GT's candidates by ``score^alpha *
+      overlap(g, p)^beta + eps`` with ``g`` from ``gt_data``, calls ``refine`` once per image,
+      and from then on a pair's overlap is the refined one where the pair is listed and
+      ``overlap(g', p)`` (``g'`` from ``refine``) elsewhere (e.g. YOLO26 segmentation: box and
+      mask IoU on listed pairs, half the box IoU elsewhere).
+    refine: with ``shortlist``: ``(g, p_listed, listed (M, L) int32 anchors, listed_candidate
+      (M, L) bool, extra_image) -> (g', (M, L) overlap of the listed pairs)``; ``p_listed``'s
+      leaves are ``(M, L, ...)``, ``extra_image`` the image's ``GeometryExtra.image``.
   """
 
   name: str
@@ -49,6 +63,22 @@ class Geometry(NamedTuple):
   pred_data: Callable[[jax.Array, jax.Array], Any]
   candidate: Callable[[Any, Any, float], jax.Array]
   overlap: Callable[[Any, Any], jax.Array]
+  gate: Callable[[Any, Any], jax.Array] | None = None
+  shortlist: int = 0
+  refine: Callable[..., tuple[Any, jax.Array]] | None = None
+
+
+class GeometryExtra(NamedTuple):
+  """A geometry's data beyond boxes, for the whole batch; every leaf leads with ``b``.
+
+  The assigner hands each image's slice to the geometry: ``gt`` to ``gt_data`` (per-GT leaves
+  ``(b, M, ...)``), ``pred`` to ``pred_data`` (per-anchor ``(b, A, ...)``), ``image`` to
+  ``refine`` (anything ``(b, ...)``, e.g. prototypes and GT masks). Any may be None.
+  """
+
+  gt: Any = None
+  pred: Any = None
+  image: Any = None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -69,6 +69,10 @@ class Predictions(NamedTuple):
     mask_coefs: per-level mask coefficients, ``C = nm`` (segmentation, :func:`~jaxtal.segment_loss`).
     proto: the prototype masks ``(b, mh, mw, nm)`` (NHWC) or ``(b, nm, mh, mw)`` (NCHW), one
       array, not per level (segmentation).
+    keypoint_sigmas: per-level sigma logits of the keypoints, ``C = 2 K``, channel ``k * 2 + c``
+      (YOLO26 pose's RLE term, :func:`~jaxtal.pose26_loss`).
+    semantic: semantic-segmentation logits ``(b, h, w, nc)`` (NHWC) or ``(b, nc, h, w)`` (NCHW),
+      one array (YOLO26's prototype branch, :func:`~jaxtal.segment26_loss`).
 
   The detection loss also takes a plain list of head maps as ``Predictions(feats=maps)``.
   """
@@ -78,6 +82,8 @@ class Predictions(NamedTuple):
   keypoints: Sequence[jax.Array] | None = None
   mask_coefs: Sequence[jax.Array] | None = None
   proto: jax.Array | None = None
+  keypoint_sigmas: Sequence[jax.Array] | None = None
+  semantic: jax.Array | None = None
 
 
 def level_rows(feats: Sequence[jax.Array], layout: Layout) -> list[jax.Array]:

@@ -50,6 +50,8 @@ class AssignSteps(NamedTuple):
 
 def _steps_one(scores, pred_boxes, anchors, labels, boxes, mask, *, cfg: AssignerConfig, geometry: Geometry):
   """One image: ``(A, nc)``, ``(A, D)``, ``(A, 2)``, ``(M,)``, ``(M, D)``, ``(M,)``."""
+  if geometry.gate is not None or geometry.shortlist:
+    raise NotImplementedError(f"assign_steps replays box geometries only; {geometry.name} has a gate or a shortlist")
   m, a = labels.shape[0], anchors.shape[0]
   nc = scores.shape[-1]
   valid = valid_rows(labels, boxes, mask, nc, geometry.box_ok(boxes))

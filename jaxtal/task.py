@@ -32,6 +32,7 @@ from jaxtal import _validate
 from jaxtal import checks
 from jaxtal import terms
 from jaxtal.config import LossConfig, make_config
+from jaxtal.geometry import GeometryExtra
 from jaxtal.head import Head, Predictions, decode_maps, level_rows
 from jaxtal.labels import GroundTruth
 from jaxtal.targets import Targets, entries_cover_foreground
@@ -73,6 +74,9 @@ class Task(NamedTuple):
       masks) and returns static facts about them; None when the task reads none.
     parts: ``(inputs, targets, cfg, class_weights) -> parts``: the gain-scaled terms, not yet
       finished (:func:`jaxtal.terms.detection_parts` plus the task's own terms).
+    assign_extra: optional ``(inputs, cfg) -> GeometryExtra``: what the task's geometry reads
+      beyond boxes (YOLO26 pose: predicted and GT keypoints; YOLO26 segmentation: mask
+      coefficients, prototypes and GT masks); None for box geometries.
   """
 
   name: str
@@ -82,6 +86,7 @@ class Task(NamedTuple):
   prepare: Callable[..., tuple[Head, Any]]
   check_gt: Callable[[GroundTruth, Any, str], Any] | None
   parts: Callable[[Inputs, Targets, Any, Any], Any]
+  assign_extra: Callable[[Inputs, Any], GeometryExtra] | None = None
 
 
 def no_side(preds: Predictions, head: Head, cfg, batch: int, shapes, caller: str) -> tuple[Head, None]:
@@ -155,11 +160,16 @@ def _check_values(inputs: Inputs, cfg: LossConfig) -> None:
   checks.check_values(inputs.gt, num_classes=cfg.num_classes, predictions=named, image_size=inputs.image_hw)
 
 
+def _assign(task: Task, inputs: Inputs, cfg) -> Targets:
+  extra = None if task.assign_extra is None else task.assign_extra(inputs, cfg)
+  return terms.assign(inputs.head, inputs.gt, cfg, inputs.image_hw, task.form, extra)
+
+
 def targets(task: Task, preds, gt, config, overrides: dict, caller: str) -> tuple[Head, Targets]:
   """``<task>_targets``: the decoded head and the assignment the loss trains against."""
   cfg = make_config(task.config_class, config, overrides, caller)
   inputs = _inputs(task, preds, gt, cfg, None, caller, gt_required=True)
-  return inputs.head, terms.assign(inputs.head, gt, cfg, inputs.image_hw, task.form)
+  return inputs.head, _assign(task, inputs, cfg)
 
 
 def loss(task: Task, preds, gt, config, class_weights, overrides: dict, caller: str, *, checked: bool = False):
@@ -168,7 +178,7 @@ def loss(task: Task, preds, gt, config, class_weights, overrides: dict, caller: 
   inputs = _inputs(task, preds, gt, cfg, class_weights, caller, gt_required=True)
   if checked:
     _check_values(inputs, cfg)
-  t = terms.assign(inputs.head, gt, cfg, inputs.image_hw, task.form)
+  t = _assign(task, inputs, cfg)
   return terms.finish(task.parts(inputs, t, cfg, class_weights), inputs.batch, cfg.axis_name)
 
 

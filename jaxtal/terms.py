@@ -44,7 +44,7 @@ from jaxtal._parallel import global_sum
 from jaxtal.assigner import assign_targets
 from jaxtal.boxes import box_iou, xyxy_to_ltrb
 from jaxtal.config import AssignerConfig, LossConfig
-from jaxtal.geometry import Geometry, axis_aligned
+from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned
 from jaxtal.head import Head
 from jaxtal.labels import GroundTruth
 from jaxtal.targets import Targets, take_rows
@@ -98,10 +98,11 @@ AXIS_ALIGNED = BoxForm(
 )
 
 
-def assign(head: Head, gt: GroundTruth, cfg: LossConfig, image_hw, form: BoxForm = AXIS_ALIGNED) -> Targets:
+def assign(head: Head, gt: GroundTruth, cfg: LossConfig, image_hw, form: BoxForm = AXIS_ALIGNED, extra: GeometryExtra | None = None) -> Targets:
   """Sigmoid scores and pixel boxes of ``head`` against ``gt`` with ``form``'s geometry (under ``stop_gradient``).
 
   ``E = M * topk`` entries; GT rows with no overlap with the ``image_hw`` input own nothing.
+  ``extra``: the geometry's data beyond boxes (keypoints, masks), when its task gives some.
   """
   return assign_targets(
       head.logits,
@@ -112,6 +113,7 @@ def assign(head: Head, gt: GroundTruth, cfg: LossConfig, image_hw, form: BoxForm
       geometry=form.geometry(cfg),
       from_logits=True,
       image_hw=image_hw,
+      extra=extra,
   )
 
 
