@@ -135,6 +135,7 @@ def loss_case(name: str) -> dict:
     mask_hw = (32, 32)
   elif name == "e2e":
     cfg.update(loss="e2e", min_box_side=None, epoch=3, epochs=10)
+    sides = (24, 56)  # big enough that the one-to-one short lists (3 * 7 pairs) bind
   elif name == "e2e_per_instance":
     cfg.update(loss="e2e", overlap_mask=False, reg_max=1, epoch=0, epochs=10)
   rows = cases.random_rows(rng, counts, cfg["num_classes"], IMAGE, sides, clusters=True, pairs=pairs)
