@@ -8,6 +8,7 @@ the many-anchor tests (A = 2100 over three levels) that make the two-stage top-k
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -317,3 +318,96 @@ class TestAssignTargets:
     assert not np.asarray(t.fg_mask).any() and not np.asarray(t.entries.valid).any()
     np.testing.assert_array_equal(jaxtal.entries_cover_foreground(t), True)
 
+
+
+class _Refined(NamedTuple):
+  inner: Any  # the box geometry's per-GT data, after a shortlist refinement
+
+
+def _unwrap(g):
+  return g.inner if isinstance(g, _Refined) else g
+
+
+def _seam_geometry(gate: bool, shortlist: bool) -> jaxtal.Geometry:
+  """IoU boxes plus a gate (anchor x < 16 px) and/or a shortlist of topk pairs (listed pairs (u + 1) / 2, others u / 2)."""
+  base = jaxtal.axis_aligned("iou")
+
+  def overlap(g, p):
+    u = base.overlap(_unwrap(g), p)
+    return u / 2 if isinstance(g, _Refined) else u
+
+  def refine(g, p_listed, listed, cand, image):
+    del listed, cand, image
+    u = base.overlap(jax.tree.map(lambda x: x[:, None], g), p_listed)
+    return _Refined(g), (jnp.maximum(u, 0.0) + 1.0) / 2
+
+  return base._replace(
+      name="test/seam",
+      candidate=lambda g, p, eps: base.candidate(_unwrap(g), p, eps),
+      overlap=overlap,
+      gate=(lambda g, p: (p.anchor[..., 0] < 16.0) & jnp.isfinite(_unwrap(g).box[..., 0])) if gate else None,
+      shortlist=1 if shortlist else 0,
+      refine=refine if shortlist else None,
+  )
+
+
+class TestGeometrySeam:
+  """The assigner's generic gate and shortlist rules against the dense NumPy oracle."""
+
+  @pytest.mark.parametrize("gate,shortlist", [(True, False), (False, True), (True, True)])
+  @pytest.mark.parametrize("gt_chunk", [None, 1])
+  def test_matches_numpy(self, gate, shortlist, gt_chunk):
+    geometry = _seam_geometry(gate, shortlist)
+    cfg = jaxtal.AssignerConfig(topk=3, overlap="iou", gt_chunk=gt_chunk)
+    for seed in (0, 5):
+      scores, boxes, anchors, gt = assign_problem(seed=seed)
+      targets = jax.jit(lambda s, bx, a, g: jaxtal.assign_targets((s,), bx, a, g, cfg, geometry=geometry, from_logits=False))(
+          scores, boxes, anchors, gt)
+      got = jaxtal.to_assignment(targets, NC)
+      a = np.asarray(anchors)
+      kw = dict(topk=3, overlap="iou")
+      if gate:
+        kw["gate"] = np.broadcast_to(a[None, :, 0] < 16.0, (gt.labels.shape[1], a.shape[0]))
+      if shortlist:
+        kw["shortlist"] = (1, lambda u: (u + 1) / 2, lambda u: u / 2)
+      expected = np_assign(scores, boxes, anchors, gt, **kw)
+      assert_assignment_equal(got, expected)
+      assert np_entries_keep_contract(got.fg_mask, got.gt_index, targets.entries).all()
+
+  def test_the_rules_change_the_assignment(self):
+    """Each rule is exercised: gated, shortlisted and plain assignments differ on this input, and
+    a GT lying wholly right of the gate keeps its (ungated) candidates."""
+    scores, boxes, anchors, gt = assign_problem(seed=0)
+    kw = dict(topk=3, overlap="iou")
+    a = np.asarray(anchors)
+    gate = np.broadcast_to(a[None, :, 0] < 16.0, (gt.labels.shape[1], a.shape[0]))
+    plain = np_assign(scores, boxes, anchors, gt, **kw)
+    gated = np_assign(scores, boxes, anchors, gt, gate=gate, **kw)
+    listed = np_assign(scores, boxes, anchors, gt, shortlist=(2, lambda u: (u + 1) / 2, lambda u: u / 2), **kw)
+    assert not np.array_equal(plain["pos"], gated["pos"])
+    assert not np.allclose(plain["scores"], listed["scores"])
+    right = np.asarray(gt.boxes)[..., 0] >= 16.0
+    kept = gated["in_box"].any(-1) & right
+    assert kept.any()  # a GT the gate would empty keeps its candidates
+
+  def test_extras_reach_the_geometry(self):
+    """GeometryExtra's leaves are split per image and handed to gt_data / pred_data / refine."""
+    base = jaxtal.axis_aligned("iou")
+    seen = {}
+
+    def gt_data(boxes, valid, side, extra):
+      seen["gt"] = extra.shape
+      return base.gt_data(boxes + 0.0 * extra[:, :1], valid, side)
+
+    def pred_data(boxes, anchors, extra):
+      seen["pred"] = extra.shape
+      return base.pred_data(boxes, anchors)
+
+    geometry = base._replace(gt_data=gt_data, pred_data=pred_data)
+    scores, boxes, anchors, gt = assign_problem(seed=0)
+    b, m = gt.labels.shape
+    extra = jaxtal.GeometryExtra(gt=jnp.ones((b, m, 3)), pred=jnp.ones((b, anchors.shape[0], 2)))
+    cfg = jaxtal.AssignerConfig(topk=3, overlap="iou")
+    targets = jaxtal.assign_targets((scores,), boxes, anchors, gt, cfg, geometry=geometry, from_logits=False, extra=extra)
+    assert seen == {"gt": (m, 3), "pred": (anchors.shape[0], 2)}
+    assert_assignment_equal(jaxtal.to_assignment(targets, NC), np_assign(scores, boxes, anchors, gt, topk=3, overlap="iou"))

@@ -102,12 +102,16 @@ def np_valid_rows(labels, boxes, mask, nc, image_hw=None):
 
 
 def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, topk2=None, alpha=0.5, beta=6.0,
-                  eps=1e-9, min_box_side=0.0, overlap="ciou", image_hw=None):
+                  eps=1e-9, min_box_side=0.0, overlap="ciou", image_hw=None, gate=None, shortlist=None):
   """Task-aligned assignment of one image, dense ``(M, A)``, from the TOOD paper and the jaxtal docstring.
 
   ``overlap`` is ``"ciou"`` (Ultralytics) or ``"iou"``: the overlap of the align metric and of
-  conflict resolution. Returns the final targets, the per-GT positive counts and every
-  intermediate step (``valid``, ``in_box``, ``overlaps``, ``metric``, ``topk_mask``, ``pos``).
+  conflict resolution. ``gate``: an ``(M, A)`` bool further candidate condition, applied to a GT
+  only where it leaves it a candidate. ``shortlist``: ``(f, listed_fn, unlisted_fn)``: each GT's
+  ``min(f * topk, A)`` best candidates by ``s^alpha u^beta + eps`` get overlap ``listed_fn(u)``,
+  the others ``unlisted_fn(u)`` (both ``(M, A)`` -> ``(M, A)``). Returns the final targets, the
+  per-GT positive counts and every intermediate step (``valid``, ``in_box``, ``overlaps``,
+  ``metric``, ``topk_mask``, ``pos``).
   """
   m, a = len(labels), len(anchors)
   nc = scores.shape[-1]
@@ -119,10 +123,21 @@ def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, 
   lt, rb = ctr - wh / 2, ctr + wh / 2
   deltas = np.concatenate([anchors[None] - lt[:, None], rb[:, None] - anchors[None]], axis=-1)
   cand = (deltas.min(-1) > eps) & valid[:, None]
+  if gate is not None:
+    gated = cand & gate
+    cand = np.where(gated.any(1, keepdims=True), gated, cand)
   # 2. align metric s^alpha * u^beta, u = CIoU (or IoU) clamped at 0.
   u = np_box_iou(boxes[:, None], pred_boxes[None], overlap)
   overlaps = np.where(cand & np.isfinite(u), np.maximum(u, 0), 0)
   s = np.where(np.isfinite(scores), np.clip(scores, 0, 1), 0)[:, np.clip(labels, 0, nc - 1)].T
+  if shortlist is not None:
+    factor, listed_fn, unlisted_fn = shortlist
+    rank = np.where(cand, s**alpha * overlaps**beta + eps, 0)
+    listed = np.zeros((m, a), bool)
+    for g in range(m):
+      listed[g, np.argsort(-rank[g], kind="stable")[: min(factor * topk, a)]] = True
+    u = np.where(listed, listed_fn(overlaps), unlisted_fn(overlaps))
+    overlaps = np.where(cand & np.isfinite(u), np.maximum(u, 0), 0)
   metric = np.where(cand, s**alpha * overlaps**beta, 0)
   # 3. top-k per GT (ties: lower anchor index), in-box only.
   pos = np.zeros((m, a), bool)
