@@ -17,6 +17,12 @@ The head predicts, per anchor, ``nm`` mask coefficients, and, per image, ``nm`` 
   pixels, divided by the box's area as a fraction of the image;
 * summed over the foreground anchors of the batch and divided by ``max(F, 1)``.
 
+With semantic logits (``Predictions.semantic``, the prototype branch of YOLO26 / YOLOE-26) the loss adds a
+fifth part, ``sem`` (:func:`semantic_term`: BCE + Dice against the instances' class map, :func:`class_map`),
+and returns :class:`SemanticSegmentLossParts`; without them it returns :class:`SegmentLossParts` (the task
+values ``SEGMENT_SEMANTIC`` and ``SEGMENT``, picked by :func:`task_of`). YOLO26's own loss with its
+mask-aware assignment is :mod:`jaxtal.segment26`, which reuses these terms.
+
 When the GT masks have another resolution than the prototypes, the prototypes are resized to
 the masks' resolution (either direction) bilinearly with half-pixel centres and no
 antialiasing (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``, what the

@@ -474,3 +474,25 @@ def test_config_and_validation():
     jaxtal.segment26_loss(preds._replace(keypoints=preds.feats), gt, CFG)
   with pytest.raises(ValueError, match="gt.masks is None"):
     jaxtal.segment26_loss(preds, gt._replace(masks=None), CFG)
+
+
+@pytest.mark.slow
+def test_axis_name_gives_the_global_loss_on_every_shard():
+  """Under a mapped axis (vmap stands in for shard_map), each shard of one image returns the global loss (the
+  semantic term a mean over the global batch, gated on the global foreground) and the gradient of the global
+  loss w.r.t. its own inputs."""
+  preds, gt = predictions(seed=4), ground_truth(seed=4)
+  total, parts, grads = loss_and_grads(preds, gt)
+  split = lambda x: np.asarray(x).reshape(2, -1, *np.shape(x)[1:])  # noqa: E731
+  cfg = dataclasses.replace(CFG, axis_name="data", iou_chunk=5)
+
+  def local(p, g):
+    return jax.value_and_grad(lambda p: jaxtal.segment26_loss(p, g, cfg), has_aux=True)(p)
+
+  (t, p), g = jax.jit(jax.vmap(local, axis_name="data"))(jax.tree.map(split, preds), jax.tree.map(split, gt))
+  np.testing.assert_allclose(np.asarray(t), total, rtol=1e-5)
+  for got, want in zip(p, parts):
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+  for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(grads)):
+    want = np.asarray(want)
+    np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
