@@ -61,7 +61,7 @@ def v8_rows(args, table) -> None:
   coefs_np = timing.make_side_maps(nm, seed=SEED + 7)
   proto_np = np.random.default_rng(SEED + 9).standard_normal((BATCH, mh, mw, nm), dtype=np.float32)
   feats, coefs, proto = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in coefs_np], jax.device_put(proto_np)
-  cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+  cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, min_box_side=0.0)
   step = jax.jit(make_step(cfg))
   data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
   inputs_by_m, runs = {}, {}
@@ -90,7 +90,7 @@ def v8_rows(args, table) -> None:
   preds, leaves = timing.reference_preds(maps_np, NUM_CLASSES, extra={"mask_coefficient": coefs_np, "proto": proto_np})
   model = reference.Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, overlap_mask=True), None)
   crit = v8SegmentationLoss(model, tal_topk=10)
-  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides
   ref_runs = {}
   for m, (label_rows, index_maps) in data.items():
     t = torch.from_numpy(label_rows)

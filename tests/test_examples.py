@@ -21,6 +21,7 @@ pycocotools and OpenCV come with the ``examples`` extra (``pip install -e ".[exa
 them are skipped without it. The expected numbers are worked by hand in the comments beside them.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -315,14 +316,18 @@ def test_zero_positive_counts_by_hand():
 
 
 def test_zero_positive_counts_from_detection_targets():
-  """A 2.5 px box between the anchor centres (4, 12, ... at stride 8, 8, 24, ... at 16, 16, 48 at 32) owns no
-  anchor; a 30 px box owns several."""
+  """Under the original YOLOv8 in-box rule (``min_box_side=0``) a 2.5 px box between the anchor centres (4, 12, ...
+  at stride 8, 8, 24, ... at 16, 16, 48 at 32) owns no anchor; a 30 px box owns several. The default floor
+  (``strides[1]``, Ultralytics 8.4.190) widens the small box so that it owns some."""
   gt = jaxtal.GroundTruth(
       jnp.array([[0, 1, 0]]), jnp.array([[[5.0, 5.0, 7.5, 7.5], [20.0, 20.0, 50.0, 50.0], [0, 0, 0, 0]]]),
       jnp.array([[True, True, False]]),
   )
   feats = [jnp.zeros((1, s, s, 4 * toykit.CONFIG.reg_max + 3)) for s in (8, 4, 2)]
-  _, targets = jax.jit(functools.partial(jaxtal.detection_targets, config=toykit.CONFIG))(feats, gt)  # gt an argument
+  _, stal = jax.jit(functools.partial(jaxtal.detection_targets, config=toykit.CONFIG))(feats, gt)
+  assert int(stal.positives_per_gt[0, 0]) > 0
+  yolov8 = dataclasses.replace(toykit.CONFIG, min_box_side=0.0)
+  _, targets = jax.jit(functools.partial(jaxtal.detection_targets, config=yolov8))(feats, gt)  # gt an argument
   assert int(targets.positives_per_gt[0, 0]) == 0 and int(targets.positives_per_gt[0, 1]) > 0
   zero, real = train_toy.zero_positive_counts(targets.positives_per_gt, gt.mask)
   assert (int(zero), int(real)) == (1, 2)
