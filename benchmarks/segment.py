@@ -122,7 +122,7 @@ def segment26_rows(args, table) -> None:
       [jax.device_put(m) for m in maps_np], mask_coefs=[jax.device_put(m) for m in coefs_np], proto=jax.device_put(proto_np),
       semantic=jax.device_put(sem_np),
   )
-  cfg = jaxtal.Segment26LossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, min_box_side=float(STRIDES[1]))
+  cfg = jaxtal.Segment26LossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)  # min_box_side: strides[1]
   step = jax.jit(lambda p, gt: jax.value_and_grad(lambda p: jaxtal.segment26_loss(p, gt, cfg)[0])(p))
   data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
   runs = {}
@@ -155,7 +155,7 @@ def segment26_rows(args, table) -> None:
   ref_preds["proto"] = (ref_preds["proto"], ref_preds.pop("semantic"))  # Proto26 in training: (prototypes, semantic logits)
   model = reference.Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, overlap_mask=True), None)
   crit = SegmentLoss26(model, tal_topk=10)
-  crit.assigner.stride_val = float(STRIDES[1])  # both at the default min_box_side, strides[1]
+  # Both at their default min_box_side, strides[1] (the reference's stride_val).
   ref_runs = {}
   for m, (label_rows, index_maps) in data.items():
     t = torch.from_numpy(label_rows)

@@ -45,9 +45,7 @@ MASK_SIZE = IMAGE_SIZE // 4  # prototypes and training masks: input / 4
 NUM_MASKS = 8  # prototypes, and coefficients per anchor
 CONFIG = jaxtal.SegmentLossConfig(num_classes=toykit.CONFIG.num_classes, strides=toykit.CONFIG.strides,
                                   reg_max=toykit.CONFIG.reg_max)
-# YOLO26: the same head, Ultralytics' min_box_side (strides[1]).
-CONFIG26 = jaxtal.Segment26LossConfig(num_classes=CONFIG.num_classes, strides=CONFIG.strides, reg_max=CONFIG.reg_max,
-                                      min_box_side=float(CONFIG.strides[1]))
+CONFIG26 = jaxtal.Segment26LossConfig(num_classes=CONFIG.num_classes, strides=CONFIG.strides, reg_max=CONFIG.reg_max)
 SCRIPT = "train_segment.py"
 MASK_COLOURS = {"cyan": (0.0, 0.9, 0.9), "magenta": (1.0, 0.2, 1.0), "orange": (1.0, 0.6, 0.0)}  # per class, --plot
 

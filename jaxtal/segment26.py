@@ -158,7 +158,7 @@ def _listed_iou(coef, box, candidate, image: MaskImage, chunk: int | None) -> ja
   """
   m, size = candidate.shape
   n = m * size
-  nm, mh, mw = image.proto.shape
+  mh, mw = image.proto.shape[1:]
   k = min(n, max(1, IOU_CHUNK_PIXELS // (mh * mw)) if chunk is None else int(chunk))
   owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), size)
   ok = candidate.reshape(n)

@@ -32,7 +32,7 @@ IMAGE = 32
 A = sum(h * w for h, w in SHAPES)
 B, M = 2, 4
 PROTO_HW, SEM_HW, MASK_HW = (16, 16), (8, 8), (24, 20)
-CFG = jaxtal.Segment26LossConfig(num_classes=NC, strides=STRIDES, reg_max=R, min_box_side=8.0)
+CFG = jaxtal.Segment26LossConfig(num_classes=NC, strides=STRIDES, reg_max=R)  # min_box_side: strides[1] = 8
 
 # Label rows [image, class, cx, cy, w, h] (normalised): overlapping boxes, big enough that some GT has more
 # candidates than its short list (3 * topk = 30 of A = 80).
@@ -194,7 +194,7 @@ def test_a_given_class_map_is_used_as_is():
 
 def np_semantic(logits, cmap):
   """``0.5 * BCE mean + 0.5 * Dice`` (smooth 1) of NCHW logits against the one-hot class map resized nearest."""
-  b, nc, h, w = logits.shape
+  nc, h, w = logits.shape[1:]
   iy, ix = nearest_indices(cmap.shape[1], h), nearest_indices(cmap.shape[2], w)
   c = cmap[:, iy][:, :, ix]
   t = (c[:, None] == np.arange(nc)[None, :, None, None]).astype(np.float64)
@@ -444,7 +444,7 @@ def test_non_finite_gt_mask_pixels_give_finite_losses():
 @pytest.mark.slow
 def test_module_and_end_to_end():
   preds, gt = predictions(), ground_truth()
-  total, parts, _ = loss_and_grads(preds, gt)
+  total = loss_and_grads(preds, gt)[0]
   m_total, m_parts = nnx.jit(lambda m, p, g: m(p, g))(jaxtal.Segment26Loss(CFG), preds, gt)
   np.testing.assert_allclose(m_total, total, rtol=1e-6)
   assert type(m_parts) is jaxtal.Segment26LossParts

@@ -14,7 +14,8 @@ pipeline hands its loss (built here by its documented rule, :func:`sem_masks`; j
 own from the masks). End-to-end cases add the one-to-one branch's ``feats_o2o``, ``coefs_o2o``,
 ``proto_o2o`` and ``semantic_o2o`` (the same prototype and semantic values: the model hands that
 branch a detached copy). ``config``: ``num_classes, strides, reg_max, topk, topk2, min_box_side,
-class_weights`` (``min_box_side`` None: jaxtal's default, the reference's ``strides[1]``),
+class_weights`` (``min_box_side`` None: both defaults, ``strides[1]``; jaxtal gets None, the reference
+its value),
 ``overlap_mask``, ``slot_dtype``, ``max_boxes``, ``loss`` (``"segment26"``: ``SegmentLoss26``;
 ``"v8"``: ``v8SegmentationLoss`` with a semantic head; ``"e2e"``: ``E2ELoss(model,
 SegmentLoss26)``) and, end-to-end, ``epoch, epochs``.
