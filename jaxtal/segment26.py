@@ -23,7 +23,8 @@ computed only for each GT's ``L = min(3 * topk, A)`` best candidates by the box 
 **Memory and cost**: predicted masks exist only for the listed pairs (never ``(b, M, A, mh,
 mw)``, nor ``(b, M, L, mh, mw)``): the candidate pairs of each image are decoded a chunk of
 ``iou_chunk`` pairs at a time (:class:`Segment26LossConfig`) in a loop that stops after the
-last chunk holding a candidate of any image, so padding GT slots cost nothing. Each pair is
+last chunk holding a candidate of any image, so padding GT slots cost nothing (``checked_segment26_loss``
+decodes every chunk: ``checkify`` cannot transform that batched ``while_loop``). Each pair is
 decoded on its own (``nm`` multiply-adds per prototype pixel), also where two GTs list the same
 anchor (the reference decodes each distinct anchor once).
 
@@ -150,11 +151,13 @@ def _pairs_iou(coef, box, owner, proto, masks):
   return inter.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
 
 
-def _listed_iou(coef, box, candidate, image: MaskImage, chunk: int | None) -> jax.Array:
+def _listed_iou(coef, box, candidate, image: MaskImage, chunk: int | None, early_exit: bool = True) -> jax.Array:
   """``(M, L)`` mask IoU of one image's listed pairs (0 off candidates).
 
   The candidate pairs go first (a stable sort), then chunks of ``K`` pairs are decoded in a
-  ``while_loop`` that stops after the last chunk holding a candidate (under ``vmap``: of any image).
+  ``while_loop`` that stops after the last chunk holding a candidate (under ``vmap``: of any image);
+  without ``early_exit``, every chunk in a ``lax.map`` (``checkify`` cannot transform a batched
+  ``while_loop``; the checked loss takes this form).
   """
   m, size = candidate.shape
   n = m * size
@@ -176,7 +179,11 @@ def _listed_iou(coef, box, candidate, image: MaskImage, chunk: int | None) -> ja
     iou = _pairs_iou(take(coef_s), take(box_s), take(owner_s), image.proto, image.masks)
     return i + 1, jax.lax.dynamic_update_slice_in_dim(out, iou, lo, 0)
 
-  _, out = jax.lax.while_loop(lambda c: c[0] * k < count, body, (jnp.int32(0), jnp.zeros((n + pad,), jnp.float32)))
+  if early_exit:
+    _, out = jax.lax.while_loop(lambda c: c[0] * k < count, body, (jnp.int32(0), jnp.zeros((n + pad,), jnp.float32)))
+  else:
+    chunks = lambda x: x.reshape((-1, k) + x.shape[1:])  # noqa: E731
+    out = jax.lax.map(lambda xs: _pairs_iou(*xs, image.proto, image.masks), (chunks(coef_s), chunks(box_s), chunks(owner_s))).reshape(-1)
   iou = jnp.zeros((n,), jnp.float32).at[order].set(out[:n])
   return jnp.where(ok, iou, 0.0).reshape(m, size)
 
@@ -203,30 +210,33 @@ def _overlap(box: Geometry, g: _MaskGt, p: _MaskPred) -> jax.Array:
   return g.weight * jnp.maximum(box.overlap(g.box, p.box), 0.0)
 
 
-def _refine(box: Geometry, chunk: int | None, g: _MaskGt, p: _MaskPred, listed, candidate, image: MaskImage):
+def _refine(box: Geometry, chunk: int | None, early_exit: bool, g: _MaskGt, p: _MaskPred, listed, candidate, image: MaskImage):
   """``(g', (M, L) overlaps)``: ``(box + mask IoU) / 2`` of the listed pairs; the rest then weigh ``1/2`` of the box's."""
   del listed  # the pairs' own data is in p (leaves (M, L, ...))
   iou = jnp.maximum(box.overlap(jax.tree.map(lambda x: x[:, None], g.box), p.box), 0.0)
-  miou = _listed_iou(p.coef, p.box.box, candidate, image, chunk)
+  miou = _listed_iou(p.coef, p.box.box, candidate, image, chunk, early_exit)
   return g._replace(weight=jnp.full_like(g.weight, 0.5)), (iou + miou) / 2
 
 
-def mask_iou(overlap: str = "ciou", iou_chunk: int | None = None) -> Geometry:
+def mask_iou(overlap: str = "ciou", iou_chunk: int | None = None, *, early_exit: bool = True) -> Geometry:
   """Axis-aligned boxes whose overlap also scores the predicted mask (YOLO26 segmentation's assigner).
 
   Candidates: the box geometry's (:func:`~jaxtal.axis_aligned`, anchor centre inside the GT box).
   Overlap ``(box overlap + mask IoU) / 2`` on each GT's ``L = min(3 * topk, A)`` best candidates by
   ``score^alpha * box overlap^beta + eps`` (the seam's short list), ``box overlap / 2`` elsewhere;
   the mask IoU as the module docstring says. Extras (:class:`~jaxtal.GeometryExtra`): ``pred`` the
-  ``(b, A, nm)`` mask coefficients, ``image`` a :class:`MaskImage`. One value per argument pair (cached).
+  ``(b, A, nm)`` mask coefficients, ``image`` a :class:`MaskImage`. ``early_exit=False`` decodes
+  every chunk of the short lists, padding slots' included, with no ``while_loop`` (what ``checkify``
+  can transform: :func:`checked_segment26_loss` uses it); the result is the same. One value per
+  arguments (cached).
   """
   if iou_chunk is not None:
     iou_chunk = _validate.whole("iou_chunk", iou_chunk, low=1)
-  return _mask_iou(overlap, iou_chunk)
+  return _mask_iou(overlap, iou_chunk, bool(early_exit))
 
 
 @functools.cache
-def _mask_iou(overlap: str, iou_chunk: int | None) -> Geometry:
+def _mask_iou(overlap: str, iou_chunk: int | None, early_exit: bool) -> Geometry:
   box = axis_aligned(overlap)
   return Geometry(
       name=f"{box.name}+mask-iou",
@@ -238,11 +248,13 @@ def _mask_iou(overlap: str, iou_chunk: int | None) -> Geometry:
       candidate=functools.partial(_candidate, box),
       overlap=functools.partial(_overlap, box),
       shortlist=SHORTLIST,
-      refine=functools.partial(_refine, box, iou_chunk),
+      refine=functools.partial(_refine, box, iou_chunk, early_exit),
   )
 
 
 MASK_IOU = terms.AXIS_ALIGNED._replace(name="xyxy+mask", geometry=lambda cfg: mask_iou(cfg.overlap, cfg.iou_chunk))
+# The checked loss's: the same assignment without a batched while_loop, which checkify cannot transform.
+MASK_IOU_CHECKED = MASK_IOU._replace(geometry=lambda cfg: mask_iou(cfg.overlap, cfg.iou_chunk, early_exit=False))
 
 
 def _gt_masks_at(gt: GroundTruth, index_map: bool, hw) -> jax.Array:
@@ -267,6 +279,7 @@ SEGMENT26 = SEGMENT_SEMANTIC._replace(
 )
 # Without semantic logits: the same task, sem = 0.
 SEGMENT26_PLAIN = SEGMENT26._replace(needs=("mask_coefs", "proto"))
+CHECKED = {t: t._replace(form=MASK_IOU_CHECKED) for t in (SEGMENT26, SEGMENT26_PLAIN)}
 
 
 def segment26_targets(preds: Predictions, gt: GroundTruth, config: Segment26LossConfig | None = None, **overrides) -> tuple[Head, Targets]:
@@ -331,9 +344,10 @@ def checked_segment26_loss(
 ) -> tuple[jax.Array, Segment26LossParts]:
   """:func:`segment26_loss` that raises (through ``checkify``) on invalid values, the checks of
   :func:`~jaxtal.checked_segment_loss`. Use under ``checkify.checkify``; identical to
-  :func:`segment26_loss` when no check fails."""
+  :func:`segment26_loss` when no check fails (its assignment decodes every chunk of the short lists,
+  padding slots' too: ``checkify`` cannot transform the early-exit loop)."""
   return task.loss(
-      task_of(preds, SEGMENT26_PLAIN, SEGMENT26), preds, gt, config, class_weights, overrides, "checked_segment26_loss", checked=True
+      task_of(preds, CHECKED[SEGMENT26_PLAIN], CHECKED[SEGMENT26]), preds, gt, config, class_weights, overrides, "checked_segment26_loss", checked=True
   )
 
 

@@ -261,12 +261,12 @@ def _refine_problem(seed=0, index_map=True):
   return gt_boxes, valid, anchors, pred, coefs, proto, per_slot, listed, cand, image
 
 
-@pytest.mark.parametrize(("index_map", "chunk"), [(True, None), (False, 7), (True, 1)])
-def test_refine_matches_numpy(index_map, chunk):
-  """The listed pairs' overlap is ``(max(CIoU, 0) + mask IoU) / 2`` (mask IoU 0 off candidates), whatever the chunk;
-  afterwards an unlisted pair's overlap is half its box CIoU."""
+@pytest.mark.parametrize(("index_map", "chunk", "early_exit"), [(True, None, True), (False, 7, True), (True, 1, True), (False, 7, False)])
+def test_refine_matches_numpy(index_map, chunk, early_exit):
+  """The listed pairs' overlap is ``(max(CIoU, 0) + mask IoU) / 2`` (mask IoU 0 off candidates), whatever the chunk
+  and loop form; afterwards an unlisted pair's overlap is half its box CIoU."""
   gt_boxes, valid, anchors, pred, coefs, proto, per_slot, listed, cand, image = _refine_problem(index_map=index_map)
-  geo = jaxtal.mask_iou(iou_chunk=chunk)
+  geo = jaxtal.mask_iou(iou_chunk=chunk, early_exit=early_exit)
   g = geo.gt_data(jnp.asarray(gt_boxes), jnp.asarray(valid), 0.0)
   p = geo.pred_data(jnp.asarray(pred), jnp.asarray(anchors), jnp.asarray(coefs))
   p_listed = jax.tree.map(lambda x: x[jnp.asarray(listed)], p)
@@ -312,6 +312,7 @@ def test_the_geometry_needs_its_extras():
   with pytest.raises(ValueError, match="iou_chunk"):
     jaxtal.mask_iou(iou_chunk=0)
   assert jaxtal.mask_iou() is jaxtal.mask_iou("ciou", None) and jaxtal.mask_iou().shortlist == 3
+  assert jaxtal.mask_iou(early_exit=False) is not jaxtal.mask_iou()
 
 
 @pytest.mark.slow
@@ -496,3 +497,21 @@ def test_axis_name_gives_the_global_loss_on_every_shard():
   for got, want in zip(jax.tree.leaves(g), jax.tree.leaves(grads)):
     want = np.asarray(want)
     np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
+
+
+@pytest.mark.slow
+def test_checked_loss_equals_the_loss_and_names_bad_masks():
+  from jax.experimental import checkify  # noqa: PLC0415
+
+  preds, gt = predictions(), ground_truth(per_slot=True)
+  checked = jax.jit(checkify.checkify(lambda p, g: jaxtal.checked_segment26_loss(p, g, CFG)))
+  err, (total, parts) = checked(preds, gt)
+  err.throw()
+  want_total, want_parts, _ = loss_and_grads(preds, gt)
+  np.testing.assert_allclose(total, want_total, rtol=1e-6)
+  np.testing.assert_allclose(tuple(parts), tuple(want_parts), rtol=1e-6)
+  masks = np.asarray(gt.masks).copy()
+  masks[0, 0, 2, 2] = np.nan
+  err, _ = checked(preds, gt._replace(masks=masks))
+  with pytest.raises(checkify.JaxRuntimeError, match="gt.masks"):
+    err.throw()
