@@ -290,15 +290,16 @@ def detect(scores, boxes, *per_anchor, conf: float = 0.001, iou: float = 0.6, ma
 
 
 def top_detections(scores, boxes, *per_anchor, conf: float = 0.001, max_det: int = 100):
-  """Per image ``(boxes xyxy, scores, classes)`` with NO NMS, for a one-to-one (end-to-end) branch: each anchor's
-  best class, the anchors scoring above ``conf``, the ``max_det`` best of them, best first; followed by those
-  anchors' rows of each further per-anchor output ``(b, A, ...)`` given (keypoints). Nothing is suppressed.
+  """Per image ``(boxes xyxy, scores, classes)`` with NO NMS, for a one-to-one branch: each anchor's best
+  class, the anchors scoring above ``conf``, the ``max_det`` best of them, best first. Nothing is suppressed.
+  Followed, as in :func:`detect`, by the kept anchors' rows of each further per-anchor output given.
 
   (Ultralytics' end-to-end postprocess ranks (anchor, class) pairs, so an anchor may give two classes; one class
   per anchor, as :func:`detect`, leaves NMS the only difference between the two evaluations.)
   """
   out = []
-  for s, b, *rest in zip(np.asarray(scores), np.asarray(boxes, np.float64), *(np.asarray(x) for x in per_anchor)):
+  outputs = [np.asarray(scores), np.asarray(boxes, np.float64), *(np.asarray(x) for x in per_anchor)]
+  for s, b, *rest in zip(*outputs):
     best, cls = s.max(-1), s.argmax(-1)
     keep = np.flatnonzero(best > conf)
     keep = keep[np.argsort(-best[keep], kind="stable")[:max_det]]

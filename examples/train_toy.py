@@ -96,7 +96,7 @@ def predict_both(model, images):
   return toykit.scores_and_boxes(one2many), toykit.scores_and_boxes(one2one)
 
 
-top_detections = toykit.top_detections  # the one-to-one branch's detections: the best anchors, no NMS
+top_detections = toykit.top_detections  # the NMS-free selection (in toykit: train_segment.py --yolo26 uses it too)
 
 
 def main(argv=None) -> dict:

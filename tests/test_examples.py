@@ -1238,3 +1238,31 @@ def test_short_training_segments_clearly_better_than_chance(capsys, tmp_path):
   assert "mask mAP@0.5 " in out and "COCOeval segm" in out and "time: training" in out
   if "--plot" in argv:
     assert (tmp_path / "masks.png").stat().st_size > 0
+
+
+@needs_coco
+@needs_cv2
+@pytest.mark.slow
+def test_short_yolo26_segmentation_run(capsys):
+  """``--yolo26``: both branches' predictions (the one-to-one one detached from the features, prototypes and
+  semantic logits), the end-to-end segment26 loss compiled once over the weight schedule, NMS-free evaluation."""
+  model = seg.SegmentDetector(yolo26=True, rngs=nnx.Rngs(0))
+  images, gt = seg.make_dataset(2, np.random.default_rng(0))
+  many, one = nnx.jit(lambda m, x: m.both(x))(model, jnp.asarray(images))
+  assert many.semantic.shape == one.semantic.shape == (2, 8, 8, seg.CONFIG.num_classes)
+  np.testing.assert_array_equal(many.proto, one.proto)
+
+  def one2one_sum(m):
+    one = m.both(jnp.asarray(images))[1]
+    return sum(jnp.sum(x) for x in jax.tree.leaves(one))
+
+  grads = nnx.grad(one2one_sum)(model)
+  zero = lambda tree: not any(np.asarray(x).any() for x in jax.tree.leaves(tree))  # noqa: E731
+  assert zero(grads.down) and zero(grads.proto) and zero(grads.semantic) and zero(grads.heads) and not zero(grads.heads_o2o)
+  argv = ["--yolo26", "--steps", "6", "--batch-size", "4", "--eval-images", "8", "--log-every", "3"]
+  result = seg.main(argv)
+  out = capsys.readouterr().out
+  assert result["losses"].shape == (6,) and np.isfinite(result["losses"]).all()
+  assert result["compilations"] == 1  # the one-to-many weight is traced
+  assert 0.0 <= result["map"] <= result["map50"] <= 1.0 and 0.0 <= result["map_o2m_nms"] <= result["map50_o2m_nms"] <= 1.0
+  assert "one-to-one branch, no NMS" in out and "one-to-many branch + NMS" in out
