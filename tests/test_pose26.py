@@ -430,6 +430,23 @@ def test_validation_errors():
     jaxtal.Pose26Loss(cfg)
 
 
+def test_entry_points_follow_the_calling_convention():
+  """The task's seven entry points, with the flow as a keyword (``test_task.py``'s rules, plus ``flow``)."""
+  import inspect  # noqa: PLC0415
+
+  names = ("Pose26LossConfig", "Pose26LossParts", "pose26_targets", "pose26_loss_from_targets", "pose26_loss",
+           "Pose26Loss", "checked_pose26_loss")
+  assert all(n in jaxtal.__all__ for n in names)
+  params = lambda f: list(inspect.signature(f).parameters)  # noqa: E731
+  for f in (jaxtal.pose26_loss, jaxtal.checked_pose26_loss, jaxtal.pose26_targets):
+    assert params(f)[:3] == ["preds", "gt", "config"]
+  assert params(jaxtal.pose26_loss_from_targets)[:4] == ["preds", "targets", "gt", "config"]
+  for f in (jaxtal.pose26_loss, jaxtal.checked_pose26_loss, jaxtal.pose26_loss_from_targets):
+    assert inspect.signature(f).parameters["flow"].kind is inspect.Parameter.KEYWORD_ONLY
+    assert f is jaxtal.pose26_loss_from_targets or f.config_class is jaxtal.Pose26LossConfig
+  assert jaxtal.Pose26Loss.loss_fn is jaxtal.pose26_loss
+
+
 def test_decode_keypoints_yolo26():
   m = np.zeros((1, 1, 2, 3), np.float32)
   m[0, 0, 1] = [0.25, -0.5, 3.0]  # cell (0, 1): anchor (1.5, 0.5)
