@@ -35,8 +35,8 @@ RTOL, PART_ATOL = 1e-5, 1e-7
 GRAD_RATIO = 1e-4
 WEIGHT_RTOL, WEIGHT_ATOL = 1e-5, 1e-6
 
-# One configuration compiles once (seconds); the default run keeps one loss case (golden, live and the non-finite
-# sigma check share its compilation) and one assignment case; ``-m slow`` runs the rest.
+# One configuration compiles once (seconds); the default run keeps one loss case (golden and live share its
+# compilation) and one assignment case; ``-m slow`` runs the rest (the non-finite sigma check among them).
 FAST = ("gate",)
 FAST_ASSIGN = ("gate",)
 
@@ -206,6 +206,7 @@ def test_live_assign(name, pose26_reference):
 
 
 @pytest.mark.live
+@pytest.mark.slow
 def test_live_non_finite_sigma_logits_drop_their_rows(pose26_reference):
   """NaN sigma logits at foreground anchors: the reference drops those keypoints' RLE rows, and so does jaxtal, with a
   finite gradient (the reference's is NaN at the NaN inputs only); +-inf logits saturate (sigma 1, or the float32
