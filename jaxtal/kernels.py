@@ -20,6 +20,7 @@ rounding. The benchmark's ablation rows and the tests use it; nothing is swapped
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -483,10 +484,251 @@ mask_bce_sum.defvjp(_mask_bce_fwd, _mask_bce_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
+# Box windows: fixed-size pixel windows that tile each box, and the mask term over them.
+# Why: the full-plane form computes every entry's mh x mw logits and BCE and then zeroes the pixels
+# outside its GT box; in the benchmark's workload the boxes cover 6% of the plane on average (1.5%
+# median), so about 94% of that work is multiplied by zero. Here each box is tiled by windows of one
+# static size starting at its first pixel; the entries of one GT share their windows (one prototype
+# gather and one gradient scatter per window for up to ``group`` entries, so the per-window work is
+# a small matmul, not a gather per entry), and a loop whose trip count is the number of windows in
+# use (not a static worst case) visits them a chunk at a time.
+# Bench row "segment loss fwd+bwd, plain mask_windows" (benchmarks/README.md).
 
-KERNELS = ("bce_sum", "mask_bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
+
+class BoxWindows(NamedTuple):
+  """Fixed-size windows tiling a list of boxes (:func:`box_windows`); shapes ``(N, ...)`` per box.
+
+  Attributes:
+    first: ``(N, 2)`` int32 first counted pixel ``(row, col)`` of each box, clipped into the plane.
+    tiles: ``(N, 2)`` int32 windows along rows and columns (0 for a box that counts no pixel).
+    end: ``(N,)`` int32 one past the index of each box's last window in the list (inclusive
+      cumulative sum of ``tiles[:, 0] * tiles[:, 1]``): box ``n`` owns windows ``[end[n - 1], end[n])``.
+    count: ``()`` int32 windows in the list (``end[-1]``).
+  """
+
+  first: jax.Array
+  tiles: jax.Array
+  end: jax.Array
+  count: jax.Array
+
+
+def box_windows(boxes: jax.Array, plane_hw, tile) -> BoxWindows:
+  """The windows of size ``tile = (th, tw)`` that tile each box's pixels on an ``(h, w)`` plane.
+
+  ``boxes (N, 4)`` xyxy in pixels; a pixel of column ``x`` (row ``y``) is in the box when ``x1 <= x
+  < x2`` (``y1 <= y < y2``), its index compared; a box with a NaN side counts no pixel. Box ``n``'s
+  pixels are tiled row-major by ``tiles[n]`` windows whose nominal corners are ``first[n] + (i * th,
+  j * tw)``; :func:`window_at` gives each window's box, nominal corner and clamped corner. ``tile``
+  must fit in the plane (``th <= h``, ``tw <= w``). The list's length ``count`` is a traced value:
+  a caller loops over ``ceil(count / chunk)`` chunks (one compilation for any boxes).
+  """
+  h, w = plane_hw
+  th, tw = tile
+  if not (1 <= th <= h and 1 <= tw <= w):
+    raise ValueError(f"box_windows: tile {tuple(tile)} must fit in the plane {tuple(plane_hw)}")
+  size = jnp.array([w, h], jnp.float32)
+
+  def edge(v, empty):  # first counted index >= v, clipped into [0, size]; NaN counts no pixel
+    return jnp.where(jnp.isnan(v), empty, jnp.clip(jnp.ceil(v), 0.0, size)).astype(jnp.int32)
+
+  lo, hi = edge(boxes[..., :2], size), edge(boxes[..., 2:], 0.0)  # (N, 2) as (x, y)
+  n = jnp.maximum(hi - lo, 0)[..., ::-1]  # (rows, cols)
+  tiles = (n + jnp.array([th - 1, tw - 1], jnp.int32)) // jnp.array([th, tw], jnp.int32)
+  end = jnp.cumsum(tiles[:, 0] * tiles[:, 1], dtype=jnp.int32)
+  count = end[-1] if end.shape[0] else jnp.zeros((), jnp.int32)
+  return BoxWindows(lo[..., ::-1], tiles, end, count)
+
+
+def window_at(windows: BoxWindows, index: jax.Array, plane_hw, tile) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(box (P,), nominal corner (P, 2), corner (P, 2))`` of the windows ``index (P,)`` of the list.
+
+  The window counts the pixels of its box in ``[nominal, nominal + tile)`` (the box's windows
+  partition its pixels); ``corner`` is the nominal corner clamped so the window lies in the plane
+  (a window at the plane's bottom or right edge starts earlier and its first rows or columns belong
+  to the box's previous window). Indices at or past ``count`` give the last box and an in-plane
+  corner: mask them out with ``index < count``.
+  """
+  h, w = plane_hw
+  th, tw = tile
+  box = jnp.minimum(jnp.searchsorted(windows.end, index, side="right"), windows.end.shape[0] - 1)
+  tiles = windows.tiles[box]
+  local = index - (windows.end[box] - tiles[:, 0] * tiles[:, 1])
+  per_row = jnp.maximum(tiles[:, 1], 1)
+  nominal = windows.first[box] + jnp.stack([local // per_row * th, local % per_row * tw], axis=-1)
+  corner = jnp.clip(nominal, 0, jnp.array([h - th, w - tw], jnp.int32))
+  return box, nominal, corner
+
+
+def _window_index(lead: jax.Array, corner: jax.Array) -> jax.Array:
+  # (P, k) leading indices (image, or image and slot) and (P, 2) corners -> (P, k + 2) start indices.
+  lead = lead[:, None] if lead.ndim == 1 else lead
+  return jnp.concatenate([lead.astype(jnp.int32), corner.astype(jnp.int32)], axis=1)
+
+
+def gather_windows(planes: jax.Array, lead: jax.Array, corner: jax.Array, tile) -> jax.Array:
+  """``planes[lead[p], y:y + th, x:x + tw]`` for each window ``p``: ``(b, [M,] h, w, ...)`` -> ``(P, th, tw, ...)``.
+
+  ``lead (P,)`` image indices, or ``(P, k)`` indices of the ``k`` leading axes (image and GT slot of
+  per-slot masks ``(b, M, h, w)``); ``corner (P, 2)`` int32 ``(y, x)`` keeps the window in the plane
+  (:func:`window_at`'s corner; an index out of range is clamped). One gather, no copy per window.
+  """
+  index = _window_index(lead, corner)
+  k = index.shape[1] - 2
+  trailing = tuple(range(k + 2, planes.ndim))
+  dims = jax.lax.GatherDimensionNumbers(
+      offset_dims=tuple(range(1, 3 + len(trailing))), collapsed_slice_dims=tuple(range(k)),
+      start_index_map=tuple(range(k + 2)),
+  )  # fmt: skip
+  sizes = (1,) * k + tuple(tile) + tuple(planes.shape[d] for d in trailing)
+  return jax.lax.gather(planes, index, dims, sizes, mode=jax.lax.GatherScatterMode.CLIP)
+
+
+def scatter_add_windows(planes: jax.Array, lead: jax.Array, corner: jax.Array, values: jax.Array) -> jax.Array:
+  """``planes`` with each window ``values[p] (th, tw, ...)`` added at ``(lead[p], corner[p])``
+  (overlapping windows add up): the transpose of :func:`gather_windows`, same arguments."""
+  index = _window_index(lead, corner)
+  k = index.shape[1] - 2
+  dims = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=tuple(range(1, values.ndim)), inserted_window_dims=tuple(range(k)),
+      scatter_dims_to_operand_dims=tuple(range(k + 2)),
+  )  # fmt: skip
+  return jax.lax.scatter_add(planes, index, values, dims, mode=jax.lax.GatherScatterMode.CLIP)
+
+
+def _entry_groups(gt, box, weight, group: int):
+  """Counted entries of one image grouped by GT slot, at most ``group`` to a group.
+
+  Shapes: ``gt (E,)``, ``box (E, 4)``, ``weight (E,)`` -> ``(table (E, group) int32, union boxes (E, 4))``.
+  Row ``g`` of ``table`` lists group ``g``'s entries (``E``: an empty slot); groups are numbered from
+  0 and rows past the last group are empty, with an empty union box. Every counted entry (weight not
+  0) is in exactly one group; all entries of a group have the same ``gt``; a GT with more than
+  ``group`` entries gets several groups.
+  """
+  e = gt.shape[0]
+  counted = weight != 0
+  order = jnp.argsort(jnp.where(counted, gt, jnp.iinfo(jnp.int32).max), stable=True)  # uncounted last
+  key, counted = gt[order], counted[order]
+  pos = jnp.arange(e, dtype=jnp.int32)
+  new_run = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]]) if e else jnp.zeros((0,), bool)
+  rank = pos - jax.lax.cummax(jnp.where(new_run, pos, 0))
+  gid = jnp.cumsum(counted & (rank % group == 0), dtype=jnp.int32) - 1
+  row = jnp.where(counted, gid, e)  # e: dropped
+  table = jnp.full((e, group), e, jnp.int32).at[row, rank % group].set(order, mode="drop")
+  b = box[order]
+  b = jnp.where(jnp.isnan(b).any(-1, keepdims=True), jnp.array([jnp.inf, jnp.inf, -jnp.inf, -jnp.inf]), b)
+  empty = jnp.broadcast_to(jnp.array([jnp.inf, jnp.inf, -jnp.inf, -jnp.inf], jnp.float32), (e, 4))
+  union = jnp.concatenate([
+      empty[:, :2].at[row].min(b[:, :2], mode="drop"), empty[:, 2:].at[row].max(b[:, 2:], mode="drop")], axis=1)
+  return table, union
+
+
+def _windows_chunk(proto, masks, coef, gt, box, weight, box_win, table, index, plane_hw, tile, index_map):
+  """One chunk of windows: value, ``(d_logits-weighted) coefficient rows (P, K, nm)`` and window
+  gradients ``(P, th, tw, nm)`` of the unit cotangent, with the windows' images and corners.
+
+  ``proto (b, h, w, nm)`` NHWC; ``coef (N + 1, nm)``, ``gt``, ``box``, ``weight`` flattened over
+  the batch with one empty entry last; ``table (G, K)`` groups of flattened entry ids (``G = b *
+  E``); ``box_win`` the groups' :class:`BoxWindows`; ``index (P,)`` window indices.
+  """
+  th, tw = tile
+  live = index < box_win.count
+  item, nominal, corner = window_at(box_win, index, plane_hw, tile)
+  image = item // (table.shape[0] // proto.shape[0])
+  ids = jnp.where(live[:, None], table[item], coef.shape[0] - 1)  # (P, K)
+  c, bx, w = coef[ids], box[ids], weight[ids]
+  nm = proto.shape[-1]
+  # The prototypes as (b, h, w * nm) rows: a window is th runs of tw * nm contiguous values, gathered and
+  # scattered without a layout copy.
+  flat_corner = corner * jnp.array([1, nm], jnp.int32)
+  win = gather_windows(proto.reshape(proto.shape[:2] + (-1,)), image, flat_corner, (th, tw * nm)).reshape(-1, th, tw, nm)
+  logits = jnp.einsum("pyxn,pkn->pyxk", win, c)
+  rows = (corner[:, 0:1] + jnp.arange(th, dtype=jnp.int32))[..., None]  # (P, th, 1)
+  cols = (corner[:, 1:2] + jnp.arange(tw, dtype=jnp.int32))[..., None]
+  own_rows = (rows >= nominal[:, 0:1, None]) & (rows < nominal[:, 0:1, None] + th)  # this window's share
+  own_cols = (cols >= nominal[:, 1:2, None]) & (cols < nominal[:, 1:2, None] + tw)
+  rows, cols = rows.astype(jnp.float32), cols.astype(jnp.float32)
+  in_rows = own_rows & (rows >= bx[:, None, :, 1]) & (rows < bx[:, None, :, 3])  # (P, th, K)
+  in_cols = own_cols & (cols >= bx[:, None, :, 0]) & (cols < bx[:, None, :, 2])  # (P, tw, K)
+  counted = in_rows[:, :, None, :] & in_cols[:, None, :, :]  # (P, th, tw, K)
+  slot = gt[ids[:, 0]]  # every entry of a group has its GT slot
+  if index_map:
+    target = (gather_windows(masks, image, corner, tile) == (slot + 1)[:, None, None]).astype(jnp.float32)
+  else:
+    target = gather_windows(masks, jnp.stack([image, slot], axis=1), corner, tile).astype(jnp.float32)
+    ok = (target >= 0.0) & (target <= 1.0)  # False for NaN too
+    target, counted = jnp.where(ok, target, 0.0), counted & ok[..., None]
+  target = target[..., None]
+  pixel_weight = jnp.where(counted, w[:, None, None, :], 0.0)
+  e = jnp.exp(-jnp.abs(logits))  # one exp for the softplus and the sigmoid
+  softplus = jnp.maximum(logits, 0.0) + jnp.log1p(e)
+  sigmoid = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
+  value = jnp.sum(pixel_weight * (softplus - logits * target))
+  d_logits = pixel_weight * (sigmoid - target)
+  d_coef = jnp.einsum("pyxk,pyxn->pkn", d_logits, win)
+  d_win = jnp.einsum("pyxk,pkn->pyxn", d_logits, c)
+  return value, ids, d_coef, image, flat_corner, d_win.reshape(-1, th, tw * nm)
+
+
+def plain_mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile=None, group=None) -> jax.Array:
+  """The full-plane form, :func:`mask_bce_sum` (``tile`` and ``group`` unused): the twin of :func:`mask_windows`."""
+  del tile, group
+  return mask_bce_sum(coef, proto, masks, gt, box, weight, chunk, index_map)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile, group: int) -> jax.Array:
+  """:func:`plain_mask_bce_sum` computed over box windows, with its gradients formed in the same pass.
+
+  Arguments as :func:`mask_bce_sum`, plus static ``tile = (th, tw)`` (window size in mask pixels,
+  at most the plane) and ``group`` (entries sharing one window: the entries of one GT slot, at most
+  ``group`` at a time). The counted entries of each image are grouped by GT slot; each group's
+  windows tile the union of its entries' boxes (:func:`box_windows`), so no pixel outside a box's
+  window is computed; a pixel is counted by one window only, under the same box and mask rules as
+  :func:`_mask_chunk`. ``chunk`` is the full-plane form's entries per chunk: a step here holds
+  about as many bytes (windows per step ``chunk * b * mh * mw / (th * tw * (nm + 3 * group))``).
+  The same value and gradients as :func:`mask_bce_sum` to float32 rounding.
+  """
+  return _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group)[0]
+
+
+def _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group):
+  b, e, nm = coef.shape
+  h, w = proto.shape[2:]
+  tile = (min(int(tile[0]), h), min(int(tile[1]), w))
+  table, union = jax.vmap(functools.partial(_entry_groups, group=int(group)))(gt, box, weight)
+  offset = (jnp.arange(b, dtype=jnp.int32) * e)[:, None, None]
+  table = jnp.where(table == e, b * e, table + offset).reshape(b * e, group)  # ids over the batch; b * e: empty
+  flat = lambda x, fill: jnp.concatenate([x.reshape((b * e,) + x.shape[2:]), jnp.full((1,) + x.shape[2:], fill, x.dtype)])  # noqa: E731
+  coef_f, gt_f, box_f, weight_f = flat(coef, 0), flat(gt, 0), flat(box, 0), flat(weight, 0)
+  win = box_windows(union.reshape(b * e, 4), (h, w), tile)
+  step = max(1, chunk * b * h * w // (tile[0] * tile[1] * (nm + 3 * group)))
+  proto_t = jnp.transpose(proto, (0, 2, 3, 1))  # NHWC: a window is th rows of tw * nm contiguous values
+
+  def body(i, carry):
+    total, d_coef, d_proto = carry
+    index = i * step + jnp.arange(step, dtype=jnp.int32)
+    value, ids, dc, image, corner, d_win = _windows_chunk(
+        proto_t, masks, coef_f, gt_f, box_f, weight_f, win, table, index, (h, w), tile, index_map)
+    return total + value, d_coef.at[ids].add(dc), scatter_add_windows(d_proto, image, corner, d_win)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros_like(coef_f), jnp.zeros((b, h, w * nm), jnp.float32))
+  total, d_coef, d_proto = jax.lax.fori_loop(0, (win.count + step - 1) // step, body, init)
+  return total, (d_coef[:-1].reshape(b, e, nm), jnp.transpose(d_proto.reshape(b, h, w, nm), (0, 3, 1, 2)))
+
+
+def _mask_windows_bwd(chunk, index_map, tile, group, residuals, ct):
+  d_coef, d_proto = residuals
+  return ct * d_coef, ct * d_proto, None, None, None, None
+
+
+mask_windows.defvjp(_mask_windows_fwd, _mask_windows_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+
+KERNELS = ("bce_sum", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
 # Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
-TASK_KERNELS = {"mask_bce_sum": "segment_loss"}
+TASK_KERNELS = {"mask_bce_sum": "segment_loss", "mask_windows": "segment_loss"}
 # The trick each kernel function belongs to, where it is not its own name.
 _TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 

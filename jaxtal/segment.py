@@ -71,6 +71,9 @@ from jaxtal.targets import Targets, take_rows
 # at 128, 0.268 s at 327, the memory bound alone).
 CHUNK_BYTES = 64 << 20
 CHUNK_ENTRIES = 64
+# Automatic windows: the mask term tiles each GT box with WINDOW x WINDOW pixel windows when the mask plane
+# is at least 2 * WINDOW on each side (on smaller planes a window would be most of the plane).
+WINDOW = 32
 # A GT box covering less of the image than this contributes no mask term (the term divides by it).
 MIN_AREA = 1e-20
 
@@ -90,11 +93,13 @@ class SegmentLossConfig(LossConfig):
   """
 
   mask_chunk: int | None = None
+  mask_window: int | None = None
 
   def __post_init__(self):
     super().__post_init__()
-    if self.mask_chunk is not None:
-      object.__setattr__(self, "mask_chunk", _validate.whole("mask_chunk", self.mask_chunk, low=1))
+    for name in ("mask_chunk", "mask_window"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, _validate.whole(name, getattr(self, name), low=1))
 
 
 class SegmentLossParts(NamedTuple):
@@ -276,11 +281,24 @@ def chunk_size(mask_chunk: int | None, batch: int, entries: int, pixels: int) ->
   return max(1, min(int(mask_chunk), entries))
 
 
-def mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = ()) -> jax.Array:
+def window_tile(mask_window: int | None, mask_hw) -> tuple[int, int] | None:
+  """The mask term's window ``(th, tw)``, or None for the full-plane form: ``mask_window`` (clipped to
+  the plane) when given, else ``WINDOW`` on planes at least ``2 * WINDOW`` on each side."""
+  if mask_window is None:
+    return (WINDOW, WINDOW) if min(mask_hw) >= 2 * WINDOW else None
+  return (min(mask_window, mask_hw[0]), min(mask_window, mask_hw[1]))
+
+
+def mask_sum(
+    coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = (),
+    mask_window: int | None = None,
+) -> jax.Array:
   """Sum over the foreground entries of the per-anchor mask loss (not yet divided by their number).
 
   ``coefs (b, A, nm)``, ``proto (b, nm, mh, mw)`` at the masks' resolution, ``masks`` as
-  :func:`jaxtal.kernels.mask_bce_sum`.
+  :func:`jaxtal.kernels.mask_bce_sum`. Over box windows (:func:`jaxtal.kernels.mask_windows`, the
+  entries of one GT slot sharing theirs) when :func:`window_tile` gives a window and neither
+  ``mask_windows`` nor ``mask_bce_sum`` is in ``plain``; else over the whole plane.
   """
   b, _, mh, mw = proto.shape
   e = targets.entries
@@ -290,6 +308,10 @@ def mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | 
   box, weight = jax.lax.stop_gradient(entry_boxes(targets, image_hw, (mh, mw)))
   coef = take_rows(coefs, e.anchor)  # (b, E, nm)
   chunk = chunk_size(mask_chunk, b, size, mh * mw)
+  tile = window_tile(mask_window, (mh, mw))
+  if tile is not None and "mask_bce_sum" not in plain:
+    group = max(1, size // targets.positives_per_gt.shape[1])  # topk: the most entries a GT slot usually owns
+    return kernels.select("mask_windows", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map, tile, group)
   return kernels.select("mask_bce_sum", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map)
 
 
@@ -335,7 +357,8 @@ def _parts(inputs: task.Inputs, targets: Targets, cfg: SegmentLossConfig, class_
   index_map, mask_hw = inputs.gt_info
   proto = resize_prototypes(inputs.side.proto, mask_hw)
   masks = _gt_masks(inputs.gt, index_map)
-  seg = mask_sum(inputs.side.coefs, proto, masks, targets, inputs.image_hw, cfg.mask_chunk, index_map, cfg.plain_kernels)
+  seg = mask_sum(
+      inputs.side.coefs, proto, masks, targets, inputs.image_hw, cfg.mask_chunk, index_map, cfg.plain_kernels, cfg.mask_window)
   seg = seg / terms.foreground_count(targets, cfg.axis_name)
   return SegmentLossParts(det.box, cfg.box * seg, det.cls, det.dfl)
 
