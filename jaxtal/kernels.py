@@ -7,8 +7,8 @@ Every trick in jaxtal lives here. Each has a plain twin written with the well-ke
 ``benchmarks/bench.py``'s ablation rows ("plain <name>": the loss step with that one kernel
 replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
 written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
-from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum``, the mask
-term) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
+from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum`` and
+``mask_windows``, the mask term) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
 The loss and the assigner pick each kernel with :func:`select` and the config's static
@@ -539,7 +539,21 @@ def box_windows(boxes: jax.Array, plane_hw, tile) -> BoxWindows:
   return BoxWindows(lo[..., ::-1], tiles, end, count)
 
 
-def window_at(windows: BoxWindows, index: jax.Array, plane_hw, tile) -> tuple[jax.Array, jax.Array, jax.Array]:
+def window_items(windows: BoxWindows, capacity: int) -> jax.Array:
+  """``(capacity,)`` int32: the box of each window index below ``capacity`` (the last box past ``count``).
+
+  One scatter and a cumulative maximum, for a caller that visits many chunks of the list (each chunk
+  then reads its boxes instead of searching ``end``). ``capacity``: static, at least ``count`` (``N``
+  boxes of at most ``ceil(h / th) * ceil(w / tw)`` windows each).
+  """
+  n = windows.end.shape[0]
+  starts = windows.end - windows.tiles[:, 0] * windows.tiles[:, 1]
+  ids = jnp.arange(n, dtype=jnp.int32)
+  first = jnp.full((capacity,), 0, jnp.int32).at[jnp.where(windows.end > starts, starts, capacity)].max(ids, mode="drop")
+  return jnp.minimum(jax.lax.cummax(first), n - 1)
+
+
+def window_at(windows: BoxWindows, index: jax.Array, plane_hw, tile, items: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(box (P,), nominal corner (P, 2), corner (P, 2))`` of the windows ``index (P,)`` of the list.
 
   The window counts the pixels of its box in ``[nominal, nominal + tile)`` (the box's windows
@@ -550,7 +564,10 @@ def window_at(windows: BoxWindows, index: jax.Array, plane_hw, tile) -> tuple[ja
   """
   h, w = plane_hw
   th, tw = tile
-  box = jnp.minimum(jnp.searchsorted(windows.end, index, side="right"), windows.end.shape[0] - 1)
+  if items is None:
+    box = jnp.minimum(jnp.searchsorted(windows.end, index, side="right"), windows.end.shape[0] - 1)
+  else:  # window_items of the list
+    box = items[jnp.minimum(index, items.shape[0] - 1)]
   tiles = windows.tiles[box]
   local = index - (windows.end[box] - tiles[:, 0] * tiles[:, 1])
   per_row = jnp.maximum(tiles[:, 1], 1)
@@ -559,8 +576,10 @@ def window_at(windows: BoxWindows, index: jax.Array, plane_hw, tile) -> tuple[ja
   return box, nominal, corner
 
 
-def _window_index(lead: jax.Array, corner: jax.Array) -> jax.Array:
-  # (P, k) leading indices (image, or image and slot) and (P, 2) corners -> (P, k + 2) start indices.
+def _window_index(lead: jax.Array | None, corner: jax.Array) -> jax.Array:
+  # (P, k) leading indices (none, image, or image and slot) and (P, 2) corners -> (P, k + 2) start indices.
+  if lead is None:
+    return corner.astype(jnp.int32)
   lead = lead[:, None] if lead.ndim == 1 else lead
   return jnp.concatenate([lead.astype(jnp.int32), corner.astype(jnp.int32)], axis=1)
 
@@ -568,8 +587,10 @@ def _window_index(lead: jax.Array, corner: jax.Array) -> jax.Array:
 def gather_windows(planes: jax.Array, lead: jax.Array, corner: jax.Array, tile) -> jax.Array:
   """``planes[lead[p], y:y + th, x:x + tw]`` for each window ``p``: ``(b, [M,] h, w, ...)`` -> ``(P, th, tw, ...)``.
 
-  ``lead (P,)`` image indices, or ``(P, k)`` indices of the ``k`` leading axes (image and GT slot of
-  per-slot masks ``(b, M, h, w)``); ``corner (P, 2)`` int32 ``(y, x)`` keeps the window in the plane
+  ``lead (P,)`` image indices, ``(P, k)`` indices of the ``k`` leading axes (image and GT slot of
+  per-slot masks ``(b, M, h, w)``), or None for one plane ``(h, w, ...)`` (vmap it over images: the
+  gathers stay batched, so a batch-sharded ``jit`` keeps each image's windows on its device);
+  ``corner (P, 2)`` int32 ``(y, x)`` keeps the window in the plane
   (:func:`window_at`'s corner; an index out of range is clamped). One gather, no copy per window.
   """
   index = _window_index(lead, corner)
@@ -588,14 +609,16 @@ def scatter_add_windows(planes: jax.Array, lead: jax.Array, corner: jax.Array, v
   (overlapping windows add up): the transpose of :func:`gather_windows`, same arguments."""
   index = _window_index(lead, corner)
   k = index.shape[1] - 2
+  # The leading axes stay in each update as unit axes (none inserted): with them inserted, XLA:CPU copied
+  # every update into a layout that differs only in where the unit axis lies.
+  values = values.reshape(values.shape[:1] + (1,) * k + values.shape[1:])
   dims = jax.lax.ScatterDimensionNumbers(
-      update_window_dims=tuple(range(1, values.ndim)), inserted_window_dims=tuple(range(k)),
-      scatter_dims_to_operand_dims=tuple(range(k + 2)),
+      update_window_dims=tuple(range(1, values.ndim)), inserted_window_dims=(), scatter_dims_to_operand_dims=tuple(range(k + 2)),
   )  # fmt: skip
   return jax.lax.scatter_add(planes, index, values, dims, mode=jax.lax.GatherScatterMode.CLIP)
 
 
-def _entry_groups(gt, box, weight, group: int):
+def entry_groups(gt, box, weight, group: int):
   """Counted entries of one image grouped by GT slot, at most ``group`` to a group.
 
   Shapes: ``gt (E,)``, ``box (E, 4)``, ``weight (E,)`` -> ``(table (E, group) int32, union boxes (E, 4))``.
@@ -609,7 +632,7 @@ def _entry_groups(gt, box, weight, group: int):
   order = jnp.argsort(jnp.where(counted, gt, jnp.iinfo(jnp.int32).max), stable=True)  # uncounted last
   key, counted = gt[order], counted[order]
   pos = jnp.arange(e, dtype=jnp.int32)
-  new_run = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]]) if e else jnp.zeros((0,), bool)
+  new_run = (pos == 0) | (key != jnp.roll(key, 1))  # no concatenation with a constant: it keeps key's sharding
   rank = pos - jax.lax.cummax(jnp.where(new_run, pos, 0))
   gid = jnp.cumsum(counted & (rank % group == 0), dtype=jnp.int32) - 1
   row = jnp.where(counted, gid, e)  # e: dropped
@@ -622,26 +645,28 @@ def _entry_groups(gt, box, weight, group: int):
   return table, union
 
 
-def _windows_chunk(proto, masks, coef, gt, box, weight, box_win, table, index, plane_hw, tile, index_map):
-  """One chunk of windows: value, ``(d_logits-weighted) coefficient rows (P, K, nm)`` and window
-  gradients ``(P, th, tw, nm)`` of the unit cotangent, with the windows' images and corners.
+def _windows_chunk(proto, masks, coef, gt, box, weight, box_win, items, table, index, plane_hw, tile, index_map):
+  """One image's chunk of windows: the value, and the gradients of the unit cotangent w.r.t. the chunk's
+  coefficient rows ``(P, K, nm)`` and windows ``(P, th, tw * nm)``, with where they go.
 
-  ``proto (b, h, w, nm)`` NHWC; ``coef (N + 1, nm)``, ``gt``, ``box``, ``weight`` flattened over
-  the batch with one empty entry last; ``table (G, K)`` groups of flattened entry ids (``G = b *
-  E``); ``box_win`` the groups' :class:`BoxWindows`; ``index (P,)`` window indices.
+  ``proto (h, w * nm)``: NHWC rows; ``masks (h, w)`` or ``(M, h, w)``; ``coef (E + 1, nm)``, ``gt``,
+  ``box``, ``weight`` with one empty entry last; ``table (E, K)`` the groups' entry ids; ``box_win``
+  the groups' :class:`BoxWindows` and ``items`` its windows' groups (:func:`window_items`); ``index
+  (P,)`` window indices.
   """
   th, tw = tile
+  nm = coef.shape[-1]
   live = index < box_win.count
-  item, nominal, corner = window_at(box_win, index, plane_hw, tile)
-  image = item // (table.shape[0] // proto.shape[0])
+  item, nominal, corner = window_at(box_win, index, plane_hw, tile, items)
   ids = jnp.where(live[:, None], table[item], coef.shape[0] - 1)  # (P, K)
   c, bx, w = coef[ids], box[ids], weight[ids]
-  nm = proto.shape[-1]
-  # The prototypes as (b, h, w * nm) rows: a window is th runs of tw * nm contiguous values, gathered and
-  # scattered without a layout copy.
-  flat_corner = corner * jnp.array([1, nm], jnp.int32)
-  win = gather_windows(proto.reshape(proto.shape[:2] + (-1,)), image, flat_corner, (th, tw * nm)).reshape(-1, th, tw, nm)
-  logits = jnp.einsum("pyxn,pkn->pyxk", win, c)
+  # A window of the (h, w * nm) rows is th runs of tw * nm contiguous values: gathered and scattered as
+  # they lie, and a (th * tw, nm) matrix to the matmuls.
+  row_corner = corner * jnp.array([1, nm], jnp.int32)
+  # (Reshaped in two steps, a split and a merge: under explicitly sharded types JAX rejects one reshape doing both.)
+  win = gather_windows(proto, None, row_corner, (th, tw * nm)).reshape(-1, th, tw, nm).reshape(-1, th * tw, nm)
+  batched = lambda x, y, contract: jax.lax.dot_general(x, y, (contract, ((0,), (0,))))  # noqa: E731
+  logits = batched(win, c, ((2,), (2,))).reshape(-1, th, tw, c.shape[1])  # (P, th, tw, K)
   rows = (corner[:, 0:1] + jnp.arange(th, dtype=jnp.int32))[..., None]  # (P, th, 1)
   cols = (corner[:, 1:2] + jnp.arange(tw, dtype=jnp.int32))[..., None]
   own_rows = (rows >= nominal[:, 0:1, None]) & (rows < nominal[:, 0:1, None] + th)  # this window's share
@@ -652,9 +677,9 @@ def _windows_chunk(proto, masks, coef, gt, box, weight, box_win, table, index, p
   counted = in_rows[:, :, None, :] & in_cols[:, None, :, :]  # (P, th, tw, K)
   slot = gt[ids[:, 0]]  # every entry of a group has its GT slot
   if index_map:
-    target = (gather_windows(masks, image, corner, tile) == (slot + 1)[:, None, None]).astype(jnp.float32)
+    target = (gather_windows(masks, None, corner, tile) == (slot + 1)[:, None, None]).astype(jnp.float32)
   else:
-    target = gather_windows(masks, jnp.stack([image, slot], axis=1), corner, tile).astype(jnp.float32)
+    target = gather_windows(masks, slot, corner, tile).astype(jnp.float32)
     ok = (target >= 0.0) & (target <= 1.0)  # False for NaN too
     target, counted = jnp.where(ok, target, 0.0), counted & ok[..., None]
   target = target[..., None]
@@ -663,60 +688,104 @@ def _windows_chunk(proto, masks, coef, gt, box, weight, box_win, table, index, p
   softplus = jnp.maximum(logits, 0.0) + jnp.log1p(e)
   sigmoid = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
   value = jnp.sum(pixel_weight * (softplus - logits * target))
-  d_logits = pixel_weight * (sigmoid - target)
-  d_coef = jnp.einsum("pyxk,pyxn->pkn", d_logits, win)
-  d_win = jnp.einsum("pyxk,pkn->pyxn", d_logits, c)
-  return value, ids, d_coef, image, flat_corner, d_win.reshape(-1, th, tw * nm)
+  d_logits = (pixel_weight * (sigmoid - target)).reshape(-1, th * tw, c.shape[1])
+  # (P, K, nm) from d_logits transposed and materialised (the barrier keeps XLA from folding the transpose
+  # back into the matmul, which XLA:CPU then runs outside its fast matmul library, 1.6x slower).
+  d_coef = batched(jax.lax.optimization_barrier(jnp.swapaxes(d_logits, 1, 2)), win, ((2,), (1,)))
+  d_win = batched(d_logits, c, ((2,), (1,)))  # (P, th * tw, nm)
+  return value, ids, d_coef, row_corner, d_win.reshape(-1, th, tw, nm).reshape(-1, th, tw * nm)
 
 
-def plain_mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile=None, group=None) -> jax.Array:
-  """The full-plane form, :func:`mask_bce_sum` (``tile`` and ``group`` unused): the twin of :func:`mask_windows`."""
-  del tile, group
+# What a window's slot-pixel (one entry slot, one window pixel) costs against a full-plane entry-pixel on
+# XLA:CPU (benchmark workload, 16 x 16 windows: 13 ns against 5 ns of CPU time, the per-window gather,
+# scatter and index work included). The windows are used while they cost less (every box the whole plane:
+# the windows took 1.7x the full plane's time).
+WINDOW_COST = 2.5
+
+
+def plain_mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile=None, group=None, fallback=True) -> jax.Array:
+  """The full-plane form, :func:`mask_bce_sum` (the other arguments unused): the twin of :func:`mask_windows`."""
+  del tile, group, fallback
   return mask_bce_sum(coef, proto, masks, gt, box, weight, chunk, index_map)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile, group: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile, group: int, fallback: bool = True) -> jax.Array:
   """:func:`plain_mask_bce_sum` computed over box windows, with its gradients formed in the same pass.
 
   Arguments as :func:`mask_bce_sum`, plus static ``tile = (th, tw)`` (window size in mask pixels,
-  at most the plane) and ``group`` (entries sharing one window: the entries of one GT slot, at most
-  ``group`` at a time). The counted entries of each image are grouped by GT slot; each group's
-  windows tile the union of its entries' boxes (:func:`box_windows`), so no pixel outside a box's
-  window is computed; a pixel is counted by one window only, under the same box and mask rules as
-  :func:`_mask_chunk`. ``chunk`` is the full-plane form's entries per chunk: a step here holds
-  about as many bytes (windows per step ``chunk * b * mh * mw / (th * tw * (nm + 3 * group))``).
-  The same value and gradients as :func:`mask_bce_sum` to float32 rounding.
+  clipped to the plane), ``group`` (entries sharing one window: the entries of one GT slot, at most
+  ``group`` at a time) and ``fallback``. The counted entries of each image are grouped by GT slot;
+  each group's windows tile the union of its entries' boxes (:func:`box_windows`), so no pixel
+  outside a box's windows is computed; a pixel is counted by one window only, under the same box and
+  mask rules as :func:`_mask_chunk`. ``chunk`` is the full-plane form's entries per chunk: a step
+  here holds about as many bytes (``chunk * b * mh * mw / (th * tw * (nm + 3 * group))`` windows).
+  With ``fallback``, the batch is computed by :func:`mask_bce_sum` instead when its windows would
+  cost more (``WINDOW_COST`` per slot-pixel; chosen at run time with ``lax.cond``, both forms in one
+  compilation). The same value and gradients as :func:`mask_bce_sum` to float32 rounding.
   """
-  return _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group)[0]
+  return _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group, fallback)[0]
 
 
-def _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group):
-  b, e, nm = coef.shape
+def _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group, fallback):
   h, w = proto.shape[2:]
   tile = (min(int(tile[0]), h), min(int(tile[1]), w))
-  table, union = jax.vmap(functools.partial(_entry_groups, group=int(group)))(gt, box, weight)
-  offset = (jnp.arange(b, dtype=jnp.int32) * e)[:, None, None]
-  table = jnp.where(table == e, b * e, table + offset).reshape(b * e, group)  # ids over the batch; b * e: empty
-  flat = lambda x, fill: jnp.concatenate([x.reshape((b * e,) + x.shape[2:]), jnp.full((1,) + x.shape[2:], fill, x.dtype)])  # noqa: E731
-  coef_f, gt_f, box_f, weight_f = flat(coef, 0), flat(gt, 0), flat(box, 0), flat(weight, 0)
-  win = box_windows(union.reshape(b * e, 4), (h, w), tile)
-  step = max(1, chunk * b * h * w // (tile[0] * tile[1] * (nm + 3 * group)))
-  proto_t = jnp.transpose(proto, (0, 2, 3, 1))  # NHWC: a window is th rows of tw * nm contiguous values
+  table, union = jax.vmap(functools.partial(entry_groups, group=int(group)))(gt, box, weight)
+  win = jax.vmap(functools.partial(box_windows, plane_hw=(h, w), tile=tile))(union)
+  args = (coef, proto, masks, gt, box, weight, table, win, chunk, index_map, tile)
+  if not fallback:
+    return _windows_sum(*args)
+  return jax.lax.cond(
+      windows_cheaper(win.count, weight, (h, w), tile, group, chunk),
+      lambda: _windows_sum(*args), lambda: _mask_bce_fwd(coef, proto, masks, gt, box, weight, chunk, index_map),
+  )  # fmt: skip
+
+
+def windows_cheaper(count: jax.Array, weight: jax.Array, plane_hw, tile, group: int, chunk: int) -> jax.Array:
+  """Whether windows of ``tile`` (``group`` entry slots each), ``count (b,)`` in each image, cost less
+  than the full-plane form.
+
+  Both forms run every image in step: the windows ``b * max(count)`` windows, the full-plane form
+  (:func:`mask_bce_sum`) ``ceil(max counted entries of an image / chunk)`` chunks of ``chunk`` entries
+  per image of ``weight (b, E)``; a window slot-pixel costs ``WINDOW_COST`` full-plane entry-pixels.
+  A scalar bool (traced).
+  """
+  b, e = weight.shape
+  chunk = min(chunk, e)
+  counted = jnp.max(jnp.sum(weight != 0, axis=1))
+  full = ((counted + chunk - 1) // chunk * chunk).astype(jnp.float32) * (plane_hw[0] * plane_hw[1])
+  return jnp.max(count).astype(jnp.float32) * (tile[0] * tile[1] * group * WINDOW_COST) <= full
+
+
+def _windows_sum(coef, proto, masks, gt, box, weight, table, win, chunk, index_map, tile):
+  """The value and unit-cotangent gradients of :func:`mask_windows` over its windows: a loop over chunks,
+  each taking the next windows of every image (vmapped per image, so every gather and scatter is within
+  one image: a batch-sharded ``jit`` keeps each image's work on its device)."""
+  b, e, nm = coef.shape
+  h, w = proto.shape[2:]
+  group = table.shape[-1]
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731  (an empty entry: id e)
+  coef_p, gt_p, box_p, weight_p = pad(coef), pad(gt), pad(box), pad(weight)
+  items = jax.vmap(functools.partial(window_items, capacity=e * (-(-h // tile[0])) * (-(-w // tile[1]))))(win)
+  step = max(1, chunk * h * w // (tile[0] * tile[1] * (nm + 3 * group)))  # windows per image per step
+  proto_t = jnp.transpose(proto, (0, 2, 3, 1)).reshape(b, h, w * nm)  # NHWC rows
+  chunk_fn = functools.partial(_windows_chunk, plane_hw=(h, w), tile=tile, index_map=index_map)
+  images = jax.vmap(chunk_fn, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 0, None))
+  add_rows = jax.vmap(lambda acc, ids, rows: acc.at[ids].add(rows))
+  add_windows = jax.vmap(lambda acc, corner, values: scatter_add_windows(acc, None, corner, values))
 
   def body(i, carry):
     total, d_coef, d_proto = carry
     index = i * step + jnp.arange(step, dtype=jnp.int32)
-    value, ids, dc, image, corner, d_win = _windows_chunk(
-        proto_t, masks, coef_f, gt_f, box_f, weight_f, win, table, index, (h, w), tile, index_map)
-    return total + value, d_coef.at[ids].add(dc), scatter_add_windows(d_proto, image, corner, d_win)
+    value, ids, dc, corner, d_win = images(proto_t, masks, coef_p, gt_p, box_p, weight_p, win, items, table, index)
+    return total + jnp.sum(value), add_rows(d_coef, ids, dc), add_windows(d_proto, corner, d_win)
 
-  init = (jnp.zeros((), jnp.float32), jnp.zeros_like(coef_f), jnp.zeros((b, h, w * nm), jnp.float32))
-  total, d_coef, d_proto = jax.lax.fori_loop(0, (win.count + step - 1) // step, body, init)
-  return total, (d_coef[:-1].reshape(b, e, nm), jnp.transpose(d_proto.reshape(b, h, w, nm), (0, 3, 1, 2)))
+  init = (jnp.zeros((), jnp.float32), jnp.zeros_like(coef_p), jnp.zeros_like(proto_t))  # zeros_like: the inputs' sharding
+  total, d_coef, d_proto = jax.lax.fori_loop(0, (jnp.max(win.count) + step - 1) // step, body, init)
+  return total, (d_coef[:, :-1], jnp.transpose(d_proto.reshape(b, h, w, nm), (0, 3, 1, 2)))
 
 
-def _mask_windows_bwd(chunk, index_map, tile, group, residuals, ct):
+def _mask_windows_bwd(chunk, index_map, tile, group, fallback, residuals, ct):
   d_coef, d_proto = residuals
   return ct * d_coef, ct * d_proto, None, None, None, None
 

@@ -28,15 +28,22 @@ the masks' resolution (either direction) bilinearly with half-pixel centres and 
 antialiasing (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``, what the
 reference does); the masks are never resampled.
 
+Work: only pixels inside the GT boxes count, so on planes of at least ``2 * WINDOW`` pixels a
+side (``mask_window`` in :class:`SegmentLossConfig`) the mask logits, the BCE and both gradients
+are computed over box windows only (:func:`jaxtal.kernels.mask_windows`): the foreground entries
+of one GT share ``WINDOW x WINDOW`` windows that tile its box, visited a chunk of windows at a
+time; where the windows would cost more than the whole plane (boxes filling the image), the same
+compiled step computes the whole plane instead. Both give the same loss to float32 rounding.
+
 Memory: the mask logits exist only for the ``E = M * topk`` entries of each image, never for
-all ``A`` anchors, and are computed a chunk of entries at a time (``mask_chunk`` in
-:class:`SegmentLossConfig`): a ``lax.scan`` over chunks that forms the value and, in the same
-pass, the gradients w.r.t. the coefficients and the prototypes
-(:func:`jaxtal.kernels.mask_bce_sum`; its plain twin is autodiff over chunks under
-``jax.checkpoint``). Peak memory is then about a few ``(b, chunk, mh, mw)`` float32 arrays
-whatever ``E`` (``b = 16``, ``M = 100``, a 640 input, 160 x 160 prototypes, ``nm = 32``: under
-0.8 GB for the gradient by XLA's memory analysis, 4.99 GB with all entries in one chunk). The
-crop is separable (a row mask times a column mask), never an ``(E, mh, mw)`` box mask.
+all ``A`` anchors, and are computed a chunk of entries (or windows) at a time (``mask_chunk`` in
+:class:`SegmentLossConfig`): a loop over chunks that forms the value and, in the same pass, the
+gradients w.r.t. the coefficients and the prototypes (:func:`jaxtal.kernels.mask_bce_sum` over
+the whole plane; its plain twin is autodiff over chunks under ``jax.checkpoint``). Peak memory is
+then about a few ``(b, chunk, mh, mw)`` float32 arrays whatever ``E`` (``b = 16``, ``M = 100``, a
+640 input, 160 x 160 prototypes, ``nm = 32``: under 0.8 GB for the gradient by XLA's memory
+analysis, 4.99 GB with all entries in one chunk). The crop is separable (a row mask times a
+column mask), never an ``(E, mh, mw)`` box mask.
 
 Everything matches Ultralytics 8.4.190 (``v8SegmentationLoss``) to float32 rounding except the
 deliberate differences listed, once for every task, in docs/deviations.md (zero-area boxes,
@@ -72,8 +79,10 @@ from jaxtal.targets import Targets, take_rows
 CHUNK_BYTES = 64 << 20
 CHUNK_ENTRIES = 64
 # Automatic windows: the mask term tiles each GT box with WINDOW x WINDOW pixel windows when the mask plane
-# is at least 2 * WINDOW on each side (on smaller planes a window would be most of the plane).
-WINDOW = 32
+# is at least 2 * WINDOW on each side (on smaller planes a window would be most of the plane). b = 16,
+# M = 50, 160 x 160 masks, XLA:CPU, CPU time of the loss step: 223-240 ms at 16, 272-277 ms at 32, 924-1082 ms
+# over the whole plane (a loaded 2-core VM; CPU time, the wall time being too noisy there).
+WINDOW = 16
 # A GT box covering less of the image than this contributes no mask term (the term divides by it).
 MIN_AREA = 1e-20
 
@@ -87,7 +96,12 @@ class SegmentLossConfig(LossConfig):
       together. ``None`` picks at most 64 entries, fewer if one chunk's ``(b, chunk, mh, mw)``
       float32 logits would take more than 64 MiB (the whole entry list is one chunk when it is
       shorter), which bounds the mask term's memory whatever ``M``; a smaller chunk uses less
-      memory and more sequential steps. The loss does not depend on it (to float32 rounding).
+      memory and more sequential steps. Over box windows, a chunk of windows takes about as many
+      bytes. The loss does not depend on it (to float32 rounding).
+    mask_window: side in mask pixels of the windows that tile each GT box for the mask term
+      (clipped to the plane). ``None`` uses ``WINDOW = 16`` on planes of at least 32 pixels a side
+      and the whole plane on smaller ones. The loss does not depend on it (to float32 rounding);
+      ``plain_kernels=("mask_windows",)`` turns the windows off.
 
   The mask term's gain is ``box`` (Ultralytics uses the box gain for it).
   """
@@ -311,7 +325,7 @@ def mask_sum(
   tile = window_tile(mask_window, (mh, mw))
   if tile is not None and "mask_bce_sum" not in plain:
     group = max(1, size // targets.positives_per_gt.shape[1])  # topk: the most entries a GT slot usually owns
-    return kernels.select("mask_windows", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map, tile, group)
+    return kernels.select("mask_windows", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map, tile, group, True)
   return kernels.select("mask_bce_sum", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map)
 
 

@@ -497,7 +497,8 @@ class TestMaskWindows:
     @jax.jit
     def run(c, p):  # the windows, the twin (the fused full-plane kernel) and the full-plane autodiff form
       forms = (
-          functools.partial(kernels.mask_windows, tile=tile, group=group), functools.partial(kernels.plain_mask_windows, tile=tile, group=group),
+          functools.partial(kernels.mask_windows, tile=tile, group=group, fallback=False),
+          functools.partial(kernels.plain_mask_windows, tile=tile, group=group),
           kernels.plain_mask_bce_sum,
       )  # fmt: skip
       return [jax.value_and_grad(lambda c, p, fn=fn: fn(c, p, masks, gt, box, weight, 5, index_map), argnums=(0, 1))(c, p) for fn in forms]
@@ -512,23 +513,43 @@ class TestMaskWindows:
   @pytest.mark.slow
   def test_compiled_and_eager(self, variant):
     coef, proto, masks, gt, box, weight = _window_problem(seed=1, index_map=False)
-    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 3), 3)  # noqa: E731
+    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 3), 3, False)  # noqa: E731
     got = variant(jax.value_and_grad(f, argnums=(0, 1)))(coef, proto)
     want = jax.value_and_grad(lambda c, p: kernels.plain_mask_bce_sum(c, p, masks, gt, box, weight, 5, False), argnums=(0, 1))(coef, proto)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
   def test_nothing_counted_gives_zeros(self):
     coef, proto, masks, gt, box, weight = _window_problem(seed=2)
-    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, 0.0 * weight, 5, True, (4, 4), 3)  # noqa: E731
+    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, 0.0 * weight, 5, True, (4, 4), 3, False)  # noqa: E731
     value, (d_coef, d_proto) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(coef, proto)
     assert float(value) == 0.0 and not np.asarray(d_coef).any() and not np.asarray(d_proto).any()
+
+  def test_falls_back_to_the_full_plane_where_the_windows_cost_more(self):
+    """Small boxes: windows; boxes filling the plane: the full-plane form (chosen at run time, one
+    compilation); the value and gradients are the same either way."""
+    coef, proto, masks, gt, box, weight = _window_problem(seed=6, mh=40, mw=40)
+    whole = jnp.broadcast_to(jnp.asarray([-1.0, -1.0, 41.0, 41.0]), box.shape)
+    small = box * 0.25
+
+    @jax.jit
+    def run(box):
+      table, union = jax.vmap(functools.partial(kernels.entry_groups, group=3))(gt, box, weight)
+      win = jax.vmap(lambda u: kernels.box_windows(u, (40, 40), (4, 4)))(union)
+      f = lambda c, p, fn: fn(c, p, masks, gt, box, weight, 5, True, (4, 4), 3)  # noqa: E731
+      grads = [jax.value_and_grad(f, argnums=(0, 1))(coef, proto, fn) for fn in (kernels.mask_windows, kernels.plain_mask_windows)]
+      return kernels.windows_cheaper(win.count, weight, (40, 40), (4, 4), 3, 5), grads
+
+    for boxes, cheaper in ((small, True), (whole, False)):
+      got_cheaper, (got, want) = run(boxes)
+      assert bool(got_cheaper) == cheaper
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
 
   @pytest.mark.slow
   def test_under_vmap(self):
     """Batched (the loop's trip count differs per member): each member's own value and gradients."""
     problems = [_window_problem(seed=s) for s in (3, 4)]
     stacked = [jnp.stack(x) for x in zip(*problems)]
-    f = lambda c, p, mk, g, bx, w: kernels.mask_windows(c, p, mk, g, bx, w, 5, True, (4, 4), 3)  # noqa: E731
+    f = lambda c, p, mk, g, bx, w: kernels.mask_windows(c, p, mk, g, bx, w, 5, True, (4, 4), 3, False)  # noqa: E731
     got = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1))))(*stacked)
     for i, problem in enumerate(problems):
       want = jax.value_and_grad(f, argnums=(0, 1))(*problem)
@@ -536,7 +557,7 @@ class TestMaskWindows:
 
   def test_check_grads(self):
     coef, proto, masks, gt, box, weight = _window_problem(seed=5, index_map=False)
-    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 5), 3)  # noqa: E731
+    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 5), 3, False)  # noqa: E731
     check_grads(f, (coef, proto), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
@@ -564,6 +585,25 @@ class TestBoxWindows:
       assert (owned[n][inside] == 1).all(), n
       assert inside.any() == (np.prod(np.asarray(win.tiles)[n]) > 0), n
     assert (owned[1] == 1).all()  # the infinite box: the whole plane, each pixel once
+
+  def test_entry_groups(self):
+    """Every counted entry in exactly one group, of one GT slot, at most ``group`` to a group; the union
+    boxes bound their entries'; groups are numbered from 0 and the rest are empty."""
+    _, _, _, gt, box, weight = _window_problem(seed=7, e=20)
+    for i in range(2):
+      table, union = (np.asarray(x) for x in jax.jit(kernels.entry_groups, static_argnums=3)(gt[i], box[i], weight[i], 3))
+      g, bx, counted = np.asarray(gt[i]), np.asarray(box[i]), np.asarray(weight[i]) != 0
+      listed = table[table < 20]
+      np.testing.assert_array_equal(np.sort(listed), np.flatnonzero(counted))
+      used = (table < 20).any(1)
+      assert used.sum() == sum(-(-np.sum(counted & (g == s)) // 3) for s in np.unique(g)) and not used[used.sum():].any()
+      for row, u in zip(table[used], union[used]):
+        ids = row[row < 20]
+        assert len(set(g[ids])) == 1
+        finite = bx[ids][~np.isnan(bx[ids]).any(1)]
+        if len(finite):
+          np.testing.assert_array_equal(u, np.concatenate([finite[:, :2].min(0), finite[:, 2:].max(0)]))
+      assert (union[~used][:, :2] == np.inf).all() and (union[~used][:, 2:] == -np.inf).all()
 
   def test_scatter_is_the_transpose_of_gather(self):
     rng = np.random.default_rng(1)
