@@ -80,8 +80,9 @@ CHUNK_BYTES = 64 << 20
 CHUNK_ENTRIES = 64
 # Automatic windows: the mask term tiles each GT box with WINDOW x WINDOW pixel windows when the mask plane
 # is at least 2 * WINDOW on each side (on smaller planes a window would be most of the plane). b = 16,
-# M = 50, 160 x 160 masks, XLA:CPU, CPU time of the loss step: 223-240 ms at 16, 272-277 ms at 32, 924-1082 ms
-# over the whole plane (a loaded 2-core VM; CPU time, the wall time being too noisy there).
+# M = 50, 160 x 160 masks, XLA:CPU, CPU time of the loss step: 297-308 ms at 16, 305-313 ms at 8 and 12,
+# 337 ms at 24, 359-363 ms at 32, 878-1123 ms over the whole plane (a loaded 2-core VM; CPU time, the wall
+# time being too noisy there). 16 keeps the window list shorter than 8 or 12 for the same work.
 WINDOW = 16
 # A GT box covering less of the image than this contributes no mask term (the term divides by it).
 MIN_AREA = 1e-20
