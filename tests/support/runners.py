@@ -226,26 +226,29 @@ def run_pose_loss(case: dict) -> dict:
 # ----------------------------------------------------------------------------- segmentation
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _segment_loss_jit(feats, coefs, proto, gt, *, config):
+@functools.partial(jax.jit, static_argnames=("config", "overrides"))
+def _segment_loss_jit(feats, coefs, proto, gt, *, config, overrides=()):
   kwargs = dict(config)
   kwargs.pop("class_weights")
 
   def f(feats, coefs, proto):
-    return jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, layout="NCHW", **kwargs)
+    preds = jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto)
+    return jaxtal.segment_loss(preds, gt, layout="NCHW", **kwargs, **dict(overrides))
 
   (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(feats, coefs, proto)
   _, targets = jaxtal.detection_targets(feats, gt, layout="NCHW", **kwargs)
   return total, parts, grads, targets
 
 
-def run_segment_loss(case: dict) -> dict:
-  """jaxtal's segmentation loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
+def run_segment_loss(case: dict, **overrides) -> dict:
+  """jaxtal's segmentation loss on a case (jitted): total, parts, gradients and the assignment, as NumPy.
+  ``overrides``: settings that must not change the result (e.g. ``mask_window``)."""
   kwargs, _, _ = segment_cases.split_config(case["config"])
   assert kwargs["class_weights"] is None
   x = case["inputs"]
   total, parts, (grads, coef_grads, proto_grad), t = _segment_loss_jit(
-      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(kwargs.items()))
+      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(kwargs.items())),
+      overrides=tuple(sorted(overrides.items())),
   )
   return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
 
