@@ -799,6 +799,85 @@ mask_windows.defvjp(_mask_windows_fwd, _mask_windows_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
+# The mask-IoU assignment's pixel counts (segment26.py) over windows of each pair's predicted box.
+# Why: the full-plane form decodes each listed (GT, anchor) pair's mask logits over the whole plane and
+# then keeps the pixels inside the predicted box; only those count, so the windows tiling that box
+# (BoxWindows, above) hold every pixel the intersection and the predicted area read. The GT's own
+# area is a per-GT count over the whole plane (one pass per image, not per pair). The counts are
+# integers and each pixel's logit is the same nm-term dot product in both forms, so the IoU is
+# identical, not merely close (tests/test_segment26.py, unquantised float32 values, XLA:CPU; a backend
+# whose two matmuls summed the nm terms in different orders could move a logit within rounding of 0
+# across it, as any change of matmul would). Not a select()-able kernel: segment26 picks it with the mask term's
+# switch (plain_kernels=("mask_windows",) turns it off) and falls back to the plane per image.
+
+
+def _pair_windows_chunk(proto, masks, coef, box, owner, win: BoxWindows, items, index, plane_hw, tile, index_map: bool):
+  """One image's chunk of windows: ``(pair (P,), intersection (P,), predicted pixels (P,))`` int32.
+
+  ``proto (h, w * nm)`` NHWC rows; ``masks (h, w)`` int index map or ``(M, h, w)`` bool; ``coef (N + 1,
+  nm)``, ``box (N + 1, 4)`` prototype pixels, ``owner (N + 1,)`` GT slot, with one empty pair last;
+  ``index (P,)`` window indices of ``win`` (one pair per box of the list).
+  """
+  th, tw = tile
+  nm = coef.shape[-1]
+  live = index < win.count
+  item, nominal, corner = window_at(win, index, plane_hw, tile, items)
+  item = jnp.where(live, item, coef.shape[0] - 1)
+  c, bx = coef[item], box[item]
+  row_corner = corner * jnp.array([1, nm], jnp.int32)
+  patch = gather_windows(proto, None, row_corner, (th, tw * nm)).reshape(-1, th, tw, nm).reshape(-1, th * tw, nm)
+  logits = jax.lax.dot_general(patch, c, (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST).reshape(-1, th, tw)
+  rows = corner[:, 0:1] + jnp.arange(th, dtype=jnp.int32)  # (P, th)
+  cols = corner[:, 1:2] + jnp.arange(tw, dtype=jnp.int32)
+  own_rows = (rows >= nominal[:, 0:1]) & (rows < nominal[:, 0:1] + th)  # this window's share of the box
+  own_cols = (cols >= nominal[:, 1:2]) & (cols < nominal[:, 1:2] + tw)
+  rows, cols = rows.astype(jnp.float32), cols.astype(jnp.float32)
+  in_rows = own_rows & (rows >= bx[:, 1:2]) & (rows < bx[:, 3:4])
+  in_cols = own_cols & (cols >= bx[:, 0:1]) & (cols < bx[:, 2:3])
+  pred = jnp.isfinite(logits) & (logits > 0) & in_rows[:, :, None] & in_cols[:, None, :]  # a non-finite logit is outside
+  slot = owner[item]
+  if index_map:
+    gt = gather_windows(masks, None, corner, tile) == (slot + 1)[:, None, None]
+  else:
+    gt = gather_windows(masks, slot, corner, tile)
+  inter = jnp.sum(pred & gt, axis=(1, 2), dtype=jnp.int32)
+  return item, inter, jnp.sum(pred, axis=(1, 2), dtype=jnp.int32)
+
+
+def pair_mask_counts(coef, box, owner, proto, masks, tile, step: int, limit: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """One image's ``N`` (GT, anchor) pairs: ``(|pred & gt| (N,), |pred| (N,))`` int32, with ``pred`` the pair's
+  mask ``coef . proto > 0`` (a non-finite logit is outside) inside its box, ``gt`` its GT slot's mask.
+
+  Shapes: ``coef (N, nm)``; ``box (N, 4)`` xyxy in prototype pixels (a pixel of column ``x`` is in it
+  when ``x1 <= x < x2``, rows alike; a box with a NaN side holds no pixel: a pair that is not wanted);
+  ``owner (N,)`` int32 GT slot; ``proto (nm, h, w)``; ``masks`` an index map ``(h, w)`` int (pixel
+  ``j + 1`` marks slot ``j``) or per-slot masks ``(M, h, w)`` bool. Only the pixels of the windows of
+  size ``tile`` (static, fitting the plane) tiling each box (:func:`box_windows`) are computed, ``step``
+  (static) windows per iteration of a loop over ``ceil(count / step)`` iterations (traced; ``limit``,
+  when given, caps the windows visited: 0 visits none). The counts of the full-plane form exactly.
+  """
+  n, nm = coef.shape
+  h, w = proto.shape[1:]
+  index_map = masks.ndim == 2
+  win = box_windows(box, (h, w), tile)
+  items = window_items(win, max(1, n * (-(-h // tile[0])) * (-(-w // tile[1]))))
+  pad = lambda x, v: jnp.concatenate([x, jnp.full((1,) + x.shape[1:], v, x.dtype)])  # noqa: E731  (an empty pair: id n)
+  coef_p, box_p, owner_p = pad(coef, 0), pad(box, jnp.nan), pad(owner, 0)
+  proto_t = jnp.transpose(proto, (1, 2, 0)).reshape(h, w * nm)  # NHWC rows
+  chunk_fn = functools.partial(_pair_windows_chunk, plane_hw=(h, w), tile=tuple(tile), index_map=index_map)
+
+  def body(i, carry):
+    inter, pred = carry
+    item, di, dp = chunk_fn(proto_t, masks, coef_p, box_p, owner_p, win, items, i * step + jnp.arange(step, dtype=jnp.int32))
+    return inter.at[item].add(di), pred.at[item].add(dp)
+
+  count = win.count if limit is None else jnp.minimum(win.count, limit)
+  zeros = jnp.zeros((n + 1,), jnp.int32)
+  inter, pred = jax.lax.fori_loop(0, (count + step - 1) // step, body, (zeros, zeros))
+  return inter[:n], pred[:n]
+
+
+# ------------------------------------------------------------------------------------------------
 
 KERNELS = ("bce_sum", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
 # Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
