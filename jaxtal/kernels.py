@@ -347,6 +347,29 @@ def top_k(metric_levels):
 
 
 # ------------------------------------------------------------------------------------------------
+# The assigner's pairwise passes over each GT's window of nearby anchors (jaxtal.windows), not all A.
+# Why: an anchor is a candidate only of a GT whose widened box holds its centre, so in crowded scenes
+# (thousands of small boxes) nearly all M * A pairs are wasted work, and conflict resolution's search
+# for each listed anchor's best GT is M * E pairs. With windows both are M * (window) pairs. The
+# bookkeeping (sorting GTs into window sizes, scatters) costs more than it saves for few GTs.
+# Bench rows "crowded ..., plain windows" (benchmarks/README.md).
+
+WINDOW_GTS = 256  # GT slots from which windows pay: COCO-like boxes break even here, small crowded ones win from 64
+
+
+def plain_windows(num_gts: int, num_anchors: int) -> bool:
+  """Never windows: every GT is tested against every anchor."""
+  del num_gts, num_anchors
+  return False
+
+
+def windows(num_gts: int, num_anchors: int) -> bool:
+  """Windows from :data:`WINDOW_GTS` GT slots per image on."""
+  del num_anchors
+  return num_gts >= WINDOW_GTS
+
+
+# ------------------------------------------------------------------------------------------------
 # A sum over chunks of the entry list, each chunk under jax.checkpoint (memory bounded whatever E).
 # Not a trick: the plain form of the mask term below. (Ordering counted entries first and skipping
 # empty chunks was measured at b = 16, M = 50: -10% of the segmentation step, so it was removed.)
@@ -484,9 +507,10 @@ mask_bce_sum.defvjp(_mask_bce_fwd, _mask_bce_bwd)
 
 # ------------------------------------------------------------------------------------------------
 
-KERNELS = ("bce_sum", "mask_bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
-# Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
-TASK_KERNELS = {"mask_bce_sum": "segment_loss"}
+KERNELS = ("bce_sum", "mask_bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
+# Kernels measured on another workload than the detection rows' (a task's loss, or the crowded scenes):
+# the detection ablation rows leave them out and bench.py times them there.
+TASK_KERNELS = {"mask_bce_sum": "segment_loss", "windows": "crowded"}
 # The trick each kernel function belongs to, where it is not its own name.
 _TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 
