@@ -87,6 +87,8 @@ def parse_args(argv=None):
   parser.add_argument("--no-obb", action="store_true", help="skip the oriented-box rows")
   parser.add_argument("--no-pose", action="store_true", help="skip the pose rows")
   parser.add_argument("--no-segment", action="store_true", help="skip the instance-segmentation rows")
+  parser.add_argument("--no-segment26", action="store_true", help="skip the YOLO26 segmentation rows")
+  parser.add_argument("--segment26-only", action="store_true", help="of the segmentation rows, only YOLO26's")
   parser.add_argument("--tasks-only", action="store_true", help="only the OBB, pose and segmentation rows")
   parser.add_argument("--kerascv-python", default="/tmp/kcv/bin/python", help="Python of an env with keras-cv")
   parser.add_argument("--kerascv-timeout", type=int, default=1800, help="seconds")

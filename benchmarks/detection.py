@@ -120,13 +120,13 @@ def pack_gt(rows, m):
 def jaxtal_rows(args, table, maps_np, rows_by_m) -> tuple[dict, dict]:
   """Loss, assignment, floor, compile, memory, end-to-end and ablation rows for every M; returns the median
   times (ms) keyed by (row, M), and the timed calls by the same keys (for the paired ratios)."""
-  cfg = jaxtal.LossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+  cfg = jaxtal.LossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, min_box_side=0.0)  # as the reference below
   feats = [jax.device_put(jnp.asarray(m)) for m in maps_np]  # NHWC, prepared outside the timing
   assign_inputs = assignment_inputs(feats)
   num_anchors = assign_inputs[2].shape[0]
   loss_step = make_loss_step(cfg)
   loss_given_jit = jax.jit(lambda feats, targets: jax.value_and_grad(lambda f: loss_given_total(f, targets, cfg))(feats))
-  assign = jax.jit(jaxtal.task_aligned_assign)
+  assign = jax.jit(functools.partial(jaxtal.task_aligned_assign, min_box_side=0.0))
   targets_jit = jax.jit(functools.partial(jaxtal.detection_targets, config=cfg))
   floor_jit = jax.jit(floor_step)
   floor_autodiff_jit = jax.jit(floor_autodiff_step)
@@ -210,7 +210,7 @@ def memory_rows(args, table) -> None:
         jaxtal.GroundTruth(spec((b, m), jnp.int32), spec((b, m, 4), jnp.float32), spec((b, m), jnp.bool_)),
     )
     for label, chunk in (("auto", None), ("dense", m)):
-      fn = jax.jit(functools.partial(jaxtal.task_aligned_assign, gt_chunk=chunk))
+      fn = jax.jit(functools.partial(jaxtal.task_aligned_assign, gt_chunk=chunk, min_box_side=0.0))
       try:
         stats = fn.lower(*inputs).compile().memory_analysis()
       except Exception as e:  # noqa: BLE001 - report whatever stops XLA (e.g. a buffer too large)
@@ -258,7 +258,7 @@ def ultralytics_rows(args, table, maps_np, rows_by_m, jaxtal_ms: dict, jaxtal_ru
   feats_meta = [f[:1, :1] for f in nchw]  # only their spatial shapes are read (anchors)
   model = reference.Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5), None)
   crit = v8DetectionLoss(model, tal_topk=10)
-  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0 (the original YOLOv8 in-box test)
+  crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides (the original YOLOv8 in-box test), as in every earlier table
 
   # Assignment inputs: the same predictions jaxtal's assign row uses, computed here in PyTorch.
   with torch.no_grad():

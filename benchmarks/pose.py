@@ -36,7 +36,7 @@ def rows(args, table) -> None:
   maps_np = timing.make_head_maps(num_classes=POSE_NUM_CLASSES)
   kpts_np = timing.make_side_maps(k * d, seed=SEED + 3, scale=0.5)
   feats, kpts = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in kpts_np]
-  cfg = jaxtal.PoseLossConfig(num_classes=POSE_NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, kpt_shape=POSE_KPT_SHAPE)
+  cfg = jaxtal.PoseLossConfig(num_classes=POSE_NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, kpt_shape=POSE_KPT_SHAPE, min_box_side=0.0)
 
   @jax.jit
   def step(feats, kpts, gt):
@@ -60,7 +60,7 @@ def rows(args, table) -> None:
   model = reference.Model(POSE_NUM_CLASSES, REG_MAX, list(STRIDES), gains, None)
   model.model[-1].kpt_shape = list(POSE_KPT_SHAPE)
   crit = v8PoseLoss(model, tal_topk=10)
-  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides
   ref_runs = {}
   for m in POSE_BOX_COUNTS:
     t = torch.from_numpy(rows_by_m[m])

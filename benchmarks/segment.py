@@ -1,7 +1,11 @@
 """Instance-segmentation rows: jitted ``jaxtal.segment_loss`` fwd+bwd w.r.t. head, coefficient and prototype
 maps, b = 16, nc = 80, 640 px, 160 x 160 x 32 prototypes, M = 50; Ultralytics' ``v8SegmentationLoss``
 (``overlap_mask=True``) on the same numbers, paired ratio; XLA's memory analysis of the step (also at the
-issue's b = 16, M = 100 bound); the step with its task kernel plain (``ablation.segment_rows``)."""
+issue's b = 16, M = 100 bound); the step with its task kernel plain (``ablation.segment_rows``).
+
+YOLO26 rows (:func:`segment26_rows`): ``jaxtal.segment26_loss`` fwd+bwd (also w.r.t. the semantic logits,
+``(b, 80, 80, 80)`` at stride 8) on the same numbers against ``SegmentLoss26``, paired; XLA's memory
+analysis of the mask-IoU assignment alone and of the step at b = 16, M = 100."""
 
 from __future__ import annotations
 
@@ -45,12 +49,19 @@ def make_index_maps(rows: np.ndarray, batch: int, size: tuple[int, int]) -> tupl
 
 
 def rows(args, table) -> None:
+  if not getattr(args, "segment26_only", False):
+    v8_rows(args, table)
+  if not getattr(args, "no_segment26", False):
+    segment26_rows(args, table)
+
+
+def v8_rows(args, table) -> None:
   mh, mw, nm = SEG_PROTO
   maps_np = timing.make_head_maps()
   coefs_np = timing.make_side_maps(nm, seed=SEED + 7)
   proto_np = np.random.default_rng(SEED + 9).standard_normal((BATCH, mh, mw, nm), dtype=np.float32)
   feats, coefs, proto = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in coefs_np], jax.device_put(proto_np)
-  cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)
+  cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, min_box_side=0.0)
   step = jax.jit(make_step(cfg))
   data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
   inputs_by_m, runs = {}, {}
@@ -79,7 +90,7 @@ def rows(args, table) -> None:
   preds, leaves = timing.reference_preds(maps_np, NUM_CLASSES, extra={"mask_coefficient": coefs_np, "proto": proto_np})
   model = reference.Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, overlap_mask=True), None)
   crit = v8SegmentationLoss(model, tal_topk=10)
-  crit.assigner.stride_val = 0.0  # jaxtal's default min_box_side=0
+  crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides
   ref_runs = {}
   for m, (label_rows, index_maps) in data.items():
     t = torch.from_numpy(label_rows)
@@ -90,3 +101,71 @@ def rows(args, table) -> None:
       "Ultralytics v8SegmentationLoss fwd+bwd", ref_runs, timing.reference_note(reference), "segment loss", "target >= 3",
   )  # fmt: skip
   ablation.segment_rows(args, table, cfg, make_step, inputs_by_m, medians)
+
+
+# ----------------------------------------------------------------------------- YOLO26
+
+
+NAME26 = "segment26 loss fwd+bwd (b16 nc80 640px 160x160x32 + semantic 80x80)"
+
+
+def segment26_rows(args, table) -> None:
+  """``segment26_loss`` fwd+bwd against ``SegmentLoss26`` (the v8 rows' workload plus semantic logits), and the
+  XLA memory of its mask-IoU assignment (``segment26_targets``) and its step at b = 16, M = 100."""
+  mh, mw, nm = SEG_PROTO
+  sh = IMAGE_SIZE // STRIDES[0]
+  maps_np = timing.make_head_maps()
+  coefs_np = timing.make_side_maps(nm, seed=SEED + 7)
+  proto_np = np.random.default_rng(SEED + 9).standard_normal((BATCH, mh, mw, nm), dtype=np.float32)
+  sem_np = np.random.default_rng(SEED + 13).standard_normal((BATCH, sh, sh, NUM_CLASSES), dtype=np.float32)
+  preds = jaxtal.Predictions(
+      [jax.device_put(m) for m in maps_np], mask_coefs=[jax.device_put(m) for m in coefs_np], proto=jax.device_put(proto_np),
+      semantic=jax.device_put(sem_np),
+  )
+  cfg = jaxtal.Segment26LossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)  # min_box_side: strides[1]
+  step = jax.jit(lambda p, gt: jax.value_and_grad(lambda p: jaxtal.segment26_loss(p, gt, cfg)[0])(p))
+  data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
+  runs = {}
+  for m, (label_rows, index_maps) in data.items():
+    gt = jax.device_put(jaxtal.pack_labels(label_rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps))
+    runs[m] = lambda gt=gt: jax.block_until_ready(step(preds, gt))  # noqa: E731
+  b_mem, m_mem = SEG_MEMORY
+  shape = lambda *s, dt=np.float32: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
+  abstract = (
+      jaxtal.Predictions(
+          [shape(b_mem, IMAGE_SIZE // s, IMAGE_SIZE // s, 4 * REG_MAX + NUM_CLASSES) for s in STRIDES],
+          mask_coefs=[shape(b_mem, IMAGE_SIZE // s, IMAGE_SIZE // s, nm) for s in STRIDES],
+          proto=shape(b_mem, mh, mw, nm), semantic=shape(b_mem, sh, sh, NUM_CLASSES),
+      ),
+      jaxtal.GroundTruth(shape(b_mem, m_mem, dt=np.int32), shape(b_mem, m_mem, 4), shape(b_mem, m_mem, dt=bool), masks=shape(b_mem, mh, mw, dt=np.int32)),
+  )
+  assign = jax.jit(lambda p, gt: jaxtal.segment26_targets(p, gt, cfg)[1])
+  timing.memory_row(table, f"segment26 mask-IoU assignment XLA memory, b{b_mem}", m_mem, assign.lower(*abstract).compile())
+  timing.memory_row(table, f"segment26 loss step XLA memory, b{b_mem}", m_mem, step.lower(*abstract).compile())
+  reference = None if args.no_ultralytics else timing.import_reference(table)
+  if reference is None:
+    timing.compare_rows(args, table, NAME26, "jaxtal.segment26_loss", runs)
+    return
+  import torch
+  from ultralytics.utils.loss import SegmentLoss26
+
+  ref_preds, leaves = timing.reference_preds(
+      maps_np, NUM_CLASSES, extra={"mask_coefficient": coefs_np, "proto": proto_np, "semantic": sem_np}
+  )
+  ref_preds["proto"] = (ref_preds["proto"], ref_preds.pop("semantic"))  # Proto26 in training: (prototypes, semantic logits)
+  model = reference.Model(NUM_CLASSES, REG_MAX, list(STRIDES), dict(box=7.5, cls=0.5, dfl=1.5, overlap_mask=True), None)
+  crit = SegmentLoss26(model, tal_topk=10)
+  # Both at their default min_box_side, strides[1] (the reference's stride_val).
+  ref_runs = {}
+  for m, (label_rows, index_maps) in data.items():
+    t = torch.from_numpy(label_rows)
+    classes = np.concatenate([[0.0], label_rows[:, 1]])  # the pipeline's sem_masks: the class the map names
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(label_rows[:, 0].astype(int), minlength=BATCH))[:-1]])
+    sem = np.where(index_maps > 0, classes[np.where(index_maps > 0, index_maps + offsets[:, None, None], 0)], 0.0)
+    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "masks": torch.from_numpy(index_maps),
+             "sem_masks": torch.from_numpy(sem.astype(np.float32))}
+    ref_runs[m] = timing.reference_run(crit, ref_preds, batch, leaves)
+  timing.compare_rows(
+      args, table, NAME26, "jaxtal.segment26_loss", runs,
+      "Ultralytics SegmentLoss26 fwd+bwd", ref_runs, timing.reference_note(reference), "segment26 loss", "target >= 3",
+  )  # fmt: skip

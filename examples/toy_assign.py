@@ -16,6 +16,8 @@ loss runs). ``jaxtal.detection_targets`` does all of this in one call inside the
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -91,7 +93,8 @@ def main(seed: int = 0) -> dict:
     print(f"  gt labels {gt.labels.tolist()}, mask {gt.mask.astype(int).tolist()}")
 
     # TaskAlignedAssigner, step by step (dense (b, M, A) arrays), shown for image 0.
-    steps = jax.jit(jaxtal.assign_steps)(pred_scores, pred_boxes_px, anchor_px, gt)
+    # min_box_side=0: the seed's (original YOLOv8) in-box test; Ultralytics 8.4.190 widens sides under strides[1].
+    steps = jax.jit(functools.partial(jaxtal.assign_steps, min_box_side=0.0))(pred_scores, pred_boxes_px, anchor_px, gt)
     print("\n== TaskAlignedAssigner -> assign_steps, image 0 ==")
     show("1. in_gts_mask (anchor centre inside the GT)", steps.in_box[0])
     metric = np.asarray(steps.align_metric[0])
@@ -105,7 +108,7 @@ def main(seed: int = 0) -> dict:
       print(f"  real GTs whose metrics are all zero (CIoU <= 0): {zero}; they keep their in-box anchors, target score 0")
 
     # The fast path (what the loss runs) gives the same assignment.
-    target = jax.jit(jaxtal.task_aligned_assign)(pred_scores, pred_boxes_px, anchor_px, gt)
+    target = jax.jit(functools.partial(jaxtal.task_aligned_assign, min_box_side=0.0))(pred_scores, pred_boxes_px, anchor_px, gt)
     dense = steps.assignment
     exact = ("labels", "fg_mask", "gt_index", "positives_per_gt")
     same = all(np.array_equal(getattr(target, k), getattr(dense, k)) for k in exact)

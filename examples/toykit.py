@@ -288,6 +288,24 @@ def detect(scores, boxes, *per_anchor, conf: float = 0.001, iou: float = 0.6, ma
           zip(zip(*outputs), kept)]
 
 
+def top_detections(scores, boxes, *per_anchor, conf: float = 0.001, max_det: int = 100):
+  """Per image ``(boxes xyxy, scores, classes)`` with NO NMS, for a one-to-one branch: each anchor's best
+  class, the anchors scoring above ``conf``, the ``max_det`` best of them, best first. Nothing is suppressed.
+  Followed, as in :func:`detect`, by the kept anchors' rows of each further per-anchor output given.
+
+  (Ultralytics' end-to-end postprocess ranks (anchor, class) pairs, so an anchor may give two classes; one class
+  per anchor, as :func:`detect`, leaves NMS the only difference between the two evaluations.)
+  """
+  out = []
+  outputs = [np.asarray(scores), np.asarray(boxes, np.float64), *(np.asarray(x) for x in per_anchor)]
+  for s, b, *rest in zip(*outputs):
+    best, cls = s.max(-1), s.argmax(-1)
+    keep = np.flatnonzero(best > conf)
+    keep = keep[np.argsort(-best[keep], kind="stable")[:max_det]]
+    out.append((b[keep], best[keep], cls[keep], *(y[keep] for y in rest)))
+  return out
+
+
 def detect_indices(scores, boxes, conf: float = 0.001, iou: float = 0.6, max_det: int = 100):
   """Per image ``(kept anchors (k,), best score (A,), best class (A,))``: what :func:`detect` keeps, as anchor
   indices, so that other per-anchor outputs (keypoints, mask coefficients) can follow the kept boxes."""

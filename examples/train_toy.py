@@ -98,20 +98,7 @@ def predict_both(model, images):
   return toykit.scores_and_boxes(one2many), toykit.scores_and_boxes(one2one)
 
 
-def top_detections(scores, boxes, conf: float = 0.001, max_det: int = 100):
-  """Per image ``(boxes xyxy, scores, classes)`` with NO NMS, for the one-to-one branch: each anchor's best
-  class, the anchors scoring above ``conf``, the ``max_det`` best of them, best first. Nothing is suppressed.
-
-  (Ultralytics' end-to-end postprocess ranks (anchor, class) pairs, so an anchor may give two classes; one class
-  per anchor, as ``toykit.detect``, leaves NMS the only difference between the two evaluations.)
-  """
-  out = []
-  for s, b in zip(np.asarray(scores), np.asarray(boxes, np.float64)):
-    best, cls = s.max(-1), s.argmax(-1)
-    keep = np.flatnonzero(best > conf)
-    keep = keep[np.argsort(-best[keep], kind="stable")[:max_det]]
-    out.append((b[keep], best[keep], cls[keep]))
-  return out
+top_detections = toykit.top_detections  # the NMS-free selection (in toykit: train_segment.py --yolo26 uses it too)
 
 
 def main(argv=None) -> dict:

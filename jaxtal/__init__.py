@@ -10,9 +10,11 @@ Five tasks, each with the same entry points (``<task>_targets``, ``<task>_loss_f
 ``<task>_loss``, ``checked_<task>_loss``, the NNX module ``<Task>Loss``, ``<Task>LossConfig``,
 ``<Task>LossParts``): detection (YOLOv8/11, and YOLO26's ``reg_max = 1`` head), oriented boxes
 (``obb``), pose and instance segmentation (``segment``); end-to-end (NMS-free, YOLOv10/YOLO26)
-training is ``end_to_end_loss`` / ``EndToEndLoss`` over any of them. ``jaxtal.kernels`` holds the
-measured speed tricks beside their plain forms (``plain_kernels`` in a config picks the plain
-ones); it is not API.
+training is ``end_to_end_loss`` / ``EndToEndLoss`` over any of them. YOLO26's RLE keypoint
+term scores residuals with a RealNVP flow: ``flow_log_prob`` over ``FlowParams`` (the NNX module
+``RealNVP``; ``flow_params_from_torch`` reads an Ultralytics checkpoint's flow).
+``jaxtal.kernels`` holds the measured speed tricks beside their plain forms (``plain_kernels`` in
+a config picks the plain ones); it is not API.
 """
 
 from jaxtal.anchors import make_anchors
@@ -32,6 +34,14 @@ from jaxtal.detect import (
     loss_from_targets,
 )
 from jaxtal.end_to_end import EndToEndLoss, end_to_end_loss, end_to_end_sum_loss, one2many_weight
+from jaxtal.flow import (
+    FlowParams,
+    RealNVP,
+    flow_log_prob,
+    flow_params_from_torch,
+    flow_params_to_torch,
+    init_flow_params,
+)
 from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, rotated
 from jaxtal.head import (
     Head,
@@ -55,6 +65,7 @@ from jaxtal.obb import (
 )
 from jaxtal.packing import pack_labels, pack_masks, pack_rotated_labels
 from jaxtal.pose import (
+    RLE_WEIGHTS_COCO17,
     PoseLoss,
     PoseLossConfig,
     PoseLossParts,
@@ -67,10 +78,22 @@ from jaxtal.segment import (
     SegmentLoss,
     SegmentLossConfig,
     SegmentLossParts,
+    SemanticSegmentLossParts,
     checked_segment_loss,
     segment_loss,
     segment_loss_from_targets,
     segment_targets,
+)
+from jaxtal.segment26 import (
+    MaskImage,
+    Segment26Loss,
+    Segment26LossConfig,
+    Segment26LossParts,
+    checked_segment26_loss,
+    mask_iou,
+    segment26_loss,
+    segment26_loss_from_targets,
+    segment26_targets,
 )
 from jaxtal.steps import AssignSteps, assign_steps
 from jaxtal.targets import (
@@ -96,6 +119,7 @@ __all__ = [
     "DetectionLossConfig",
     "DetectionLossParts",
     "EndToEndLoss",
+    "FlowParams",
     "ForegroundEntries",
     "Geometry",
     "GeometryExtra",
@@ -103,6 +127,7 @@ __all__ = [
     "Head",
     "LossConfig",
     "LossParts",
+    "MaskImage",
     "OBBLoss",
     "OBBLossConfig",
     "OBBLossParts",
@@ -110,9 +135,15 @@ __all__ = [
     "PoseLossConfig",
     "PoseLossParts",
     "Predictions",
+    "RLE_WEIGHTS_COCO17",
+    "RealNVP",
+    "Segment26Loss",
+    "Segment26LossConfig",
+    "Segment26LossParts",
     "SegmentLoss",
     "SegmentLossConfig",
     "SegmentLossParts",
+    "SemanticSegmentLossParts",
     "Targets",
     "assign_steps",
     "assign_targets",
@@ -123,6 +154,7 @@ __all__ = [
     "checked_loss_from_targets",
     "checked_obb_loss",
     "checked_pose_loss",
+    "checked_segment26_loss",
     "checked_segment_loss",
     "checked_task_aligned_assign",
     "decode_boxes",
@@ -137,10 +169,15 @@ __all__ = [
     "end_to_end_sum_loss",
     "entries_cover_foreground",
     "flatten_head",
+    "flow_log_prob",
+    "flow_params_from_torch",
+    "flow_params_to_torch",
     "foreground_entries",
+    "init_flow_params",
     "loss_from_targets",
     "ltrb_to_xyxy",
     "make_anchors",
+    "mask_iou",
     "obb_loss",
     "obb_loss_from_targets",
     "obb_targets",
@@ -154,6 +191,9 @@ __all__ = [
     "probiou",
     "rotated",
     "rotated_task_aligned_assign",
+    "segment26_loss",
+    "segment26_loss_from_targets",
+    "segment26_targets",
     "segment_loss",
     "segment_loss_from_targets",
     "segment_targets",

@@ -258,6 +258,19 @@ def gt_masks(gt, caller: str) -> tuple[bool, tuple[int, int]]:
   )
 
 
+def gt_class_map(gt, caller: str) -> None:
+  """``gt.class_map``, when given, an integer ``(b, h, w)`` map (any resolution)."""
+  if gt.class_map is None:
+    return
+  b = gt.labels.shape[0]
+  shape, dtype = tuple(getattr(gt.class_map, "shape", ())), getattr(gt.class_map, "dtype", None)
+  if len(shape) != 3 or shape[0] != b or dtype is None or dtype == bool or not jnp.issubdtype(dtype, jnp.integer):
+    raise ValueError(
+        f"{caller}: gt.class_map must be an integer (b, h, w) = ({b}, h, w) map of each pixel's class (-1 where no"
+        f" instance covers it); got shape {shape} dtype {dtype}"
+    )
+
+
 def class_weights(weights, num_classes: int, caller: str) -> None:
   if weights is not None and np.shape(weights) != (num_classes,):
     raise ValueError(f"{caller}: class_weights must have shape (nc,) = ({num_classes},), got {np.shape(weights)}")

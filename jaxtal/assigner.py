@@ -553,9 +553,9 @@ def _prepare_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_ma
   # Anchors ride along with the (per-image) predictions, so gathers stay local to an image
   # when the batch is sharded.
   if extra is None:
-    data, preds = geometry.gt_data(safe_boxes, valid, cfg.min_box_side), geometry.pred_data(safe_preds, anchors)
+    data, preds = geometry.gt_data(safe_boxes, valid, cfg.side_floor), geometry.pred_data(safe_preds, anchors)
   else:
-    data, preds = geometry.gt_data(safe_boxes, valid, cfg.min_box_side, extra.gt), geometry.pred_data(safe_preds, anchors, extra.pred)
+    data, preds = geometry.gt_data(safe_boxes, valid, cfg.side_floor, extra.gt), geometry.pred_data(safe_preds, anchors, extra.pred)
   return _Gts(jnp.clip(gt_labels, 0, nc - 1), valid, data), preds
 
 

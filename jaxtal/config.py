@@ -39,7 +39,10 @@ class AssignerConfig:
     beta: exponent of the overlap in the align metric.
     eps: margin of the strict in-box test and guard of the normaliser.
     min_box_side: GT sides shorter than this (pixels) are widened to it about the box centre for
-      the candidate test only. ``0`` is the original YOLOv8; Ultralytics 8.4.190 uses ``strides[1]``.
+      the candidate test only. ``None`` (default) is Ultralytics 8.4.190's ``strides[1]`` ("STAL"):
+      a :class:`LossConfig`'s second stride (its only one for a one-level head), and ``16`` for a
+      bare assigner config (the reference assigner's default strides ``(8, 16, 32)``). ``0`` is
+      the original YOLOv8 (and the seed walkthrough). :attr:`side_floor` is the value in use.
     overlap: the overlap of GT and predicted box in the metric and conflict resolution:
       ``"ciou"`` (Ultralytics) or ``"iou"`` (MMYOLO, PP-YOLOE). The box loss stays CIoU.
     gt_chunk: run the pairwise steps over blocks of this many GTs (memory
@@ -60,7 +63,7 @@ class AssignerConfig:
   alpha: float = 0.5
   beta: float = 6.0
   eps: float = 1e-9
-  min_box_side: float = 0.0
+  min_box_side: float | None = None
   overlap: Overlap = "ciou"
   gt_chunk: int | None = None
   windows: bool | None = None
@@ -72,8 +75,10 @@ class AssignerConfig:
     _set(self, "topk", _validate.whole("topk", self.topk, low=1))
     if self.topk2 is not None:
       _set(self, "topk2", _validate.whole("topk2", self.topk2, low=1))
-    for name in ("alpha", "beta", "eps", "min_box_side"):
+    for name in ("alpha", "beta", "eps"):
       _set(self, name, _validate.finite_number(name, getattr(self, name), low=0.0))
+    if self.min_box_side is not None:
+      _set(self, "min_box_side", _validate.finite_number("min_box_side", self.min_box_side, low=0.0))
     _validate.one_of("overlap", self.overlap, _OVERLAPS)
     if self.gt_chunk is not None:
       _set(self, "gt_chunk", _validate.whole("gt_chunk", self.gt_chunk, low=1))
@@ -82,6 +87,11 @@ class AssignerConfig:
     if self.windows is not None:
       _set(self, "windows", bool(self.windows))
     _set(self, "plain_kernels", kernels.check_names(self.plain_kernels))
+
+  @property
+  def side_floor(self) -> float:
+    """The GT side floor of the candidate test in pixels: ``min_box_side``, or its default."""
+    return 16.0 if self.min_box_side is None else self.min_box_side
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -116,6 +126,13 @@ class LossConfig(AssignerConfig):
     _set(self, "strides", _validate.strides(self.strides))
     for name in ("box", "cls", "dfl"):
       _set(self, name, _validate.finite_number(name, getattr(self, name)))
+
+  @property
+  def side_floor(self) -> float:
+    """``min_box_side``, or by default ``strides[1]`` (``strides[0]`` for a one-level head), as Ultralytics 8.4.190."""
+    if self.min_box_side is not None:
+      return self.min_box_side
+    return float(self.strides[1] if len(self.strides) > 1 else self.strides[0])
 
 
 _C = TypeVar("C", bound=AssignerConfig)

@@ -35,6 +35,10 @@ class GroundTruth(NamedTuple):
     masks: optional instance masks (segmentation only, :func:`jaxtal.segment_loss`): an index map
       ``(b, mh, mw)`` int where pixel value ``j + 1`` marks GT slot ``j`` and 0 is background
       (:func:`~jaxtal.pack_masks`), or per-slot binary masks ``(b, M, mh, mw)`` bool or 0/1 float.
+    class_map: optional ``(b, h, w)`` int class of each pixel, -1 where no instance covers it: the
+      semantic term's target, straight from a data pipeline (Ultralytics' ``sem_masks`` with its
+      uncovered pixels set to -1). Read only with semantic logits (``Predictions.semantic``); without
+      it the segmentation losses derive the map from ``masks`` (:func:`jaxtal.segment.class_map`).
 
   The optional fields are ``None`` when unused (``None`` is an empty pytree: ``jax.tree.map``,
   ``jit`` and ``stop_gradient`` pass it through). Build arrays from a packed NumPy result with
@@ -52,6 +56,7 @@ class GroundTruth(NamedTuple):
   mask: jax.Array
   keypoints: jax.Array | None = None
   masks: jax.Array | None = None
+  class_map: jax.Array | None = None
 
 
 def valid_rows(labels: jax.Array, boxes: jax.Array, mask: jax.Array, num_classes: int, box_ok: jax.Array) -> jax.Array:

@@ -68,6 +68,11 @@ COCO_SIGMAS = tuple(
     for v in (0.26, 0.25, 0.25, 0.35, 0.35, 0.79, 0.79, 0.72, 0.72, 0.62, 0.62, 1.07, 1.07, 0.87, 0.87, 0.89, 0.89)
 )
 
+# The per-keypoint weights of YOLO26's RLE keypoint term for the 17 COCO person keypoints (same
+# order as COCO_SIGMAS): the limb ends, hardest to localise, weigh more (elbows and knees 1.2,
+# wrists and ankles 1.5, the rest 1.0).
+RLE_WEIGHTS_COCO17 = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.2, 1.2, 1.5, 1.5, 1.0, 1.0, 1.2, 1.2, 1.5, 1.5)
+
 # The reference's guard of the box area in the OKS denominator (grid units squared).
 _AREA_EPS = 1e-9
 # The OKS denominator's floor: 8 sigma^2 (area + eps) never rounds to 0 (no 0 / 0).

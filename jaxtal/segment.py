@@ -17,6 +17,12 @@ The head predicts, per anchor, ``nm`` mask coefficients, and, per image, ``nm`` 
   pixels, divided by the box's area as a fraction of the image;
 * summed over the foreground anchors of the batch and divided by ``max(F, 1)``.
 
+With semantic logits (``Predictions.semantic``, the prototype branch of YOLO26 / YOLOE-26) the loss adds a
+fifth part, ``sem`` (:func:`semantic_term`: BCE + Dice against the instances' class map, :func:`class_map`),
+and returns :class:`SemanticSegmentLossParts`; without them it returns :class:`SegmentLossParts` (the task
+values ``SEGMENT_SEMANTIC`` and ``SEGMENT``, picked by :func:`task_of`). YOLO26's own loss with its
+mask-aware assignment is :mod:`jaxtal.segment26`, which reuses these terms.
+
 When the GT masks have another resolution than the prototypes, the prototypes are resized to
 the masks' resolution (either direction) bilinearly with half-pixel centres and no
 antialiasing (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``, what the
@@ -47,6 +53,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxtal import _validate
 from jaxtal import kernels
@@ -106,6 +113,29 @@ class SegmentLossParts(NamedTuple):
   dfl: jax.Array
 
 
+class SemanticSegmentLossParts(NamedTuple):
+  """Gain-scaled terms (scalars) of a segmentation loss whose model also predicts semantic logits
+  (``Predictions.semantic``: YOLO26's and YOLOE-26's prototype branch): :class:`SegmentLossParts`
+  plus ``sem``, in Ultralytics' order (``box_loss, seg_loss, cls_loss, dfl_loss, sem_loss``).
+  :func:`segment_loss` returns it when ``preds.semantic`` is given, :func:`~jaxtal.segment26_loss`
+  always (``Segment26LossParts`` is this class).
+
+  Attributes:
+    box: ``box_gain * CIoU loss``.
+    seg: ``box_gain * mask loss``.
+    cls: ``cls_gain * BCE loss``.
+    dfl: ``dfl_gain * DFL loss`` (the L1 distance loss when ``reg_max == 1``).
+    sem: ``box_gain * (0.5 * BCE + 0.5 * Dice)`` of the semantic logits (:func:`semantic_term`);
+      0 without semantic logits or without a foreground anchor.
+  """
+
+  box: jax.Array
+  seg: jax.Array
+  cls: jax.Array
+  dfl: jax.Array
+  sem: jax.Array
+
+
 def _prototypes(proto, batch: int, layout: str, caller: str) -> tuple[jax.Array, int]:
   """``proto`` validated and as ``(b, nm, mh, mw)`` float32; returns it and ``nm``."""
   _validate.float_array(caller, "proto", proto, 4)
@@ -128,6 +158,103 @@ def resize_prototypes(proto: jax.Array, mask_hw) -> jax.Array:
   if tuple(proto.shape[2:]) == tuple(mask_hw):
     return proto
   return jax.image.resize(proto, proto.shape[:2] + tuple(mask_hw), method="linear", antialias=False)
+
+
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+  """``(size_out,)`` source index of each output index of a nearest-neighbour resize, PyTorch's
+  ``interpolate(mode="nearest")`` rule (static): ``min(floor(i * (size_in / size_out)), size_in - 1)``
+  in float32, the identity at equal sizes and ``i // 2`` when doubling."""
+  if size_out == size_in:
+    return np.arange(size_out)
+  if size_out == 2 * size_in:
+    return np.arange(size_out) // 2
+  scale = np.float32(size_in) / np.float32(size_out)
+  return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+
+
+def resize_nearest(x: jax.Array, hw) -> jax.Array:
+  """``(..., h, w)`` -> ``(..., h', w')``: nearest neighbour, PyTorch's ``interpolate(mode="nearest")``
+  (:func:`nearest_indices`, what the reference does to GT masks and semantic targets); any dtype."""
+  h, w = x.shape[-2:]
+  if (h, w) == tuple(hw):
+    return x
+  x = jnp.take(x, jnp.asarray(nearest_indices(h, hw[0]), jnp.int32), axis=-2)
+  return jnp.take(x, jnp.asarray(nearest_indices(w, hw[1]), jnp.int32), axis=-1)
+
+
+def semantic_logits(semantic, batch: int, num_classes: int, layout: str, caller: str) -> jax.Array:
+  """``preds.semantic`` validated and as ``(b, nc, h, w)`` float32."""
+  _validate.float_array(caller, "semantic", semantic, 4)
+  b, c = (semantic.shape[0], semantic.shape[3]) if layout == "NHWC" else semantic.shape[:2]
+  want = "(b, h, w, nc)" if layout == "NHWC" else "(b, nc, h, w)"
+  if b != batch or c != num_classes:
+    raise ValueError(
+        f"{caller}: semantic must be {want} ({layout}) = ({batch}, ..., nc = {num_classes}) semantic logits, one"
+        f" channel per class; got shape {tuple(semantic.shape)}"
+    )
+  if layout == "NHWC":
+    semantic = jnp.transpose(semantic, (0, 3, 1, 2))
+  return semantic.astype(jnp.float32)
+
+
+def class_map(gt: GroundTruth, index_map: bool, num_classes: int) -> jax.Array:
+  """``(b, h, w)`` int32: the class of each pixel, -1 where no instance covers it: the semantic term's target.
+
+  ``gt.class_map`` when given (values outside ``[0, nc)`` count as uncovered). Otherwise derived
+  from ``gt.masks`` at their resolution, as Ultralytics' data pipeline builds ``sem_masks``: an index
+  map gives each pixel the class of the slot it names; per-slot masks the class of the **smallest
+  covering** instance (area: its number of covering pixels; the lower slot on ties). Only real rows
+  (``gt.mask``) with a class in ``[0, nc)`` cover pixels; a per-slot pixel covers when its value is in
+  ``(0, 1]`` (bool: True), so NaN, inf and out-of-range values never do.
+  """
+  labels = jnp.asarray(gt.labels, jnp.int32)
+  counted = jnp.asarray(gt.mask).astype(bool) & (labels >= 0) & (labels < num_classes)
+  if gt.class_map is not None:
+    cmap = jnp.asarray(gt.class_map).astype(jnp.int32)
+    return jnp.where((cmap >= 0) & (cmap < num_classes), cmap, -1)
+  masks = jnp.asarray(gt.masks)
+  m = labels.shape[1]
+  take = jax.vmap(lambda row, idx: row[idx])
+  if index_map:
+    slot = masks.astype(jnp.int32) - 1
+    safe = jnp.clip(slot, 0, max(m - 1, 0))
+    b = masks.shape[0]
+    flat = safe.reshape(b, -1)
+    covered = (slot >= 0) & (slot < m) & take(counted, flat).reshape(slot.shape)
+    return jnp.where(covered, take(labels, flat).reshape(slot.shape), -1)
+  values = masks if masks.dtype == bool else masks.astype(jnp.float32)
+  cover = values if masks.dtype == bool else (values > 0) & (values <= 1)
+  cover = cover & counted[:, :, None, None]
+  area = jnp.sum(cover, axis=(2, 3), dtype=jnp.int32)  # (b, M)
+  key = jnp.where(cover, area[:, :, None, None], jnp.iinfo(jnp.int32).max)
+  smallest = jnp.argmin(key, axis=1)  # the first slot on ties
+  owner_class = jnp.take_along_axis(labels[:, :, None, None], smallest[:, None], axis=1)[:, 0]
+  return jnp.where(jnp.any(cover, axis=1), owner_class, -1)
+
+
+def semantic_term(logits: jax.Array, cmap: jax.Array, targets: Targets, axis_name: str | None) -> jax.Array:
+  """The semantic term before its gain: ``0.5 * BCE + 0.5 * Dice`` of ``(b, nc, h, w)`` logits
+  against the one-hot of ``cmap`` (``(b, h', w')`` classes, -1 uncovered: an all-zero target),
+  resized nearest to ``(h, w)`` (:func:`resize_nearest`) when the sizes differ.
+
+  BCE-with-logits is the mean over all ``b * nc * h * w`` values; Dice the mean over images and
+  classes of ``1 - (2 * sum(sigmoid(x) * t) + 1) / (sum(sigmoid(x)) + sum(t) + 1)`` (smooth 1).
+  Both are means over the global batch under ``axis_name``. 0 unless some anchor of the (global)
+  batch is foreground (Ultralytics' ``BCEDiceLoss`` inside ``v8SegmentationLoss``).
+  """
+  b, nc, h, w = logits.shape
+  cmap = jax.lax.stop_gradient(resize_nearest(cmap, (h, w)))
+  target = (cmap[:, None] == jnp.arange(nc, dtype=cmap.dtype)[None, :, None, None]).astype(jnp.float32)
+  e = jnp.exp(-jnp.abs(logits))  # one exp for the softplus and the sigmoid
+  bce = jnp.sum(jnp.maximum(logits, 0.0) + jnp.log1p(e) - logits * target)
+  p = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
+  dice = 1.0 - (2.0 * jnp.sum(p * target, axis=(2, 3)) + 1.0) / (jnp.sum(p, axis=(2, 3)) + jnp.sum(target, axis=(2, 3)) + 1.0)
+  images = jnp.float32(b)
+  fg = jnp.sum(targets.entries.valid, dtype=jnp.float32)
+  if axis_name is not None:
+    images, fg = jax.lax.psum(images, axis_name), jax.lax.psum(fg, axis_name)
+  term = 0.5 * bce / (images * nc * h * w) + 0.5 * jnp.sum(dice) / (images * nc)
+  return jnp.where(fg > 0, term, 0.0)
 
 
 def entry_boxes(targets: Targets, image_hw, mask_hw) -> tuple[jax.Array, jax.Array]:
@@ -176,6 +303,7 @@ def _gt_masks(gt: GroundTruth, index_map: bool) -> jax.Array:
 class _Side(NamedTuple):
   coefs: jax.Array  # (b, A, nm) anchor rows
   proto: jax.Array  # (b, nm, mh, mw) float32, at the prototypes' own resolution
+  semantic: jax.Array | None = None  # (b, nc, h, w) float32 semantic logits, when the model has them
 
 
 class _MaskInfo(NamedTuple):
@@ -190,11 +318,16 @@ def _prepare(preds: Predictions, head: Head, cfg: SegmentLossConfig, batch: int,
     coefs = task.side_rows(preds.mask_coefs, shapes, batch, nm, cfg.layout, "mask_coefs", caller)
   except ValueError as e:  # say where nm comes from
     raise ValueError(f"{e}; nm = {nm} is the number of prototypes in proto {given} ({cfg.layout})") from None
-  return head, _Side(coefs, proto)
+  semantic = None
+  if preds.semantic is not None:
+    semantic = semantic_logits(preds.semantic, batch, cfg.num_classes, cfg.layout, caller)
+  return head, _Side(coefs, proto, semantic)
 
 
 def _check_gt(gt: GroundTruth, cfg: SegmentLossConfig, caller: str) -> _MaskInfo:
-  return _MaskInfo(*_validate.gt_masks(gt, caller))
+  info = _MaskInfo(*_validate.gt_masks(gt, caller))
+  _validate.gt_class_map(gt, caller)
+  return info
 
 
 def _parts(inputs: task.Inputs, targets: Targets, cfg: SegmentLossConfig, class_weights) -> SegmentLossParts:
@@ -207,10 +340,27 @@ def _parts(inputs: task.Inputs, targets: Targets, cfg: SegmentLossConfig, class_
   return SegmentLossParts(det.box, cfg.box * seg, det.cls, det.dfl)
 
 
+def _semantic_parts(inputs: task.Inputs, targets: Targets, cfg: SegmentLossConfig, class_weights) -> SemanticSegmentLossParts:
+  """:func:`_parts` and the semantic term (0 when the model gives no semantic logits)."""
+  sem = jnp.zeros((), jnp.float32)
+  if inputs.side.semantic is not None:
+    cmap = class_map(inputs.gt, inputs.gt_info.index_map, cfg.num_classes)
+    sem = cfg.box * semantic_term(inputs.side.semantic, cmap, targets, cfg.axis_name)
+  return SemanticSegmentLossParts(*_parts(inputs, targets, cfg, class_weights), sem)
+
+
 SEGMENT = task.Task(
     name="segment", config_class=SegmentLossConfig, needs=("mask_coefs", "proto"), form=terms.AXIS_ALIGNED,
     prepare=_prepare, check_gt=_check_gt, parts=_parts,
 )
+# The same task for a model whose prototype branch also predicts semantic logits (YOLOE-26): one more part.
+SEGMENT_SEMANTIC = SEGMENT._replace(needs=("mask_coefs", "proto", "semantic"), parts=_semantic_parts)
+
+
+def task_of(preds, plain: task.Task, semantic: task.Task) -> task.Task:
+  """``semantic`` when ``preds`` carry semantic logits (``preds.semantic``), else ``plain``: a segmentation
+  loss reads the semantic head when the model has one."""
+  return semantic if getattr(preds, "semantic", None) is not None else plain
 
 
 def segment_targets(preds: Predictions, gt: GroundTruth, config: SegmentLossConfig | None = None, **overrides) -> tuple[Head, Targets]:
@@ -220,7 +370,7 @@ def segment_targets(preds: Predictions, gt: GroundTruth, config: SegmentLossConf
   Returns:
     ``(Head, Targets)``, as :func:`~jaxtal.detection_targets`.
   """
-  return task.targets(SEGMENT, preds, gt, config, overrides, "segment_targets")
+  return task.targets(task_of(preds, SEGMENT, SEGMENT_SEMANTIC), preds, gt, config, overrides, "segment_targets")
 
 
 def segment_loss_from_targets(
@@ -237,7 +387,7 @@ def segment_loss_from_targets(
   Arguments as :func:`segment_loss`, with the targets second; ``gt`` is required (the mask term
   reads ``gt.masks`` at each entry's GT slot).
   """
-  return task.loss_from_targets(SEGMENT, preds, targets, gt, config, class_weights, overrides, "segment_loss_from_targets")
+  return task.loss_from_targets(task_of(preds, SEGMENT, SEGMENT_SEMANTIC), preds, targets, gt, config, class_weights, overrides, "segment_loss_from_targets")
 
 
 def segment_loss(
@@ -281,7 +431,7 @@ def segment_loss(
     Bolya et al., 2019, "YOLACT" (prototypes and coefficients), https://arxiv.org/abs/1904.02689;
     Feng et al., 2021, "TOOD" (assignment), https://arxiv.org/abs/2108.07755.
   """
-  return task.loss(SEGMENT, preds, gt, config, class_weights, overrides, "segment_loss")
+  return task.loss(task_of(preds, SEGMENT, SEGMENT_SEMANTIC), preds, gt, config, class_weights, overrides, "segment_loss")
 
 
 def checked_segment_loss(
@@ -291,7 +441,7 @@ def checked_segment_loss(
   :func:`~jaxtal.checked_detection_loss` plus masks (per-slot masks of real slots must hold finite
   values in ``[0, 1]``, an index map values in ``[0, M]``; :func:`~jaxtal.check_values`). Use under
   ``checkify.checkify``; identical to :func:`segment_loss` when no check fails."""
-  return task.loss(SEGMENT, preds, gt, config, class_weights, overrides, "checked_segment_loss", checked=True)
+  return task.loss(task_of(preds, SEGMENT, SEGMENT_SEMANTIC), preds, gt, config, class_weights, overrides, "checked_segment_loss", checked=True)
 
 
 for _fn in (segment_loss, checked_segment_loss):

@@ -56,7 +56,7 @@ def _steps_one(scores, pred_boxes, anchors, labels, boxes, mask, *, cfg: Assigne
   nc = scores.shape[-1]
   valid = valid_rows(labels, boxes, mask, nc, geometry.box_ok(boxes))
   safe = jnp.where(valid[:, None], boxes, 0.0)
-  g = jax.tree.map(lambda x: x[:, None], geometry.gt_data(safe, valid, cfg.min_box_side))
+  g = jax.tree.map(lambda x: x[:, None], geometry.gt_data(safe, valid, cfg.side_floor))
   p = jax.tree.map(lambda x: x[None], geometry.pred_data(jnp.where(jnp.isfinite(pred_boxes), pred_boxes, 0.0), anchors))
   # Step 1: candidates.
   in_box = geometry.candidate(g, p, cfg.eps) & valid[:, None]

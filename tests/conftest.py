@@ -2,7 +2,7 @@
 ``variant`` fixture (compiled and eager), and the reference fixtures for live parity.
 
 ``reference`` is the module ``tests/support/reference.py`` (Ultralytics 8.4.190 on NumPy inputs);
-``obb_reference``, ``pose_reference`` and ``segment_reference`` are the task drivers built on it.
+``obb_reference``, ``pose_reference``, ``segment_reference`` and ``segment26_reference`` are the task drivers built on it.
 When torch or ultralytics cannot be imported, or the installed Ultralytics is not the
 pinned version, tests that use them are skipped, unless ``JAXTAL_REQUIRE_REFERENCE=1`` (set
 in CI): then a missing reference fails those tests instead.
@@ -84,6 +84,12 @@ def pose_reference():
 def segment_reference():
   """``tests/support/segment_reference.py``: Ultralytics' segmentation loss as a black box (after ``reference``'s checks)."""
   return _task_reference("segment_reference")
+
+
+@pytest.fixture(scope="session")
+def segment26_reference():
+  """``tests/support/segment26_reference.py``: Ultralytics' YOLO26 segmentation loss as a black box (after ``reference``'s checks)."""
+  return _task_reference("segment26_reference")
 
 
 @pytest.fixture(params=["with_jit", "without_jit"])

@@ -19,7 +19,9 @@ def test_defaults_are_ultralytics_v8_detection_loss():
   cfg = jaxtal.LossConfig(num_classes=80, strides=(8, 16, 32))
   assert (cfg.topk, cfg.topk2, cfg.alpha, cfg.beta, cfg.eps) == (10, None, 0.5, 6.0, 1e-9)
   assert (cfg.box, cfg.cls, cfg.dfl, cfg.reg_max) == (7.5, 0.5, 1.5, 16)
-  assert (cfg.min_box_side, cfg.overlap, cfg.layout, cfg.gt_chunk, cfg.axis_name) == (0.0, "ciou", "NHWC", None, None)
+  assert (cfg.min_box_side, cfg.overlap, cfg.layout, cfg.gt_chunk, cfg.axis_name) == (None, "ciou", "NHWC", None, None)
+  # Ultralytics 8.4.190 widens GT sides under strides[1] ("stride_val") for the in-box test.
+  assert cfg.side_floor == float(cfg.strides[1])
   assert isinstance(cfg, jaxtal.AssignerConfig)
 
 
@@ -179,3 +181,27 @@ def test_whole_float_topk_is_stored_as_an_int():
 def test_strings_are_rejected(kwargs):
   with pytest.raises((TypeError, ValueError)):
     loss_config(**kwargs)
+
+
+def test_side_floor_follows_the_strides():
+  """``min_box_side=None`` is read through the strides at use, so replacing the strides moves the floor."""
+  cfg = jaxtal.LossConfig(num_classes=3, strides=(8, 16, 32))
+  assert cfg.side_floor == 16.0
+  assert dataclasses.replace(cfg, strides=(4, 8)).side_floor == 8.0
+  assert jaxtal.LossConfig(num_classes=3, strides=(32,)).side_floor == 32.0
+  assert dataclasses.replace(cfg, min_box_side=0).side_floor == 0.0
+  assert jaxtal.AssignerConfig().side_floor == 16.0
+
+
+def test_side_floor_is_the_references_stride_val():
+  """Independently of jaxtal: Ultralytics' loss sets its assigner's side floor from the model's strides."""
+  pytest.importorskip("ultralytics")
+  from support import reference
+  from ultralytics.utils.loss import v8DetectionLoss
+  from ultralytics.utils.tal import TaskAlignedAssigner
+
+  for strides in ((8, 16, 32), (8, 16, 32, 64), (16,)):
+    crit = reference.criterion(v8DetectionLoss, num_classes=3, strides=strides, min_box_side=None)
+    floor = jaxtal.LossConfig(num_classes=3, strides=strides).side_floor
+    assert float(crit.assigner.stride_val) == floor, strides
+  assert float(TaskAlignedAssigner().stride_val) == jaxtal.AssignerConfig().side_floor

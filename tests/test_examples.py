@@ -21,6 +21,7 @@ pycocotools and OpenCV come with the ``examples`` extra (``pip install -e ".[exa
 them are skipped without it. The expected numbers are worked by hand in the comments beside them.
 """
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -315,14 +316,18 @@ def test_zero_positive_counts_by_hand():
 
 
 def test_zero_positive_counts_from_detection_targets():
-  """A 2.5 px box between the anchor centres (4, 12, ... at stride 8, 8, 24, ... at 16, 16, 48 at 32) owns no
-  anchor; a 30 px box owns several."""
+  """Under the original YOLOv8 in-box rule (``min_box_side=0``) a 2.5 px box between the anchor centres (4, 12, ...
+  at stride 8, 8, 24, ... at 16, 16, 48 at 32) owns no anchor; a 30 px box owns several. The default floor
+  (``strides[1]``, Ultralytics 8.4.190) widens the small box so that it owns some."""
   gt = jaxtal.GroundTruth(
       jnp.array([[0, 1, 0]]), jnp.array([[[5.0, 5.0, 7.5, 7.5], [20.0, 20.0, 50.0, 50.0], [0, 0, 0, 0]]]),
       jnp.array([[True, True, False]]),
   )
   feats = [jnp.zeros((1, s, s, 4 * toykit.CONFIG.reg_max + 3)) for s in (8, 4, 2)]
-  _, targets = jax.jit(functools.partial(jaxtal.detection_targets, config=toykit.CONFIG))(feats, gt)  # gt an argument
+  _, stal = jax.jit(functools.partial(jaxtal.detection_targets, config=toykit.CONFIG))(feats, gt)
+  assert int(stal.positives_per_gt[0, 0]) > 0
+  yolov8 = dataclasses.replace(toykit.CONFIG, min_box_side=0.0)
+  _, targets = jax.jit(functools.partial(jaxtal.detection_targets, config=yolov8))(feats, gt)  # gt an argument
   assert int(targets.positives_per_gt[0, 0]) == 0 and int(targets.positives_per_gt[0, 1]) > 0
   zero, real = train_toy.zero_positive_counts(targets.positives_per_gt, gt.mask)
   assert (int(zero), int(real)) == (1, 2)
@@ -1191,3 +1196,31 @@ def test_short_training_segments_clearly_better_than_chance(capsys, tmp_path):
   assert "mask mAP@0.5 " in out and "COCOeval segm" in out and "time: training" in out
   if "--plot" in argv:
     assert (tmp_path / "masks.png").stat().st_size > 0
+
+
+@needs_coco
+@needs_cv2
+@pytest.mark.slow
+def test_short_yolo26_segmentation_run(capsys):
+  """``--yolo26``: both branches' predictions (the one-to-one one detached from the features, prototypes and
+  semantic logits), the end-to-end segment26 loss compiled once over the weight schedule, NMS-free evaluation."""
+  model = seg.SegmentDetector(yolo26=True, rngs=nnx.Rngs(0))
+  images, gt = seg.make_dataset(2, np.random.default_rng(0))
+  many, one = nnx.jit(lambda m, x: m.both(x))(model, jnp.asarray(images))
+  assert many.semantic.shape == one.semantic.shape == (2, 8, 8, seg.CONFIG.num_classes)
+  np.testing.assert_array_equal(many.proto, one.proto)
+
+  def one2one_sum(m):
+    one = m.both(jnp.asarray(images))[1]
+    return sum(jnp.sum(x) for x in jax.tree.leaves(one))
+
+  grads = nnx.grad(one2one_sum)(model)
+  zero = lambda tree: not any(np.asarray(x).any() for x in jax.tree.leaves(tree))  # noqa: E731
+  assert zero(grads.down) and zero(grads.proto) and zero(grads.semantic) and zero(grads.heads) and not zero(grads.heads_o2o)
+  argv = ["--yolo26", "--steps", "6", "--batch-size", "4", "--eval-images", "8", "--log-every", "3"]
+  result = seg.main(argv)
+  out = capsys.readouterr().out
+  assert result["losses"].shape == (6,) and np.isfinite(result["losses"]).all()
+  assert result["compilations"] == 1  # the one-to-many weight is traced
+  assert 0.0 <= result["map"] <= result["map50"] <= 1.0 and 0.0 <= result["map_o2m_nms"] <= result["map50_o2m_nms"] <= 1.0
+  assert "one-to-one branch, no NMS" in out and "one-to-many branch + NMS" in out

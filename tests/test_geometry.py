@@ -128,13 +128,13 @@ HOMEMADE_IOU = jaxtal.Geometry(
 @pytest.mark.parametrize("gt_chunk", [None, 2])
 def test_a_geometry_written_from_scratch_drives_the_assigner(gt_chunk):
   scores, boxes, anchors, gt = assign_problem(seed=3)
-  cfg = jaxtal.AssignerConfig(topk=4, gt_chunk=gt_chunk)
+  cfg = jaxtal.AssignerConfig(topk=4, gt_chunk=gt_chunk, min_box_side=0.0)  # the geometry below does not widen
   run = jax.jit(lambda s, b, a, g, geometry: jaxtal.assign_targets((s,), b, a, g, cfg, geometry=geometry, from_logits=False),
                 static_argnames="geometry")
   homemade = run(scores, boxes, anchors, gt, geometry=HOMEMADE_IOU)
   builtin = run(scores, boxes, anchors, gt, geometry=jaxtal.axis_aligned("iou"))
   chex.assert_trees_all_close(homemade, builtin, rtol=1e-6, atol=1e-7)
-  expected = np_assign(scores, boxes, anchors, gt, topk=4, overlap="iou")
+  expected = np_assign(scores, boxes, anchors, gt, topk=4, overlap="iou", min_box_side=0.0)
   np.testing.assert_array_equal(homemade.fg_mask, expected["fg_mask"])
   np.testing.assert_array_equal(homemade.gt_index, expected["gt_index"])
   np.testing.assert_allclose(homemade.weights, expected["scores"].sum(-1), rtol=1e-5, atol=1e-7)

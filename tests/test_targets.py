@@ -110,6 +110,8 @@ def _oracle_targets(feats, gt, cfg):
   logits = np.concatenate([np.asarray(x, np.float64) for x in head.logits], 1)
   strides = np.asarray(head.strides, np.float64)
   kw = {k: getattr(cfg, k) for k in ("topk", "topk2", "alpha", "beta", "eps", "min_box_side", "overlap")}
+  if kw["min_box_side"] is None:  # Ultralytics 8.4.190's side floor: the second stride
+    kw["min_box_side"] = float(cfg.strides[1])
   return np_assign(np_sigmoid(logits), np.asarray(head.boxes, np.float64) * strides,
                    np.asarray(head.anchors, np.float64) * strides, gt, image_hw=(IMAGE, IMAGE), **kw)
 

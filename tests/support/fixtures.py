@@ -3,8 +3,8 @@ reference, comparing jaxtal with them, and checking that a fresh write reproduce
 for byte. ``tests/make_fixtures.py`` is the command line.
 
 Every file is ``save_npz(to_arrays(case, run(driver, case), driver.VERSION))`` of a case builder (NumPy
-only: ``cases``, ``obb_cases``, ``pose_cases``, ``segment_cases``) and a reference driver (``reference``,
-``obb_reference``, ``pose_reference``, ``segment_reference``), run with torch on one thread (a fixed
+only: ``cases``, ``obb_cases``, ``pose_cases``, ``segment_cases``, ``segment26_cases``) and a reference driver (``reference``,
+``obb_reference``, ``pose_reference``, ``segment_reference``, ``segment26_reference``), run with torch on one thread (a fixed
 reduction order: the same bytes on every run on one machine and torch build).
 """
 
@@ -16,9 +16,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from support import cases, obb_cases, parity, pose_cases, runners, segment_cases
+from support import cases, obb_cases, parity, pose_cases, runners, segment26_cases, segment_cases
 
-KINDS = ("assign", "loss", "e2e", "obb", "pose", "segment")
+KINDS = ("assign", "loss", "e2e", "obb", "pose", "segment", "segment26")
 
 
 class Job(NamedTuple):
@@ -75,6 +75,11 @@ def reference_segment_loss(driver, case: dict) -> dict:
   return segment_cases.reference_loss(driver, case, stable=True)
 
 
+def reference_segment26_loss(driver, case: dict) -> dict:
+  """The reference on a YOLO26 segmentation case with stable ties, its short list included (jaxtal's order)."""
+  return segment26_cases.reference_loss(driver, case, stable=True)
+
+
 # ----------------------------------------------------------------------------- the files
 
 
@@ -112,6 +117,10 @@ def jobs(kinds=KINDS) -> list[Job]:
       for n in segment_cases.SEGMENT_CASES:
         add(kind, n, f"segment_{n}.npz", lambda n=n: segment_cases.loss_case(n), reference_segment_loss,
             segment_cases.to_arrays, "segment_reference")
+    elif kind == "segment26":
+      for n in segment26_cases.CASES:
+        add(kind, n, f"segment26_{n}.npz", lambda n=n: segment26_cases.loss_case(n), reference_segment26_loss,
+            segment26_cases.to_arrays, "segment26_reference")
     else:
       raise KeyError(f"unknown fixture kind {kind!r}; expected one of {KINDS}")
   return out
@@ -229,5 +238,8 @@ def check(kinds=KINDS) -> None:
       elif kind == "segment":
         case, ref, _ = segment_cases.load_fixture(j.name)
         show(f"segment {j.name}", parity.segment_loss_errors(runners.run_segment_loss(case), ref))
+      elif kind == "segment26":
+        case, ref, _ = segment26_cases.load_fixture(j.name)
+        show(f"segment26 {j.name}", parity.segment26_loss_errors(runners.run_segment26_loss(case), ref))
   for k, v in worst.items():
     print(f"worst {k:28s} {v:.3e}")

@@ -102,11 +102,12 @@ def np_valid_rows(labels, boxes, mask, nc, image_hw=None):
 
 
 def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, topk2=None, alpha=0.5, beta=6.0,
-                  eps=1e-9, min_box_side=0.0, overlap="ciou", image_hw=None, gate=None, shortlist=None):
+                  eps=1e-9, min_box_side=16.0, overlap="ciou", image_hw=None, gate=None, shortlist=None):
   """Task-aligned assignment of one image, dense ``(M, A)``, from the TOOD paper and the jaxtal docstring.
 
   ``overlap`` is ``"ciou"`` (Ultralytics) or ``"iou"``: the overlap of the align metric and of
-  conflict resolution. ``gate``: an ``(M, A)`` bool further candidate condition, applied to a GT
+  conflict resolution. ``min_box_side`` defaults to jaxtal's (16: ``strides[1]`` of the test
+  problems' ``(8, 16)`` and a bare assigner config's). ``gate``: an ``(M, A)`` bool further candidate condition, applied to a GT
   only where it leaves it a candidate. ``shortlist``: ``(f, listed_fn, unlisted_fn)``: each GT's
   ``min(f * topk, A)`` best candidates by ``s^alpha u^beta + eps`` get overlap ``listed_fn(u)``,
   the others ``unlisted_fn(u)`` (both ``(M, A)`` -> ``(M, A)``). Returns the final targets, the
@@ -241,6 +242,8 @@ def np_detection_loss(feats, gt, *, num_classes, strides, reg_max=16, layout="NH
   ``scores (b, A, nc)``, ``boxes (b, A, 4)`` pixels and ``fg_mask (b, A)``. The box term is
   CIoU whatever ``overlap`` the assigner used. Returns ``(total, parts [box, cls, dfl], assignment)``.
   """
+  if assign_kw.get("min_box_side", None) is None:  # Ultralytics 8.4.190's side floor: the second stride
+    assign_kw["min_box_side"] = float(strides[1] if len(strides) > 1 else strides[0])
   dist, logits = np_flat_head(feats, num_classes, reg_max, layout)
   b = dist.shape[0]
   first = np.asarray(feats[0]).shape

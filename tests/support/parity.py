@@ -120,3 +120,20 @@ def segment_loss_errors(out: dict, ref: dict) -> dict[str, float]:
   errs["proto grad ratio"] = grad_ratio([out["proto_grad"]], [ref["proto_grad"]])
   errs["target score abs"] = float(np.max(np.abs(out["weights"] - ref["weights"]), initial=0.0))
   return errs
+
+
+def segment26_loss_errors(out: dict, ref: dict) -> dict[str, float]:
+  """Relative errors of the total and parts (absolute where the reference's is 0) and the gradient ratios of every
+  input (each branch's, end-to-end), and the worst target-score difference (not end-to-end)."""
+  errs = part_errors(out, ref)
+  for branch in ("o2m", "o2o") if "o2m" in out else (None,):
+    o, r = (out, ref) if branch is None else (out[branch], ref[branch])
+    tag = "" if branch is None else f"{branch} "
+    errs[f"{tag}grad ratio"] = grad_ratio(o["grads"], r["grads"])
+    errs[f"{tag}coef grad ratio"] = grad_ratio(o["coef_grads"], r["coef_grads"])
+    errs[f"{tag}proto grad ratio"] = grad_ratio([o["proto_grad"]], [r["proto_grad"]])
+    if "sem_grad" in r:
+      errs[f"{tag}sem grad ratio"] = grad_ratio([o["sem_grad"]], [r["sem_grad"]])
+  if "weights" in out:
+    errs["target score abs"] = float(np.max(np.abs(out["weights"] - ref["weights"]), initial=0.0))
+  return errs

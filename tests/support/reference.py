@@ -21,6 +21,8 @@ import numpy as np
 _print_options = np.get_printoptions()
 import torch  # noqa: E402
 import ultralytics  # noqa: E402
+from ultralytics.nn.modules.block import RealNVP  # noqa: E402
+from ultralytics.utils.loss import RLE_WEIGHT as _RLE_WEIGHT  # noqa: E402
 from ultralytics.utils.loss import E2EDetectLoss, E2ELoss, v8DetectionLoss  # noqa: E402
 from ultralytics.utils.tal import TaskAlignedAssigner  # noqa: E402
 
@@ -225,7 +227,8 @@ def criterion(loss_class, *, num_classes, strides, reg_max=16, topk=10, topk2=No
     setattr(model, name, value)
   crit = loss_class(model, tal_topk=topk, tal_topk2=topk2)
   crit.assigner.alpha, crit.assigner.beta = alpha, beta
-  crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
+  if min_box_side is not None:  # None: the reference's own default (strides[1])
+    crit.assigner.stride_val = float(min_box_side)  # the side floor of its in-box test
   return crit
 
 
@@ -250,4 +253,34 @@ def run_observed(crit, preds, batch, *, stable=False):
       scores.sum(-1).numpy().astype(np.float32),
       fg.numpy().astype(bool),
       gt_idx.numpy().astype(np.int32),
+  )
+
+
+# The COCO-17 per-keypoint weights of the RLE term, as the reference's pose loss imports them.
+RLE_WEIGHT = np.asarray(_RLE_WEIGHT, np.float32)
+
+
+def flow_state_dict(seed: int = 0) -> dict:
+  """A freshly initialised reference ``RealNVP``'s state dict (``torch.manual_seed(seed)``) as NumPy float32 arrays."""
+  torch.manual_seed(seed)
+  return {k: v.numpy().copy() for k, v in RealNVP().state_dict().items()}
+
+
+def flow_log_prob(state_dict, x, cotangent=None):
+  """Reference ``RealNVP.log_prob`` of ``x (N, 2)`` with the weights of ``state_dict`` (loaded strictly),
+  and the gradients of ``sum(cotangent * log_prob)`` (``cotangent (N,)``, default ones).
+
+  Returns ``dict(log_prob (N,), grad_x (N, 2), grads={state-dict key: gradient}, flow=the module)``.
+  """
+  flow = RealNVP()
+  flow.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state_dict.items()})
+  xt = torch.tensor(np.asarray(x, np.float32), requires_grad=True)
+  log_prob = flow.log_prob(xt)
+  w = torch.ones_like(log_prob) if cotangent is None else torch.as_tensor(np.asarray(cotangent, np.float32))
+  (log_prob * w).sum().backward()
+  return dict(
+      log_prob=log_prob.detach().numpy().copy(),
+      grad_x=xt.grad.numpy().copy(),
+      grads={n: p.grad.numpy().copy() for n, p in flow.named_parameters()},
+      flow=flow,
   )

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 import jaxtal
-from support import cases, obb_cases, pose_cases, segment_cases
+from support import cases, obb_cases, pose_cases, segment26_cases, segment_cases
 
 # ``JAXTAL_TEST_WINDOWS=1`` runs every assignment of the parity runners through the windowed pass
 # (jaxtal.windows), ``=0`` through the dense one; unset, jaxtal chooses (dense for these small cases).
@@ -282,3 +282,66 @@ def run_segment_loss(case: dict) -> dict:
       x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(with_windows(kwargs).items()))
   )
   return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
+
+
+# ----------------------------------------------------------------------------- YOLO26 segmentation
+
+
+def _segment26_static(case: dict) -> tuple:
+  kwargs, _, _ = segment26_cases.split_config(case["config"])  # min_box_side None: jaxtal's default, strides[1]
+  return tuple(sorted(kwargs.items()))
+
+
+def _segment26_preds(feats, coefs, proto, semantic):
+  return jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto, semantic=semantic)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "loss"))
+def _segment26_jit(feats, coefs, proto, semantic, gt, *, config, loss):
+  kwargs = dict(config, layout="NCHW")
+  loss_fn = jaxtal.segment_loss if loss == "v8" else jaxtal.segment26_loss
+  targets_fn = jaxtal.segment_targets if loss == "v8" else jaxtal.segment26_targets
+
+  def f(*args):
+    return loss_fn(_segment26_preds(*args), gt, **kwargs)
+
+  argnums = (0, 1, 2) if semantic is None else (0, 1, 2, 3)
+  (total, parts), grads = jax.value_and_grad(f, argnums=argnums, has_aux=True)(feats, coefs, proto, semantic)
+  _, targets = targets_fn(_segment26_preds(feats, coefs, proto, semantic), gt, **kwargs)
+  return total, parts, grads, targets
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _segment26_e2e_jit(many, one, gt, weight, *, config):
+  def f(many, one):
+    return jaxtal.end_to_end_loss(
+        jaxtal.segment26_loss, _segment26_preds(*many), _segment26_preds(*one), gt, weight=weight, layout="NCHW", **dict(config)
+    )
+
+  (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(many, one)
+  return total, parts, grads
+
+
+def _segment26_grads(grads) -> dict:
+  out = dict(grads=[np.asarray(g) for g in grads[0]], coef_grads=[np.asarray(g) for g in grads[1]], proto_grad=np.asarray(grads[2]))
+  if len(grads) > 3:
+    out["sem_grad"] = np.asarray(grads[3])
+  return out
+
+
+def run_segment26_loss(case: dict) -> dict:
+  """jaxtal on a YOLO26 segmentation case (jitted; ``segment26_loss``, ``segment_loss`` with a semantic head,
+  or ``end_to_end_loss(segment26_loss, ...)`` as the case's ``loss`` says): total, parts, gradients and (not
+  end-to-end) the assignment, as NumPy; end-to-end the branches' gradients under ``o2m`` and ``o2o``."""
+  x, loss = case["inputs"], case["config"]["loss"]
+  gt, config = segment26_cases.ground_truth(case), _segment26_static(case)
+  if loss == "e2e":
+    weight = np.float32(jaxtal.one2many_weight(case["config"]["epoch"], case["config"]["epochs"]))
+    many = (x["feats"], x["coefs"], x["proto"], x["semantic"])
+    one = (x["feats_o2o"], x["coefs_o2o"], x["proto_o2o"], x["semantic_o2o"])
+    total, parts, (g_many, g_one) = _segment26_e2e_jit(many, one, gt, weight, config=config)
+    return dict(total=float(total), parts=type(parts)(*(float(p) for p in parts)), o2m=_segment26_grads(g_many),
+                o2o=_segment26_grads(g_one))
+  total, parts, grads, t = _segment26_jit(x["feats"], x["coefs"], x["proto"], x.get("semantic"), gt, config=config, loss=loss)
+  grads = _segment26_grads(grads)
+  return loss_outputs(total, parts, grads.pop("grads"), t, **grads)
