@@ -289,7 +289,7 @@ def run_segment_loss(case: dict) -> dict:
 
 def _segment26_static(case: dict) -> tuple:
   kwargs, _, _ = segment26_cases.split_config(case["config"])  # min_box_side None: jaxtal's default, strides[1]
-  return tuple(sorted(kwargs.items()))
+  return tuple(sorted(with_windows(kwargs).items()))
 
 
 def _segment26_preds(feats, coefs, proto, semantic):
