@@ -86,9 +86,10 @@ def assign(scores, boxes, anchors, gt, config, geometry=None, levels=1):
                                from_logits=False, grid=GRID)
 
 
-def assert_same_targets(got: jaxtal.Targets, expected: jaxtal.Targets, rtol: float = 2e-6) -> None:
+def assert_same_targets(got: jaxtal.Targets, expected: jaxtal.Targets, rtol: float = 1e-5) -> None:
   """Discrete targets and the valid entries exactly; weights to float32 rounding (XLA:CPU contracts
-  multiply-adds into FMAs differently in different fusions, as between two ``gt_chunk`` settings)."""
+  multiply-adds into FMAs differently in different fusions, as between two ``gt_chunk`` settings, and
+  beta = 6 multiplies an ulp of the overlap by six)."""
   for name in ("labels", "fg_mask", "gt_index", "positives_per_gt"):
     np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
   valid = np.asarray(expected.entries.valid)
