@@ -400,6 +400,14 @@ class _Windows(NamedTuple):
   plan: windows.Plan  # the image's GTs by bucket, and the loop over blocks (cum: not batched)
 
 
+def _filled(like: jax.Array, shape: tuple[int, ...], value, dtype) -> jax.Array:
+  """``value`` in ``shape``, computed from ``like`` (an image's array under the batch ``vmap``) so that it is
+  batched and laid out like the batch: a ``while_loop`` carry created as a constant has no sharding, and
+  under a batch-sharded ``jit`` (explicit mesh axes) the loop's batching rule cannot place it."""
+  zero = jnp.zeros((), dtype) * (jnp.ravel(like)[0] == 0).astype(dtype)  # 0 whatever ``like`` holds (no NaN)
+  return jnp.full(shape, value, dtype) + zero
+
+
 def _block_loop(win: _Windows, gts: _Gts, branch_fn, finish, outs, carry=None):
   """One loop over the blocks of every bucket (:func:`jaxtal.windows.block_ids`).
 
@@ -448,7 +456,7 @@ def _windowed_gate(win: _Windows, gts: _Gts, preds, geometry: Geometry, cfg: Ass
     return gated(g._replace(valid=g.valid[:, None] & used), _tree_take(preds, anchor)), None
 
   m = gts.labels.shape[0]
-  return _block_loop(win, gts, branch, lambda g, ids, raw, carry: (carry, raw[0]), jnp.zeros((m,), bool))[1]
+  return _block_loop(win, gts, branch, lambda g, ids, raw, carry: (carry, raw[0]), _filled(gts.labels, (m,), False, bool))[1]
 
 
 def _window_scores(scores: _Scores, labels: jax.Array, anchor: jax.Array) -> jax.Array:
@@ -472,7 +480,7 @@ def _windowed_top_k(win: _Windows, scores: _Scores, gts: _Gts, preds, geometry: 
   num_anchors = jax.tree.leaves(preds)[0].shape[0]
   lay = win.layout
   sentinel = jnp.iinfo(jnp.int32).max
-  nobody = (jnp.full((num_anchors,), -1.0, jnp.float32), jnp.full((num_anchors,), sentinel, jnp.int32))
+  nobody = (_filled(gts.labels, (num_anchors,), -1.0, jnp.float32), _filled(gts.labels, (num_anchors,), sentinel, jnp.int32))
 
   def pairs(g: _Gts, p, slots):
     """Candidates and clamped overlaps of ``g`` against ``p`` (leaves ``(C, W, ...)`` or ``(1, A, ...)``);
@@ -531,7 +539,7 @@ def _windowed_top_k(win: _Windows, scores: _Scores, gts: _Gts, preds, geometry: 
     out = (top_anchor, top_metric, jnp.where(kept, cand, cand_f), jnp.where(kept, overlap, overlap_f))
     return (windows.merge_best(carry, block_best) if best else carry), out
 
-  outs = (jnp.zeros((m, k), jnp.int32), jnp.zeros((m, k), jnp.float32), jnp.zeros((m, k), bool), jnp.zeros((m, k), jnp.float32))
+  outs = tuple(_filled(gts.labels, (m, k), 0, t) for t in (jnp.int32, jnp.float32, bool, jnp.float32))
   carry, (top_anchor, top_metric, positive, overlap) = _block_loop(win, gts, branch, finish, outs, nobody if best else None)
   owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), k)
   claims = _Claims(top_anchor.reshape(-1), owner, positive.reshape(-1), overlap.reshape(-1), top_metric.reshape(-1))
