@@ -8,7 +8,8 @@ Every trick in jaxtal lives here. Each has a plain twin written with the well-ke
 replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
 written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
 from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum``, the mask
-term) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
+term) are measured on their task's loss step instead, and ``windows`` (the assigner's windowed
+pass, :mod:`jaxtal.windows`) on the crowded-scene rows. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
 The loss and the assigner pick each kernel with :func:`select` and the config's static
