@@ -36,11 +36,16 @@ Rows (see benchmarks/README.md for what each one measures):
 9. kernel ablation (``--ablation-box-counts``, default M = 50): the loss step (and for ``top_k``
    the assignment) with one ``jaxtal.kernels`` trick replaced by its plain twin (the config's
    ``plain_kernels`` field); a trick stays only while it saves at least 5% of the step.
+10. crowded scenes (``--crowded-box-counts``, default M = 1000 and 3000; none to skip): b = 4,
+   640 px, nc 80, boxes of 4-64 px: ``task_aligned_assign`` with the anchors' grid (the windowed
+   pass) against ``TaskAlignedAssigner`` and the detection loss step against ``v8DetectionLoss``
+   (paired ratios), each also with the ``windows`` kernel plain (dense), and the assignment's XLA
+   memory.
 
 Layout: ``timing.py`` (shared inputs, timing and pairing, the table, memory rows, the Ultralytics
 driver helpers, environment, tcmalloc), one module per workload family (``detection.py``: rows 1-5
 and 7; ``obb.py``, ``pose.py``, ``segment.py``: row 8; ``kerascv.py``: row 6 and its worker;
-``ablation.py``: row 9), and this runner.
+``ablation.py``: row 9; ``crowded.py``: row 10), and this runner.
 
 Times are medians over ``--repeats`` timed runs after ``--warmup`` untimed ones, each run
 ending in ``block_until_ready`` (JAX) or after ``backward()`` returns (PyTorch, CPU).
@@ -53,6 +58,7 @@ import json
 import pathlib
 import time
 
+import crowded
 import detection
 import kerascv
 import obb
@@ -74,6 +80,10 @@ def parse_args(argv=None):
   parser.add_argument("--memory-box-counts", type=int, nargs="+", default=list(MEMORY_BOX_COUNTS))
   parser.add_argument("--e2e-box-counts", type=int, nargs="*", default=[50], help="M values of the end-to-end rows")
   parser.add_argument("--ablation-box-counts", type=int, nargs="*", default=[50], help="M values of the kernel ablation rows")
+  parser.add_argument(
+      "--crowded-box-counts", type=int, nargs="*", default=list(crowded.CROWDED_BOX_COUNTS),
+      help="M values of the crowded-scene rows (b=4, boxes of 4-64 px); none to skip them",
+  )  # fmt: skip
   parser.add_argument("--no-ultralytics", action="store_true", help="skip the Ultralytics rows")
   parser.add_argument("--no-obb", action="store_true", help="skip the oriented-box rows")
   parser.add_argument("--no-pose", action="store_true", help="skip the pose rows (YOLOv8 and YOLO26)")
@@ -116,6 +126,8 @@ def main(argv=None) -> list[dict]:
     detection.memory_rows(args, table)
     if not args.no_ultralytics:
       detection.ultralytics_rows(args, table, maps_np, rows_by_m, jaxtal_ms, jaxtal_runs)
+    if args.crowded_box_counts:
+      crowded.rows(args, table)
   if not args.no_obb:
     obb.rows(args, table)
   if not args.no_pose:

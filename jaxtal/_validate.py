@@ -60,6 +60,27 @@ def strides(values) -> tuple[float, ...]:
   return tuple(out)
 
 
+def grid(value, num_anchors: int, caller: str) -> tuple[tuple[int, int, float], ...] | None:
+  """An anchor grid ``((H_l, W_l, stride_l), ...)`` whose cells number ``A``, normalised; None passes."""
+  if value is None:
+    return None
+  try:
+    levels = tuple((whole("H", h, low=1), whole("W", w, low=1), float(s)) for h, w, s in value)
+  except (TypeError, ValueError):
+    levels = None
+  if not levels or not all(math.isfinite(s) and s > 0 for _, _, s in levels):
+    raise ValueError(
+        f"{caller}: grid must be one (H, W, stride) per level (whole H, W >= 1, a positive finite stride), got {value!r}"
+    )
+  cells = sum(h * w for h, w, _ in levels)
+  if cells != num_anchors:
+    raise ValueError(
+        f"{caller}: grid {levels} has {cells} cells but there are A = {num_anchors} anchors; pass the levels' (H, W, stride)"
+        " of the make_anchors call that made anchor_points, in the same order"
+    )
+  return levels
+
+
 def topk_in_range(topk: int, topk2: int | None, num_anchors: int, caller: str) -> None:
   """``topk`` (and ``topk2`` unless None) at most ``A``; the config checked they are whole and >= 1."""
   for name, k in (("topk", topk), ("topk2", topk2)):

@@ -27,6 +27,7 @@ anchor index in top-k and to the lower GT index in conflict resolution.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 
 from jaxtal import _validate
 from jaxtal import kernels
+from jaxtal import windows
 from jaxtal.config import AssignerConfig, make_config
 from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, keypoint_oks, rotated
 from jaxtal.labels import GroundTruth, valid_rows
@@ -58,10 +60,27 @@ class _Gts(NamedTuple):
 
 
 class _Scores(NamedTuple):
-  """Class scores of one image as per-level ``(nc, A_l)`` rows and the map to ``score ** alpha``."""
+  """Class scores of one image as per-level rows and the map to ``score ** alpha``.
+
+  ``rows`` are ``(nc, A_l)`` (``by_class``: the dense passes read a GT's class as one row) or the
+  levels as given, ``(A_l, nc)`` (the windowed passes read scattered pairs: no transposed copy).
+  """
 
   rows: tuple[jax.Array, ...]
   power: Callable[[jax.Array], jax.Array]
+  by_class: bool = True
+
+  def width(self, i: int) -> int:
+    """Anchors of level ``i``."""
+    return self.rows[i].shape[1 if self.by_class else 0]
+
+  def at(self, i: int, labels: jax.Array, anchors: jax.Array) -> jax.Array:
+    """Level ``i``'s raw value of class ``labels`` at its anchors ``anchors`` (broadcasting)."""
+    return self.rows[i][labels, anchors] if self.by_class else self.rows[i][anchors, labels]
+
+  def of_class(self, i: int, labels: jax.Array) -> jax.Array:
+    """Level ``i``'s raw ``(C, A_l)`` rows of classes ``labels (C,)``."""
+    return jnp.take(self.rows[i], labels, axis=0) if self.by_class else jnp.take(self.rows[i], labels, axis=1).T
 
 
 class _Claims(NamedTuple):
@@ -110,13 +129,17 @@ def _score_power(s: jax.Array, from_logits: bool, alpha: float, plain: tuple[str
   return _power(jnp.where(jnp.isfinite(s), jnp.clip(s, 0.0, 1.0), 0.0), alpha)
 
 
-def _read_scores(levels: tuple[jax.Array, ...], from_logits: bool, alpha: float, num_gts: int, plain: tuple[str, ...]) -> _Scores:
+def _read_scores(levels: tuple[jax.Array, ...], from_logits: bool, alpha: float, num_gts: int, plain: tuple[str, ...],
+                 windowed: bool = False) -> _Scores:
   """Per-level ``(A_l, nc)`` scores -> ``(nc, A_l)`` rows, each GT reads the row of its class.
 
   ``score ** alpha`` is taken over the whole map (``nc * A`` values) or only at the values the
   (GT, anchor) pairs read (``M * A``), as :func:`jaxtal.kernels.whole_map_scores` decides; the
-  floats are the same either way.
+  floats are the same either way. ``windowed``: the pairs read a few anchors per GT, so only at
+  those, from the levels as given.
   """
+  if windowed:
+    return _Scores(tuple(levels), lambda v: _score_power(v, from_logits, alpha, plain), by_class=False)
   if kernels.select("whole_map_scores", plain)(num_gts, levels[0].shape[-1], from_logits, alpha):
     return _Scores(tuple(_score_power(s, from_logits, alpha, plain).T for s in levels), lambda v: v)
   return _Scores(tuple(s.T for s in levels), lambda v: _score_power(v, from_logits, alpha, plain))
@@ -125,19 +148,24 @@ def _read_scores(levels: tuple[jax.Array, ...], from_logits: bool, alpha: float,
 def _spans(scores: _Scores) -> list[tuple[int, int]]:
   """Static ``(start, stop)`` anchor range of each score level."""
   spans, start = [], 0
-  for r in scores.rows:
-    spans.append((start, start + r.shape[1]))
-    start += r.shape[1]
+  for i in range(len(scores.rows)):
+    spans.append((start, start + scores.width(i)))
+    start += scores.width(i)
   return spans
+
+
+def _raw_score_at(scores: _Scores, labels: jax.Array, anchors: jax.Array) -> jax.Array:
+  """The score rows' value for class ``labels`` at anchor ``anchors`` (broadcasting), before ``power``."""
+  out = jnp.zeros(jnp.broadcast_shapes(labels.shape, anchors.shape), scores.rows[0].dtype)
+  for i, (lo, hi) in enumerate(_spans(scores)):
+    inside = (anchors >= lo) & (anchors < hi)
+    out = jnp.where(inside, scores.at(i, labels, jnp.clip(anchors - lo, 0, hi - lo - 1)), out)
+  return out
 
 
 def _score_at(scores: _Scores, labels: jax.Array, anchors: jax.Array) -> jax.Array:
   """``score ** alpha`` of class ``labels`` at anchor ``anchors`` (same shape)."""
-  out = jnp.zeros(anchors.shape, scores.rows[0].dtype)
-  for r, (lo, hi) in zip(scores.rows, _spans(scores)):
-    inside = (anchors >= lo) & (anchors < hi)
-    out = jnp.where(inside, r[labels, jnp.clip(anchors - lo, 0, hi - lo - 1)], out)
-  return scores.power(out)
+  return scores.power(_raw_score_at(scores, labels, anchors))
 
 
 def _tree_take(tree, idx):
@@ -345,6 +373,11 @@ def _refine(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: Assigner
   num_anchors = jax.tree.leaves(preds)[0].shape[0]
   size = min(geometry.shortlist * cfg.topk, num_anchors)
   listed, _ = _topk_blocks(scores, gts, preds, geometry, cfg, gt_chunk, size, rank=True)  # (M, L)
+  return _refined(gts, listed, preds, geometry, cfg, image_extra)
+
+
+def _refined(gts: _Gts, listed: jax.Array, preds, geometry: Geometry, cfg: AssignerConfig, image_extra) -> _Gts:
+  """``gts`` with the shortlist ``listed (M, L)`` refined by the geometry (one call per image)."""
   listed_preds = _tree_take(preds, listed)
   cand = _candidates(geometry, jax.tree.map(lambda x: x[:, None], gts), listed_preds, cfg.eps)
   data, overlap = geometry.refine(gts.data, listed_preds, listed, cand, image_extra)
@@ -352,11 +385,173 @@ def _refine(scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: Assigner
   return gts._replace(data=data, listed=listed, listed_overlap=overlap)
 
 
-def _assign_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mask, extra, *, cfg, geometry, from_logits, gt_chunk, image_hw):
-  """Steps 1-5 for one image: score levels ``(A_l, nc)``, ``(A, D)``, ``(A, 2)``, ``(M,)``, ``(M, D)``, ``(M,)``,
-  and the image's :class:`~jaxtal.geometry.GeometryExtra` (or None)."""
+# ------------------------------------------------------------------------------------------------
+# The windowed passes (jaxtal.windows): each GT against the anchors of its window only, in blocks of
+# GTs sorted by window size; a block whose GTs fit no window runs dense. The same pair floats as the
+# dense passes above (every pair goes through _candidate_overlap), so the same targets.
+
+
+class _Windows(NamedTuple):
+  """One image's windowed plan (:func:`jaxtal.windows.plan`)."""
+
+  layout: windows.Layout  # static window shapes
+  sizes: tuple[int, ...]  # static GTs per block of each bucket
+  bounds: jax.Array  # (M, 4) the geometry's bounds of each GT's candidates
+  plan: windows.Plan  # the image's GTs by bucket, and the loop over blocks (cum: not batched)
+
+
+def _filled(like: jax.Array, shape: tuple[int, ...], value, dtype) -> jax.Array:
+  """``value`` in ``shape``, computed from ``like`` (an image's array under the batch ``vmap``) so that it is
+  batched and laid out like the batch: a ``while_loop`` carry created as a constant has no sharding, and
+  under a batch-sharded ``jit`` (explicit mesh axes) the loop's batching rule cannot place it."""
+  zero = jnp.zeros((), dtype) * (jnp.ravel(like)[0] == 0).astype(dtype)  # 0 whatever ``like`` holds (no NaN)
+  return jnp.full(shape, value, dtype) + zero
+
+
+def _block_loop(win: _Windows, gts: _Gts, branch_fn, finish, outs, carry=None):
+  """One loop over the blocks of every bucket (:func:`jaxtal.windows.block_ids`).
+
+  ``branch_fn(bucket, g, ids, bounds) -> (per_gt, shared)`` with static ``bucket`` and the block's
+  ``C_k`` GTs ``g`` (padding rows invalid), indices ``ids (C_k,)`` (``M`` on padding) and bounds
+  ``(C_k, 4)``; then ``finish(g, ids, (per_gt, shared), carry) -> (carry, out)`` with ``per_gt``'s
+  leaves padded to ``max(sizes)`` rows,
+  outside the switch so that its code is compiled once, not once per bucket. Each leaf of ``out``
+  is written into ``outs``'s ``(M, ...)`` rows at the block's GTs. Returns ``(carry, outs)``.
+  """
+  m = gts.labels.shape[0]
+  rows = max(win.sizes)
+
+  def branch(bucket, g, ids, bounds):
+    size = win.sizes[bucket]
+    per_gt, shared = branch_fn(bucket, jax.tree.map(lambda x: x[:size], g), ids[:size], bounds[:size])
+    return jax.tree.map(lambda x: jnp.pad(x, [(0, rows - size)] + [(0, 0)] * (x.ndim - 1)), per_gt), shared
+
+  branches = [functools.partial(branch, k) for k in range(win.layout.dense + 1)]
+
+  def body(t, state):
+    carry, outs = state
+    bucket, ids = windows.block_ids(win.plan, t, win.sizes, m)
+    safe = jnp.minimum(ids, m - 1)
+    g = _tree_take(gts, safe)
+    g = g._replace(valid=g.valid & (ids < m))  # padding: no candidates
+    raw = jax.lax.switch(bucket, branches, g, ids, win.bounds[safe])
+    carry, out = finish(g, ids, raw, carry)
+    return carry, jax.tree.map(lambda o, x: o.at[ids].set(x, mode="drop"), outs, out)
+
+  return jax.lax.fori_loop(0, win.plan.cum[-1], body, (carry, outs))
+
+
+def _windowed_gate(win: _Windows, gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig) -> jax.Array:
+  """:func:`_gate_applies` over the windows: ``(M,)`` whether the gate leaves each GT some candidate."""
+
+  def gated(g: _Gts, p):  # g.valid: (C,), or (C, W) with a window's unused slots masked
+    data = jax.tree.map(lambda x: x[:, None], g.data)
+    valid = g.valid if g.valid.ndim == 2 else g.valid[:, None]
+    return jnp.any(geometry.candidate(data, p, cfg.eps) & valid & geometry.gate(data, p), axis=1)
+
+  def branch(bucket, g, ids, bounds):
+    if bucket == win.layout.dense:
+      return gated(g, jax.tree.map(lambda x: x[None], preds)), None
+    anchor, used = windows.window_anchors(windows.cells(bounds, win.layout), win.layout, win.layout.caps[bucket])
+    return gated(g._replace(valid=g.valid[:, None] & used), _tree_take(preds, anchor)), None
+
+  m = gts.labels.shape[0]
+  return _block_loop(win, gts, branch, lambda g, ids, raw, carry: (carry, raw[0]), _filled(gts.labels, (m,), False, bool))[1]
+
+
+def _window_scores(scores: _Scores, labels: jax.Array, anchor: jax.Array) -> jax.Array:
+  """``score ** alpha`` of class ``labels (C,)`` at window anchors ``(C, W)``."""
+  if len(scores.rows) == 1:
+    return scores.power(scores.at(0, labels[:, None], anchor))
+  return _score_at(scores, labels[:, None], anchor)
+
+
+def _windowed_top_k(win: _Windows, scores: _Scores, gts: _Gts, preds, geometry: Geometry, cfg: AssignerConfig, k: int,
+                    rank: bool = False, best: bool = False):
+  """Steps 1-3 over the windows: :func:`_topk_blocks` and :func:`_claims` in one pass.
+
+  Returns ``(claims, best)``: the ``(M, k)`` top-k lists as :class:`_Claims` (every leaf ``(M *
+  k,)``), and with ``best`` each anchor's best candidate GT among all ``M``, ``((A,) overlap, (A,)
+  gt)`` (-1 and 0 where it is no GT's candidate: :func:`_best_candidate_gt` per anchor), else None.
+  The top-k lists are those of :func:`_topk_blocks`, ties included; the claims' candidate flags
+  and overlaps are the pairs' own, read from the window.
+  """
+  m = gts.labels.shape[0]
+  num_anchors = jax.tree.leaves(preds)[0].shape[0]
+  lay = win.layout
+  sentinel = jnp.iinfo(jnp.int32).max
+  nobody = (_filled(gts.labels, (num_anchors,), -1.0, jnp.float32), _filled(gts.labels, (num_anchors,), sentinel, jnp.int32))
+
+  def pairs(g: _Gts, p, slots):
+    """Candidates and clamped overlaps of ``g`` against ``p`` (leaves ``(C, W, ...)`` or ``(1, A, ...)``);
+    a refined shortlist's pairs (``slots``: their columns, ``W`` when outside) take their refined overlaps."""
+    cand, overlap = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], g), p, cfg.eps)
+    if g.listed is not None:
+      listed = _tree_take(preds, g.listed)
+      _, refined = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], g), listed, cfg.eps, g.listed)
+      rows = jnp.arange(g.listed.shape[0], dtype=jnp.int32)[:, None]
+      overlap = overlap.at[rows, slots].set(refined, mode="drop")
+    return cand, overlap
+
+  def metric_of(cand, overlap, s):
+    metric = s * _power(overlap, cfg.beta)
+    return jnp.where(cand, metric + cfg.eps if rank else metric, 0.0)
+
+  def at(x, pos):  # x (C, W) read at columns pos (C, k)
+    return jnp.take_along_axis(x, pos, axis=1)
+
+  def dense(g: _Gts, ids, carry):
+    everywhere = jax.tree.map(lambda x: x[None], preds)
+    cand, overlap = pairs(g, everywhere, g.listed)
+    s = jnp.concatenate([scores.power(scores.of_class(i, g.labels)) for i in range(len(scores.rows))], axis=1)
+    top_anchor, top_metric = kernels.select("top_k", cfg.plain_kernels)([metric_of(cand, overlap, s)])(k)
+    if best:
+      masked = jnp.where(cand, overlap, -1.0)
+      high = jnp.max(masked, axis=0)
+      owner = jnp.min(jnp.where((masked >= 0) & (masked == high), ids[:, None], sentinel), axis=0)
+      carry = windows.merge_best(carry, (high, owner))
+    return carry, (top_metric, top_anchor, at(cand, top_anchor), at(overlap, top_anchor))
+
+  def branch(bucket, g, ids, bounds):
+    """The block's top ``k`` window pairs ``(values, anchors, candidate, overlap)``, each ``(C, k)``, and
+    with ``best`` the block's best GT of every anchor."""
+    if bucket == lay.dense:
+      block_best, top = dense(g, ids, nobody)
+      return top, block_best if best else None
+    cap = lay.caps[bucket]
+    anchor, used = windows.window_anchors(windows.cells(bounds, lay), lay, cap)  # (C, W)
+    slots = None if g.listed is None else windows.window_slots(g.listed, windows.cells(bounds, lay), lay, cap)
+    cand, overlap = pairs(g, _tree_take(preds, anchor), slots)
+    cand = cand & used  # unused slots (anchor 0) are no pair
+    metric = metric_of(cand, overlap, _window_scores(scores, g.labels, anchor))
+    if cap < k:  # a window smaller than k: pad (-1 never counts as a top value)
+      pad = ((0, 0), (0, k - cap))
+      metric, anchor, cand, overlap = (jnp.pad(x, pad, constant_values=v) for x, v in ((metric, -1.0), (anchor, 0), (cand, False), (overlap, 0.0)))
+    values, pos = jax.lax.top_k(metric, k)  # stable: ties to the lower window slot, the lower anchor
+    top = (values, at(anchor, pos), at(cand, pos), at(overlap, pos))
+    return top, windows.best_in_block(anchor, jnp.where(cand, overlap, -1.0), ids, num_anchors) if best else None
+
+  def finish(g, ids, raw, carry):
+    (values, anchor, cand, overlap), block_best = raw
+    top_anchor, top_metric, kept = windows.complete_top_k(values, anchor)
+    # A filled slot is a pair of the GT with a low-index anchor, scoring 0: read it directly.
+    cand_f, overlap_f = _candidate_overlap(geometry, jax.tree.map(lambda x: x[:, None], g), _tree_take(preds, top_anchor), cfg.eps, top_anchor)
+    out = (top_anchor, top_metric, jnp.where(kept, cand, cand_f), jnp.where(kept, overlap, overlap_f))
+    return (windows.merge_best(carry, block_best) if best else carry), out
+
+  outs = tuple(_filled(gts.labels, (m, k), 0, t) for t in (jnp.int32, jnp.float32, bool, jnp.float32))
+  carry, (top_anchor, top_metric, positive, overlap) = _block_loop(win, gts, branch, finish, outs, nobody if best else None)
+  owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), k)
+  claims = _Claims(top_anchor.reshape(-1), owner, positive.reshape(-1), overlap.reshape(-1), top_metric.reshape(-1))
+  if not best:
+    return claims, None
+  high, who = carry
+  return claims, (high, jnp.where(high >= 0, who, 0))
+
+
+def _prepare_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mask, extra, *, cfg, geometry, image_hw):
+  """One image's GT slots and anchors as the geometry sees them: ``(_Gts, p)``."""
   nc = score_levels[0].shape[-1]
-  m, num_anchors = gt_labels.shape[0], pred_boxes.shape[0]
   box_ok = geometry.box_ok(gt_boxes)
   if image_hw is not None:
     box_ok = box_ok & geometry.on_image(gt_boxes, image_hw)
@@ -369,19 +564,41 @@ def _assign_image(score_levels, pred_boxes, anchors, gt_labels, gt_boxes, gt_mas
     data, preds = geometry.gt_data(safe_boxes, valid, cfg.side_floor), geometry.pred_data(safe_preds, anchors)
   else:
     data, preds = geometry.gt_data(safe_boxes, valid, cfg.side_floor, extra.gt), geometry.pred_data(safe_preds, anchors, extra.pred)
-  gts = _Gts(jnp.clip(gt_labels, 0, nc - 1), valid, data)
-  if geometry.gate is not None:
-    gts = gts._replace(gated=_gate_applies(gts, preds, geometry, cfg, gt_chunk))
-  scores = _read_scores(score_levels, from_logits, cfg.alpha, m, cfg.plain_kernels)
-  if geometry.shortlist:
-    gts = _refine(scores, gts, preds, geometry, cfg, gt_chunk, None if extra is None else extra.image)
+  return _Gts(jnp.clip(gt_labels, 0, nc - 1), valid, data), preds
 
-  # Steps 1-3, a block of GTs at a time: (M, topk) anchors and metrics.
-  top_anchor, top_metric = _topk_blocks(scores, gts, preds, geometry, cfg, gt_chunk, cfg.topk)
-  claims = _claims(top_anchor, top_metric, gts, preds, geometry, cfg.eps)
+
+def _assign_image(score_levels, gts: _Gts, preds, gt_labels, gt_boxes, image_extra, *, cfg, geometry, from_logits, gt_chunk, windowed=None):
+  """Steps 1-5 for one image: score levels ``(A_l, nc)``, its GT slots and anchors
+  (:func:`_prepare_image`), ``(M,)`` labels, ``(M, D)`` boxes, and ``GeometryExtra.image`` (or None).
+
+  ``windowed``: ``(layout, order (M'), bucket (n,))`` to run the pairwise passes over each GT's
+  window of anchors (:mod:`jaxtal.windows`), or None for the dense passes.
+  """
+  m, num_anchors = gt_labels.shape[0], jax.tree.leaves(preds)[0].shape[0]
+  scores = _read_scores(score_levels, from_logits, cfg.alpha, m, cfg.plain_kernels, windowed=windowed is not None)
+  if windowed is None:
+    if geometry.gate is not None:
+      gts = gts._replace(gated=_gate_applies(gts, preds, geometry, cfg, gt_chunk))
+    if geometry.shortlist:
+      gts = _refine(scores, gts, preds, geometry, cfg, gt_chunk, image_extra)
+    # Steps 1-3, a block of GTs at a time: (M, topk) anchors and metrics.
+    top_anchor, top_metric = _topk_blocks(scores, gts, preds, geometry, cfg, gt_chunk, cfg.topk)
+    claims = _claims(top_anchor, top_metric, gts, preds, geometry, cfg.eps)
+    # Step 4's helper: each listed anchor's best candidate GT among all M.
+    best_overlap, best_gt = _best_candidate_gt(gts, _tree_take(preds, claims.anchor), claims.anchor, geometry, cfg, gt_chunk)
+  else:
+    win = _Windows(*windowed)
+    if geometry.gate is not None:
+      gts = gts._replace(gated=_windowed_gate(win, gts, preds, geometry, cfg))
+    if geometry.shortlist:
+      size = min(geometry.shortlist * cfg.topk, num_anchors)
+      listed, _ = _windowed_top_k(win, scores, gts, preds, geometry, cfg, size, rank=True)
+      gts = _refined(gts, listed.anchor.reshape(m, size), preds, geometry, cfg, image_extra)
+    # Steps 1-3 and step 4's helper in one pass over the windows: the best candidate GT of every anchor.
+    claims, (best_overlap, best_gt) = _windowed_top_k(win, scores, gts, preds, geometry, cfg, cfg.topk, best=True)
+    best_overlap, best_gt = best_overlap[claims.anchor], best_gt[claims.anchor]
 
   # Step 4.
-  best_overlap, best_gt = _best_candidate_gt(gts, _tree_take(preds, claims.anchor), claims.anchor, geometry, cfg, gt_chunk)
   best_score = _score_at(scores, gts.labels[best_gt], claims.anchor)
   best_metric = jnp.where(best_overlap >= 0, best_score * _power(jnp.maximum(best_overlap, 0.0), cfg.beta), 0.0)
   per_anchor = _resolve_conflicts(claims, _Best(best_overlap, best_gt, best_metric), num_anchors)
@@ -404,6 +621,7 @@ def assign_targets(
     from_logits: bool,
     image_hw: tuple[float, float] | None = None,
     extra: GeometryExtra | None = None,
+    grid: tuple[tuple[int, int, float], ...] | None = None,
 ) -> Targets:
   """Batched assignment in the form the loss reads (:class:`~jaxtal.Targets`), for any geometry.
 
@@ -421,11 +639,17 @@ def assign_targets(
       with the image are then masked too.
     extra: the geometry's data beyond boxes (:class:`~jaxtal.geometry.GeometryExtra`, leaves
       ``(b, ...)``, taken under ``stop_gradient``), or None for box geometries.
+    grid: when ``anchor_points`` are the cell centres of per-level grids (``make_anchors(shapes,
+      strides)`` times the strides), one ``(H_l, W_l, stride_l)`` per level in anchor order: the
+      pairwise passes may then visit only the anchors near each GT (:mod:`jaxtal.windows`,
+      ``config.windows``); the targets are the same. None: every anchor is visited. The loss
+      passes its head's grid.
 
   Returns:
     :class:`~jaxtal.Targets` with ``E = M * topk`` entries, under ``stop_gradient``. Arguments
     are validated by the public callers, not here.
   """
+  grid = _validate.grid(grid, pred_boxes.shape[1], "assign_targets")
   if gt.labels.shape[1] == 0:
     # No GT slots at all: the same as one slot that is padding (every anchor is background).
     b = gt.labels.shape[0]
@@ -437,6 +661,7 @@ def assign_targets(
   gt_chunk = config.gt_chunk
   if gt_chunk is None:
     gt_chunk = m if m * num_anchors <= _DENSE_PAIRS else _AUTO_CHUNK
+  gt_chunk = min(int(gt_chunk), m)
   sg = jax.lax.stop_gradient
   pred_boxes = sg(jnp.asarray(pred_boxes, jnp.float32))
   # Anchors per image, laid out like the predictions: a gather from an unbatched operand with
@@ -445,22 +670,36 @@ def assign_targets(
   sharding = getattr(jax.typeof(pred_boxes), "sharding", None)
   if sharding is not None and getattr(sharding, "mesh", None) is not None and not sharding.mesh.empty:
     anchors = jax.sharding.reshard(anchors, sharding)
+  levels = tuple(sg(jnp.asarray(s)) for s in score_levels)
+  labels = sg(jnp.asarray(gt.labels, jnp.int32))
+  gt_boxes = sg(jnp.asarray(gt.boxes, jnp.float32))
+  extra = None if extra is None else jax.tree.map(sg, extra)
+  image = None if extra is None else extra.image
+  prepare = functools.partial(_prepare_image, cfg=config, geometry=geometry, image_hw=image_hw)
+  gts, preds = jax.vmap(prepare)(levels, pred_boxes, anchors, labels, gt_boxes, sg(jnp.asarray(gt.mask).astype(bool)), extra)
+  assign = functools.partial(_assign_image, cfg=config, geometry=geometry, from_logits=from_logits, gt_chunk=gt_chunk)
+  if not _use_windows(config, geometry, grid, m, num_anchors):
+    return jax.vmap(assign)(levels, gts, preds, labels, gt_boxes, image)
+  lay = windows.layout(grid)
+  sizes = windows.block_sizes(lay, m, gt_chunk)
+  bounds = jax.vmap(geometry.bounds)(gts.data)  # (b, M, 4)
+  plan = windows.plan(jnp.where(gts.valid, windows.needs(bounds, lay), 0), sizes)
+  cum = plan.cum  # the same loop for every image: not batched
 
-  def one(levels, boxes, anchors, labels, gt_boxes, mask, extra):
-    return _assign_image(
-        levels, boxes, anchors, labels, gt_boxes, mask, extra,
-        cfg=config, geometry=geometry, from_logits=from_logits, gt_chunk=min(int(gt_chunk), m), image_hw=image_hw,
-    )
+  def windowed(levels, gts, preds, labels, gt_boxes, image, bounds, order, start, count):
+    return assign(levels, gts, preds, labels, gt_boxes, image, windowed=(lay, sizes, bounds, windows.Plan(order, start, count, cum)))
 
-  return jax.vmap(one)(
-      tuple(sg(jnp.asarray(s)) for s in score_levels),
-      pred_boxes,
-      anchors,
-      sg(jnp.asarray(gt.labels, jnp.int32)),
-      sg(jnp.asarray(gt.boxes, jnp.float32)),
-      sg(jnp.asarray(gt.mask).astype(bool)),
-      None if extra is None else jax.tree.map(sg, extra),
-  )
+  return jax.vmap(windowed)(levels, gts, preds, labels, gt_boxes, image, bounds, plan.order, plan.start, plan.count)
+
+
+def _use_windows(cfg: AssignerConfig, geometry: Geometry, grid, num_gts: int, num_anchors: int) -> bool:
+  """Whether the pairwise passes run over windows: possible with a known grid and a geometry that
+  bounds its candidates; ``cfg.windows`` forces the choice, else :func:`jaxtal.kernels.windows` decides."""
+  if grid is None or geometry.bounds is None:
+    return False
+  if cfg.windows is not None:
+    return cfg.windows
+  return kernels.select("windows", cfg.plain_kernels)(num_gts, num_anchors)
 
 
 def task_aligned_assign(
@@ -469,6 +708,8 @@ def task_aligned_assign(
     anchor_points: jax.Array,
     gt: GroundTruth,
     config: AssignerConfig | None = None,
+    *,
+    grid: tuple[tuple[int, int, float], ...] | None = None,
     **overrides,
 ) -> Assignment:
   """Assigns every anchor a target with the task-aligned assigner of TOOD (axis-aligned boxes).
@@ -487,6 +728,9 @@ def task_aligned_assign(
       non-finite, out-of-bound (``|x| > COORD_LIMIT``) or zero/negative-area box, or a class
       outside ``[0, nc)`` never own anchors.
     config: an :class:`~jaxtal.AssignerConfig` (a :class:`~jaxtal.LossConfig` works too).
+    grid: when ``anchor_points`` are ``make_anchors(shapes, strides)`` times the strides, one
+      ``(H_l, W_l, stride_l)`` per level: the assignment may then visit only the anchors near each
+      GT (crowded scenes; see :func:`~jaxtal.assign_targets`). The result is the same.
 
   Returns:
     An :class:`~jaxtal.Assignment`: ``labels (b, A)``, ``boxes (b, A, 4)``, ``scores (b, A, nc)``,
@@ -497,15 +741,16 @@ def task_aligned_assign(
     https://arxiv.org/abs/2108.07755.
   """
   cfg = make_config(AssignerConfig, config, overrides, "task_aligned_assign")
-  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign")
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign", grid)
 
 
-def _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg: AssignerConfig, geometry: Geometry, caller: str, extra=None) -> Assignment:
+def _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg: AssignerConfig, geometry: Geometry, caller: str, extra=None, grid=None) -> Assignment:
   """The public assigners' shared half: validate probabilities, boxes and ``gt`` of ``geometry``'s kind,
   assign, and return the dense :class:`~jaxtal.Assignment`."""
   _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, geometry.box_dim, caller)
   _validate.topk_in_range(cfg.topk, cfg.topk2, a, caller)
-  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=geometry, from_logits=False, extra=extra)
+  grid = _validate.grid(grid, a, caller)
+  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=geometry, from_logits=False, extra=extra, grid=grid)
   return to_assignment(targets, nc)
 
 
@@ -523,6 +768,8 @@ def rotated_task_aligned_assign(
     anchor_points: jax.Array,
     gt: GroundTruth,
     config: AssignerConfig | None = None,
+    *,
+    grid: tuple[tuple[int, int, float], ...] | None = None,
     **overrides,
 ) -> Assignment:
   """The task-aligned assigner for rotated ``xywhr`` boxes (Ultralytics' ``RotatedTaskAlignedAssigner``).
@@ -541,6 +788,7 @@ def rotated_task_aligned_assign(
       :func:`~jaxtal.pack_rotated_labels`). Rows that are padding, non-finite, beyond
       ``COORD_LIMIT``, with a non-positive side or a class outside ``[0, nc)`` never own anchors.
     config: an :class:`~jaxtal.AssignerConfig`.
+    grid: the anchors' grid, as for :func:`~jaxtal.task_aligned_assign`.
 
   Returns:
     An :class:`~jaxtal.Assignment` with ``boxes (b, A, 5)``.
@@ -548,7 +796,7 @@ def rotated_task_aligned_assign(
   caller = "rotated_task_aligned_assign"
   cfg = make_config(AssignerConfig, config, overrides, caller)
   rotated_only(cfg.overlap, caller)
-  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, rotated(), caller)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, rotated(), caller, grid=grid)
 
 
 def pose_task_aligned_assign(

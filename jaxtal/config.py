@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, TypeVar
 
+import numpy as np
+
 from jaxtal import _validate
 from jaxtal import kernels
 
@@ -46,6 +48,11 @@ class AssignerConfig:
     gt_chunk: run the pairwise steps over blocks of this many GTs (memory
       ``O(b * gt_chunk * max(A, M * topk))``); ``None`` picks one block for small ``M * A`` and
       blocks of 32 otherwise. The assignment does not depend on it.
+    windows: run the pairwise steps over each GT's window of nearby anchors (:mod:`jaxtal.windows`)
+      instead of every anchor: ``None`` decides by ``M`` (:func:`jaxtal.kernels.windows`), ``True``
+      always, ``False`` never. Needs the anchors' grid (the losses pass it; see
+      :func:`~jaxtal.assign_targets`) and a geometry with ``bounds``. The assignment does not
+      depend on it.
     plain_kernels: names of :mod:`jaxtal.kernels` speed tricks (``jaxtal.kernels.KERNELS``) to
       trace as their plain twins instead: the benchmark's ablation switch, also handy when
       debugging. Results are the same to float32 rounding; speed is not.
@@ -59,6 +66,7 @@ class AssignerConfig:
   min_box_side: float | None = None
   overlap: Overlap = "ciou"
   gt_chunk: int | None = None
+  windows: bool | None = None
   plain_kernels: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -74,6 +82,10 @@ class AssignerConfig:
     _validate.one_of("overlap", self.overlap, _OVERLAPS)
     if self.gt_chunk is not None:
       _set(self, "gt_chunk", _validate.whole("gt_chunk", self.gt_chunk, low=1))
+    if self.windows is not None and not isinstance(self.windows, bool | np.bool_):
+      raise ValueError(f"windows must be None (automatic), True or False, got {self.windows!r}")
+    if self.windows is not None:
+      _set(self, "windows", bool(self.windows))
     _set(self, "plain_kernels", kernels.check_names(self.plain_kernels))
 
   @property

@@ -54,7 +54,13 @@ class Geometry(NamedTuple):
       mask IoU on listed pairs, half the box IoU elsewhere).
     refine: with ``shortlist``: ``(g, p_listed, listed (M, L) int32 anchors, listed_candidate
       (M, L) bool, extra_image) -> (g', (M, L) overlap of the listed pairs)``; ``p_listed``'s
-      leaves are ``(M, L, ...)``, ``extra_image`` the image's ``GeometryExtra.image``.
+      leaves are ``(M, L, ...)``, ``extra_image`` the image's ``GeometryExtra.image``. The
+      candidate test of ``g'`` must be that of ``g`` (refining changes overlaps only).
+    bounds: optional ``g -> (M, 4)``: per GT, ``x1, y1, x2, y2`` pixels of a rectangle holding
+      every anchor centre the candidate test can accept (edges included; float rounding below a
+      sixteenth of a cell is allowed for). With it the assigner may visit only the anchors near
+      each GT (:mod:`jaxtal.windows`); None: every anchor is visited. Read from ``gt_data``'s
+      ``g``, before any refinement.
   """
 
   name: str
@@ -68,6 +74,7 @@ class Geometry(NamedTuple):
   gate: Callable[[Any, Any], jax.Array] | None = None
   shortlist: int = 0
   refine: Callable[..., tuple[Any, jax.Array]] | None = None
+  bounds: Callable[[Any], jax.Array] | None = None
 
 
 class GeometryExtra(NamedTuple):
@@ -137,6 +144,12 @@ def _xyxy_overlap(kind: str, g: _XyxyGt, p: _XyxyPred) -> jax.Array:
   return box_iou(g.box, p.box, kind, angle1=g.angle, angle2=p.angle)
 
 
+def xyxy_bounds(g: _XyxyGt) -> jax.Array:
+  """``(M, 4)`` the widened candidate rectangle of axis-aligned GT data: the :attr:`Geometry.bounds`
+  of :func:`axis_aligned` (and of any geometry whose candidates are an axis-aligned box's)."""
+  return jnp.concatenate([g.lt, g.rb], axis=-1)
+
+
 def axis_aligned(overlap: str = "ciou") -> Geometry:
   """Axis-aligned xyxy boxes; ``overlap`` is ``"ciou"`` (Ultralytics' assigner) or ``"iou"``.
 
@@ -159,6 +172,7 @@ def _axis_aligned(overlap: str) -> Geometry:
       pred_data=functools.partial(_xyxy_pred_data, overlap),
       candidate=_xyxy_candidate,
       overlap=functools.partial(_xyxy_overlap, overlap),
+      bounds=xyxy_bounds,
   )
 
 
@@ -225,6 +239,12 @@ def _rot_overlap(g: _RotGt, p: _RotPred) -> jax.Array:
   return gaussian_overlap(g.gauss, p.gauss)
 
 
+def _rot_bounds(g: _RotGt) -> jax.Array:
+  """The axis-aligned bounding rectangle of the (widened) candidate parallelogram."""
+  corners = jnp.stack([g.corner, g.corner + g.edge1, g.corner + g.edge2, g.corner + g.edge1 + g.edge2], axis=-2)
+  return jnp.concatenate([jnp.min(corners, axis=-2), jnp.max(corners, axis=-2)], axis=-1)
+
+
 def rotated(min_side: float = 0.0) -> Geometry:
   """Rotated ``xywhr`` boxes (centre, width, height in pixels, angle in radians), overlap ProbIoU.
 
@@ -252,6 +272,7 @@ def _rotated(min_side: float) -> Geometry:
       pred_data=_rot_pred_data,
       candidate=_rot_candidate,
       overlap=_rot_overlap,
+      bounds=_rot_bounds,
   )
 
 

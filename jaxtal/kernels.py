@@ -8,7 +8,8 @@ Every trick in jaxtal lives here. Each has a plain twin written with the well-ke
 replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
 written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
 from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum`` and
-``mask_windows``, the mask term) are measured on their task's loss step instead. XLA fuses the plain forms well on GPU
+``mask_windows``, the mask term) are measured on their task's loss step instead, and ``windows`` (the
+assigner's windowed pass, :mod:`jaxtal.windows`) on the crowded-scene rows. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
 The loss and the assigner pick each kernel with :func:`select` and the config's static
@@ -345,6 +346,29 @@ def top_k(metric_levels):
     return jnp.take_along_axis(ids, pos, axis=1).astype(jnp.int32), top_values
 
   return run
+
+
+# ------------------------------------------------------------------------------------------------
+# The assigner's pairwise passes over each GT's window of nearby anchors (jaxtal.windows), not all A.
+# Why: an anchor is a candidate only of a GT whose widened box holds its centre, so in crowded scenes
+# (thousands of small boxes) nearly all M * A pairs are wasted work, and conflict resolution's search
+# for each listed anchor's best GT is M * E pairs. With windows both are M * (window) pairs. The
+# bookkeeping (sorting GTs into window sizes, scatters) costs more than it saves for few GTs.
+# Bench rows "crowded ..., plain windows" (benchmarks/README.md).
+
+WINDOW_GTS = 256  # GT slots from which windows pay: COCO-like boxes break even here, small crowded ones win from 64
+
+
+def plain_windows(num_gts: int, num_anchors: int) -> bool:
+  """Never windows: every GT is tested against every anchor."""
+  del num_gts, num_anchors
+  return False
+
+
+def windows(num_gts: int, num_anchors: int) -> bool:
+  """Windows from :data:`WINDOW_GTS` GT slots per image on."""
+  del num_anchors
+  return num_gts >= WINDOW_GTS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -879,9 +903,10 @@ def pair_mask_counts(coef, box, owner, proto, masks, tile, step: int, limit: jax
 
 # ------------------------------------------------------------------------------------------------
 
-KERNELS = ("bce_sum", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k")
-# Kernels only a task loss uses: the detection ablation rows leave them out (bench.py times them with that loss).
-TASK_KERNELS = {"mask_bce_sum": "segment_loss", "mask_windows": "segment_loss"}
+KERNELS = ("bce_sum", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
+# Kernels measured on another workload than the detection rows' (a task's loss, or the crowded scenes):
+# the detection ablation rows leave them out and bench.py times them there.
+TASK_KERNELS = {"mask_bce_sum": "segment_loss", "mask_windows": "segment_loss", "windows": "crowded"}
 # The trick each kernel function belongs to, where it is not its own name.
 _TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 

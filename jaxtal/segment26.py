@@ -247,6 +247,10 @@ def _candidate(box: Geometry, g: _MaskGt, p: _MaskPred, eps: float) -> jax.Array
   return box.candidate(g.box, p.box, eps)
 
 
+def _bounds(box: Geometry, g: _MaskGt) -> jax.Array:
+  return box.bounds(g.box)  # the box geometry's candidates: its bounds (the assigner's windows, jaxtal.windows)
+
+
 def _overlap(box: Geometry, g: _MaskGt, p: _MaskPred) -> jax.Array:
   """The box overlap (clamped at 0) times the GT's weight: all of the overlap before refinement, half after."""
   return g.weight * jnp.maximum(box.overlap(g.box, p.box), 0.0)
@@ -305,6 +309,7 @@ def _mask_iou(overlap: str, iou_chunk: int | None, early_exit: bool, mask_window
       overlap=functools.partial(_overlap, box),
       shortlist=SHORTLIST,
       refine=functools.partial(_refine, box, iou_chunk, early_exit, mask_window, fallback),
+      bounds=functools.partial(_bounds, box),
   )
 
 

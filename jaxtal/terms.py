@@ -104,6 +104,9 @@ def assign(head: Head, gt: GroundTruth, cfg: LossConfig, image_hw, form: BoxForm
   ``E = M * topk`` entries; GT rows with no overlap with the ``image_hw`` input own nothing.
   ``extra``: the geometry's data beyond boxes (keypoints, masks), when its task gives some.
   """
+  h, w = image_hw
+  # The head's anchors are its levels' cell centres (make_anchors), so the assigner may use windows.
+  grid = tuple((round(h / s), round(w / s), float(s)) for s in cfg.strides)
   return assign_targets(
       head.logits,
       head.boxes * form.pixel_scale(head.strides),
@@ -114,6 +117,7 @@ def assign(head: Head, gt: GroundTruth, cfg: LossConfig, image_hw, form: BoxForm
       from_logits=True,
       image_hw=image_hw,
       extra=extra,
+      grid=grid,
   )
 
 

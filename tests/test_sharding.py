@@ -16,6 +16,9 @@ Checked:
   the unsharded gradient; without ``axis_name`` each device computes the loss of its own
   slice (its own normaliser), which differs from the global loss because the images hold
   different numbers of boxes;
+* the windowed assignment (``jaxtal.windows``: a crowded 256 px input, ``windows=True``) under
+  ``jax.jit`` with a sharded batch and inside ``shard_map`` with ``axis_name``: the same loss and
+  gradients as the dense pass on one device;
 * ``examples/train_sharded.py`` runs a few steps.
 
 The whole module is ``slow`` (two subprocesses with 8 devices, about a minute on CPU); the
@@ -56,6 +59,18 @@ def subprocess_env() -> dict:
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}").strip()
   env["JAX_PLATFORMS"] = "cpu"
   return env
+
+
+def make_crowded_inputs(seed: int = 1, size: int = 256, boxes: int = 60):
+  """Head maps (NHWC) of a ``size`` px input and ``boxes`` GT slots per image of 3-70 px (some padding):
+  enough anchors for the assigner's windows (``jaxtal.windows``) and boxes both in and beyond them."""
+  rng = np.random.default_rng(seed)
+  feats = [rng.normal(0.0, 1.0, (BATCH, size // s, size // s, 4 * REG_MAX + NC)).astype(np.float32) for s in STRIDES]
+  wh = np.exp(rng.uniform(np.log(3.0), np.log(70.0), (BATCH, boxes, 2)))
+  xy = rng.uniform(0, size, (BATCH, boxes, 2))
+  gt = jaxtal.GroundTruth(rng.integers(0, NC, (BATCH, boxes)).astype(np.int32),
+                          np.concatenate([xy - wh / 2, xy + wh / 2], -1).astype(np.float32), rng.uniform(size=(BATCH, boxes)) > 0.1)
+  return feats, gt
 
 
 def make_inputs(seed: int = 0):
@@ -155,6 +170,23 @@ WORKER = textwrap.dedent(
     out["pmap_total"], out["pmap_parts"] = total, parts
     for i, g in enumerate(grads):
       out[f"pmap_grad{i}"] = np.asarray(g).reshape(-1, *g.shape[2:])
+
+    # The windowed assignment on a crowded input, batch-sharded: under jit, and per device with axis_name.
+    cfg = jaxtal.LossConfig(**kw, windows=True)
+    wfeats = [shard(jnp.asarray(data[f"wfeat{i}"])) for i in range(levels)]
+    wgt = jax.tree.map(shard, jaxtal.GroundTruth(jnp.asarray(data["wlabels"]), jnp.asarray(data["wboxes"]), jnp.asarray(data["wmask"])))
+    (total, parts), grads = jax.jit(jax.value_and_grad(lambda f, g: jaxtal.detection_loss(f, g, cfg), has_aux=True))(wfeats, wgt)
+    out["win_jit_total"], out["win_jit_parts"] = total, np.stack(parts)
+    for i, g in enumerate(grads):
+      out[f"win_jit_grad{i}"] = g
+    def win_step(feats, gt):
+      local = jaxtal.LossConfig(**kw, windows=True, axis_name="data")
+      (total, parts), grads = jax.value_and_grad(lambda f: jaxtal.detection_loss(f, gt, local), has_aux=True)(feats)
+      return total[None], grads
+    total, grads = jax.jit(shard_map(win_step, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data")))(wfeats, wgt)
+    out["win_psum_total"] = total
+    for i, g in enumerate(grads):
+      out[f"win_psum_grad{i}"] = g
     np.savez(dst, **{k: np.asarray(v) for k, v in out.items()})
     """
 )
@@ -182,6 +214,7 @@ def runs(tmp_path_factory, example_run):
   """Starts the 8-device subprocess, computes the single-device expectation meanwhile, returns both."""
   tmp = tmp_path_factory.mktemp("sharding")
   feats, gt = make_inputs()
+  wfeats, wgt = make_crowded_inputs()
   src, dst = tmp / "inputs.npz", tmp / "outputs.npz"
   np.savez(
       src,
@@ -192,7 +225,11 @@ def runs(tmp_path_factory, example_run):
       labels=gt.labels,
       boxes=gt.boxes,
       mask=gt.mask,
+      wlabels=wgt.labels,
+      wboxes=wgt.boxes,
+      wmask=wgt.mask,
       **{f"feat{i}": f for i, f in enumerate(feats)},
+      **{f"wfeat{i}": f for i, f in enumerate(wfeats)},
   )
   proc = subprocess.Popen(
       [sys.executable, "-c", WORKER, str(src), str(dst)],
@@ -215,7 +252,14 @@ def runs(tmp_path_factory, example_run):
       per_slice([jnp.asarray(f[d * step : (d + 1) * step]) for f in feats], jax.tree.map(lambda x: x[d * step : (d + 1) * step], gt_j))
       for d in range(DEVICES)
   ]
+  # The crowded input's loss on one device through the dense pass: what the windowed, sharded runs must give.
+  dense = jaxtal.LossConfig(**KW, windows=False)
+  (wtotal, wparts), wgrads = jax.jit(jax.value_and_grad(lambda f, g: jaxtal.detection_loss(f, g, dense), has_aux=True))(
+      [jnp.asarray(f) for f in wfeats], jax.tree.map(jnp.asarray, wgt))
   expected = dict(
+      win_total=np.asarray(wtotal),
+      win_parts=np.stack([np.asarray(p) for p in wparts]),
+      win_grads=[np.asarray(g) for g in wgrads],
       total=np.asarray(total),
       parts=np.stack([np.asarray(p) for p in parts]),
       grads=[np.asarray(g) for g in grads],
@@ -317,6 +361,15 @@ def test_without_axis_name_the_normaliser_changes_the_result(runs):
   assert factors.max() / factors.min() > 1.2, f"per-device gradient factors {factors} should differ"
   ratio = np.sum(local * glob) / np.sum(local * local)
   assert not np.allclose(ratio * local, glob, rtol=1e-3, atol=1e-5 * np.max(np.abs(glob)))
+
+
+def test_windowed_assignment_sharded_matches_dense_single_device(runs):
+  expected, got = runs
+  np.testing.assert_allclose(got["win_jit_total"], expected["win_total"], rtol=1e-5)
+  np.testing.assert_allclose(got["win_jit_parts"], expected["win_parts"], rtol=1e-5, atol=1e-6)
+  assert_grads_close(grads_of(got, "win_jit"), expected["win_grads"], "windowed, jit on sharded inputs")
+  np.testing.assert_allclose(got["win_psum_total"], np.full(DEVICES, expected["win_total"]), rtol=1e-5)
+  assert_grads_close(grads_of(got, "win_psum"), expected["win_grads"], "windowed, shard_map with axis_name")
 
 
 def test_train_sharded_example_runs(example_run):

@@ -10,6 +10,7 @@ with the assignment inside the loss).
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,37 @@ import numpy as np
 
 import jaxtal
 from support import cases, obb_cases, pose26_cases, pose_cases, segment26_cases, segment_cases
+
+# ``JAXTAL_TEST_WINDOWS=1`` runs every assignment of the parity runners through the windowed pass
+# (jaxtal.windows), ``=0`` through the dense one; unset, jaxtal chooses (dense for these small cases).
+# CI runs the parity suites both ways (.ci/run).
+WINDOWS = {"1": True, "0": False}.get(os.environ.get("JAXTAL_TEST_WINDOWS", "").strip())
+
+
+def with_windows(config: dict) -> dict:
+  """``config`` with the ``windows`` setting ``JAXTAL_TEST_WINDOWS`` asks for (unchanged when unset)."""
+  return config if WINDOWS is None else {**config, "windows": WINDOWS}
+
+
+def anchor_grid(anchor_points) -> tuple[tuple[int, int, float], ...]:
+  """The ``(H, W, stride)`` levels whose cell centres (``make_anchors``) are ``anchor_points (A, 2)`` pixels.
+
+  Read level by level (stride from the first centre, width from the first row, height from where the
+  pattern ends) and checked against every point, so a case with other anchors fails loudly here.
+  """
+  points = np.asarray(anchor_points, np.float64)
+  levels, i = [], 0
+  while i < len(points):
+    s = 2.0 * points[i, 0]
+    w = int(np.argmax(points[i:, 1] != points[i, 1])) or len(points) - i
+    h = 1
+    while i + (h + 1) * w <= len(points) and np.isclose(points[i + h * w, 1], (h + 0.5) * s) and np.isclose(points[i + h * w, 0], 0.5 * s):
+      h += 1
+    ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+    np.testing.assert_allclose(points[i:i + h * w], np.stack([xs, ys], -1).reshape(-1, 2) * s, rtol=1e-6, err_msg="anchors are no grid")
+    levels.append((h, w, s))
+    i += h * w
+  return tuple(levels)
 
 # ----------------------------------------------------------------------------- detection: assignment
 
@@ -31,15 +63,17 @@ def assign_args(inputs):
   return inputs["pred_scores"], inputs["pred_boxes"], inputs["anchor_points"], assign_gt(inputs)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config):
-  return jaxtal.task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, config)
+@functools.partial(jax.jit, static_argnames=("config", "grid"))
+def _assign_jit(pred_scores, pred_boxes, anchor_points, gt, *, config, grid):
+  return jaxtal.task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, config, grid=grid)
 
 
 def run_assign(case: dict, gt_chunk: int | None = None) -> dict:
-  """jaxtal's assignment of a case (jitted, the case's config as a static AssignerConfig) as NumPy arrays."""
-  config = jaxtal.AssignerConfig(**case["config"], gt_chunk=gt_chunk)
-  out = _assign_jit(*assign_args(case["inputs"]), config=config)
+  """jaxtal's assignment of a case (jitted, the case's config as a static AssignerConfig, the anchors'
+  grid given) as NumPy arrays."""
+  config = jaxtal.AssignerConfig(**with_windows(case["config"]), gt_chunk=gt_chunk)
+  args = assign_args(case["inputs"])
+  out = _assign_jit(*args, config=config, grid=anchor_grid(args[2]))
   return {k: np.asarray(v) for k, v in out._asdict().items()}
 
 
@@ -50,7 +84,7 @@ def detection_config(config: dict, layout: str = "NCHW") -> tuple[jaxtal.LossCon
   """A case's config as a (static, hashable) LossConfig and its class weights (an array, not configuration)."""
   kwargs, _ = cases.split_loss_config(config)
   cw = kwargs.pop("class_weights")
-  return jaxtal.LossConfig(**kwargs, layout=layout), None if cw is None else np.asarray(cw, np.float32)
+  return jaxtal.LossConfig(**with_windows(kwargs), layout=layout), None if cw is None else np.asarray(cw, np.float32)
 
 
 def detection_gt(case: dict) -> jaxtal.GroundTruth:
@@ -86,7 +120,7 @@ def run_detection_loss(case: dict, layout: str = "NCHW"):
 def _end_to_end_setup(case: dict):
   kwargs, m = cases.split_loss_config(case["config"])
   epoch, epochs, v10 = kwargs.pop("epoch"), kwargs.pop("epochs"), kwargs.pop("yolov10")
-  cfg = jaxtal.LossConfig(**kwargs, layout="NCHW")
+  cfg = jaxtal.LossConfig(**with_windows(kwargs), layout="NCHW")
   feats = case["inputs"]["feats"]
   size = feats[0].shape[2] * cfg.strides[0], feats[0].shape[3] * cfg.strides[0]
   gt = jaxtal.pack_labels(case["inputs"]["label_rows"], feats[0].shape[0], m, size)
@@ -154,7 +188,8 @@ def run_obb_assign(case: dict) -> dict:
   """jaxtal's rotated assignment of an OBB assignment case (jitted) as NumPy arrays."""
   x = case["inputs"]
   gt = assign_gt(x)
-  out = _obb_assign_jit(x["pred_scores"], x["pred_boxes"], x["anchor_points"], gt, config=tuple(sorted(case["config"].items())))
+  config = tuple(sorted({**with_windows(case["config"]), "grid": anchor_grid(x["anchor_points"])}.items()))
+  out = _obb_assign_jit(x["pred_scores"], x["pred_boxes"], x["anchor_points"], gt, config=config)
   return {k: np.asarray(v) for k, v in out._asdict().items()}
 
 
@@ -162,7 +197,7 @@ def _obb_static(config: dict) -> tuple:
   kwargs, _ = obb_cases.split_loss_config(config)
   if kwargs["class_weights"] is not None:
     kwargs["class_weights"] = tuple(kwargs["class_weights"])
-  return tuple(sorted(kwargs.items()))
+  return tuple(sorted(with_windows(kwargs).items()))
 
 
 def obb_loss_gt(case: dict) -> jaxtal.GroundTruth:
@@ -201,7 +236,7 @@ def run_obb_loss(case: dict) -> dict:
 def _pose_config(config: dict) -> tuple[jaxtal.PoseLossConfig, np.ndarray | None]:
   kwargs, _ = pose_cases.split_loss_config(config)
   cw = kwargs.pop("class_weights")
-  return jaxtal.PoseLossConfig(**kwargs, layout="NCHW"), None if cw is None else np.asarray(cw, np.float32)
+  return jaxtal.PoseLossConfig(**with_windows(kwargs), layout="NCHW"), None if cw is None else np.asarray(cw, np.float32)
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -247,7 +282,7 @@ def run_segment_loss(case: dict, **overrides) -> dict:
   assert kwargs["class_weights"] is None
   x = case["inputs"]
   total, parts, (grads, coef_grads, proto_grad), t = _segment_loss_jit(
-      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(kwargs.items())),
+      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(with_windows(kwargs).items())),
       overrides=tuple(sorted(overrides.items())),
   )
   return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
@@ -258,7 +293,7 @@ def run_segment_loss(case: dict, **overrides) -> dict:
 
 def _segment26_static(case: dict) -> tuple:
   kwargs, _, _ = segment26_cases.split_config(case["config"])  # min_box_side None: jaxtal's default, strides[1]
-  return tuple(sorted(kwargs.items()))
+  return tuple(sorted(with_windows(kwargs).items()))
 
 
 def _segment26_preds(feats, coefs, proto, semantic):
