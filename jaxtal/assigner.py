@@ -741,7 +741,7 @@ def task_aligned_assign(
     https://arxiv.org/abs/2108.07755.
   """
   cfg = make_config(AssignerConfig, config, overrides, "task_aligned_assign")
-  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign", grid)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign", grid=grid)
 
 
 def _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg: AssignerConfig, geometry: Geometry, caller: str, extra=None, grid=None) -> Assignment:

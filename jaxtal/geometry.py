@@ -422,4 +422,10 @@ def _keypoint_oks(sigmas: tuple[float, ...], level_range: tuple[float, float], e
       candidate=_oks_candidate,
       overlap=_oks_overlap,
       gate=functools.partial(_oks_gate, level_range),
+      bounds=_oks_bounds,
   )
+
+
+def _oks_bounds(g: _OksGt) -> jax.Array:
+  """The candidate rectangle of the keypoint geometry is its box's: the windowed pass reads it."""
+  return xyxy_bounds(g.box)

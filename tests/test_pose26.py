@@ -553,3 +553,16 @@ def test_axis_name_gives_the_global_loss_on_every_shard():
     np.testing.assert_allclose(np.asarray(got).reshape(want.shape), want, rtol=1e-4, atol=1e-6 * np.abs(want).max())
   for got, want in zip(gfl, grads[3]):  # each shard's share of the flow's gradient; the shares add up
     np.testing.assert_allclose(np.asarray(got).sum(0), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+
+def test_windowed_assignment_equals_the_dense_one():
+  """The keypoint geometry declares its box's bounds, so the assigner's windowed pass (crowded scenes) can run it:
+  the targets equal the dense pass's (discrete fields exactly, scores to float32 rounding), gate and all."""
+  feats, kpts, sigmas, gt, flow, cfg = problem()
+  preds = jaxtal.Predictions(feats, keypoints=kpts, keypoint_sigmas=sigmas)
+  run = lambda c: jax.jit(lambda p: jaxtal.pose26_targets(p, gt, c))(preds)[1]  # noqa: E731
+  dense, windowed = run(dataclasses.replace(cfg, windows=False)), run(dataclasses.replace(cfg, windows=True))
+  assert int(np.asarray(dense.fg_mask).sum()) > 0
+  for name in ("labels", "fg_mask", "gt_index", "positives_per_gt"):
+    np.testing.assert_array_equal(np.asarray(getattr(windowed, name)), np.asarray(getattr(dense, name)), err_msg=name)
+  np.testing.assert_allclose(np.asarray(windowed.weights), np.asarray(dense.weights), rtol=1e-5, atol=1e-7)
