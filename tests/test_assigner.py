@@ -355,7 +355,7 @@ class TestGeometrySeam:
   """The assigner's generic gate and shortlist rules against the dense NumPy oracle."""
 
   @pytest.mark.parametrize("gate,shortlist", [(True, False), (False, True), (True, True)])
-  @pytest.mark.parametrize("gt_chunk", [None, 1])
+  @pytest.mark.parametrize("gt_chunk", [None, pytest.param(1, marks=pytest.mark.slow)])
   def test_matches_numpy(self, gate, shortlist, gt_chunk):
     geometry = _seam_geometry(gate, shortlist)
     cfg = jaxtal.AssignerConfig(topk=3, overlap="iou", gt_chunk=gt_chunk)
@@ -390,6 +390,7 @@ class TestGeometrySeam:
     kept = gated["in_box"].any(-1) & right
     assert kept.any()  # a GT the gate would empty keeps its candidates
 
+  @pytest.mark.slow
   def test_extras_reach_the_geometry(self):
     """GeometryExtra's leaves are split per image and handed to gt_data / pred_data / refine."""
     base = jaxtal.axis_aligned("iou")

@@ -967,6 +967,7 @@ def test_pose_plot_without_matplotlib_exits_before_training(monkeypatch):
   assert message.startswith("train_pose.py: --plot needs matplotlib") and 'pip install -e ".[examples]"' in message
 
 
+@pytest.mark.slow
 def test_yolo26_pose_model_branches():
   """``--yolo26``'s model: both branches' Predictions carry sigma maps (2K per cell), the one-to-one heads start as
   copies of the one-to-many ones, the one-to-one branch reads detached features, and the model holds a flow."""

@@ -99,6 +99,7 @@ GRID = np.stack(np.meshgrid(_AXIS, _AXIS), -1).reshape(-1, 2)
 NORMAL_ON_GRID = -0.5 * (GRID.astype(np.float64) ** 2).sum(-1) - math.log(2 * math.pi)
 
 
+@pytest.mark.slow
 def test_density_integrates_to_one():
   """A flow is a change of variables: exp(log_prob) integrates to 1 (checks the sign of log_det)."""
   for params in (jaxtal.init_flow_params(jax.random.key(0)), random_params(3, std=0.1)):

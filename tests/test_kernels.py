@@ -555,6 +555,7 @@ class TestMaskWindows:
       want = jax.value_and_grad(f, argnums=(0, 1))(*problem)
       chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], got), want, rtol=1e-5, atol=1e-5)
 
+  @pytest.mark.slow
   def test_check_grads(self):
     coef, proto, masks, gt, box, weight = _window_problem(seed=5, index_map=False)
     f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 5), 3, False)  # noqa: E731

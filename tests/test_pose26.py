@@ -292,6 +292,7 @@ def test_pose_task_aligned_assign_matches_numpy_and_its_errors():
 # ----------------------------------------------------------------------------- the loss against NumPy
 
 
+@pytest.mark.slow
 def test_loss_matches_numpy_oracle_and_the_module():
   feats, kpts, sigmas, gt, flow, cfg = problem()
   total, parts, grads, targets, (m_total, m_parts) = run(feats, kpts, sigmas, gt)
@@ -555,6 +556,7 @@ def test_axis_name_gives_the_global_loss_on_every_shard():
     np.testing.assert_allclose(np.asarray(got).sum(0), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.slow
 def test_windowed_assignment_equals_the_dense_one():
   """The keypoint geometry declares its box's bounds, so the assigner's windowed pass (crowded scenes) can run it:
   the targets equal the dense pass's (discrete fields exactly, scores to float32 rounding), gate and all."""

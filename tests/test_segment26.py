@@ -444,6 +444,7 @@ def test_the_short_list_binds():
 V8 = jaxtal.SegmentLossConfig(**{f.name: getattr(CFG, f.name) for f in dataclasses.fields(jaxtal.SegmentLossConfig)})
 
 
+@pytest.mark.slow
 def test_segment26_loss_parts():
   """Five gain-scaled parts, all positive here, ``total = sum * b``, finite gradients reaching the semantic logits."""
   preds, gt = predictions(), ground_truth()
