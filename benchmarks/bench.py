@@ -29,7 +29,8 @@ Rows (see benchmarks/README.md for what each one measures):
 8. oriented boxes: ``jaxtal.obb_loss`` fwd+bwd w.r.t. head and angle maps at b=16, nc=15 (DOTA),
    1024 px, M = 50 and 200, and Ultralytics' ``v8OBBLoss`` on the same numbers (paired ratio);
    pose: ``jaxtal.pose_loss`` w.r.t. head and keypoint maps at b=16, nc=1, 640 px, K=17, M = 20
-   and 100, against ``v8PoseLoss``; segmentation: ``jaxtal.segment_loss`` w.r.t. head,
+   and 100, against ``v8PoseLoss``, and ``jaxtal.pose26_loss`` (also w.r.t. the sigma maps and the
+   flow) on the same workload against ``PoseLoss26`` (``--no-pose26`` skips it); segmentation: ``jaxtal.segment_loss`` w.r.t. head,
    coefficient and prototype maps at b=16, nc=80, 640 px, 160x160x32 prototypes, M = 50, against
    ``v8SegmentationLoss``, and XLA's memory analysis of that step (and of b=16, M=100);
 9. kernel ablation (``--ablation-box-counts``, default M = 50): the loss step (and for ``top_k``
@@ -85,7 +86,8 @@ def parse_args(argv=None):
   )  # fmt: skip
   parser.add_argument("--no-ultralytics", action="store_true", help="skip the Ultralytics rows")
   parser.add_argument("--no-obb", action="store_true", help="skip the oriented-box rows")
-  parser.add_argument("--no-pose", action="store_true", help="skip the pose rows")
+  parser.add_argument("--no-pose", action="store_true", help="skip the pose rows (YOLOv8 and YOLO26)")
+  parser.add_argument("--no-pose26", action="store_true", help="skip the YOLO26 pose rows")
   parser.add_argument("--no-segment", action="store_true", help="skip the instance-segmentation rows")
   parser.add_argument("--no-segment26", action="store_true", help="skip the YOLO26 segmentation rows")
   parser.add_argument("--segment26-only", action="store_true", help="of the segmentation rows, only YOLO26's")
@@ -130,6 +132,8 @@ def main(argv=None) -> list[dict]:
     obb.rows(args, table)
   if not args.no_pose:
     pose.rows(args, table)
+    if not args.no_pose26:
+      pose.rows26(args, table)
   if not args.no_segment:
     segment.rows(args, table)
   if not args.tasks_only:

@@ -1,13 +1,17 @@
 """Instance-segmentation rows: jitted ``jaxtal.segment_loss`` fwd+bwd w.r.t. head, coefficient and prototype
 maps, b = 16, nc = 80, 640 px, 160 x 160 x 32 prototypes, M = 50; Ultralytics' ``v8SegmentationLoss``
-(``overlap_mask=True``) on the same numbers, paired ratio; XLA's memory analysis of the step (also at the
-issue's b = 16, M = 100 bound); the step with its task kernel plain (``ablation.segment_rows``).
+(``overlap_mask=True``) on the same numbers, paired ratio; the step's compile time and XLA's memory analysis
+(also at the issue's b = 16, M = 100 bound); the step with each task kernel plain (``ablation.segment_rows``);
+and the step when every box fills the image, where the box windows fall back to the full plane.
 
 YOLO26 rows (:func:`segment26_rows`): ``jaxtal.segment26_loss`` fwd+bwd (also w.r.t. the semantic logits,
 ``(b, 80, 80, 80)`` at stride 8) on the same numbers against ``SegmentLoss26``, paired; XLA's memory
 analysis of the mask-IoU assignment alone and of the step at b = 16, M = 100."""
 
 from __future__ import annotations
+
+import dataclasses
+import time
 
 import jax
 import numpy as np
@@ -62,14 +66,16 @@ def v8_rows(args, table) -> None:
   proto_np = np.random.default_rng(SEED + 9).standard_normal((BATCH, mh, mw, nm), dtype=np.float32)
   feats, coefs, proto = [jax.device_put(m) for m in maps_np], [jax.device_put(m) for m in coefs_np], jax.device_put(proto_np)
   cfg = jaxtal.SegmentLossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX, min_box_side=0.0)
-  step = jax.jit(make_step(cfg))
   data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
   inputs_by_m, runs = {}, {}
   for m, (label_rows, index_maps) in data.items():
     gt = jax.device_put(jaxtal.pack_labels(label_rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps))
     inputs_by_m[m] = (feats, coefs, proto, gt)
-    timing.memory_row(table, "segment loss step XLA memory", m, step.lower(*inputs_by_m[m]).compile())
-    runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, coefs, proto, gt))  # noqa: E731
+    start = time.perf_counter()
+    compiled = jax.jit(make_step(cfg)).lower(*inputs_by_m[m]).compile()
+    table.add("segment loss step compile", m, (time.perf_counter() - start) * 1e3, "ms", 1, "jit lower + compile, wall time")
+    timing.memory_row(table, "segment loss step XLA memory", m, compiled)
+    runs[m] = lambda gt=gt, c=compiled: jax.block_until_ready(c(feats, coefs, proto, gt))  # noqa: E731
   b_mem, m_mem = SEG_MEMORY
   shape = lambda *s, dt=np.float32: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
   abstract = (
@@ -79,6 +85,7 @@ def v8_rows(args, table) -> None:
       jaxtal.GroundTruth(shape(b_mem, m_mem, dt=np.int32), shape(b_mem, m_mem, 4), shape(b_mem, m_mem, dt=bool), masks=shape(b_mem, mh, mw, dt=np.int32)),
   )
   timing.memory_row(table, f"segment loss step XLA memory, b{b_mem}", m_mem, jax.jit(make_step(cfg)).lower(*abstract).compile())
+  whole_image_rows(args, table, cfg, feats, coefs, proto, data)
   reference = None if args.no_ultralytics else timing.import_reference(table)
   if reference is None:
     medians = timing.compare_rows(args, table, NAME, "jaxtal.segment_loss", runs)
@@ -101,6 +108,28 @@ def v8_rows(args, table) -> None:
       "Ultralytics v8SegmentationLoss fwd+bwd", ref_runs, timing.reference_note(reference), "segment loss", "target >= 3",
   )  # fmt: skip
   ablation.segment_rows(args, table, cfg, make_step, inputs_by_m, medians)
+
+
+def whole_image_rows(args, table, cfg, feats, coefs, proto, data) -> None:
+  """The step when every GT box covers most of the image (centres within 10% of the middle, sides 80-100% of
+  the image's; the label rows' classes): the box windows would cost more than the full plane, so the mask
+  term falls back to it at run time; against the step with windows off (``plain_kernels=("mask_windows",)``,
+  the full plane always)."""
+  mh, mw, _ = SEG_PROTO
+  rng = np.random.default_rng(SEED + 13)
+  for m, (label_rows, _) in data.items():
+    rows = label_rows.copy()
+    rows[:, 2:4] = rng.uniform(0.4, 0.6, (len(rows), 2))
+    rows[:, 4:6] = rng.uniform(0.8, 1.0, (len(rows), 2))
+    rows, index_maps = make_index_maps(rows, BATCH, (mh, mw))
+    gt = jax.device_put(jaxtal.pack_labels(rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps))
+    times = {}
+    for name, c in (("windows (auto)", cfg), ("plain mask_windows", dataclasses.replace(cfg, plain_kernels=("mask_windows",)))):
+      step = jax.jit(make_step(c)).lower(feats, coefs, proto, gt).compile()
+      times[name] = timing.median_ms(timing.time_runs(lambda s=step: jax.block_until_ready(s(feats, coefs, proto, gt)), args.warmup, args.repeats))
+      table.add(f"segment loss fwd+bwd, boxes filling the image, {name}", m, times[name], "ms", args.repeats)
+    ratio = times["windows (auto)"] / times["plain mask_windows"]
+    table.add("ratio windows (auto) / full plane, boxes filling the image", m, ratio, "x", args.repeats, "the fallback's cost: 1.0 is none")
 
 
 # ----------------------------------------------------------------------------- YOLO26

@@ -9,8 +9,9 @@ Not an example to run: ``train_toy.py``, ``train_obb.py``, ``train_pose.py`` and
 * the task-loss call: a model returns ``jaxtal.Predictions``, and every task's loss takes ``(preds, gt)``;
 * training: :func:`example_parser` (the shared command line), :func:`adamw`, :func:`task_step`, :func:`fit`,
   :func:`train_task`, :func:`progress` and :func:`start_up` (the check for the optional packages);
-* evaluation and output: :func:`scores_and_boxes`, OpenCV's class-aware NMS (:func:`detect`), pycocotools'
-  ``COCOeval`` (:func:`coco_map`, :func:`coco_eval`) and :func:`save_plot`.
+* evaluation and output: :func:`scores_and_boxes`, OpenCV's class-aware NMS (:func:`detect`), the NMS-free
+  detections of a one-to-one branch (:func:`top_detections`), pycocotools' ``COCOeval`` (:func:`coco_map`,
+  :func:`coco_eval`) and :func:`save_plot`; :func:`epoch_of` for the end-to-end weight's schedule.
 """
 
 from __future__ import annotations
@@ -304,6 +305,11 @@ def top_detections(scores, boxes, *per_anchor, conf: float = 0.001, max_det: int
     keep = keep[np.argsort(-best[keep], kind="stable")[:max_det]]
     out.append((b[keep], best[keep], cls[keep], *(y[keep] for y in rest)))
   return out
+
+
+def epoch_of(step: int, steps: int, epochs: int) -> int:
+  """0-based epoch of 1-based ``step`` when ``steps`` steps make ``epochs`` epochs (as equal as they split)."""
+  return (step - 1) * epochs // steps
 
 
 def detect_indices(scores, boxes, conf: float = 0.001, iou: float = 0.6, max_det: int = 100):

@@ -3,6 +3,7 @@
     pip install -e ".[examples]"    # pycocotools (keypoint AP), OpenCV (NMS), matplotlib (--plot)
     python examples/train_pose.py
     python examples/train_pose.py --steps 1000 --plot pose.png
+    python examples/train_pose.py --yolo26    # YOLO26 pose, end to end: OKS assignment, RLE, NMS-free evaluation
 
 64x64 images of filled isosceles triangles and darts (a triangle with a notch cut into its base; class =
 shape), pointing up give or take 60 degrees, each with K = 4 keypoints: the apex, the right and the left base
@@ -21,11 +22,20 @@ with its anchor's keypoints, then pycocotools' ``COCOeval(iouType="keypoints")``
 (``SIGMAS``, the ones the loss uses) in ``params.kpt_oks_sigmas``: keypoint AP@0.5 and AP@0.5:0.95 over OKS.
 A ground truth's OKS area is its box's area, as in the loss (COCO uses the segmented area); hidden keypoints
 do not count, and a shape with every keypoint hidden is ignored (COCO's rules).
+
+``--yolo26`` trains as Ultralytics trains YOLO26-pose: a ``reg_max = 1`` head whose keypoints decode as ``(raw +
+anchor) * stride``, a second 1x1 convolution per level giving two sigma logits per keypoint, a one-to-one copy of
+the heads fed detached features, and a RealNVP flow (``jaxtal.RealNVP``, trained with the model);
+``jaxtal.end_to_end_loss(jaxtal.pose26_loss, ...)`` (OKS assignment with the level gate, the RLE keypoint term, the
+one-to-many weight decaying over ``--epochs``). Evaluation is NMS-free: the one-to-one branch's best-scoring
+anchors, nothing suppressed (``toykit.top_detections``), with the same keypoint AP; the one-to-many branch with
+NMS is printed beside it.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import time
 
 import jax
@@ -51,6 +61,10 @@ NOTCH = 0.4  # a dart's notch: this fraction of the height above the base's midd
 HIDE = 0.4  # chance that a shape has one keypoint erased
 CONFIG = jaxtal.PoseLossConfig(
     num_classes=len(CLASS_NAMES), strides=(8, 16, 32), reg_max=8, kpt_shape=(len(KEYPOINT_NAMES), 3), sigmas=SIGMAS
+)
+# --yolo26: YOLO26's head (reg_max 1) and loss (OKS assignment, RLE; the one-to-one branch: topk 7, topk2 1).
+CONFIG26 = jaxtal.Pose26LossConfig(
+    num_classes=len(CLASS_NAMES), strides=(8, 16, 32), reg_max=1, kpt_shape=(len(KEYPOINT_NAMES), 3), sigmas=SIGMAS
 )
 
 
@@ -168,33 +182,85 @@ def make_dataset(num_images: int, rng: np.random.Generator):
 
 class PoseDetector(toykit.Detector):
   """``toykit.Detector`` (backbone, top-down merge, per-level box/class head maps) with, per level, a
-  keypoint branch: a block and a 1x1 convolution to ``K * 3`` raw channels (channel ``3 k + d``)."""
+  keypoint branch: a block and a 1x1 convolution to ``K * 3`` raw channels (channel ``3 k + d``).
 
-  def __init__(self, width: int = 48, *, rngs: nnx.Rngs):
-    super().__init__(width, config=CONFIG, rngs=rngs)
-    channels = CONFIG.kpt_shape[0] * 3
-    self.keypoint_heads = nnx.List([
+  ``yolo26=True``: ``CONFIG26``'s head, per level a sigma branch (a block and a 1x1 convolution to ``2K`` sigma
+  logits), one-to-one copies of every head (:meth:`both`) and the RLE flow ``self.flow``.
+  """
+
+  def __init__(self, width: int = 48, *, yolo26: bool = False, rngs: nnx.Rngs):
+    config = CONFIG26 if yolo26 else CONFIG
+    super().__init__(width, end2end=yolo26, config=config, rngs=rngs)
+    k = config.kpt_shape[0]
+    branch = lambda channels: nnx.List([  # noqa: E731
         nnx.Sequential(toykit.Block(width, width, 1, rngs), nnx.Conv(width, channels, (1, 1), rngs=rngs))
-        for _ in CONFIG.strides
+        for _ in config.strides
     ])
+    self.keypoint_heads = branch(k * 3)
+    self.sigma_heads = branch(2 * k) if yolo26 else None
+    if yolo26:  # Ultralytics deep-copies its one-to-one heads; both branches read one flow
+      self.keypoint_heads_o2o, self.sigma_heads_o2o = nnx.clone(self.keypoint_heads), nnx.clone(self.sigma_heads)
+      self.flow = jaxtal.RealNVP(rngs)
+
+  @staticmethod
+  def _branch(levels, heads, keypoint_heads, sigma_heads):
+    return toykit.Predictions(
+        [head(p) for head, p in zip(heads, levels)], keypoints=[k(p) for k, p in zip(keypoint_heads, levels)],
+        keypoint_sigmas=None if sigma_heads is None else [s(p) for s, p in zip(sigma_heads, levels)],
+    )
 
   def __call__(self, x):
-    """``Predictions(head maps, keypoints=keypoint maps)``: per level ``(b, H, W, 4R + nc)`` and
-    ``(b, H, W, 3K)`` raw."""
+    """``Predictions(head maps, keypoints=keypoint maps[, keypoint_sigmas=sigma maps])``: per level ``(b, H, W,
+    4R + nc)``, ``(b, H, W, 3K)`` raw (and ``(b, H, W, 2K)`` sigma logits); with ``yolo26`` the one-to-many branch."""
+    return self._branch(self.features(x), self.heads, self.keypoint_heads, self.sigma_heads)
+
+  def both(self, x):
+    """``(one-to-many, one-to-one)`` Predictions of a ``yolo26`` model; the one-to-one heads read detached features."""
     levels = self.features(x)
-    return toykit.Predictions([head(p) for head, p in zip(self.heads, levels)],
-                              keypoints=[k(p) for k, p in zip(self.keypoint_heads, levels)])
+    detached = [jax.lax.stop_gradient(p) for p in levels]
+    return (self._branch(levels, self.heads, self.keypoint_heads, self.sigma_heads),
+            self._branch(detached, self.heads_o2o, self.keypoint_heads_o2o, self.sigma_heads_o2o))
+
+
+TRACES = {"train_step26": 0}  # side effects run only while tracing: compilations
+
+
+@nnx.jit
+def train_step26(model, optimizer, images, gt, weight):
+  """One AdamW step of YOLO26's end-to-end pose loss: both branches, the model's flow (trained with it), the
+  one-to-many weight ``weight`` a traced scalar (one compilation for the whole schedule). Returns the loss per
+  image and the one-to-one branch's parts."""
+  TRACES["train_step26"] += 1
+
+  def loss_of(model):
+    many, one = model.both(images)
+    total, parts = jaxtal.end_to_end_loss(jaxtal.pose26_loss, many, one, gt, weight=weight, flow=model.flow.params(),
+                                          config=CONFIG26)
+    return total / images.shape[0], parts
+
+  (loss, parts), grads = nnx.value_and_grad(loss_of, has_aux=True)(model)
+  optimizer.update(model, grads)
+  return loss, parts
+
+
+def _decoded(out, config, yolo26: bool):
+  scores, boxes = toykit.scores_and_boxes(out.feats, config)
+  keypoints = jaxtal.decode_keypoints(out.keypoints, config.strides, config.kpt_shape, yolo26=yolo26)  # visibility: a logit
+  return scores, boxes, jnp.concatenate([keypoints[..., :2], jax.nn.sigmoid(keypoints[..., 2:])], axis=-1)
 
 
 @nnx.jit
 def predict(model, images):
   """Sigmoid class scores ``(b, A, nc)``, xyxy pixel boxes ``(b, A, 4)`` and keypoints ``(b, A, K, 3)``: pixel
   ``x, y`` and the visibility probability."""
-  out = model(images)
-  feats, keypoint_maps = out.feats, out.keypoints
-  scores, boxes = toykit.scores_and_boxes(feats, CONFIG)
-  keypoints = jaxtal.decode_keypoints(keypoint_maps, CONFIG.strides, CONFIG.kpt_shape)  # visibility: a logit
-  return scores, boxes, jnp.concatenate([keypoints[..., :2], jax.nn.sigmoid(keypoints[..., 2:])], axis=-1)
+  return _decoded(model(images), CONFIG, False)
+
+
+@nnx.jit
+def predict_both(model, images):
+  """:func:`predict`'s outputs of a ``yolo26`` model's one-to-many and one-to-one branches."""
+  many, one = model.both(images)
+  return _decoded(many, CONFIG26, True), _decoded(one, CONFIG26, True)
 
 
 # --- keypoint AP ---------------------------------------------------------------------------------------
@@ -265,29 +331,53 @@ def save_plot(plt, path: str, images, gt, detections, min_score: float = 0.3) ->
 def main(argv=None) -> dict:
   plot_help = "save keypoints, boxes and ground truth of held-out images"
   parser = toykit.example_parser(__doc__.splitlines()[0], 800, plot_help)
+  parser.add_argument("--yolo26", action="store_true",
+                      help="YOLO26 pose, end to end: OKS assignment, RLE keypoint term, NMS-free evaluation")
+  parser.add_argument("--epochs", type=int, default=10,
+                      help="with --yolo26: epochs the steps make, for the one-to-many weight's schedule")
   parser.set_defaults(batch_size=16)
   args = parser.parse_args(argv)
   start = toykit.start_up(args, SCRIPT, ("pycocotools.cocoeval", "keypoint AP"), ("cv2", "NMS"))
 
-  model = PoseDetector(rngs=nnx.Rngs(args.seed))
-  losses, compilations, train_s = toykit.train_task(model, jaxtal.PoseLoss(CONFIG), make_dataset, args, start,
-                                                    term="pose", label="keypoints")  # fresh images every step
+  model = PoseDetector(yolo26=args.yolo26, rngs=nnx.Rngs(args.seed))
+  if args.yolo26:
+    optimizer, epochs, steps = toykit.adamw(model, args.steps, args.lr), max(1, min(args.epochs, args.steps)), itertools.count(1)
+    traces = TRACES["train_step26"]
+
+    def step(images, gt):  # the one-to-many weight of this step's epoch, as Ultralytics' trainer sets it
+      weight = jaxtal.one2many_weight(toykit.epoch_of(next(steps), args.steps, epochs), epochs)
+      return train_step26(model, optimizer, images, gt, jnp.float32(weight))
+
+    losses = toykit.fit(step, make_dataset, args, start, term="rle", label="RLE")
+    compilations, train_s = TRACES["train_step26"] - traces, time.perf_counter() - start
+  else:
+    losses, compilations, train_s = toykit.train_task(model, jaxtal.PoseLoss(CONFIG), make_dataset, args, start,
+                                                      term="pose", label="keypoints")  # fresh images every step
 
   images, gt = make_dataset(args.eval_images, np.random.default_rng(args.seed + 10_000))
-  detections = toykit.detect(*predict(model, jnp.asarray(images)))  # each kept box with its anchor's keypoints
   truth = [[x[m] for x, m in zip(field, gt.mask)] for field in (gt.boxes, gt.labels, gt.keypoints)]
+  result = {}
+  if args.yolo26:
+    many, one = predict_both(model, jnp.asarray(images))
+    detections = toykit.top_detections(*one)  # the one-to-one branch, no NMS: each kept anchor with its keypoints
+    result["ap_o2m_nms"], result["ap50_o2m_nms"] = keypoint_ap(toykit.detect(*many), *truth)
+  else:
+    detections = toykit.detect(*predict(model, jnp.asarray(images)))  # each kept box with its anchor's keypoints
   ap, ap50 = keypoint_ap(detections, *truth)
   box_ap, box_ap50 = toykit.coco_map([d[:3] for d in detections], *truth[:2])  # the boxes, for reference
   if args.plot:
     save_plot(importlib.import_module("matplotlib.pyplot"), args.plot, images, gt, detections)
   wall = time.perf_counter() - start
   hidden = float(np.mean(gt.keypoints[gt.mask][..., 2] == 0))
-  print(f"held-out, {args.eval_images} images ({hidden:.0%} of keypoints hidden): keypoint AP@0.5 {ap50:.3f},"
+  how = " (one-to-one branch, no NMS)" if args.yolo26 else ""
+  print(f"held-out, {args.eval_images} images ({hidden:.0%} of keypoints hidden){how}: keypoint AP@0.5 {ap50:.3f},"
         f" AP@0.5:0.95 {ap:.3f} (COCOeval OKS, sigmas {', '.join(map(str, SIGMAS))}); box mAP@0.5 {box_ap50:.3f}")
+  if args.yolo26:
+    print(f"  one-to-many branch + NMS: keypoint AP@0.5 {result['ap50_o2m_nms']:.3f}, AP@0.5:0.95 {result['ap_o2m_nms']:.3f}")
   print(f"time: training {train_s:.1f} s ({args.steps} steps of {args.batch_size} images, the step compiled"
         f" {compilations}x), total {wall:.1f} s")
   return dict(losses=losses, ap=ap, ap50=ap50, box_map=box_ap, box_map50=box_ap50, compilations=compilations,
-              train_s=train_s, wall_s=wall)
+              train_s=train_s, wall_s=wall, **result)
 
 
 if __name__ == "__main__":

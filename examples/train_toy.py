@@ -74,9 +74,7 @@ def train_step_e2e(model, optimizer, loss_fn, images, gt, weight):
   return loss, zero_positive_counts(positives, gt.mask)
 
 
-def epoch_of(step: int, steps: int, epochs: int) -> int:
-  """0-based epoch of 1-based ``step`` when ``steps`` steps make ``epochs`` epochs (as equal as they split)."""
-  return (step - 1) * epochs // steps
+epoch_of = toykit.epoch_of  # 0-based epoch of a 1-based step (the one-to-many weight's schedule)
 
 
 def report(step: int, total: int, loss: float, zero: float, elapsed: float) -> None:

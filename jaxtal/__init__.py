@@ -9,7 +9,7 @@ list -> the task's loss terms (``jaxtal.terms``) -> ``(total, parts)``.
 Five tasks, each with the same entry points (``<task>_targets``, ``<task>_loss_from_targets``,
 ``<task>_loss``, ``checked_<task>_loss``, the NNX module ``<Task>Loss``, ``<Task>LossConfig``,
 ``<Task>LossParts``): detection (YOLOv8/11, and YOLO26's ``reg_max = 1`` head), oriented boxes
-(``obb``), pose and instance segmentation (``segment``); end-to-end (NMS-free, YOLOv10/YOLO26)
+(``obb``), pose (YOLOv8's ``pose`` and YOLO26's ``pose26``) and instance segmentation (``segment``); end-to-end (NMS-free, YOLOv10/YOLO26)
 training is ``end_to_end_loss`` / ``EndToEndLoss`` over any of them. YOLO26's RLE keypoint
 term scores residuals with a RealNVP flow: ``flow_log_prob`` over ``FlowParams`` (the NNX module
 ``RealNVP``; ``flow_params_from_torch`` reads an Ultralytics checkpoint's flow).
@@ -18,7 +18,7 @@ a config picks the plain ones); it is not API.
 """
 
 from jaxtal.anchors import make_anchors
-from jaxtal.assigner import assign_targets, rotated_task_aligned_assign, task_aligned_assign
+from jaxtal.assigner import assign_targets, pose_task_aligned_assign, rotated_task_aligned_assign, task_aligned_assign
 from jaxtal.boxes import box_iou, ltrb_to_xyxy, probiou, xywh_to_xyxy, xyxy_to_ltrb, xyxy_to_xywh
 from jaxtal.checks import check_values, checked_task_aligned_assign
 from jaxtal.config import AssignerConfig, LossConfig
@@ -42,7 +42,7 @@ from jaxtal.flow import (
     flow_params_to_torch,
     init_flow_params,
 )
-from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, rotated
+from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, keypoint_oks, rotated
 from jaxtal.head import (
     Head,
     Predictions,
@@ -73,6 +73,15 @@ from jaxtal.pose import (
     pose_loss,
     pose_loss_from_targets,
     pose_targets,
+)
+from jaxtal.pose26 import (
+    Pose26Loss,
+    Pose26LossConfig,
+    Pose26LossParts,
+    checked_pose26_loss,
+    pose26_loss,
+    pose26_loss_from_targets,
+    pose26_targets,
 )
 from jaxtal.segment import (
     SegmentLoss,
@@ -131,6 +140,9 @@ __all__ = [
     "OBBLoss",
     "OBBLossConfig",
     "OBBLossParts",
+    "Pose26Loss",
+    "Pose26LossConfig",
+    "Pose26LossParts",
     "PoseLoss",
     "PoseLossConfig",
     "PoseLossParts",
@@ -153,6 +165,7 @@ __all__ = [
     "checked_detection_loss",
     "checked_loss_from_targets",
     "checked_obb_loss",
+    "checked_pose26_loss",
     "checked_pose_loss",
     "checked_segment26_loss",
     "checked_segment_loss",
@@ -174,6 +187,7 @@ __all__ = [
     "flow_params_to_torch",
     "foreground_entries",
     "init_flow_params",
+    "keypoint_oks",
     "loss_from_targets",
     "ltrb_to_xyxy",
     "make_anchors",
@@ -185,9 +199,13 @@ __all__ = [
     "pack_labels",
     "pack_masks",
     "pack_rotated_labels",
+    "pose26_loss",
+    "pose26_loss_from_targets",
+    "pose26_targets",
     "pose_loss",
     "pose_loss_from_targets",
     "pose_targets",
+    "pose_task_aligned_assign",
     "probiou",
     "rotated",
     "rotated_task_aligned_assign",

@@ -329,20 +329,41 @@ def kpt_shape(value) -> tuple[int, int]:
   return k, d
 
 
-def sigmas(value, kpt_shape: tuple[int, int], default: tuple[float, ...]) -> tuple[float, ...]:
+def per_keypoint(name: str, value, kpt_shape: tuple[int, int], default: tuple[float, ...], *, positive: bool = True) -> tuple[float, ...]:
+  """``K`` finite numbers, one per keypoint (positive, or non-negative with ``positive=False``), or
+  ``default`` for None; returned as a tuple of floats."""
   k = kpt_shape[0]
+  kind = "positive" if positive else "non-negative"
   if value is None:
     return default
   flat = np.asarray(value, dtype=object).reshape(-1) if not isinstance(value, (str, bytes)) else None
   if flat is None or np.ndim(value) == 0 or flat.size != k:
     raise ValueError(
-        f"sigmas must be {k} positive finite numbers, one per keypoint (K = {k} from kpt_shape), or None; got {value!r}"
-        " (after changing kpt_shape, give sigmas again or None)"
+        f"{name} must be {k} {kind} finite numbers, one per keypoint (K = {k} from kpt_shape), or None; got {value!r}"
+        f" (after changing kpt_shape, give {name} again or None)"
     )
   out = []
   for i, s in enumerate(flat):
-    v = finite_number(f"sigmas[{i}]", s)
-    if v <= 0:
-      raise ValueError(f"sigmas[{i}] must be a positive finite number, got {s!r}")
+    v = finite_number(f"{name}[{i}]", s)
+    if v < 0 or (positive and v == 0):
+      raise ValueError(f"{name}[{i}] must be a {kind} finite number, got {s!r}")
     out.append(v)
   return tuple(out)
+
+
+def sigmas(value, kpt_shape: tuple[int, int], default: tuple[float, ...]) -> tuple[float, ...]:
+  return per_keypoint("sigmas", value, kpt_shape, default)
+
+
+def level_range(value) -> tuple[float, float]:
+  """``(lo, hi)`` with ``0 <= lo <= hi`` (``hi`` may be inf): a pyramid level's GT size range in strides."""
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError):
+    lo = hi = float("nan")
+  if not (0 <= lo <= hi and lo < float("inf")):
+    raise ValueError(
+        f"level_range must be (lo, hi) with 0 <= lo <= hi, a GT size range per pyramid level in strides (hi may be"
+        f" inf; (0, inf) turns the level gate off), got {value!r}"
+    )
+  return lo, hi

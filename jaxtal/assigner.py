@@ -38,7 +38,7 @@ from jaxtal import _validate
 from jaxtal import kernels
 from jaxtal import windows
 from jaxtal.config import AssignerConfig, make_config
-from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, rotated
+from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned, keypoint_oks, rotated
 from jaxtal.labels import GroundTruth, valid_rows
 from jaxtal.targets import Assignment, ForegroundEntries, Targets, to_assignment
 
@@ -741,16 +741,16 @@ def task_aligned_assign(
     https://arxiv.org/abs/2108.07755.
   """
   cfg = make_config(AssignerConfig, config, overrides, "task_aligned_assign")
-  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign", grid)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, axis_aligned(cfg.overlap), "task_aligned_assign", grid=grid)
 
 
-def _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg: AssignerConfig, geometry: Geometry, caller: str, grid=None) -> Assignment:
+def _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg: AssignerConfig, geometry: Geometry, caller: str, extra=None, grid=None) -> Assignment:
   """The public assigners' shared half: validate probabilities, boxes and ``gt`` of ``geometry``'s kind,
   assign, and return the dense :class:`~jaxtal.Assignment`."""
   _, a, nc = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, geometry.box_dim, caller)
   _validate.topk_in_range(cfg.topk, cfg.topk2, a, caller)
   grid = _validate.grid(grid, a, caller)
-  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=geometry, from_logits=False, grid=grid)
+  targets = assign_targets((pred_scores,), pred_boxes, anchor_points, gt, cfg, geometry=geometry, from_logits=False, extra=extra, grid=grid)
   return to_assignment(targets, nc)
 
 
@@ -796,4 +796,63 @@ def rotated_task_aligned_assign(
   caller = "rotated_task_aligned_assign"
   cfg = make_config(AssignerConfig, config, overrides, caller)
   rotated_only(cfg.overlap, caller)
-  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, rotated(), caller, grid)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, rotated(), caller, grid=grid)
+
+
+def pose_task_aligned_assign(
+    pred_scores: jax.Array,
+    pred_boxes: jax.Array,
+    pred_keypoints: jax.Array,
+    anchor_points: jax.Array,
+    anchor_strides: jax.Array,
+    gt: GroundTruth,
+    config: AssignerConfig | None = None,
+    *,
+    sigmas,
+    level_range: tuple[float, float] = (2.0, 12.0),
+    **overrides,
+) -> Assignment:
+  """The task-aligned assigner of YOLO26 pose (Ultralytics' ``PoseTaskAlignedAssigner``): overlap OKS, level gate.
+
+  :func:`~jaxtal.assign_targets` with :func:`jaxtal.geometry.keypoint_oks`: an anchor is a candidate
+  of a GT when its centre is strictly inside the box (sides below ``min_box_side`` widened) and its
+  level fits the GT's size (``lo * stride <= sqrt(box area) <= hi * stride``, the finest level open
+  below, the coarsest above; a GT the gate empties keeps its ungated candidates); the overlap is
+  the OKS of the predicted keypoints against the GT's visible ones (visibility > 0), with the box
+  area times 0.53 as the object area, or the box CIoU for a GT with no visible keypoint.
+  Configuration as for :func:`~jaxtal.task_aligned_assign` (``overlap`` must stay at its default).
+
+  Args:
+    pred_scores: ``(b, A, nc)`` predicted class probabilities.
+    pred_boxes: ``(b, A, 4)`` predicted xyxy boxes in input pixels.
+    pred_keypoints: ``(b, A, K, 2)`` predicted keypoints in input pixels.
+    anchor_points: ``(A, 2)`` anchor centres in input pixels.
+    anchor_strides: ``(A,)`` (or ``(A, 1)``) stride of each anchor's level.
+    gt: a :class:`~jaxtal.GroundTruth` with ``keypoints (b, M, K, 2 or 3)`` in pixels (``D = 2``:
+      all visible); rows that never own anchors as for :func:`~jaxtal.task_aligned_assign`.
+    config: an :class:`~jaxtal.AssignerConfig`.
+    sigmas: the ``K`` per-keypoint OKS sigmas (e.g. ``jaxtal.pose.COCO_SIGMAS``).
+    level_range: the gate's ``(lo, hi)`` in strides; ``(0, inf)`` turns it off.
+
+  Returns:
+    An :class:`~jaxtal.Assignment`.
+  """
+  caller = "pose_task_aligned_assign"
+  cfg = make_config(AssignerConfig, config, overrides, caller)
+  if cfg.overlap != "ciou":
+    raise ValueError(f"{caller}: the pose assigner's overlap is OKS (the box CIoU without keypoints); leave overlap at its default, got {cfg.overlap!r}")
+  geometry = keypoint_oks(sigmas, level_range=level_range, eps=cfg.eps)
+  b, a, _ = _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, caller)
+  k = len(tuple(sigmas))
+  _validate.gt_keypoints(gt, k, caller)
+  _validate.float_array(caller, "pred_keypoints", pred_keypoints, 4)
+  if pred_keypoints.shape != (b, a, k, 2):
+    raise ValueError(f"{caller}: pred_keypoints must be (b, A, K, 2) = ({b}, {a}, {k}, 2) (K = len(sigmas)), got {pred_keypoints.shape}")
+  strides = jnp.asarray(anchor_strides, jnp.float32)
+  if strides.shape not in ((a,), (a, 1)):
+    raise ValueError(f"{caller}: anchor_strides must be (A,) or (A, 1) with A = {a}, got {strides.shape}")
+  extra = GeometryExtra(
+      gt=jnp.asarray(gt.keypoints, jnp.float32),
+      pred=(jnp.asarray(pred_keypoints, jnp.float32), jnp.broadcast_to(strides.reshape(1, a), (b, a))),
+  )
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, geometry, caller, extra)

@@ -82,8 +82,9 @@ def end_to_end_loss(
     gt: the :class:`~jaxtal.GroundTruth`, shared by both branches.
     weight: the one-to-many weight, e.g. :func:`one2many_weight` (a traced scalar is fine).
     one2one_topk, one2one_topk2: the one-to-one branch's ``topk`` / ``topk2`` (YOLO26: 7 and 1).
-    **config: the task loss's configuration (``config=LossConfig(...)`` and/or its fields, and
-      ``class_weights``), used as given by the one-to-many branch (Ultralytics: ``topk=10``).
+    **config: the task loss's configuration (``config=LossConfig(...)`` and/or its fields), and its
+      other keyword arguments (``class_weights``; ``flow`` for :func:`~jaxtal.pose26_loss`, shared by
+      both branches as in Ultralytics), used as given by the one-to-many branch (Ultralytics: ``topk=10``).
 
   Returns:
     ``(total, parts)``: ``parts`` are the one-to-one branch's (gain-scaled, unweighted), as
@@ -160,10 +161,11 @@ class EndToEndLoss(nnx.Module, metaclass=LossModuleMeta):
     self.one2one_topk2 = None if one2one_topk2 is None else int(one2one_topk2)
     self.class_weights = None if class_weights is None else nnx.Variable(jnp.asarray(class_weights, jnp.float32))
 
-  def __call__(self, one2many, one2one, gt: GroundTruth, *, weight) -> tuple[jax.Array, Any]:
-    """``(total, parts)`` of :func:`end_to_end_loss` for the two branches' predictions."""
+  def __call__(self, one2many, one2one, gt: GroundTruth, *, weight, **task_args) -> tuple[jax.Array, Any]:
+    """``(total, parts)`` of :func:`end_to_end_loss` for the two branches' predictions; ``task_args`` go to
+    both branches' task loss (e.g. ``flow=`` of :func:`~jaxtal.pose26_loss`, the flow both branches share)."""
     extra = {} if self.class_weights is None else {"class_weights": self.class_weights[...]}
     return end_to_end_loss(
         self.loss_fn, one2many, one2one, gt, weight=weight,
-        one2one_topk=self.one2one_topk, one2one_topk2=self.one2one_topk2, config=self.config, **extra,
+        one2one_topk=self.one2one_topk, one2one_topk2=self.one2one_topk2, config=self.config, **extra, **task_args,
     )

@@ -20,7 +20,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxtal import _validate
 from jaxtal.boxes import aspect_angle, box_iou, gaussian, gaussian_overlap, xywhr_corners
+from jaxtal.labels import COORD_LIMIT
 
 
 class Geometry(NamedTuple):
@@ -272,3 +274,158 @@ def _rotated(min_side: float) -> Geometry:
       overlap=_rot_overlap,
       bounds=_rot_bounds,
   )
+
+
+# ------------------------------------------------------------------------------------------------
+# Keypoints (YOLO26 pose): axis-aligned GT boxes, overlap the keypoint OKS, a pyramid-level gate.
+
+# The OKS's object area is the GT box's area times this (COCO's segment-area to box-area ratio,
+# which Ultralytics' pose validator and its YOLO26 assigner use).
+OKS_AREA_SCALE = 0.53
+# The OKS denominator's floor: (2 sigma)^2 (area + eps) 2 never rounds to 0 (no 0 / 0).
+_TINY = float(jnp.finfo(jnp.float32).tiny)
+
+
+class _OksGt(NamedTuple):
+  """Per-GT data of the keypoint geometry; every leaf ``(M, ...)``."""
+
+  box: _XyxyGt  # the box data (candidate rectangle, CIoU of GTs without visible keypoints)
+  keypoints: jax.Array  # (M, K, 2) pixels, 0 where not visible
+  visible: jax.Array  # (M, K) float32 1 / 0
+  count: jax.Array  # (M,) float32 number of visible keypoints
+  scale: jax.Array  # (M, K) the OKS denominator (2 sigma_k)^2 (area + eps) 2, area = box area * OKS_AREA_SCALE
+  side: jax.Array  # (M,) sqrt of the (unwidened) box area, pixels: the level gate's size
+
+
+class _OksPred(NamedTuple):
+  """Per-anchor data of the keypoint geometry; every leaf ``(A, ...)``."""
+
+  box: _XyxyPred
+  keypoints: jax.Array  # (A, K, 2) predicted keypoints, pixels (0 where not finite)
+  finite: jax.Array  # (A,) bool: every predicted keypoint finite (else every OKS of the anchor is 0)
+  stride: jax.Array  # (A,) the anchor's stride
+  finest: jax.Array  # (A,) bool: the anchor is on the finest level (the gate is open below)
+  coarsest: jax.Array  # (A,) bool: the anchor is on the coarsest level (the gate is open above)
+
+
+def _oks_gt_data(sigmas: tuple[float, ...], eps: float, boxes: jax.Array, valid: jax.Array, min_box_side: float, keypoints: jax.Array) -> _OksGt:
+  keypoints = jnp.asarray(keypoints, jnp.float32)
+  xy = keypoints[..., :2]
+  visible = jnp.all(jnp.abs(xy) <= COORD_LIMIT, axis=-1) & valid[..., None]  # False for NaN and inf too
+  if keypoints.shape[-1] == 3:
+    vis = keypoints[..., 2]
+    visible = visible & jnp.isfinite(vis) & (vis > 0)
+  wh = boxes[..., 2:] - boxes[..., :2]
+  area = wh[..., 0] * wh[..., 1]
+  two_sigma = 2.0 * jnp.asarray(sigmas, jnp.float32)
+  return _OksGt(
+      box=_xyxy_gt_data("ciou", boxes, valid, min_box_side),
+      keypoints=jnp.where(visible[..., None], xy, 0.0),
+      visible=visible.astype(jnp.float32),
+      count=jnp.sum(visible, axis=-1, dtype=jnp.float32),
+      scale=jnp.maximum(two_sigma**2 * (area[..., None] * OKS_AREA_SCALE + eps) * 2.0, _TINY),
+      side=jnp.sqrt(jnp.maximum(area, 0.0)),
+  )
+
+
+def _oks_pred_data(boxes: jax.Array, anchors: jax.Array, extra) -> _OksPred:
+  keypoints, stride = extra
+  keypoints = jnp.asarray(keypoints, jnp.float32)
+  stride = jnp.asarray(stride, jnp.float32).reshape(anchors.shape[0])
+  finite = jnp.all(jnp.isfinite(keypoints), axis=(-2, -1))
+  return _OksPred(
+      box=_xyxy_pred_data("ciou", boxes, anchors),
+      keypoints=jnp.where(finite[..., None, None], keypoints, 0.0),
+      finite=finite,
+      stride=stride,
+      finest=stride == jnp.min(stride),
+      coarsest=stride == jnp.max(stride),
+  )
+
+
+def _oks_candidate(g: _OksGt, p: _OksPred, eps: float) -> jax.Array:
+  return _xyxy_candidate(g.box, p.box, eps)
+
+
+def _oks_gate(level_range: tuple[float, float], g: _OksGt, p: _OksPred) -> jax.Array:
+  """The GT's size within ``[lo, hi]`` strides of the anchor's level; the finest level is open
+  below and the coarsest above."""
+  lo, hi = level_range
+  return ((g.side >= lo * p.stride) | p.finest) & ((g.side <= hi * p.stride) | p.coarsest)
+
+
+def _oks_overlap(g: _OksGt, p: _OksPred) -> jax.Array:
+  """OKS of the visible keypoints; the box CIoU for a GT without visible keypoints."""
+  # One (GT, anchor) term per keypoint, summed in a static loop over K: each term is a plain (..., A) array, which
+  # XLA fuses and vectorises along the anchors (a reduction over a trailing K axis runs about 10x slower on CPU).
+  total = 0.0
+  for k in range(g.keypoints.shape[-2]):
+    dx = p.keypoints[..., k, 0] - g.keypoints[..., k, 0]
+    dy = p.keypoints[..., k, 1] - g.keypoints[..., k, 1]
+    total = total + jnp.exp(-(dx * dx + dy * dy) / g.scale[..., k]) * g.visible[..., k]
+  oks = jnp.where(p.finite, total / jnp.maximum(g.count, 1.0), 0.0)
+  return jnp.where(g.count > 0, oks, _xyxy_overlap("ciou", g.box, p.box))
+
+
+def keypoint_oks(sigmas, *, level_range=(2.0, 12.0), eps: float = 1e-9) -> Geometry:
+  """Keypoints of axis-aligned GT boxes, overlap OKS, with a pyramid-level gate (YOLO26 pose's assigner).
+
+  Ultralytics 8.4.190's ``PoseTaskAlignedAssigner`` as a geometry:
+
+  * candidate: the anchor centre strictly inside the GT box (sides widened to ``min_box_side``), as
+    :func:`axis_aligned`, **and** the level gate: the anchor's stride ``s`` has ``lo * s <= sqrt(box
+    area) <= hi * s`` (``level_range = (lo, hi)``, the unwidened box, pixels), the finest level open
+    below and the coarsest above. A GT the gate leaves no candidate keeps its ungated ones (the
+    assigner's rule for every gate).
+  * overlap: ``OKS = sum_k v_k exp(-d_k^2 / ((2 sigma_k)^2 (area + eps) 2)) / max(sum_k v_k, 1)`` of
+    the predicted keypoints against the GT's visible ones (``v_k``: visibility > 0, finite, within
+    ``COORD_LIMIT``), ``d_k`` in pixels, ``area`` the GT box's area times :data:`OKS_AREA_SCALE`;
+    a GT with no visible keypoint keeps the box CIoU. An anchor with a non-finite predicted
+    keypoint has OKS 0 with every GT (its box CIoU still counts for GTs without keypoints).
+
+  The assigner calls it with :class:`GeometryExtra` ``gt = (b, M, K, 2 or 3)`` GT keypoints in pixels
+  (``Dg = 2``: all visible) and ``pred = ((b, A, K, 2) predicted keypoints in pixels, (b, A)
+  anchor strides)``.
+
+  Args:
+    sigmas: the ``K`` per-keypoint OKS sigmas.
+    level_range: ``(lo, hi)``, the GT size range of a level in its strides; ``(0, inf)`` turns
+      the gate off.
+    eps: the area's guard (the assigner's ``eps``).
+
+  Returns:
+    A :class:`Geometry` (one value per arguments, cached) with ``box_dim = 4``.
+
+  References:
+    COCO keypoint evaluation (OKS), https://cocodataset.org/#keypoints-eval; Tian et al., 2019,
+    "FCOS" (a size range per pyramid level), https://arxiv.org/abs/1904.01355.
+  """
+  sigmas = tuple(float(s) for s in sigmas)
+  if not sigmas or not all(0 < s < float("inf") for s in sigmas):
+    raise ValueError(f"keypoint_oks: sigmas must be positive finite numbers, one per keypoint, got {sigmas!r}")
+  try:
+    level_range = _validate.level_range(level_range)
+  except ValueError as e:
+    raise ValueError(f"keypoint_oks: {e}") from None
+  return _keypoint_oks(sigmas, level_range, float(eps))
+
+
+@functools.cache
+def _keypoint_oks(sigmas: tuple[float, ...], level_range: tuple[float, float], eps: float) -> Geometry:
+  return Geometry(
+      name=f"xyxy/oks/K={len(sigmas)}",
+      box_dim=4,
+      box_ok=_xyxy_box_ok,
+      on_image=_xyxy_on_image,
+      gt_data=functools.partial(_oks_gt_data, sigmas, eps),
+      pred_data=_oks_pred_data,
+      candidate=_oks_candidate,
+      overlap=_oks_overlap,
+      gate=functools.partial(_oks_gate, level_range),
+      bounds=_oks_bounds,
+  )
+
+
+def _oks_bounds(g: _OksGt) -> jax.Array:
+  """The candidate rectangle of the keypoint geometry is its box's: the windowed pass reads it."""
+  return xyxy_bounds(g.box)

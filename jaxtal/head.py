@@ -236,11 +236,18 @@ def keypoint_xy(raw_xy: jax.Array, anchors: jax.Array) -> jax.Array:
   return 2.0 * raw_xy + anchors[..., None, :] - 0.5
 
 
+def keypoint_xy26(raw_xy: jax.Array, anchors: jax.Array) -> jax.Array:
+  """``raw + anchor``: YOLO26's keypoint positions in grid units. Shapes ``(..., K, 2)``, ``(..., 2)``."""
+  return raw_xy + anchors[..., None, :]
+
+
 def decode_keypoints(
     keypoint_maps: Sequence[jax.Array],
     strides: Sequence[float],
     kpt_shape: tuple[int, int],
     layout: Layout = "NHWC",
+    *,
+    yolo26: bool = False,
 ) -> jax.Array:
   """Decodes per-level raw keypoint maps into keypoints in input pixels (for inference).
 
@@ -250,11 +257,13 @@ def decode_keypoints(
     strides: one stride per level (input pixels per cell), e.g. ``(8, 16, 32)``.
     kpt_shape: ``(K, D)``, ``D = 2`` (x, y) or 3 (x, y, visibility logit).
     layout: ``"NHWC"`` or ``"NCHW"``.
+    yolo26: YOLO26's decode ``x, y = (raw + anchor) * stride`` (:func:`~jaxtal.pose26_loss`'s
+      head) instead of YOLOv8's.
 
   Returns:
     ``(b, A, K, D)`` float32, anchors ordered level by level and row-major within a level (the
     order of :func:`~jaxtal.make_anchors`): ``x, y = (2 * raw + anchor - 0.5) * stride`` in input
-    pixels, anchor centres at cell centres in grid units; with ``D = 3`` the visibility stays a
+    pixels (YOLO26: ``(raw + anchor) * stride``), anchor centres at cell centres in grid units; with ``D = 3`` the visibility stays a
     logit (apply ``jax.nn.sigmoid`` for a probability).
   """
   caller = "decode_keypoints"
@@ -266,5 +275,5 @@ def decode_keypoints(
   rows = jnp.concatenate(level_rows(keypoint_maps, layout), axis=1).astype(jnp.float32)
   raw = rows.reshape(*rows.shape[:2], k, d)
   anchors, anchor_strides = make_anchors(tuple(shapes), strides)
-  xy = keypoint_xy(raw[..., :2], anchors) * anchor_strides[:, None, :]
+  xy = (keypoint_xy26 if yolo26 else keypoint_xy)(raw[..., :2], anchors) * anchor_strides[:, None, :]
   return jnp.concatenate([xy, raw[..., 2:]], axis=-1)

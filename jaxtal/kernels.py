@@ -7,9 +7,9 @@ Every trick in jaxtal lives here. Each has a plain twin written with the well-ke
 ``benchmarks/bench.py``'s ablation rows ("plain <name>": the loss step with that one kernel
 replaced by its plain twin) show it saves at least 5% of the loss step; the measured saving is
 written beside each one, from ``benchmarks/README.md``. Removed after measuring: the bin maxima read
-from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum``, the mask
-term) are measured on their task's loss step instead, and ``windows`` (the assigner's windowed
-pass, :mod:`jaxtal.windows`) on the crowded-scene rows. XLA fuses the plain forms well on GPU
+from whole head-map rows (0%). Task kernels (``TASK_KERNELS``: ``mask_bce_sum`` and
+``mask_windows``, the mask term) are measured on their task's loss step instead, and ``windows`` (the
+assigner's windowed pass, :mod:`jaxtal.windows`) on the crowded-scene rows. XLA fuses the plain forms well on GPU
 and TPU too; the tricks were measured on XLA:CPU, the only backend CI has.
 
 The loss and the assigner pick each kernel with :func:`select` and the config's static
@@ -21,6 +21,7 @@ rounding. The benchmark's ablation rows and the tests use it; nothing is swapped
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -507,11 +508,405 @@ mask_bce_sum.defvjp(_mask_bce_fwd, _mask_bce_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
+# Box windows: fixed-size pixel windows that tile each box, and the mask term over them.
+# Why: the full-plane form computes every entry's mh x mw logits and BCE and then zeroes the pixels
+# outside its GT box; in the benchmark's workload the boxes cover 6% of the plane on average (1.5%
+# median), so about 94% of that work is multiplied by zero. Here each box is tiled by windows of one
+# static size starting at its first pixel; the entries of one GT share their windows (one prototype
+# gather and one gradient scatter per window for up to ``group`` entries, so the per-window work is
+# a small matmul, not a gather per entry), and a loop whose trip count is the number of windows in
+# use (not a static worst case) visits them a chunk at a time, per image (so that a batch-sharded jit
+# keeps every gather on its device; one list over the batch did 20-40% less work on one CPU).
+# Bench row "segment loss fwd+bwd, plain mask_windows" (benchmarks/README.md).
 
-KERNELS = ("bce_sum", "mask_bce_sum", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
+
+class BoxWindows(NamedTuple):
+  """Fixed-size windows tiling a list of boxes (:func:`box_windows`); shapes ``(N, ...)`` per box.
+
+  Attributes:
+    first: ``(N, 2)`` int32 first counted pixel ``(row, col)`` of each box, clipped into the plane.
+    tiles: ``(N, 2)`` int32 windows along rows and columns (0 for a box that counts no pixel).
+    end: ``(N,)`` int32 one past the index of each box's last window in the list (inclusive
+      cumulative sum of ``tiles[:, 0] * tiles[:, 1]``): box ``n`` owns windows ``[end[n - 1], end[n])``.
+    count: ``()`` int32 windows in the list (``end[-1]``).
+  """
+
+  first: jax.Array
+  tiles: jax.Array
+  end: jax.Array
+  count: jax.Array
+
+
+def box_windows(boxes: jax.Array, plane_hw, tile) -> BoxWindows:
+  """The windows of size ``tile = (th, tw)`` that tile each box's pixels on an ``(h, w)`` plane.
+
+  ``boxes (N, 4)`` xyxy in pixels; a pixel of column ``x`` (row ``y``) is in the box when ``x1 <= x
+  < x2`` (``y1 <= y < y2``), its index compared; a box with a NaN side counts no pixel. Box ``n``'s
+  pixels are tiled row-major by ``tiles[n]`` windows whose nominal corners are ``first[n] + (i * th,
+  j * tw)``; :func:`window_at` gives each window's box, nominal corner and clamped corner. ``tile``
+  must fit in the plane (``th <= h``, ``tw <= w``). The list's length ``count`` is a traced value:
+  a caller loops over ``ceil(count / chunk)`` chunks (one compilation for any boxes).
+  """
+  h, w = plane_hw
+  th, tw = tile
+  if not (1 <= th <= h and 1 <= tw <= w):
+    raise ValueError(f"box_windows: tile {tuple(tile)} must fit in the plane {tuple(plane_hw)}")
+  size = jnp.array([w, h], jnp.float32)
+
+  def edge(v, empty):  # first counted index >= v, clipped into [0, size]; NaN counts no pixel
+    return jnp.where(jnp.isnan(v), empty, jnp.clip(jnp.ceil(v), 0.0, size)).astype(jnp.int32)
+
+  lo, hi = edge(boxes[..., :2], size), edge(boxes[..., 2:], 0.0)  # (N, 2) as (x, y)
+  n = jnp.maximum(hi - lo, 0)[..., ::-1]  # (rows, cols)
+  tiles = (n + jnp.array([th - 1, tw - 1], jnp.int32)) // jnp.array([th, tw], jnp.int32)
+  end = jnp.cumsum(tiles[:, 0] * tiles[:, 1], dtype=jnp.int32)
+  count = end[-1] if end.shape[0] else jnp.zeros((), jnp.int32)
+  return BoxWindows(lo[..., ::-1], tiles, end, count)
+
+
+def window_items(windows: BoxWindows, capacity: int) -> jax.Array:
+  """``(capacity,)`` int32: the box of each window index below ``capacity`` (the last box past ``count``).
+
+  One scatter and a cumulative maximum, for a caller that visits many chunks of the list (each chunk
+  then reads its boxes instead of searching ``end``). ``capacity``: static, at least ``count`` (``N``
+  boxes of at most ``ceil(h / th) * ceil(w / tw)`` windows each).
+  """
+  n = windows.end.shape[0]
+  starts = windows.end - windows.tiles[:, 0] * windows.tiles[:, 1]
+  ids = jnp.arange(n, dtype=jnp.int32)
+  first = jnp.full((capacity,), 0, jnp.int32).at[jnp.where(windows.end > starts, starts, capacity)].max(ids, mode="drop")
+  return jnp.minimum(jax.lax.cummax(first), n - 1)
+
+
+def window_at(windows: BoxWindows, index: jax.Array, plane_hw, tile, items: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(box (P,), nominal corner (P, 2), corner (P, 2))`` of the windows ``index (P,)`` of the list.
+
+  The window counts the pixels of its box in ``[nominal, nominal + tile)`` (the box's windows
+  partition its pixels); ``corner`` is the nominal corner clamped so the window lies in the plane
+  (a window at the plane's bottom or right edge starts earlier and its first rows or columns belong
+  to the box's previous window). Indices at or past ``count`` give some box and an in-plane corner:
+  mask them out with ``index < count``. ``items``: the list's :func:`window_items`, read instead of a
+  binary search of ``end``.
+  """
+  h, w = plane_hw
+  th, tw = tile
+  if items is None:
+    box = jnp.minimum(jnp.searchsorted(windows.end, index, side="right"), windows.end.shape[0] - 1)
+  else:  # window_items of the list
+    box = items[jnp.minimum(index, items.shape[0] - 1)]
+  tiles = windows.tiles[box]
+  local = index - (windows.end[box] - tiles[:, 0] * tiles[:, 1])
+  per_row = jnp.maximum(tiles[:, 1], 1)
+  nominal = windows.first[box] + jnp.stack([local // per_row * th, local % per_row * tw], axis=-1)
+  corner = jnp.clip(nominal, 0, jnp.array([h - th, w - tw], jnp.int32))
+  return box, nominal, corner
+
+
+def _window_index(lead: jax.Array | None, corner: jax.Array) -> jax.Array:
+  # (P, k) leading indices (none, image, or image and slot) and (P, 2) corners -> (P, k + 2) start indices.
+  if lead is None:
+    return corner.astype(jnp.int32)
+  lead = lead[:, None] if lead.ndim == 1 else lead
+  return jnp.concatenate([lead.astype(jnp.int32), corner.astype(jnp.int32)], axis=1)
+
+
+def gather_windows(planes: jax.Array, lead: jax.Array, corner: jax.Array, tile) -> jax.Array:
+  """``planes[lead[p], y:y + th, x:x + tw]`` for each window ``p``: ``(b, [M,] h, w, ...)`` -> ``(P, th, tw, ...)``.
+
+  ``lead (P,)`` image indices, ``(P, k)`` indices of the ``k`` leading axes (image and GT slot of
+  per-slot masks ``(b, M, h, w)``), or None for one plane ``(h, w, ...)`` (vmap it over images: the
+  gathers stay batched, so a batch-sharded ``jit`` keeps each image's windows on its device);
+  ``corner (P, 2)`` int32 ``(y, x)`` keeps the window in the plane
+  (:func:`window_at`'s corner; an index out of range is clamped). One gather, no copy per window.
+  """
+  index = _window_index(lead, corner)
+  k = index.shape[1] - 2
+  trailing = tuple(range(k + 2, planes.ndim))
+  dims = jax.lax.GatherDimensionNumbers(
+      offset_dims=tuple(range(1, 3 + len(trailing))), collapsed_slice_dims=tuple(range(k)),
+      start_index_map=tuple(range(k + 2)),
+  )  # fmt: skip
+  sizes = (1,) * k + tuple(tile) + tuple(planes.shape[d] for d in trailing)
+  return jax.lax.gather(planes, index, dims, sizes, mode=jax.lax.GatherScatterMode.CLIP)
+
+
+def scatter_add_windows(planes: jax.Array, lead: jax.Array, corner: jax.Array, values: jax.Array) -> jax.Array:
+  """``planes`` with each window ``values[p] (th, tw, ...)`` added at ``(lead[p], corner[p])``
+  (overlapping windows add up): the transpose of :func:`gather_windows`, same arguments."""
+  index = _window_index(lead, corner)
+  k = index.shape[1] - 2
+  # The leading axes stay in each update as unit axes (none inserted): with them inserted, XLA:CPU copied
+  # every update into a layout that differs only in where the unit axis lies.
+  values = values.reshape(values.shape[:1] + (1,) * k + values.shape[1:])
+  dims = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=tuple(range(1, values.ndim)), inserted_window_dims=(), scatter_dims_to_operand_dims=tuple(range(k + 2)),
+  )  # fmt: skip
+  return jax.lax.scatter_add(planes, index, values, dims, mode=jax.lax.GatherScatterMode.CLIP)
+
+
+def entry_groups(gt, box, weight, group: int):
+  """Counted entries of one image grouped by GT slot, at most ``group`` to a group.
+
+  Shapes: ``gt (E,)``, ``box (E, 4)``, ``weight (E,)`` -> ``(table (E, group) int32, union boxes (E, 4))``.
+  Row ``g`` of ``table`` lists group ``g``'s entries (``E``: an empty slot); groups are numbered from
+  0 and rows past the last group are empty, with an empty union box. Every counted entry (weight not
+  0) is in exactly one group; all entries of a group have the same ``gt``; a GT with more than
+  ``group`` entries gets several groups.
+  """
+  e = gt.shape[0]
+  counted = weight != 0
+  order = jnp.argsort(jnp.where(counted, gt, jnp.iinfo(jnp.int32).max), stable=True)  # uncounted last
+  key, counted = gt[order], counted[order]
+  pos = jnp.arange(e, dtype=jnp.int32)
+  new_run = (pos == 0) | (key != jnp.roll(key, 1))  # no concatenation with a constant: it keeps key's sharding
+  rank = pos - jax.lax.cummax(jnp.where(new_run, pos, 0))
+  gid = jnp.cumsum(counted & (rank % group == 0), dtype=jnp.int32) - 1
+  row = jnp.where(counted, gid, e)  # e: dropped
+  table = jnp.full((e, group), e, jnp.int32).at[row, rank % group].set(order, mode="drop")
+  b = box[order]
+  b = jnp.where(jnp.isnan(b).any(-1, keepdims=True), jnp.array([jnp.inf, jnp.inf, -jnp.inf, -jnp.inf]), b)
+  empty = jnp.broadcast_to(jnp.array([jnp.inf, jnp.inf, -jnp.inf, -jnp.inf], jnp.float32), (e, 4))
+  union = jnp.concatenate([
+      empty[:, :2].at[row].min(b[:, :2], mode="drop"), empty[:, 2:].at[row].max(b[:, 2:], mode="drop")], axis=1)
+  return table, union
+
+
+def _windows_chunk(proto, masks, coef, gt, box, weight, box_win, items, table, index, plane_hw, tile, index_map):
+  """One image's chunk of windows: the value, and the gradients of the unit cotangent w.r.t. the chunk's
+  coefficient rows ``(P, K, nm)`` and windows ``(P, th, tw * nm)``, with where they go.
+
+  ``proto (h, w * nm)``: NHWC rows; ``masks (h, w)`` or ``(M, h, w)``; ``coef (E + 1, nm)``, ``gt``,
+  ``box``, ``weight`` with one empty entry last; ``table (E, K)`` the groups' entry ids; ``box_win``
+  the groups' :class:`BoxWindows` and ``items`` its windows' groups (:func:`window_items`); ``index
+  (P,)`` window indices.
+  """
+  th, tw = tile
+  nm = coef.shape[-1]
+  live = index < box_win.count
+  item, nominal, corner = window_at(box_win, index, plane_hw, tile, items)
+  ids = jnp.where(live[:, None], table[item], coef.shape[0] - 1)  # (P, K)
+  c, bx, w = coef[ids], box[ids], weight[ids]
+  # A window of the (h, w * nm) rows is th runs of tw * nm contiguous values: gathered and scattered as
+  # they lie, and a (th * tw, nm) matrix to the matmuls.
+  row_corner = corner * jnp.array([1, nm], jnp.int32)
+  # (Reshaped in two steps, a split and a merge: under explicitly sharded types JAX rejects one reshape doing both.)
+  win = gather_windows(proto, None, row_corner, (th, tw * nm)).reshape(-1, th, tw, nm).reshape(-1, th * tw, nm)
+  batched = lambda x, y, contract: jax.lax.dot_general(x, y, (contract, ((0,), (0,))))  # noqa: E731
+  logits = batched(win, c, ((2,), (2,))).reshape(-1, th, tw, c.shape[1])  # (P, th, tw, K)
+  rows = (corner[:, 0:1] + jnp.arange(th, dtype=jnp.int32))[..., None]  # (P, th, 1)
+  cols = (corner[:, 1:2] + jnp.arange(tw, dtype=jnp.int32))[..., None]
+  own_rows = (rows >= nominal[:, 0:1, None]) & (rows < nominal[:, 0:1, None] + th)  # this window's share
+  own_cols = (cols >= nominal[:, 1:2, None]) & (cols < nominal[:, 1:2, None] + tw)
+  rows, cols = rows.astype(jnp.float32), cols.astype(jnp.float32)
+  in_rows = own_rows & (rows >= bx[:, None, :, 1]) & (rows < bx[:, None, :, 3])  # (P, th, K)
+  in_cols = own_cols & (cols >= bx[:, None, :, 0]) & (cols < bx[:, None, :, 2])  # (P, tw, K)
+  slot = gt[ids[:, 0]]  # every entry of a group has its GT slot
+  if index_map:
+    target = (gather_windows(masks, None, corner, tile) == (slot + 1)[:, None, None]).astype(jnp.float32)
+    ok = 1.0
+  else:
+    target = gather_windows(masks, slot, corner, tile).astype(jnp.float32)
+    ok = (target >= 0.0) & (target <= 1.0)  # False for NaN too
+    target, ok = jnp.where(ok, target, 0.0), ok.astype(jnp.float32)[..., None]
+  target = target[..., None]
+  # where(counted, weight, 0) as a product of row, column and mask factors (the weights are finite).
+  row_weight = jnp.where(in_rows, w[:, None, :], 0.0)  # (P, th, K)
+  pixel_weight = row_weight[:, :, None, :] * in_cols[:, None, :, :].astype(jnp.float32) * ok
+  e = jnp.exp(-jnp.abs(logits))  # one exp for the softplus and the sigmoid
+  softplus = jnp.maximum(logits, 0.0) + jnp.log1p(e)
+  sigmoid = jnp.where(logits >= 0, 1.0, e) / (1.0 + e)
+  value = jnp.sum(pixel_weight * (softplus - logits * target))
+  d_logits = (pixel_weight * (sigmoid - target)).reshape(-1, th * tw, c.shape[1])
+  # (P, K, nm) from d_logits transposed and materialised (the barrier keeps XLA from folding the transpose
+  # back into the matmul, which XLA:CPU then runs outside its fast matmul library, 1.6x slower).
+  d_coef = batched(jax.lax.optimization_barrier(jnp.swapaxes(d_logits, 1, 2)), win, ((2,), (1,)))
+  d_win = batched(d_logits, c, ((2,), (1,)))  # (P, th * tw, nm)
+  return value, ids, d_coef, row_corner, d_win.reshape(-1, th, tw, nm).reshape(-1, th, tw * nm)
+
+
+# What a window's slot-pixel (one entry slot, one window pixel) costs against a full-plane entry-pixel on
+# XLA:CPU (benchmark workload, 16 x 16 windows: 12.5 ns against 4.7 ns of CPU time, the per-window gather,
+# scatter and index work included). The windows are used while they cost less (every box the whole plane:
+# the windows took 1.7x the full plane's time).
+WINDOW_COST = 2.5
+
+
+def plain_mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile=None, group=None, fallback=True) -> jax.Array:
+  """The full-plane form, :func:`mask_bce_sum` (the other arguments unused): the twin of :func:`mask_windows`."""
+  del tile, group, fallback
+  return mask_bce_sum(coef, proto, masks, gt, box, weight, chunk, index_map)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def mask_windows(coef, proto, masks, gt, box, weight, chunk: int, index_map: bool, tile, group: int, fallback: bool = True) -> jax.Array:
+  """:func:`plain_mask_bce_sum` computed over box windows, with its gradients formed in the same pass.
+
+  Arguments as :func:`mask_bce_sum`, plus static ``tile = (th, tw)`` (window size in mask pixels,
+  clipped to the plane), ``group`` (entries sharing one window: the entries of one GT slot, at most
+  ``group`` at a time) and ``fallback``. The counted entries of each image are grouped by GT slot;
+  each group's windows tile the union of its entries' boxes (:func:`box_windows`), so no pixel
+  outside a box's windows is computed; a pixel is counted by one window only, under the same box and
+  mask rules as :func:`_mask_chunk`. ``chunk`` is the full-plane form's entries per chunk: a step
+  here holds about as many bytes (``chunk * mh * mw / (th * tw * (nm + 3 * group))`` windows of
+  each image). The windows are listed and visited per image, all images in step.
+  With ``fallback``, the batch is computed by :func:`mask_bce_sum` instead when its windows would
+  cost more (``WINDOW_COST`` per slot-pixel; chosen at run time with ``lax.cond``, both forms in one
+  compilation). The same value and gradients as :func:`mask_bce_sum` to float32 rounding.
+  """
+  return _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group, fallback)[0]
+
+
+def _mask_windows_fwd(coef, proto, masks, gt, box, weight, chunk, index_map, tile, group, fallback):
+  h, w = proto.shape[2:]
+  tile = (min(int(tile[0]), h), min(int(tile[1]), w))
+  table, union = jax.vmap(functools.partial(entry_groups, group=int(group)))(gt, box, weight)
+  win = jax.vmap(functools.partial(box_windows, plane_hw=(h, w), tile=tile))(union)
+  args = (coef, proto, masks, gt, box, weight, table, win, chunk, index_map, tile)
+  if not fallback:
+    return _windows_sum(*args)
+  return jax.lax.cond(
+      windows_cheaper(win.count, weight, (h, w), tile, group, chunk),
+      lambda: _windows_sum(*args), lambda: _mask_bce_fwd(coef, proto, masks, gt, box, weight, chunk, index_map),
+  )  # fmt: skip
+
+
+def windows_cheaper(count: jax.Array, weight: jax.Array, plane_hw, tile, group: int, chunk: int) -> jax.Array:
+  """Whether windows of ``tile`` (``group`` entry slots each), ``count (b,)`` in each image, cost less
+  than the full-plane form.
+
+  Both forms run every image in step: the windows ``b * max(count)`` windows, the full-plane form
+  (:func:`mask_bce_sum`) ``ceil(max counted entries of an image / chunk)`` chunks of ``chunk`` entries
+  per image of ``weight (b, E)``; a window slot-pixel costs ``WINDOW_COST`` full-plane entry-pixels.
+  A scalar bool (traced).
+  """
+  b, e = weight.shape
+  chunk = min(chunk, e)
+  counted = jnp.max(jnp.sum(weight != 0, axis=1))
+  full = ((counted + chunk - 1) // chunk * chunk).astype(jnp.float32) * (plane_hw[0] * plane_hw[1])
+  return jnp.max(count).astype(jnp.float32) * (tile[0] * tile[1] * group * WINDOW_COST) <= full
+
+
+def _windows_sum(coef, proto, masks, gt, box, weight, table, win, chunk, index_map, tile):
+  """The value and unit-cotangent gradients of :func:`mask_windows` over its windows: a loop over chunks,
+  each taking the next windows of every image (vmapped per image, so every gather and scatter is within
+  one image: a batch-sharded ``jit`` keeps each image's work on its device)."""
+  b, e, nm = coef.shape
+  h, w = proto.shape[2:]
+  group = table.shape[-1]
+  pad = lambda x: jnp.pad(x, [(0, 0), (0, 1)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731  (an empty entry: id e)
+  coef_p, gt_p, box_p, weight_p = pad(coef), pad(gt), pad(box), pad(weight)
+  items = jax.vmap(functools.partial(window_items, capacity=e * (-(-h // tile[0])) * (-(-w // tile[1]))))(win)
+  step = max(1, chunk * h * w // (tile[0] * tile[1] * (nm + 3 * group)))  # windows per image per step
+  proto_t = jnp.transpose(proto, (0, 2, 3, 1)).reshape(b, h, w * nm)  # NHWC rows
+  chunk_fn = functools.partial(_windows_chunk, plane_hw=(h, w), tile=tile, index_map=index_map)
+  images = jax.vmap(chunk_fn, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 0, None))
+  add_rows = jax.vmap(lambda acc, ids, rows: acc.at[ids].add(rows))
+  add_windows = jax.vmap(lambda acc, corner, values: scatter_add_windows(acc, None, corner, values))
+
+  def body(i, carry):
+    total, d_coef, d_proto = carry
+    index = i * step + jnp.arange(step, dtype=jnp.int32)
+    value, ids, dc, corner, d_win = images(proto_t, masks, coef_p, gt_p, box_p, weight_p, win, items, table, index)
+    return total + jnp.sum(value), add_rows(d_coef, ids, dc), add_windows(d_proto, corner, d_win)
+
+  init = (jnp.zeros((), jnp.float32), jnp.zeros_like(coef_p), jnp.zeros_like(proto_t))  # zeros_like: the inputs' sharding
+  total, d_coef, d_proto = jax.lax.fori_loop(0, (jnp.max(win.count) + step - 1) // step, body, init)
+  return total, (d_coef[:, :-1], jnp.transpose(d_proto.reshape(b, h, w, nm), (0, 3, 1, 2)))
+
+
+def _mask_windows_bwd(chunk, index_map, tile, group, fallback, residuals, ct):
+  d_coef, d_proto = residuals
+  return ct * d_coef, ct * d_proto, None, None, None, None
+
+
+mask_windows.defvjp(_mask_windows_fwd, _mask_windows_bwd)
+
+
+# ------------------------------------------------------------------------------------------------
+# The mask-IoU assignment's pixel counts (segment26.py) over windows of each pair's predicted box.
+# Why: the full-plane form decodes each listed (GT, anchor) pair's mask logits over the whole plane and
+# then keeps the pixels inside the predicted box; only those count, so the windows tiling that box
+# (BoxWindows, above) hold every pixel the intersection and the predicted area read. The GT's own
+# area is a per-GT count over the whole plane (one pass per image, not per pair). The counts are
+# integers and each pixel's logit is the same nm-term dot product in both forms, so the IoU is
+# identical, not merely close (tests/test_segment26.py, unquantised float32 values, XLA:CPU; a backend
+# whose two matmuls summed the nm terms in different orders could move a logit within rounding of 0
+# across it, as any change of matmul would). Not a select()-able kernel: segment26 picks it with the mask term's
+# switch (plain_kernels=("mask_windows",) turns it off) and falls back to the plane per image.
+
+
+def _pair_windows_chunk(proto, masks, coef, box, owner, win: BoxWindows, items, index, plane_hw, tile, index_map: bool):
+  """One image's chunk of windows: ``(pair (P,), intersection (P,), predicted pixels (P,))`` int32.
+
+  ``proto (h, w * nm)`` NHWC rows; ``masks (h, w)`` int index map or ``(M, h, w)`` bool; ``coef (N + 1,
+  nm)``, ``box (N + 1, 4)`` prototype pixels, ``owner (N + 1,)`` GT slot, with one empty pair last;
+  ``index (P,)`` window indices of ``win`` (one pair per box of the list).
+  """
+  th, tw = tile
+  nm = coef.shape[-1]
+  live = index < win.count
+  item, nominal, corner = window_at(win, index, plane_hw, tile, items)
+  item = jnp.where(live, item, coef.shape[0] - 1)
+  c, bx = coef[item], box[item]
+  row_corner = corner * jnp.array([1, nm], jnp.int32)
+  patch = gather_windows(proto, None, row_corner, (th, tw * nm)).reshape(-1, th, tw, nm).reshape(-1, th * tw, nm)
+  logits = jax.lax.dot_general(patch, c, (((2,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST).reshape(-1, th, tw)
+  rows = corner[:, 0:1] + jnp.arange(th, dtype=jnp.int32)  # (P, th)
+  cols = corner[:, 1:2] + jnp.arange(tw, dtype=jnp.int32)
+  own_rows = (rows >= nominal[:, 0:1]) & (rows < nominal[:, 0:1] + th)  # this window's share of the box
+  own_cols = (cols >= nominal[:, 1:2]) & (cols < nominal[:, 1:2] + tw)
+  rows, cols = rows.astype(jnp.float32), cols.astype(jnp.float32)
+  in_rows = own_rows & (rows >= bx[:, 1:2]) & (rows < bx[:, 3:4])
+  in_cols = own_cols & (cols >= bx[:, 0:1]) & (cols < bx[:, 2:3])
+  pred = jnp.isfinite(logits) & (logits > 0) & in_rows[:, :, None] & in_cols[:, None, :]  # a non-finite logit is outside
+  slot = owner[item]
+  if index_map:
+    gt = gather_windows(masks, None, corner, tile) == (slot + 1)[:, None, None]
+  else:
+    gt = gather_windows(masks, slot, corner, tile)
+  inter = jnp.sum(pred & gt, axis=(1, 2), dtype=jnp.int32)
+  return item, inter, jnp.sum(pred, axis=(1, 2), dtype=jnp.int32)
+
+
+def pair_mask_counts(coef, box, owner, proto, masks, tile, step: int, limit: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """One image's ``N`` (GT, anchor) pairs: ``(|pred & gt| (N,), |pred| (N,))`` int32, with ``pred`` the pair's
+  mask ``coef . proto > 0`` (a non-finite logit is outside) inside its box, ``gt`` its GT slot's mask.
+
+  Shapes: ``coef (N, nm)``; ``box (N, 4)`` xyxy in prototype pixels (a pixel of column ``x`` is in it
+  when ``x1 <= x < x2``, rows alike; a box with a NaN side holds no pixel: a pair that is not wanted);
+  ``owner (N,)`` int32 GT slot; ``proto (nm, h, w)``; ``masks`` an index map ``(h, w)`` int (pixel
+  ``j + 1`` marks slot ``j``) or per-slot masks ``(M, h, w)`` bool. Only the pixels of the windows of
+  size ``tile`` (static, fitting the plane) tiling each box (:func:`box_windows`) are computed, ``step``
+  (static) windows per iteration of a loop over ``ceil(count / step)`` iterations (traced; ``limit``,
+  when given, caps the windows visited: 0 visits none). The counts of the full-plane form exactly.
+  """
+  n, nm = coef.shape
+  h, w = proto.shape[1:]
+  index_map = masks.ndim == 2
+  win = box_windows(box, (h, w), tile)
+  items = window_items(win, max(1, n * (-(-h // tile[0])) * (-(-w // tile[1]))))
+  pad = lambda x, v: jnp.concatenate([x, jnp.full((1,) + x.shape[1:], v, x.dtype)])  # noqa: E731  (an empty pair: id n)
+  coef_p, box_p, owner_p = pad(coef, 0), pad(box, jnp.nan), pad(owner, 0)
+  proto_t = jnp.transpose(proto, (1, 2, 0)).reshape(h, w * nm)  # NHWC rows
+  chunk_fn = functools.partial(_pair_windows_chunk, plane_hw=(h, w), tile=tuple(tile), index_map=index_map)
+
+  def body(i, carry):
+    inter, pred = carry
+    item, di, dp = chunk_fn(proto_t, masks, coef_p, box_p, owner_p, win, items, i * step + jnp.arange(step, dtype=jnp.int32))
+    return inter.at[item].add(di), pred.at[item].add(dp)
+
+  count = win.count if limit is None else jnp.minimum(win.count, limit)
+  zeros = jnp.zeros((n + 1,), jnp.int32)
+  inter, pred = jax.lax.fori_loop(0, (count + step - 1) // step, body, (zeros, zeros))
+  return inter[:n], pred[:n]
+
+
+# ------------------------------------------------------------------------------------------------
+
+KERNELS = ("bce_sum", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
 # Kernels measured on another workload than the detection rows' (a task's loss, or the crowded scenes):
 # the detection ablation rows leave them out and bench.py times them there.
-TASK_KERNELS = {"mask_bce_sum": "segment_loss", "windows": "crowded"}
+TASK_KERNELS = {"mask_bce_sum": "segment_loss", "mask_windows": "segment_loss", "windows": "crowded"}
 # The trick each kernel function belongs to, where it is not its own name.
 _TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 

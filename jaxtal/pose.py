@@ -135,10 +135,34 @@ def _check_gt(gt: GroundTruth, cfg: PoseLossConfig, caller: str) -> None:
   _validate.gt_keypoints(gt, cfg.kpt_shape[0], caller)
 
 
-def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, targets: Targets, target: jax.Array, cfg: PoseLossConfig):
-  """``(pose, kobj)`` before gains: the keypoint terms of anchor rows ``(b, A, K * D)`` at the entry list;
-  ``target (b, A, 4)`` the grid-unit target boxes (:func:`jaxtal.terms.box_targets`), for the OKS area."""
-  k, d = cfg.kpt_shape
+class EntryKeypoints(NamedTuple):
+  """The keypoints of the foreground entry list, read once for every keypoint term (pose, kobj, YOLO26's RLE).
+
+  Attributes:
+    pred: ``(b, E, K, D)`` raw keypoint predictions at the entries' anchors.
+    xy: ``(b, E, K, 2)`` decoded predicted keypoints, grid units of the anchor's level.
+    gt_xy: ``(b, E, K, 2)`` the entry's GT keypoints in the same grid units, 0 where not labelled.
+    labelled: ``(b, E, K)`` bool: a valid entry and a labelled GT keypoint (the masking rules of
+      :mod:`jaxtal.pose`).
+    area: ``(b, E)`` the target box's area, grid units squared.
+  """
+
+  pred: jax.Array
+  xy: jax.Array
+  gt_xy: jax.Array
+  labelled: jax.Array
+  area: jax.Array
+
+
+def entry_keypoints(
+    head: Head, rows: jax.Array, gt_keypoints: jax.Array, targets: Targets, target: jax.Array, kpt_shape: tuple[int, int],
+    decode=keypoint_xy,
+) -> EntryKeypoints:
+  """Reads anchor rows ``(b, A, K * D)`` of raw keypoints and the GT keypoints ``(b, M, K, Dg)`` (pixels)
+  at the entry list; ``target (b, A, 4)`` the grid-unit target boxes (:func:`jaxtal.terms.box_targets`),
+  for the OKS area; ``decode(raw_xy (..., K, 2), anchors (..., 2))`` the keypoint decode (YOLOv8's
+  :func:`~jaxtal.head.keypoint_xy` by default)."""
+  k, d = kpt_shape
   e = targets.entries
   b = rows.shape[0]
   pred = take_rows(rows, e.anchor).reshape(b, -1, k, d)  # (b, E, K, D)
@@ -155,30 +179,37 @@ def _keypoint_terms(head: Head, rows: jax.Array, gt_keypoints: jax.Array, target
     ok = ok & jnp.isfinite(vis) & (vis != 0)
   labelled = ok & e.valid[..., None]  # (b, E, K)
   gt_xy = jnp.where(labelled[..., None], gt_xy, 0.0) / stride[..., None, :]
+  return EntryKeypoints(pred, decode(pred[..., :2], anchors), gt_xy, labelled, area)
 
-  diff = keypoint_xy(pred[..., :2], anchors) - gt_xy
+
+def keypoint_terms(kp: EntryKeypoints, targets: Targets, cfg: PoseLossConfig) -> tuple[jax.Array, jax.Array]:
+  """``(pose, kobj)`` before gains: the OKS location term and the visibility BCE of the entries'
+  keypoints (:func:`entry_keypoints`), means over ``n_fg * K``; ``kobj`` is 0 when ``D = 2``."""
+  k, d = cfg.kpt_shape
+  diff = kp.xy - kp.gt_xy
   d2 = jnp.sum(diff * diff, axis=-1)  # (b, E, K)
   sigmas = jnp.asarray(cfg.sigmas, jnp.float32)
-  scale = jnp.maximum(8.0 * sigmas**2 * (area[..., None] + _AREA_EPS), _TINY)
-  oks_loss = jnp.where(labelled, -jnp.expm1(-d2 / scale), 0.0)
-  count = jnp.sum(labelled, axis=-1, dtype=jnp.float32)
+  scale = jnp.maximum(8.0 * sigmas**2 * (kp.area[..., None] + _AREA_EPS), _TINY)
+  oks_loss = jnp.where(kp.labelled, -jnp.expm1(-d2 / scale), 0.0)
+  count = jnp.sum(kp.labelled, axis=-1, dtype=jnp.float32)
   per_anchor = jnp.sum(oks_loss, axis=-1) * k / jnp.maximum(count, 1.0)
 
   n = terms.foreground_count(targets, cfg.axis_name) * k
   pose = jnp.sum(per_anchor) / n
   if d < 3:
     return pose, jnp.zeros((), jnp.float32)
-  logit = pred[..., 2]
-  target = labelled.astype(jnp.float32)
+  logit = kp.pred[..., 2]
+  target = kp.labelled.astype(jnp.float32)
   bce = -(target * jax.nn.log_sigmoid(logit) + (1.0 - target) * jax.nn.log_sigmoid(-logit))
-  kobj = jnp.sum(jnp.where(e.valid[..., None], bce, 0.0)) / n
+  kobj = jnp.sum(jnp.where(targets.entries.valid[..., None], bce, 0.0)) / n
   return pose, kobj
 
 
 def _parts(inputs: task.Inputs, targets: Targets, cfg: PoseLossConfig, class_weights) -> PoseLossParts:
   shared = terms.box_targets(inputs.head, targets, cfg)
   det = terms.detection_parts(inputs.head, targets, cfg, inputs.image_hw, class_weights, shared=shared)
-  pose, kobj = _keypoint_terms(inputs.head, inputs.side, inputs.gt.keypoints, targets, shared.target, cfg)
+  kp = entry_keypoints(inputs.head, inputs.side, inputs.gt.keypoints, targets, shared.target, cfg.kpt_shape)
+  pose, kobj = keypoint_terms(kp, targets, cfg)
   return PoseLossParts(det.box, cfg.pose * pose, cfg.kobj * kobj, det.cls, det.dfl)
 
 

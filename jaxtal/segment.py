@@ -28,15 +28,22 @@ the masks' resolution (either direction) bilinearly with half-pixel centres and 
 antialiasing (PyTorch's ``interpolate(mode="bilinear", align_corners=False)``, what the
 reference does); the masks are never resampled.
 
+Work: only pixels inside the GT boxes count, so on planes of at least ``2 * WINDOW`` pixels a
+side (``mask_window`` in :class:`SegmentLossConfig`) the mask logits, the BCE and both gradients
+are computed over box windows only (:func:`jaxtal.kernels.mask_windows`): the foreground entries
+of one GT share ``WINDOW x WINDOW`` windows that tile its box, visited a chunk of windows at a
+time; where the windows would cost more than the whole plane (boxes filling the image), the same
+compiled step computes the whole plane instead. Both give the same loss to float32 rounding.
+
 Memory: the mask logits exist only for the ``E = M * topk`` entries of each image, never for
-all ``A`` anchors, and are computed a chunk of entries at a time (``mask_chunk`` in
-:class:`SegmentLossConfig`): a ``lax.scan`` over chunks that forms the value and, in the same
-pass, the gradients w.r.t. the coefficients and the prototypes
-(:func:`jaxtal.kernels.mask_bce_sum`; its plain twin is autodiff over chunks under
-``jax.checkpoint``). Peak memory is then about a few ``(b, chunk, mh, mw)`` float32 arrays
-whatever ``E`` (``b = 16``, ``M = 100``, a 640 input, 160 x 160 prototypes, ``nm = 32``: under
-0.8 GB for the gradient by XLA's memory analysis, 4.99 GB with all entries in one chunk). The
-crop is separable (a row mask times a column mask), never an ``(E, mh, mw)`` box mask.
+all ``A`` anchors, and are computed a chunk of entries (or windows) at a time (``mask_chunk`` in
+:class:`SegmentLossConfig`): a loop over chunks that forms the value and, in the same pass, the
+gradients w.r.t. the coefficients and the prototypes (:func:`jaxtal.kernels.mask_bce_sum` over
+the whole plane; its plain twin is autodiff over chunks under ``jax.checkpoint``). Peak memory is
+then about a few ``(b, chunk, mh, mw)`` float32 arrays whatever ``E`` (``b = 16``, ``M = 100``, a
+640 input, 160 x 160 prototypes, ``nm = 32``: under 0.8 GB for the gradient by XLA's memory
+analysis, 4.99 GB with all entries in one chunk). The crop is separable (a row mask times a
+column mask), never an ``(E, mh, mw)`` box mask.
 
 Everything matches Ultralytics 8.4.190 (``v8SegmentationLoss``) to float32 rounding except the
 deliberate differences listed, once for every task, in docs/deviations.md (zero-area boxes,
@@ -71,6 +78,12 @@ from jaxtal.targets import Targets, take_rows
 # at 128, 0.268 s at 327, the memory bound alone).
 CHUNK_BYTES = 64 << 20
 CHUNK_ENTRIES = 64
+# Automatic windows: the mask term tiles each GT box with WINDOW x WINDOW pixel windows when the mask plane
+# is at least 2 * WINDOW on each side (on smaller planes a window would be most of the plane). b = 16,
+# M = 50, 160 x 160 masks, XLA:CPU, CPU time of the loss step: 297-308 ms at 16, 305-313 ms at 8 and 12,
+# 337 ms at 24, 359-363 ms at 32, 878-1123 ms over the whole plane (a loaded 2-core VM; CPU time, the wall
+# time being too noisy there). 16 keeps the window list shorter than 8 or 12 for the same work.
+WINDOW = 16
 # A GT box covering less of the image than this contributes no mask term (the term divides by it).
 MIN_AREA = 1e-20
 
@@ -84,17 +97,24 @@ class SegmentLossConfig(LossConfig):
       together. ``None`` picks at most 64 entries, fewer if one chunk's ``(b, chunk, mh, mw)``
       float32 logits would take more than 64 MiB (the whole entry list is one chunk when it is
       shorter), which bounds the mask term's memory whatever ``M``; a smaller chunk uses less
-      memory and more sequential steps. The loss does not depend on it (to float32 rounding).
+      memory and more sequential steps. Over box windows, a chunk of windows takes about as many
+      bytes. The loss does not depend on it (to float32 rounding).
+    mask_window: side in mask pixels of the windows that tile each GT box for the mask term
+      (clipped to the plane). ``None`` uses ``WINDOW = 16`` on planes of at least 32 pixels a side
+      and the whole plane on smaller ones. The loss does not depend on it (to float32 rounding);
+      ``plain_kernels=("mask_windows",)`` turns the windows off.
 
   The mask term's gain is ``box`` (Ultralytics uses the box gain for it).
   """
 
   mask_chunk: int | None = None
+  mask_window: int | None = None
 
   def __post_init__(self):
     super().__post_init__()
-    if self.mask_chunk is not None:
-      object.__setattr__(self, "mask_chunk", _validate.whole("mask_chunk", self.mask_chunk, low=1))
+    for name in ("mask_chunk", "mask_window"):
+      if getattr(self, name) is not None:
+        object.__setattr__(self, name, _validate.whole(name, getattr(self, name), low=1))
 
 
 class SegmentLossParts(NamedTuple):
@@ -276,11 +296,24 @@ def chunk_size(mask_chunk: int | None, batch: int, entries: int, pixels: int) ->
   return max(1, min(int(mask_chunk), entries))
 
 
-def mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = ()) -> jax.Array:
+def window_tile(mask_window: int | None, mask_hw) -> tuple[int, int] | None:
+  """The mask term's window ``(th, tw)``, or None for the full-plane form: ``mask_window`` (clipped to
+  the plane) when given, else ``WINDOW`` on planes at least ``2 * WINDOW`` on each side."""
+  if mask_window is None:
+    return (WINDOW, WINDOW) if min(mask_hw) >= 2 * WINDOW else None
+  return (min(mask_window, mask_hw[0]), min(mask_window, mask_hw[1]))
+
+
+def mask_sum(
+    coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | None, index_map: bool, plain: tuple[str, ...] = (),
+    mask_window: int | None = None,
+) -> jax.Array:
   """Sum over the foreground entries of the per-anchor mask loss (not yet divided by their number).
 
   ``coefs (b, A, nm)``, ``proto (b, nm, mh, mw)`` at the masks' resolution, ``masks`` as
-  :func:`jaxtal.kernels.mask_bce_sum`.
+  :func:`jaxtal.kernels.mask_bce_sum`. Over box windows (:func:`jaxtal.kernels.mask_windows`, the
+  entries of one GT slot sharing theirs) when :func:`window_tile` gives a window and neither
+  ``mask_windows`` nor ``mask_bce_sum`` is in ``plain``; else over the whole plane.
   """
   b, _, mh, mw = proto.shape
   e = targets.entries
@@ -290,6 +323,10 @@ def mask_sum(coefs, proto, masks, targets: Targets, image_hw, mask_chunk: int | 
   box, weight = jax.lax.stop_gradient(entry_boxes(targets, image_hw, (mh, mw)))
   coef = take_rows(coefs, e.anchor)  # (b, E, nm)
   chunk = chunk_size(mask_chunk, b, size, mh * mw)
+  tile = window_tile(mask_window, (mh, mw))
+  if tile is not None and "mask_bce_sum" not in plain:
+    group = max(1, size // targets.positives_per_gt.shape[1])  # topk: the most entries a GT slot usually owns
+    return kernels.select("mask_windows", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map, tile, group, True)
   return kernels.select("mask_bce_sum", plain)(coef, proto, masks, e.gt, box, weight, chunk, index_map)
 
 
@@ -335,7 +372,8 @@ def _parts(inputs: task.Inputs, targets: Targets, cfg: SegmentLossConfig, class_
   index_map, mask_hw = inputs.gt_info
   proto = resize_prototypes(inputs.side.proto, mask_hw)
   masks = _gt_masks(inputs.gt, index_map)
-  seg = mask_sum(inputs.side.coefs, proto, masks, targets, inputs.image_hw, cfg.mask_chunk, index_map, cfg.plain_kernels)
+  seg = mask_sum(
+      inputs.side.coefs, proto, masks, targets, inputs.image_hw, cfg.mask_chunk, index_map, cfg.plain_kernels, cfg.mask_window)
   seg = seg / terms.foreground_count(targets, cfg.axis_name)
   return SegmentLossParts(det.box, cfg.box * seg, det.cls, det.dfl)
 

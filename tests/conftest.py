@@ -2,7 +2,8 @@
 ``variant`` fixture (compiled and eager), and the reference fixtures for live parity.
 
 ``reference`` is the module ``tests/support/reference.py`` (Ultralytics 8.4.190 on NumPy inputs);
-``obb_reference``, ``pose_reference``, ``segment_reference`` and ``segment26_reference`` are the task drivers built on it.
+``obb_reference``, ``pose_reference``, ``pose26_reference``, ``segment_reference`` and ``segment26_reference`` are
+the task drivers built on it.
 When torch or ultralytics cannot be imported, or the installed Ultralytics is not the
 pinned version, tests that use them are skipped, unless ``JAXTAL_REQUIRE_REFERENCE=1`` (set
 in CI): then a missing reference fails those tests instead.
@@ -78,6 +79,12 @@ def obb_reference():
 def pose_reference():
   """``tests/support/pose_reference.py``: Ultralytics' pose loss as a black box (after ``reference``'s checks)."""
   return _task_reference("pose_reference")
+
+
+@pytest.fixture(scope="session")
+def pose26_reference():
+  """``tests/support/pose26_reference.py``: Ultralytics' YOLO26 pose loss and assigner as a black box."""
+  return _task_reference("pose26_reference")
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,8 @@ class-aware NMS with per-anchor extras, the toy shapes, the training loop), and 
 * ``train_obb.py``: the polygon IoU, the VOC-style AP and the rotated NMS on hand-made boxes, the drawn data
   against its labels, the angle head, the missing-matplotlib message, and a short training run;
 * ``train_pose.py``: the shapes and their keypoints by hand, the hidden keypoints, the packed ground truth, the
-  keypoint AP (pycocotools' OKS) on hand-made predictions, the keypoints following NMS, the missing-matplotlib
-  message, and a short training run that must learn;
+  keypoint AP (pycocotools' OKS) on hand-made predictions, the keypoints following NMS, the ``--yolo26`` model's
+  branches, the missing-matplotlib message, and short training runs that must learn (default and ``--yolo26``);
 * ``train_segment.py``: the instance masks against the drawn pixels, their boxes and their ``pack_masks`` slots;
   mask mAP (pycocotools' ``segm``) on perfect, shrunk and misplaced masks; the masks made of coefficients and
   prototypes; the coefficients following NMS; the model's outputs; the missing-matplotlib message; and a short
@@ -254,6 +254,16 @@ def test_top_detections_keeps_the_best_boxes_above_the_threshold_without_suppres
   np.testing.assert_allclose(s, [0.9, 0.8])
   ((kept, s, c),) = train_toy.top_detections(np.zeros((1, 5, 3), np.float32), boxes)
   assert kept.shape == (0, 4) and s.shape == (0,) and c.shape == (0,)
+
+
+def test_top_detections_carry_per_anchor_outputs():
+  # The YOLO26 pose evaluation: each kept anchor followed by its own keypoints, best first.
+  boxes = np.array([[[0, 0, 10, 10], [1, 0, 11, 10], [30, 30, 40, 40]]], np.float32)
+  scores = np.array([[[0.2, 0.0], [0.9, 0.0], [0.0, 0.0005]]], np.float32)
+  keypoints = np.arange(3 * 4 * 3, dtype=np.float32).reshape(1, 3, 4, 3)
+  ((kept, s, c, k),) = toykit.top_detections(scores, boxes, keypoints)
+  np.testing.assert_array_equal(kept, boxes[0, [1, 0]])
+  np.testing.assert_array_equal(k, keypoints[0, [1, 0]])
 
 
 def test_top_detections_per_image():
@@ -955,6 +965,38 @@ def test_pose_plot_without_matplotlib_exits_before_training(monkeypatch):
     pose.main(["--plot", "out.png", "--steps", "1"])
   message = str(exit_info.value.code)
   assert message.startswith("train_pose.py: --plot needs matplotlib") and 'pip install -e ".[examples]"' in message
+
+
+def test_yolo26_pose_model_branches():
+  """``--yolo26``'s model: both branches' Predictions carry sigma maps (2K per cell), the one-to-one heads start as
+  copies of the one-to-many ones, the one-to-one branch reads detached features, and the model holds a flow."""
+  model = pose.PoseDetector(yolo26=True, rngs=nnx.Rngs(0))
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 64, 64, 3)), jnp.float32)
+  many, one = model.both(images)
+  k = pose.CONFIG26.kpt_shape[0]
+  for preds in (many, one):
+    assert [m.shape for m in preds.keypoint_sigmas] == [(1, 64 // s, 64 // s, 2 * k) for s in (8, 16, 32)]
+    assert [m.shape[-1] for m in preds.feats] == [4 + len(pose.CLASS_NAMES)] * 3  # reg_max 1
+  for a, b in zip(jax.tree.leaves((many.feats, many.keypoints, many.keypoint_sigmas)),
+                  jax.tree.leaves((one.feats, one.keypoints, one.keypoint_sigmas))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert isinstance(model.flow, jaxtal.RealNVP)
+  grads = nnx.grad(lambda m: sum(jnp.sum(x) for x in jax.tree.leaves(m.both(images)[1])))(model)
+  assert not any(np.asarray(g).any() for g in jax.tree.leaves(nnx.state(grads.down)))  # detached: no backbone gradient
+  assert pose.PoseDetector(rngs=nnx.Rngs(0)).sigma_heads is None
+
+
+@needs_coco
+@needs_cv2
+@pytest.mark.slow
+def test_short_yolo26_run_learns_keypoints(capsys):
+  result = pose.main(["--yolo26", "--steps", "200", "--batch-size", "16", "--eval-images", "60", "--log-every", "100"])
+  out = capsys.readouterr().out
+  assert result["losses"].shape == (200,) and np.isfinite(result["losses"]).all() and result["compilations"] == 1
+  assert result["losses"][-20:].mean() < result["losses"][:20].mean() / 1.5
+  assert result["ap50"] > 0.05 and 0.0 <= result["ap"] <= result["ap50"] <= 1.0  # chance is ~0
+  assert "one-to-one branch, no NMS" in out and "one-to-many branch + NMS" in out
+  assert all("RLE" in x for x in out.splitlines() if x.startswith("step "))
 
 
 @needs_coco

@@ -10,6 +10,7 @@ every plain twin (``plain_kernels``) equals the loss with the tricks, in value a
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -305,7 +306,7 @@ class TestTopK:
 class TestPlainSwitch:
 
   def test_select_picks_the_twin_named_by_the_config(self):
-    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum"):
+    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum", "mask_windows"):
       assert kernels.select(name) is getattr(kernels, name)
       assert kernels.select(name, (name,)) is getattr(kernels, f"plain_{name}")
     for name in ("sigmoid", "sqrt_sigmoid", "whole_map_scores"):  # one trick spans three functions
@@ -411,6 +412,8 @@ class TestMaskBceSum:
         y = (masks[i] == gt[i, j] + 1) if index_map else masks[i, int(gt[i, j])]
         cols, rows = np.arange(x.shape[1]), np.arange(x.shape[0])
         inside = ((rows >= box[i, j, 1]) & (rows < box[i, j, 3]))[:, None] & ((cols >= box[i, j, 0]) & (cols < box[i, j, 2]))
+        ok = (y >= 0) & (y <= 1)  # the masking rule: a pixel not a value in [0, 1] is read as 0 with weight 0
+        y, inside = np.where(ok, y, 0.0), inside & ok
         total += weight[i, j] * np.sum(inside * (np.logaddexp(0, x) - x * y))
     return total
 
@@ -438,3 +441,183 @@ class TestMaskBceSum:
     check_grads(f, (coef, proto), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# mask_windows and the box windows
+
+
+def _window_problem(seed=0, b=2, e=12, nm=3, mh=11, mw=13, m=3, index_map=True):
+  """A mask problem whose boxes cover every window case: inside, touching or crossing each border, larger
+  than the plane, empty, NaN, uncounted (weight 0), and GT slots owning more entries than a group holds."""
+  rng = np.random.default_rng(seed)
+  coef = jnp.asarray(rng.normal(size=(b, e, nm)) * 2, jnp.float32)
+  proto = jnp.asarray(rng.normal(size=(b, nm, mh, mw)), jnp.float32)
+  gt = rng.integers(0, m, (b, e))
+  gt[0, :7] = 1  # slot 1 of image 0 owns 7 entries
+  lo = rng.uniform(-2, [mw - 1, mh - 1], (b, e, 2))
+  box = np.concatenate([lo, lo + rng.uniform(0.3, 6, (b, e, 2))], -1)
+  box[0, 0] = [-3.0, -1.5, mw + 2.0, mh + 0.5]  # larger than the plane
+  box[0, 1] = [mw - 2.5, mh - 1.2, mw + 3.0, mh + 3.0]  # bottom-right corner
+  box[0, 2] = [0.0, 0.0, 2.0, 1.0]  # top-left corner, edges on pixel indices
+  box[0, 3] = [4.0, 5.0, 4.0, 9.0]  # no width: counts nothing
+  box[1, 0] = [np.nan, 1.0, 5.0, 4.0]  # NaN: counts nothing
+  box[1, 1] = [2.5, -4.0, 7.2, 0.0]  # above the plane: counts nothing
+  box[1, 2] = [mw - 4.0, 2.0, mw, mh]  # right and bottom edges exactly on the plane's
+  weight = rng.uniform(0.5, 2, (b, e)) * (rng.uniform(size=(b, e)) < 0.8)
+  weight[0, :4] = 1.5
+  weight[1, :3] = 0.7
+  if index_map:
+    masks = jnp.asarray(rng.integers(0, m + 1, (b, mh, mw)), jnp.int32)
+  else:
+    masks = (rng.uniform(size=(b, m, mh, mw)) < 0.5).astype(np.float32)
+    masks[0, 1, 0, :4] = [np.nan, np.inf, 2.0, -1.0]  # not values in [0, 1]: read as 0, weight 0
+    masks[1, 0, 3, 3] = np.nan
+    masks = jnp.asarray(masks)
+  as_f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  return coef, proto, masks, jnp.asarray(gt, jnp.int32), as_f32(box), as_f32(weight)
+
+
+class TestMaskWindows:
+  """The mask term over box windows equals the full-plane forms (its plain twin ``mask_bce_sum``, and
+  ``plain_mask_bce_sum``'s autodiff) and a NumPy oracle, for both mask forms, window sizes from one
+  pixel to the whole plane and group sizes below and above the entries a GT owns."""
+
+  @pytest.mark.parametrize("index_map,tile,group", [
+      (True, (4, 4), 2),
+      pytest.param(True, (3, 5), 3, marks=pytest.mark.slow),
+      (True, (11, 13), 1),  # one window is the whole plane
+      pytest.param(True, (1, 1), 10, marks=pytest.mark.slow),
+      (False, (4, 4), 4),
+      (False, (2, 7), 16),  # a group larger than any GT's entries
+  ])
+  def test_value_and_gradients_equal_the_full_plane_and_numpy(self, index_map, tile, group):
+    coef, proto, masks, gt, box, weight = _window_problem(index_map=index_map)
+
+    @jax.jit
+    def run(c, p):  # the windows, the twin (the fused full-plane kernel) and the full-plane autodiff form
+      forms = (
+          functools.partial(kernels.mask_windows, tile=tile, group=group, fallback=False),
+          functools.partial(kernels.plain_mask_windows, tile=tile, group=group),
+          kernels.plain_mask_bce_sum,
+      )  # fmt: skip
+      return [jax.value_and_grad(lambda c, p, fn=fn: fn(c, p, masks, gt, box, weight, 5, index_map), argnums=(0, 1))(c, p) for fn in forms]
+
+    got, *wants = run(coef, proto)
+    for want in wants:
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(got[1][1])).max() > 0 and np.isfinite(float(got[0]))
+    want = TestMaskBceSum._numpy(coef, proto, masks, gt, box, weight, index_map)
+    np.testing.assert_allclose(float(got[0]), want, rtol=1e-5)
+
+  @pytest.mark.slow
+  def test_compiled_and_eager(self, variant):
+    coef, proto, masks, gt, box, weight = _window_problem(seed=1, index_map=False)
+    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 3), 3, False)  # noqa: E731
+    got = variant(jax.value_and_grad(f, argnums=(0, 1)))(coef, proto)
+    want = jax.value_and_grad(lambda c, p: kernels.plain_mask_bce_sum(c, p, masks, gt, box, weight, 5, False), argnums=(0, 1))(coef, proto)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+  def test_nothing_counted_gives_zeros(self):
+    coef, proto, masks, gt, box, weight = _window_problem(seed=2)
+    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, 0.0 * weight, 5, True, (4, 4), 3, False)  # noqa: E731
+    value, (d_coef, d_proto) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(coef, proto)
+    assert float(value) == 0.0 and not np.asarray(d_coef).any() and not np.asarray(d_proto).any()
+
+  def test_falls_back_to_the_full_plane_where_the_windows_cost_more(self):
+    """Small boxes: windows; boxes filling the plane: the full-plane form (chosen at run time, one
+    compilation); the value and gradients are the same either way."""
+    coef, proto, masks, gt, box, weight = _window_problem(seed=6, mh=40, mw=40)
+    whole = jnp.broadcast_to(jnp.asarray([-1.0, -1.0, 41.0, 41.0]), box.shape)
+    small = box * 0.25
+
+    @jax.jit
+    def run(box):
+      table, union = jax.vmap(functools.partial(kernels.entry_groups, group=3))(gt, box, weight)
+      win = jax.vmap(lambda u: kernels.box_windows(u, (40, 40), (4, 4)))(union)
+      f = lambda c, p, fn: fn(c, p, masks, gt, box, weight, 5, True, (4, 4), 3)  # noqa: E731
+      grads = [jax.value_and_grad(f, argnums=(0, 1))(coef, proto, fn) for fn in (kernels.mask_windows, kernels.plain_mask_windows)]
+      return kernels.windows_cheaper(win.count, weight, (40, 40), (4, 4), 3, 5), grads
+
+    for boxes, cheaper in ((small, True), (whole, False)):
+      got_cheaper, (got, want) = run(boxes)
+      assert bool(got_cheaper) == cheaper
+      chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+
+  @pytest.mark.slow
+  def test_under_vmap(self):
+    """Batched (the loop's trip count differs per member): each member's own value and gradients."""
+    problems = [_window_problem(seed=s) for s in (3, 4)]
+    stacked = [jnp.stack(x) for x in zip(*problems)]
+    f = lambda c, p, mk, g, bx, w: kernels.mask_windows(c, p, mk, g, bx, w, 5, True, (4, 4), 3, False)  # noqa: E731
+    got = jax.jit(jax.vmap(jax.value_and_grad(f, argnums=(0, 1))))(*stacked)
+    for i, problem in enumerate(problems):
+      want = jax.value_and_grad(f, argnums=(0, 1))(*problem)
+      chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], got), want, rtol=1e-5, atol=1e-5)
+
+  def test_check_grads(self):
+    coef, proto, masks, gt, box, weight = _window_problem(seed=5, index_map=False)
+    f = lambda c, p: kernels.mask_windows(c, p, masks, gt, box, weight, 5, False, (4, 5), 3, False)  # noqa: E731
+    check_grads(f, (coef, proto), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
+
+
+class TestBoxWindows:
+
+  def test_each_box_pixel_is_owned_by_exactly_one_of_its_windows(self):
+    rng = np.random.default_rng(0)
+    h, w, tile = 11, 13, (4, 3)
+    lo = rng.uniform(-3, 14, (40, 2))
+    boxes = np.concatenate([lo, lo + rng.uniform(-1, 12, (40, 2))], 1).astype(np.float32)
+    boxes[0] = [np.nan, 0, 4, 4]
+    boxes[1] = [-np.inf, -np.inf, np.inf, np.inf]
+    win = jax.jit(kernels.box_windows, static_argnums=(1, 2))(jnp.asarray(boxes), (h, w), tile)
+    count = int(win.count)
+    assert count == int(np.sum(np.prod(np.asarray(win.tiles), 1)))
+    box, nominal, corner = (np.asarray(x) for x in kernels.window_at(win, jnp.arange(count + 3), (h, w), tile))
+    assert ((corner >= 0) & (corner <= [h - tile[0], w - tile[1]])).all()
+    ys, xs = np.arange(h)[:, None], np.arange(w)[None]
+    owned = np.zeros((len(boxes), h, w), int)
+    for n, (y0, x0), (cy, cx) in zip(box[:count], nominal[:count], corner[:count]):
+      in_window = (ys >= cy) & (ys < cy + tile[0]) & (xs >= cx) & (xs < cx + tile[1])
+      owned[n] += in_window & (ys >= y0) & (ys < y0 + tile[0]) & (xs >= x0) & (xs < x0 + tile[1])
+    for n, (x1, y1, x2, y2) in enumerate(boxes):
+      inside = (ys >= y1) & (ys < y2) & (xs >= x1) & (xs < x2)  # False for NaN
+      assert (owned[n][inside] == 1).all(), n
+      assert inside.any() == (np.prod(np.asarray(win.tiles)[n]) > 0), n
+    assert (owned[1] == 1).all()  # the infinite box: the whole plane, each pixel once
+
+  def test_entry_groups(self):
+    """Every counted entry in exactly one group, of one GT slot, at most ``group`` to a group; the union
+    boxes bound their entries'; groups are numbered from 0 and the rest are empty."""
+    _, _, _, gt, box, weight = _window_problem(seed=7, e=20)
+    for i in range(2):
+      table, union = (np.asarray(x) for x in jax.jit(kernels.entry_groups, static_argnums=3)(gt[i], box[i], weight[i], 3))
+      g, bx, counted = np.asarray(gt[i]), np.asarray(box[i]), np.asarray(weight[i]) != 0
+      listed = table[table < 20]
+      np.testing.assert_array_equal(np.sort(listed), np.flatnonzero(counted))
+      used = (table < 20).any(1)
+      assert used.sum() == sum(-(-np.sum(counted & (g == s)) // 3) for s in np.unique(g)) and not used[used.sum():].any()
+      for row, u in zip(table[used], union[used]):
+        ids = row[row < 20]
+        assert len(set(g[ids])) == 1
+        finite = bx[ids][~np.isnan(bx[ids]).any(1)]
+        if len(finite):
+          np.testing.assert_array_equal(u, np.concatenate([finite[:, :2].min(0), finite[:, 2:].max(0)]))
+      assert (union[~used][:, :2] == np.inf).all() and (union[~used][:, 2:] == -np.inf).all()
+
+  def test_scatter_is_the_transpose_of_gather(self):
+    rng = np.random.default_rng(1)
+    planes = jnp.asarray(rng.normal(size=(2, 7, 9, 3)), jnp.float32)
+    image = jnp.asarray([0, 1, 1, 0], jnp.int32)
+    corner = jnp.asarray([[0, 0], [4, 6], [4, 6], [2, 3]], jnp.int32)  # overlapping windows add up
+    got = kernels.gather_windows(planes, image, corner, (3, 3))
+    for p in range(4):
+      (y, x), i = np.asarray(corner[p]), int(image[p])
+      np.testing.assert_array_equal(got[p], planes[i, y : y + 3, x : x + 3])
+    ct = jnp.asarray(rng.normal(size=got.shape), jnp.float32)
+    _, vjp = jax.vjp(lambda q: kernels.gather_windows(q, image, corner, (3, 3)), planes)
+    np.testing.assert_allclose(kernels.scatter_add_windows(jnp.zeros_like(planes), image, corner, ct), vjp(ct)[0], rtol=1e-6)
+    slots = jnp.asarray(rng.normal(size=(2, 4, 7, 9)), jnp.float32)  # per-slot planes: (image, slot) leading
+    lead = jnp.asarray([[1, 3], [0, 2]], jnp.int32)
+    got = kernels.gather_windows(slots, lead, corner[:2], (2, 3))
+    np.testing.assert_array_equal(got[1], slots[0, 2, 4:6, 6:9])

@@ -66,6 +66,14 @@ def test_golden_loss(name):
   assert_segment_loss_matches(run_segment_loss(case), ref, where=f"[segment {name}] ")
 
 
+@pytest.mark.parametrize("name", params(segment_cases.SEGMENT_CASES, FAST + ("downsampled",)))
+def test_golden_loss_over_box_windows(name):
+  """The mask term over 4 x 4 box windows (``mask_window=4``; the cases' planes are too small for the
+  automatic windows) matches the reference too: index maps and per-slot masks, resized prototypes."""
+  case, ref, _ = segment_cases.load_fixture(name)
+  assert_segment_loss_matches(run_segment_loss(case, mask_window=4), ref, where=f"[segment {name}, windows] ")
+
+
 def test_fixture_inputs_match_builders():
   """The stored inputs are what ``segment_cases.py`` builds now (a stale fixture would test something else)."""
   for name in segment_cases.SEGMENT_CASES:

@@ -176,26 +176,66 @@ class TestMaskTerm:
   """The mask term alone (what segment.py adds to the skeleton), chunked (a scan of 3-entry chunks, empty
   chunks skipped), compiled and eager: value and gradients against NumPy."""
 
-  def test_chunked_matches_numpy(self, variant):
-    feats, coefs, proto = predictions(seed=1)
-    gt = ground_truth(seed=1)
+  @staticmethod
+  def _oracle_and_targets(feats, coefs, proto, gt):
+    """The oracle's ``(seg part, d seg / d coefficient rows, d seg / d proto (NHWC))`` and its assignment as ``Targets``."""
     _, want_parts, want_rows, want_proto, count, t = np_segment_loss(feats, coefs, proto, gt, with_targets=True)
     fg, owner = np.asarray(t["fg_mask"]), np.asarray(t["gt_index"])
     entries = jaxtal.foreground_entries(fg, owner, M * CFG.topk)
     zeros = np.zeros(fg.shape, np.int32)
     boxes = np.asarray(t["boxes"], np.float32)
     targets = jaxtal.Targets(zeros, boxes, fg.astype(np.float32), fg, owner, zeros[:, :M], entries)
+    # The oracle's gradients are of the total, b * sum of parts.
+    return (want_parts[1], want_rows / B, want_proto / B), targets, count
+
+  @staticmethod
+  def _assert_matches(got, want):
+    value, (d_rows, d_proto) = got
+    np.testing.assert_allclose(value, want[0], rtol=1e-4)
+    for g, w in ((d_rows, want[1]), (np.asarray(d_proto).transpose(0, 2, 3, 1), want[2])):
+      np.testing.assert_allclose(g, w, rtol=1e-3, atol=2e-4 * np.abs(w).max())
+
+  def test_chunked_matches_numpy(self, variant):
+    feats, coefs, proto = predictions(seed=1)
+    gt = ground_truth(seed=1)
+    want, targets, count = self._oracle_and_targets(feats, coefs, proto, gt)
 
     def seg_part(rows, proto_nchw):  # box * (mask term) / count, as the loss's seg part
       p = resize_prototypes(proto_nchw, MASK_HW)
       return CFG.box * mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, True) / count
 
     seg_and_grads = variant(jax.value_and_grad(seg_part, argnums=(0, 1)))
-    value, (d_rows, d_proto) = seg_and_grads(coef_rows(coefs), proto.transpose(0, 3, 1, 2))
-    np.testing.assert_allclose(value, want_parts[1], rtol=1e-4)
-    for got, want in ((d_rows, want_rows), (np.asarray(d_proto).transpose(0, 2, 3, 1), want_proto)):
-      want = want / B  # the oracle's gradients are of the total, b * sum of parts
-      np.testing.assert_allclose(got, want, rtol=1e-3, atol=2e-4 * np.abs(want).max())
+    self._assert_matches(seg_and_grads(coef_rows(coefs), proto.transpose(0, 3, 1, 2)), want)
+
+  @pytest.mark.parametrize("mask_hw,index_map,window", [
+      (MASK_HW, True, 4),  # prototypes upsampled
+      ((8, 12), False, 5),  # downsampled, per-slot masks
+      pytest.param((16, 16), False, 16, marks=pytest.mark.slow),  # the prototypes' resolution, one window the plane
+  ])
+  def test_windows_match_the_full_plane_and_numpy(self, mask_hw, index_map, window):
+    """The mask term over box windows (``mask_window``) equals the full-plane forms and the oracle: masks
+    at other resolutions than the prototypes, both mask forms, boxes crossing the image's border."""
+    feats, coefs, proto = predictions(seed=2)
+    gt = ground_truth(seed=2, mask_hw=mask_hw)
+    if not index_map:
+      gt = gt._replace(masks=slot_masks_of(gt.masks, np.float32))
+    want, targets, count = self._oracle_and_targets(feats, coefs, proto, gt)
+
+    @jax.jit
+    def seg_parts(rows, proto_nchw):
+      p = resize_prototypes(proto_nchw, mask_hw)
+
+      def seg(rows, p, plain, window):
+        return CFG.box * mask_sum(rows, p, jnp.asarray(gt.masks), targets, (IMAGE, IMAGE), 3, index_map, plain, window) / count
+
+      grad = lambda *args: jax.value_and_grad(seg, argnums=(0, 1))(rows, p, *args)  # noqa: E731
+      return grad((), window), grad(("mask_windows",), window), grad(("mask_bce_sum",), window)
+
+    windows, *full_plane = seg_parts(coef_rows(coefs), proto.transpose(0, 3, 1, 2))
+    for other in full_plane:
+      chex.assert_trees_all_close(windows, other, rtol=1e-5, atol=1e-6)
+    d_proto = jax.vjp(lambda p: resize_prototypes(p, mask_hw), proto.transpose(0, 3, 1, 2))[1](windows[1][1])[0]
+    self._assert_matches((windows[0], (windows[1][0], d_proto)), want)
 
 
 def test_no_foreground_gives_a_zero_mask_term():

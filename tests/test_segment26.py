@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,6 +305,100 @@ def test_refine_with_non_finite_coefficients_and_prototypes_counts_those_logits_
     ciou = max(np_box_iou(np.asarray(gt_boxes[m], np.float64), pred[a].astype(np.float64), "ciou"), 0.0)
     miou = np_pair_iou(coefs[a], pred[a] * np.float32(0.5), proto, per_slot[m]) if cand[m, j] else 0.0
     np.testing.assert_allclose(overlap[m, j], (ciou + miou) / 2, rtol=2e-6, atol=1e-7)
+
+
+def _windows_problem(seed, index_map):
+  """One image's short lists on a 24 x 20 plane with unquantised float32 values (any dot product's rounding
+  shows): boxes touching each border, larger than the plane, inverted, NaN and infinite sides; pairs whose
+  predicted mask is empty (coefficients 0) or full (positive prototypes and coefficients); NaN and infinite
+  coefficients and prototype pixels."""
+  rng = np.random.default_rng(seed)
+  m, size, nm, (h, w) = 5, 12, 8, (24, 20)
+  coef = rng.normal(size=(m, size, nm)).astype(np.float32)
+  proto = rng.normal(size=(nm, h, w)).astype(np.float32)
+  corner = rng.uniform(-6.0, 26.0, (m, size, 2))
+  box = np.concatenate([corner, corner + rng.uniform(0.5, 18.0, (m, size, 2))], -1).astype(np.float32)
+  box[0, :6] = [[-9, -9, 99, 99], [0, 0, w, h], [w - 3.5, 2, w, 9], [2, h - 0.5, 9, h + 4], [-np.inf, 3, 5, np.inf], [7, 7, 3, 3]]
+  box[1, :2] = [[np.nan, 0, 5, 5], [0, 0, w, np.nan]]
+  coef[2, :3] = 0.0  # empty predicted masks
+  full = np.abs(proto[:, :12]).sum(0) > 0  # rows 0-11 of the plane: positive prototypes
+  proto[:, :12] = np.abs(proto[:, :12]) + 0.01
+  coef[3, :4] = np.abs(coef[3, :4]) + 0.01  # full predicted masks on rows 0-11
+  box[3, :4] = [[0, 0, w, 12], [3.2, 1.7, 15.1, 11.9], [-5, -5, 40, 12], [0, 0, 1, 1]]
+  coef[4, 0] = np.nan
+  coef[4, 1, 2] = np.inf
+  proto[1, 20, 3] = np.nan
+  proto[0, 15, :] = -np.inf
+  cand = rng.uniform(size=(m, size)) < 0.8
+  cand[:4, :6] = True
+  cand[4, :2] = True
+  index = rng.integers(0, m + 2, (h, w)).astype(np.int32)  # includes values past the slots
+  index[:12, :10] = 4  # slot 3 covers part of the full masks' rows
+  masks = index if index_map else index[None] == np.arange(1, m + 1)[:, None, None]
+  del full
+  return coef, box, cand, jaxtal.MaskImage(jnp.asarray(proto), jnp.asarray(masks), jnp.float32(1.0))
+
+
+def _refined(coef, box, cand, image, **geometry):
+  """The refined ``(M, L)`` overlaps of ``mask_iou(**geometry)`` with pair ``(i, j)`` of the lists at anchor ``i * L + j``."""
+  m, size, nm = coef.shape
+  geo = jaxtal.mask_iou(**geometry)
+  g = geo.gt_data(jnp.asarray(np.tile([[1.0, 1.0, 9.0, 9.0]], (m, 1)), jnp.float32), jnp.ones((m,), bool), 0.0)
+  p = geo.pred_data(jnp.asarray(box.reshape(-1, 4)), jnp.zeros((m * size, 2), jnp.float32), jnp.asarray(coef.reshape(-1, nm)))
+  listed = jnp.arange(m * size, dtype=jnp.int32).reshape(m, size)
+  return np.asarray(jax.jit(geo.refine)(g, jax.tree.map(lambda x: x[listed], p), listed, jnp.asarray(cand), image)[1])
+
+
+@pytest.mark.parametrize("index_map", [True, False])
+@pytest.mark.parametrize(("window", "fallback", "chunk"), [(4, False, None), (7, True, 7), (24, False, 3), (1, True, None)])
+def test_windowed_refine_is_the_plane_one(index_map, window, fallback, chunk):
+  """The windowed counts give bit-identical refined overlaps to the full-plane decode: any window (not dividing
+  the plane, the whole plane, one pixel), with and without the run-time fallback, on borders, oversize, NaN and
+  infinite boxes, empty and full predicted masks and non-finite values; and the pairs' mask IoUs are not trivial."""
+  coef, box, cand, image = _windows_problem(1, index_map)
+  plane = _refined(coef, box, cand, image, iou_chunk=chunk, mask_window=False)
+  got = _refined(coef, box, cand, image, iou_chunk=chunk, mask_window=window, fallback=fallback)
+  np.testing.assert_array_equal(got, plane)
+  per_slot = np.asarray(image.masks) if not index_map else np.asarray(image.masks)[None] == np.arange(1, 6)[:, None, None]
+  miou = np.array([[np_pair_iou(coef[i, j], box[i, j], np.asarray(image.proto), per_slot[i]) if cand[i, j] else 0.0
+                    for j in range(box.shape[1])] for i in range(box.shape[0])])
+  assert (miou[3, :3] > 0.3).all() and (miou[2, :3] == 0).all() and (miou > 0).sum() >= 15
+
+
+def test_the_windows_fall_back_to_the_plane_when_they_cost_more():
+  """Every box the whole plane in 1-pixel windows: the windows cost more, the plane loop runs instead (same
+  overlaps); forced, the windows give them too."""
+  coef, box, cand, image = _windows_problem(2, True)
+  box = np.broadcast_to(np.array([-1, -1, 30, 30], np.float32), box.shape)
+  cheaper = jaxtal.kernels.windows_cheaper(
+      jnp.array([int(cand.sum()) * 24 * 20]), jnp.asarray(cand.reshape(1, -1)), (24, 20), (1, 1), 1, cand.size)
+  assert not bool(cheaper)
+  plane = _refined(coef, box, cand, image, mask_window=False)
+  np.testing.assert_array_equal(_refined(coef, box, cand, image, mask_window=1), plane)
+  np.testing.assert_array_equal(_refined(coef, box, cand, image, mask_window=1, fallback=False), plane)
+
+
+WINDOWS_CFG = dataclasses.replace(CFG, mask_window=4)
+
+
+def test_the_config_switches_the_windows():
+  """The loss's geometry follows ``mask_window`` and the mask term's ``plain_kernels`` switch (the checked loss's
+  decodes the plane: its loop form has no windows)."""
+  geometry = jaxtal.segment26.MASK_IOU.geometry
+  assert geometry(WINDOWS_CFG) is jaxtal.mask_iou(mask_window=4) and geometry(CFG) is jaxtal.mask_iou()
+  for plain in (("mask_windows",), ("mask_bce_sum",)):
+    assert geometry(dataclasses.replace(WINDOWS_CFG, plain_kernels=plain)) is jaxtal.mask_iou(mask_window=False)
+  with pytest.raises(ValueError, match="mask_window"):
+    jaxtal.mask_iou(mask_window=0)
+
+
+@pytest.mark.slow
+def test_the_targets_with_windows_are_the_plane_ones():
+  """The assignment inside the loss with windows (4 pixels on the 16 x 16 prototypes) and without: identical targets."""
+  win, plain = WINDOWS_CFG, dataclasses.replace(WINDOWS_CFG, plain_kernels=("mask_windows",))
+  preds, gt = predictions(5), ground_truth(seed=5)
+  targets = jax.jit(lambda p, g, c: jaxtal.segment26_targets(p, g, c)[1], static_argnums=2)
+  chex.assert_trees_all_equal(targets(preds, gt, win), targets(preds, gt, plain))
 
 
 def test_the_geometry_needs_its_extras():

@@ -3,8 +3,9 @@ reference, comparing jaxtal with them, and checking that a fresh write reproduce
 for byte. ``tests/make_fixtures.py`` is the command line.
 
 Every file is ``save_npz(to_arrays(case, run(driver, case), driver.VERSION))`` of a case builder (NumPy
-only: ``cases``, ``obb_cases``, ``pose_cases``, ``segment_cases``, ``segment26_cases``) and a reference driver (``reference``,
-``obb_reference``, ``pose_reference``, ``segment_reference``, ``segment26_reference``), run with torch on one thread (a fixed
+only: ``cases``, ``obb_cases``, ``pose_cases``, ``segment_cases``, ``segment26_cases``, ``pose26_cases``) and a
+reference driver (``reference``, ``obb_reference``, ``pose_reference``, ``segment_reference``,
+``segment26_reference``, ``pose26_reference``), run with torch on one thread (a fixed
 reduction order: the same bytes on every run on one machine and torch build).
 """
 
@@ -16,9 +17,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from support import cases, obb_cases, parity, pose_cases, runners, segment26_cases, segment_cases
+from support import cases, obb_cases, parity, pose26_cases, pose_cases, runners, segment26_cases, segment_cases
 
-KINDS = ("assign", "loss", "e2e", "obb", "pose", "segment", "segment26")
+KINDS = ("assign", "loss", "e2e", "obb", "pose", "segment", "segment26", "pose26")
 
 
 class Job(NamedTuple):
@@ -68,6 +69,31 @@ def reference_pose_loss(driver, case: dict, *, stable: bool | None = None) -> di
   x = case["inputs"]
   stable = case["name"] in pose_cases.TIE_CASES if stable is None else stable
   return driver.loss(x["feats"], x["kpts"], x["label_rows"], x["keypoints"], stable=stable, **kwargs)
+
+
+def reference_pose26_loss(driver, case: dict) -> dict:
+  """The reference's ``PoseLoss26`` on a pose26 case (native top-k: the cases have no tied zero-metric candidates)."""
+  kwargs, _ = pose26_cases.split_config(case["config"])
+  x = case["inputs"]
+  return driver.loss(x["feats"], x["kpts"], x["kpt_sigmas"], x["label_rows"], x["keypoints"], x["flow"],
+                     stable=case["name"] in pose26_cases.TIE_CASES, **kwargs)
+
+
+def reference_pose26_e2e(driver, case: dict) -> dict:
+  """The reference's ``E2ELoss(model, PoseLoss26)`` on a pose26 end-to-end case."""
+  kwargs, _ = pose26_cases.split_config(case["config"])
+  x = case["inputs"]
+  many, one = (x["feats"], x["kpts"], x["kpt_sigmas"]), (x["feats_o2o"], x["kpts_o2o"], x["kpt_sigmas_o2o"])
+  return driver.e2e_loss(many, one, x["label_rows"], x["keypoints"], x["flow"], **kwargs)
+
+
+def reference_pose26_assign(driver, case: dict) -> dict:
+  """The reference's ``PoseTaskAlignedAssigner`` on a pose26 assignment case."""
+  x = case["inputs"]
+  return driver.assign(
+      x["pred_scores"], x["pred_boxes"], x["anchor_points"], x["anchor_strides"], x["gt_labels"], x["gt_boxes"],
+      x["gt_mask"], x["pred_kpts"], x["gt_kpts"], **case["config"],
+  )
 
 
 def reference_segment_loss(driver, case: dict) -> dict:
@@ -121,6 +147,18 @@ def jobs(kinds=KINDS) -> list[Job]:
       for n in segment26_cases.CASES:
         add(kind, n, f"segment26_{n}.npz", lambda n=n: segment26_cases.loss_case(n), reference_segment26_loss,
             segment26_cases.to_arrays, "segment26_reference")
+    elif kind == "pose26":
+      add(kind, "flow", "pose26_flow.npz", pose26_cases.flow_case, lambda driver, case: {}, pose26_cases.flow_to_arrays,
+          "pose26_reference")
+      for n in pose26_cases.POSE26_CASES:
+        add(kind, n, f"pose26_{n}.npz", lambda n=n: pose26_cases.loss_case(n), reference_pose26_loss,
+            pose26_cases.to_arrays, "pose26_reference")
+      for n in pose26_cases.E2E_CASES:
+        add(kind, f"e2e_{n}", f"pose26_e2e_{n}.npz", lambda n=n: pose26_cases.e2e_case(n), reference_pose26_e2e,
+            pose26_cases.to_arrays, "pose26_reference")
+      for n in pose26_cases.ASSIGN_CASES:
+        add(kind, f"assign_{n}", f"pose26_assign_{n}.npz", lambda n=n: pose26_cases.assign_case(n),
+            reference_pose26_assign, cases.to_arrays, "pose26_reference")
     else:
       raise KeyError(f"unknown fixture kind {kind!r}; expected one of {KINDS}")
   return out
@@ -241,5 +279,17 @@ def check(kinds=KINDS) -> None:
       elif kind == "segment26":
         case, ref, _ = segment26_cases.load_fixture(j.name)
         show(f"segment26 {j.name}", parity.segment26_loss_errors(runners.run_segment26_loss(case), ref))
+      elif kind == "pose26" and j.name == "flow":
+        continue
+      elif kind == "pose26" and j.name.startswith("assign_"):
+        case, ref, _ = pose26_cases.load_fixture("pose26_assign", j.name[len("assign_"):])
+        got = runners.run_pose26_assign(case)
+        show(f"pose26 {j.name}", {"target score abs": float(np.max(np.abs(got["scores"] - ref["scores"]), initial=0.0))})
+      elif kind == "pose26" and j.name.startswith("e2e_"):
+        case, ref, _ = pose26_cases.load_fixture("pose26_e2e", j.name[len("e2e_"):])
+        show(f"pose26 {j.name}", parity.pose26_errors(runners.run_pose26_e2e(case), ref))
+      elif kind == "pose26":
+        case, ref, _ = pose26_cases.load_fixture("pose26", j.name)
+        show(f"pose26 {j.name}", parity.pose26_errors(runners.run_pose26_loss(case), ref))
   for k, v in worst.items():
     print(f"worst {k:28s} {v:.3e}")

@@ -102,12 +102,14 @@ def np_valid_rows(labels, boxes, mask, nc, image_hw=None):
 
 
 def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, topk2=None, alpha=0.5, beta=6.0,
-                  eps=1e-9, min_box_side=16.0, overlap="ciou", image_hw=None, gate=None, shortlist=None):
+                  eps=1e-9, min_box_side=16.0, overlap="ciou", image_hw=None, gate=None, shortlist=None,
+                  pair_overlap=None):
   """Task-aligned assignment of one image, dense ``(M, A)``, from the TOOD paper and the jaxtal docstring.
 
   ``overlap`` is ``"ciou"`` (Ultralytics) or ``"iou"``: the overlap of the align metric and of
-  conflict resolution. ``min_box_side`` defaults to jaxtal's (16: ``strides[1]`` of the test
-  problems' ``(8, 16)`` and a bare assigner config's). ``gate``: an ``(M, A)`` bool further candidate condition, applied to a GT
+  conflict resolution; or ``pair_overlap``, a given ``(M, A)`` overlap (e.g. keypoint OKS).
+  ``min_box_side`` defaults to jaxtal's (16: ``strides[1]`` of the test problems' ``(8, 16)`` and a
+  bare assigner config's). ``gate``: an ``(M, A)`` bool further candidate condition, applied to a GT
   only where it leaves it a candidate. ``shortlist``: ``(f, listed_fn, unlisted_fn)``: each GT's
   ``min(f * topk, A)`` best candidates by ``s^alpha u^beta + eps`` get overlap ``listed_fn(u)``,
   the others ``unlisted_fn(u)`` (both ``(M, A)`` -> ``(M, A)``). Returns the final targets, the
@@ -127,8 +129,8 @@ def np_assign_one(scores, pred_boxes, anchors, labels, boxes, mask, *, topk=10, 
   if gate is not None:
     gated = cand & gate
     cand = np.where(gated.any(1, keepdims=True), gated, cand)
-  # 2. align metric s^alpha * u^beta, u = CIoU (or IoU) clamped at 0.
-  u = np_box_iou(boxes[:, None], pred_boxes[None], overlap)
+  # 2. align metric s^alpha * u^beta, u = CIoU (or IoU, or the given overlap) clamped at 0.
+  u = np_box_iou(boxes[:, None], pred_boxes[None], overlap) if pair_overlap is None else np.asarray(pair_overlap, np.float64)
   overlaps = np.where(cand & np.isfinite(u), np.maximum(u, 0), 0)
   s = np.where(np.isfinite(scores), np.clip(scores, 0, 1), 0)[:, np.clip(labels, 0, nc - 1)].T
   if shortlist is not None:

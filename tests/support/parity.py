@@ -137,3 +137,34 @@ def segment26_loss_errors(out: dict, ref: dict) -> dict[str, float]:
   if "weights" in out:
     errs["target score abs"] = float(np.max(np.abs(out["weights"] - ref["weights"]), initial=0.0))
   return errs
+
+
+def pose26_errors(out: dict, ref: dict) -> dict[str, float]:
+  """Relative errors of the total and parts (absolute where the reference's is 0) and gradient ratios of every
+  map and of the flow (end-to-end: both branches'), and the foreground mismatches of a loss case."""
+  errs = part_errors(out, ref)
+  for key in ("grads", "kpt_grads", "sigma_grads", "grads_o2o", "kpt_grads_o2o", "sigma_grads_o2o"):
+    if key in ref:
+      errs[f"{key} ratio"] = grad_ratio(out[key], ref[key])
+  errs["flow grads ratio"] = flow_grad_ratio(out["flow_grads"], ref["flow_grads"])
+  if "fg_mask" in ref:
+    errs["foreground mismatches"] = float(np.sum(out["fg_mask"] != ref["fg_mask"]))
+  return errs
+
+
+def flow_grad_ratio(grads: dict, ref: dict) -> float:
+  """The flow gradient's worst error ratio: per field ``max|grad - ref| / max|ref|`` over all fields; for a
+  field stored projected (``<field>_proj``, ``<field>_norm``: ``pose26_cases.project_flow_grads``), ``max|D
+  (grad - ref)| / |ref|_2`` over the stored directions ``D`` (about ``|grad - ref|_2 / |ref|_2``)."""
+  from support import pose26_cases  # noqa: PLC0415
+
+  scale = max(float(np.max(np.abs(v))) for k, v in ref.items() if not k.endswith(("_proj", "_norm")))
+  worst = 0.0
+  for k, v in ref.items():
+    if k.endswith("_proj"):
+      field = k[: -len("_proj")]
+      proj = pose26_cases.flow_directions(field) @ np.asarray(grads[field], np.float64).reshape(-1)
+      worst = max(worst, float(np.max(np.abs(proj - v))) / max(float(ref[field + "_norm"]), 1e-30))
+    elif not k.endswith("_norm"):
+      worst = max(worst, float(np.max(np.abs(np.asarray(grads[k]) - v))) / max(scale, 1e-30))
+  return worst

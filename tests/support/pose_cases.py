@@ -39,7 +39,7 @@ _IMAGE, _STRIDES = 64, (8, 16, 32)
 _SIGMAS4 = (0.05, 0.1, 0.2, 0.4)
 
 
-def _keypoints(rng, rows, k, dims, *, p_visible=0.8, outside=0.0, invisible_rows=()):
+def random_keypoints(rng, rows, k, dims, *, p_visible=0.8, outside=0.0, invisible_rows=()):
   """``(n, K, dims)`` normalised keypoints of ``rows``: inside each box (with probability
   ``outside``, moved out of it but kept inside the image); with ``dims == 3`` the visibility is
   2 or 1 with probability ``p_visible`` (0 otherwise; all 0 for the rows in ``invisible_rows``)."""
@@ -151,7 +151,7 @@ def loss_case(name: str) -> dict:
     rows[0, 1:] = [1, 0.5, 0.8, 0.9, 0.3]
     rows[1:, 1] = 0
   k = cfg["kpt_shape"][0]
-  keypoints = _keypoints(rng, rows, k, dims, **options)
+  keypoints = random_keypoints(rng, rows, k, dims, **options)
   cfg["max_boxes"] = int(max(max(counts), 1) + 2)  # M above the largest count: padding is exercised
   maps = cases.head_maps(
       rng, rows, batch, cfg["num_classes"], _IMAGE, _STRIDES, cfg["reg_max"], min_side=cfg["min_box_side"]

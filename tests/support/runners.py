@@ -13,10 +13,11 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxtal
-from support import cases, obb_cases, pose_cases, segment26_cases, segment_cases
+from support import cases, obb_cases, pose26_cases, pose_cases, segment26_cases, segment_cases
 
 # ``JAXTAL_TEST_WINDOWS=1`` runs every assignment of the parity runners through the windowed pass
 # (jaxtal.windows), ``=0`` through the dense one; unset, jaxtal chooses (dense for these small cases).
@@ -260,26 +261,29 @@ def run_pose_loss(case: dict) -> dict:
 # ----------------------------------------------------------------------------- segmentation
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _segment_loss_jit(feats, coefs, proto, gt, *, config):
+@functools.partial(jax.jit, static_argnames=("config", "overrides"))
+def _segment_loss_jit(feats, coefs, proto, gt, *, config, overrides=()):
   kwargs = dict(config)
   kwargs.pop("class_weights")
 
   def f(feats, coefs, proto):
-    return jaxtal.segment_loss(jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto), gt, layout="NCHW", **kwargs)
+    preds = jaxtal.Predictions(feats, mask_coefs=coefs, proto=proto)
+    return jaxtal.segment_loss(preds, gt, layout="NCHW", **kwargs, **dict(overrides))
 
   (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(feats, coefs, proto)
   _, targets = jaxtal.detection_targets(feats, gt, layout="NCHW", **kwargs)
   return total, parts, grads, targets
 
 
-def run_segment_loss(case: dict) -> dict:
-  """jaxtal's segmentation loss on a case (jitted): total, parts, gradients and the assignment, as NumPy."""
+def run_segment_loss(case: dict, **overrides) -> dict:
+  """jaxtal's segmentation loss on a case (jitted): total, parts, gradients and the assignment, as NumPy.
+  ``overrides``: settings that must not change the result (e.g. ``mask_window``)."""
   kwargs, _, _ = segment_cases.split_config(case["config"])
   assert kwargs["class_weights"] is None
   x = case["inputs"]
   total, parts, (grads, coef_grads, proto_grad), t = _segment_loss_jit(
-      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(with_windows(kwargs).items()))
+      x["feats"], x["coefs"], x["proto"], segment_cases.ground_truth(case), config=tuple(sorted(with_windows(kwargs).items())),
+      overrides=tuple(sorted(overrides.items())),
   )
   return loss_outputs(total, parts, grads, t, coef_grads=coef_grads, proto_grad=proto_grad)
 
@@ -345,3 +349,96 @@ def run_segment26_loss(case: dict) -> dict:
   total, parts, grads, t = _segment26_jit(x["feats"], x["coefs"], x["proto"], x.get("semantic"), gt, config=config, loss=loss)
   grads = _segment26_grads(grads)
   return loss_outputs(total, parts, grads.pop("grads"), t, **grads)
+
+
+# ----------------------------------------------------------------------------- YOLO26 pose
+
+
+def pose26_config(config: dict, layout: str = "NCHW") -> tuple[jaxtal.Pose26LossConfig, np.ndarray | None, dict]:
+  """A pose26 case's config as a static Pose26LossConfig, its class weights and the end-to-end settings
+  (``epoch``, ``epochs``; empty for a loss case). ``min_box_side`` None is jaxtal's default (Ultralytics'
+  ``strides[1]``): left out when the config's default is None, else given as ``strides[1]``."""
+  kwargs, _ = pose26_cases.split_config(config)
+  cw = kwargs.pop("class_weights")
+  e2e = {k: kwargs.pop(k) for k in ("epoch", "epochs") if k in kwargs}
+  if kwargs["min_box_side"] is None:
+    del kwargs["min_box_side"]
+    if jaxtal.Pose26LossConfig.__dataclass_fields__["min_box_side"].default is not None:
+      kwargs["min_box_side"] = float(kwargs["strides"][1])
+  cfg = jaxtal.Pose26LossConfig(**kwargs, layout=layout)
+  return cfg, None if cw is None else np.asarray(cw, np.float32), e2e
+
+
+def pose26_flow(arrays: dict) -> jaxtal.FlowParams:
+  """A case's flow arrays (``pose26_cases.flow_arrays``) as FlowParams."""
+  return jaxtal.FlowParams(**{k: jnp.asarray(v) for k, v in arrays.items()})
+
+
+def _preds26(feats, kpts, sigmas):
+  return jaxtal.Predictions(feats, keypoints=kpts, keypoint_sigmas=sigmas)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _pose26_loss_jit(feats, kpts, sigmas, flow, gt, class_weights, *, config):
+  def f(feats, kpts, sigmas, flow):
+    return jaxtal.pose26_loss(_preds26(feats, kpts, sigmas), gt, config, flow=flow, class_weights=class_weights)
+
+  (total, parts), grads = jax.value_and_grad(f, argnums=(0, 1, 2, 3), has_aux=True)(feats, kpts, sigmas, flow)
+  _, targets = jaxtal.pose26_targets(_preds26(feats, kpts, sigmas), gt, config)
+  return total, parts, grads, targets
+
+
+def run_pose26_loss(case: dict) -> dict:
+  """jaxtal's YOLO26 pose loss on a case (jitted): total, parts, gradients w.r.t. the head, keypoint and
+  sigma maps (``grads``, ``kpt_grads``, ``sigma_grads``) and the flow (``flow_grads``, a dict of its
+  fields), and the assignment, as NumPy."""
+  x = case["inputs"]
+  config, class_weights, _ = pose26_config(case["config"])
+  total, parts, (g, gk, gs, gf), t = _pose26_loss_jit(
+      x["feats"], x["kpts"], x["kpt_sigmas"], pose26_flow(x["flow"]), pose26_cases.gt_of(case), class_weights, config=config
+  )
+  out = loss_outputs(total, parts, g, t, kpt_grads=gk, sigma_grads=gs)
+  return out | {"flow_grads": {k: np.asarray(v) for k, v in gf._asdict().items()}}
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _pose26_e2e_jit(many, one, flow, gt, weight, *, config):
+  def f(many, one, flow):
+    return jaxtal.end_to_end_loss(jaxtal.pose26_loss, _preds26(*many), _preds26(*one), gt, weight=weight, flow=flow, config=config)
+
+  return jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(many, one, flow)
+
+
+def run_pose26_e2e(case: dict) -> dict:
+  """jaxtal's ``end_to_end_loss(pose26_loss, ...)`` on an end-to-end case (jitted), as NumPy: ``total``,
+  ``parts`` (the one-to-one branch's), the gradients of both branches' maps and of the shared flow."""
+  x = case["inputs"]
+  config, _, e2e = pose26_config(case["config"])
+  weight = np.float32(jaxtal.one2many_weight(e2e["epoch"], e2e["epochs"]))
+  many = (x["feats"], x["kpts"], x["kpt_sigmas"])
+  one = (x["feats_o2o"], x["kpts_o2o"], x["kpt_sigmas_o2o"])
+  (total, parts), (gm, go, gf) = _pose26_e2e_jit(many, one, pose26_flow(x["flow"]), pose26_cases.gt_of(case), weight, config=config)
+  lists = lambda gs: [np.asarray(g) for g in gs]  # noqa: E731
+  return dict(
+      total=float(total), parts=type(parts)(*(float(p) for p in parts)),
+      grads=lists(gm[0]), kpt_grads=lists(gm[1]), sigma_grads=lists(gm[2]),
+      grads_o2o=lists(go[0]), kpt_grads_o2o=lists(go[1]), sigma_grads_o2o=lists(go[2]),
+      flow_grads={k: np.asarray(v) for k, v in gf._asdict().items()},
+  )
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _pose26_assign_jit(x, gt, *, config):
+  kw = dict(config)
+  return jaxtal.pose_task_aligned_assign(
+      x["pred_scores"], x["pred_boxes"], x["pred_kpts"], x["anchor_points"], x["anchor_strides"], gt, **kw
+  )
+
+
+def run_pose26_assign(case: dict) -> dict:
+  """jaxtal's ``pose_task_aligned_assign`` on a pose26 assignment case (jitted) as NumPy arrays."""
+  x = case["inputs"]
+  gt = jaxtal.GroundTruth(x["gt_labels"], x["gt_boxes"], x["gt_mask"], keypoints=x["gt_kpts"])
+  arrays = {k: x[k] for k in ("pred_scores", "pred_boxes", "pred_kpts", "anchor_points", "anchor_strides")}
+  out = _pose26_assign_jit(arrays, gt, config=tuple(sorted(case["config"].items())))
+  return {k: np.asarray(v) for k, v in out._asdict().items()}
