@@ -810,6 +810,7 @@ def pose_task_aligned_assign(
     *,
     sigmas,
     level_range: tuple[float, float] = (2.0, 12.0),
+    grid: tuple[tuple[int, int, float], ...] | None = None,
     **overrides,
 ) -> Assignment:
   """The task-aligned assigner of YOLO26 pose (Ultralytics' ``PoseTaskAlignedAssigner``): overlap OKS, level gate.
@@ -833,6 +834,7 @@ def pose_task_aligned_assign(
     config: an :class:`~jaxtal.AssignerConfig`.
     sigmas: the ``K`` per-keypoint OKS sigmas (e.g. ``jaxtal.pose.COCO_SIGMAS``).
     level_range: the gate's ``(lo, hi)`` in strides; ``(0, inf)`` turns it off.
+    grid: the anchors' grid, as for :func:`~jaxtal.task_aligned_assign`.
 
   Returns:
     An :class:`~jaxtal.Assignment`.
@@ -855,4 +857,4 @@ def pose_task_aligned_assign(
       gt=jnp.asarray(gt.keypoints, jnp.float32),
       pred=(jnp.asarray(pred_keypoints, jnp.float32), jnp.broadcast_to(strides.reshape(1, a), (b, a))),
   )
-  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, geometry, caller, extra)
+  return _dense_assignment(pred_scores, pred_boxes, anchor_points, gt, cfg, geometry, caller, extra, grid)

@@ -29,7 +29,6 @@ computed for every pair that can matter, and every pair outside the windows is a
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -184,11 +183,10 @@ def block_ids(p: Plan, t: jax.Array, sizes: tuple[int, ...], num_gts: int) -> tu
 def window_anchors(c: Cells, lay: Layout, cap: int) -> tuple[jax.Array, jax.Array]:
   """``(anchor (C, cap) int32, used (C, cap) bool)``: each GT's window as anchor indices, ascending
   (levels, then rows, then columns), in its first ``size`` slots; unused slots hold anchor 0."""
-  # Per GT and level: the window's first slot, the anchor of its first cell, its columns. Kept
-  # out of the per-slot loop (XLA would recompute them for every slot).
+  # Per GT and level: the window's first slot, the anchor of its first cell, its columns.
   base = [off + f[..., 0] * w + f[..., 1] for f, off, (_, w, _) in zip(c.first, lay.offsets(), lay.grid)]
   cols = [jnp.maximum(n[..., 1], 1) for n in c.count]
-  start, base, cols, size = jax.lax.optimization_barrier((c.start, base, cols, c.size))
+  start, size = c.start, c.size
   t = jnp.arange(cap, dtype=jnp.int32)
   at_start, at_base, at_cols, at_w = start[0][..., None], base[0][..., None], cols[0][..., None], jnp.int32(lay.grid[0][1])
   for level in range(1, len(lay.grid)):  # each slot takes the parameters of the last level starting at or before it

@@ -336,7 +336,7 @@ def test_vmapped_windowed_assignment():
   twice = jax.jit(jax.vmap(lambda s, bx, g: assign(s, bx, problem[2], g, cfg)))(
       *(jax.tree.map(lambda x: jnp.stack([x, x]), v) for v in (problem[0], problem[1], problem[3])))
   for i in range(2):
-    assert_same_targets(jax.tree.map(lambda x: x[i], twice), one)
+    assert_same_targets(jax.tree.map(lambda x, i=i: x[i], twice), one)
 
 
 @pytest.mark.slow

@@ -365,7 +365,7 @@ def pose26_config(config: dict, layout: str = "NCHW") -> tuple[jaxtal.Pose26Loss
     del kwargs["min_box_side"]
     if jaxtal.Pose26LossConfig.__dataclass_fields__["min_box_side"].default is not None:
       kwargs["min_box_side"] = float(kwargs["strides"][1])
-  cfg = jaxtal.Pose26LossConfig(**kwargs, layout=layout)
+  cfg = jaxtal.Pose26LossConfig(**with_windows(kwargs), layout=layout)
   return cfg, None if cw is None else np.asarray(cw, np.float32), e2e
 
 
@@ -440,5 +440,6 @@ def run_pose26_assign(case: dict) -> dict:
   x = case["inputs"]
   gt = jaxtal.GroundTruth(x["gt_labels"], x["gt_boxes"], x["gt_mask"], keypoints=x["gt_kpts"])
   arrays = {k: x[k] for k in ("pred_scores", "pred_boxes", "pred_kpts", "anchor_points", "anchor_strides")}
-  out = _pose26_assign_jit(arrays, gt, config=tuple(sorted(case["config"].items())))
+  config = tuple(sorted({**with_windows(case["config"]), "grid": anchor_grid(x["anchor_points"])}.items()))
+  out = _pose26_assign_jit(arrays, gt, config=config)
   return {k: np.asarray(v) for k, v in out._asdict().items()}
