@@ -56,7 +56,6 @@ def rows(args, table) -> None:
   if reference is None:
     timing.compare_rows(args, table, NAME, "jaxtal.pose_loss", runs)
     return
-  import torch
   from ultralytics.utils.loss import v8PoseLoss
 
   preds, leaves = timing.reference_preds(maps_np, POSE_NUM_CLASSES, extra={"kpts": kpts_np})
@@ -65,11 +64,7 @@ def rows(args, table) -> None:
   model.model[-1].kpt_shape = list(POSE_KPT_SHAPE)
   crit = v8PoseLoss(model, tal_topk=10)
   crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides
-  ref_runs = {}
-  for m in POSE_BOX_COUNTS:
-    t = torch.from_numpy(rows_by_m[m])
-    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "keypoints": torch.from_numpy(keypoints_by_m[m])}
-    ref_runs[m] = timing.reference_run(crit, preds, batch, leaves)
+  ref_runs = _reference_runs(crit, preds, leaves, rows_by_m, keypoints_by_m)
   timing.compare_rows(
       args, table, NAME, "jaxtal.pose_loss", runs,
       "Ultralytics v8PoseLoss fwd+bwd", ref_runs, timing.reference_note(reference), "pose loss", "target >= 2.5",
@@ -121,12 +116,20 @@ def rows26(args, table) -> None:
   crit = PoseLoss26(model, tal_topk=10)
   crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides
   leaves = leaves + list(flow_model.parameters())  # its gradients are cleared between runs too
-  ref_runs = {}
-  for m in POSE_BOX_COUNTS:
-    t = torch.from_numpy(rows_by_m[m])
-    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "keypoints": torch.from_numpy(keypoints_by_m[m])}
-    ref_runs[m] = timing.reference_run(crit, preds, batch, leaves)
+  ref_runs = _reference_runs(crit, preds, leaves, rows_by_m, keypoints_by_m)
   timing.compare_rows(
       args, table, NAME26, "jaxtal.pose26_loss", runs,
       "Ultralytics PoseLoss26 fwd+bwd", ref_runs, timing.reference_note(reference), "YOLO26 pose loss", "",
   )  # fmt: skip
+
+
+def _reference_runs(crit, preds, leaves, rows_by_m, keypoints_by_m) -> dict:
+  """The reference criterion timed at every ``M`` of the pose rows (v8 and YOLO26 alike)."""
+  import torch
+
+  runs = {}
+  for m in POSE_BOX_COUNTS:
+    t = torch.from_numpy(rows_by_m[m])
+    batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "keypoints": torch.from_numpy(keypoints_by_m[m])}
+    runs[m] = timing.reference_run(crit, preds, batch, leaves)
+  return runs
