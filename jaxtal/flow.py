@@ -117,28 +117,36 @@ def validate_flow_params(params, caller: str) -> None:
       raise TypeError(f"{caller}: flow params {name} must be a float array, got dtype {value.dtype}")
 
 
-def _mlp(x: jax.Array, w1, b1, w2, b2, w3, b3) -> jax.Array:
-  """``(N, 2) -> (N, 2)``: Linear, SiLU, Linear, SiLU, Linear."""
-  h = jax.nn.silu(jnp.dot(x, w1, precision=_HIGHEST) + b1)
+def _net(u: jax.Array, a: int, c: int, w1, b1, w2, b2, w3, b3) -> jax.Array:
+  """One coupling net on its kept coordinate ``u (...)`` -> its output ``(...)`` on the updated one.
+
+  The net's input ``m * z`` is zero but for coordinate ``a``, so its first Linear is ``u * w1[a] +
+  b1`` (the other row multiplies an exact zero), and only output ``c`` is ever read.
+  """
+  h = jax.nn.silu(u[..., None] * w1[a] + b1)
   h = jax.nn.silu(jnp.dot(h, w2, precision=_HIGHEST) + b2)
-  return jnp.dot(h, w3, precision=_HIGHEST) + b3
+  return jnp.dot(h, w3[:, c], precision=_HIGHEST) + b3[c]
 
 
 def flow_to_latent(params: FlowParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """The data-to-latent map: ``x (N, 2)`` -> ``(z (N, 2), log_det (N,))`` (any leading axes), ``log_det = log |det dz/dx|``."""
+  """The data-to-latent map: ``x (N, 2)`` -> ``(z (N, 2), log_det (N,))`` (any leading axes), ``log_det = log |det dz/dx|``.
+
+  Each coupling reads one coordinate and updates the other (the masks are static), so the nets run
+  on ``(..., 64)`` hidden rows of their one input, never on the masked pair.
+  """
   dtype = x.dtype
-  m_all = masks(dtype)
   p = [jnp.asarray(a, dtype) for a in params]
   s_params, t_params = p[:6], p[6:]
-  z, log_det = x, jnp.zeros(x.shape[:-1], dtype)
+  z = [x[..., 0], x[..., 1]]
+  log_det = jnp.zeros(x.shape[:-1], dtype)
   for i in reversed(range(NUM_LAYERS)):  # a static loop over the six layers
-    m = m_all[i]
-    kept = m * z
-    s = jnp.tanh(_mlp(kept, *(a[i] for a in s_params))) * (1 - m)
-    t = _mlp(kept, *(a[i] for a in t_params)) * (1 - m)
-    z = (1 - m) * (z - t) * jnp.exp(-s) + kept
-    log_det = log_det - jnp.sum(s, axis=-1)
-  return z, log_det
+    a = 1 if i % 2 == 0 else 0  # the kept coordinate (mask (0, 1) on even layers); c is updated
+    c = 1 - a
+    s = jnp.tanh(_net(z[a], a, c, *(w[i] for w in s_params)))
+    t = _net(z[a], a, c, *(w[i] for w in t_params))
+    z[c] = (z[c] - t) * jnp.exp(-s)
+    log_det = log_det - s
+  return jnp.stack(z, axis=-1), log_det
 
 
 def flow_log_prob(params: FlowParams, x: jax.Array) -> jax.Array:
