@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtal import flow
 from jaxtal.targets import take_rows
 
 # ------------------------------------------------------------------------------------------------
@@ -369,6 +370,85 @@ def windows(num_gts: int, num_anchors: int) -> bool:
   """Windows from :data:`WINDOW_GTS` GT slots per image on."""
   del num_anchors
   return num_gts >= WINDOW_GTS
+
+
+# ------------------------------------------------------------------------------------------------
+# The RLE term's flow over its counted rows only (YOLO26 pose).
+# Why: the term has a row per entry-list slot and keypoint (b * E * K), of which only the valid
+# entries' labelled keypoints count (about half at b = 16, M = 100); the plain form runs the flow's
+# 24 (rows, 64) matmuls over all of them and autodiff keeps every hidden activation of every row.
+# The kernel gathers the counted rows to the front and computes the value and its gradient over
+# ceil(n / FLOW_CHUNK) chunks of them, so the work follows the labelled keypoints and the memory
+# one chunk. Bench row "pose26 loss, plain flow_rows" (benchmarks/README.md).
+
+FLOW_CHUNK = 8192  # rows per chunk: 4096-32768 measured within 10% of each other on XLA:CPU
+
+
+def plain_flow_rows(params, x, coef, keep) -> jax.Array:
+  """``sum(where(keep, coef * flow_log_prob(params, x), 0))``, the flow run over every row (the others read 0).
+
+  Shapes: ``params`` a :class:`~jaxtal.FlowParams`, ``x (R, 2)``, ``coef (R,)``, ``keep (R,)`` bool -> scalar.
+  """
+  log_p = flow.flow_log_prob(params, jnp.where(keep[:, None], x, 0.0))
+  return jnp.sum(jnp.where(keep, coef * log_p, 0.0))
+
+
+def _flow_chunks(params, x, coef, keep, grad: bool):
+  """The kept rows in chunks: ``(value, (d params, d x (R, 2), log_p (R,)))``, the gradients None without ``grad``."""
+  r = x.shape[0]
+  chunk = max(1, min(FLOW_CHUNK, r))
+  size = -(-r // chunk) * chunk
+  n = jnp.sum(keep, dtype=jnp.int32)
+  idx = jnp.nonzero(keep, size=size, fill_value=r)[0]  # kept rows first, then r (past the end)
+  live = jnp.arange(size) < n
+  at = jnp.minimum(idx, r - 1)
+  xs = jnp.where(live[:, None], x[at], 0.0)
+  cs = jnp.where(live, coef[at], 0.0)
+
+  def body(j, carry):
+    value, d_params, d_x, log_p = carry
+    xj, cj = (jax.lax.dynamic_slice_in_dim(a, j * chunk, chunk) for a in (xs, cs))
+    if grad:
+      out, vjp = jax.vjp(flow.flow_log_prob, params, xj)
+      dp, dx = vjp(cj)
+      d_params = jax.tree.map(jnp.add, d_params, dp)
+      d_x = jax.lax.dynamic_update_slice_in_dim(d_x, dx, j * chunk, 0)
+      log_p = jax.lax.dynamic_update_slice_in_dim(log_p, out, j * chunk, 0)
+    else:
+      out = flow.flow_log_prob(params, xj)
+    return value + jnp.sum(cj * out), d_params, d_x, log_p
+
+  zeros = (jax.tree.map(jnp.zeros_like, params), jnp.zeros_like(xs), jnp.zeros_like(cs)) if grad else (None, None, None)
+  value, d_params, d_xs, log_ps = jax.lax.fori_loop(0, (n + chunk - 1) // chunk, body, (jnp.zeros((), cs.dtype),) + zeros)
+  if not grad:
+    return value, None
+  d_x = jnp.zeros_like(x).at[idx].set(d_xs, mode="drop")  # rows past the kept ones carry index r: dropped
+  log_p = jnp.zeros_like(coef).at[idx].set(log_ps, mode="drop")
+  return value, (d_params, d_x, log_p)
+
+
+@jax.custom_vjp
+def flow_rows(params, x, coef, keep) -> jax.Array:
+  """:func:`plain_flow_rows` over the kept rows only, value and gradient in one pass of chunks.
+
+  The rows with ``keep`` go first (their order kept) and run in chunks of :data:`FLOW_CHUNK`, a
+  loop of ``ceil(n / FLOW_CHUNK)`` iterations for ``n`` kept rows (one compilation whatever ``n``):
+  the flow's cost follows the kept rows, its memory one chunk. Differentiable once, w.r.t.
+  ``params``, ``x`` and ``coef`` (``keep`` is a mask); rows without ``keep`` get zero gradients.
+  """
+  return _flow_chunks(params, x, coef, keep, grad=False)[0]
+
+
+def _flow_rows_fwd(params, x, coef, keep):
+  return _flow_chunks(params, x, coef, keep, grad=True)
+
+
+def _flow_rows_bwd(residuals, g):
+  d_params, d_x, log_p = residuals
+  return jax.tree.map(lambda d: g * d, d_params), g * d_x, g * log_p, None
+
+
+flow_rows.defvjp(_flow_rows_fwd, _flow_rows_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -903,10 +983,10 @@ def pair_mask_counts(coef, box, owner, proto, masks, tile, step: int, limit: jax
 
 # ------------------------------------------------------------------------------------------------
 
-KERNELS = ("bce_sum", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
+KERNELS = ("bce_sum", "flow_rows", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
 # Kernels measured on another workload than the detection rows' (a task's loss, or the crowded scenes):
 # the detection ablation rows leave them out and bench.py times them there.
-TASK_KERNELS = {"mask_bce_sum": "segment_loss", "mask_windows": "segment_loss", "windows": "crowded"}
+TASK_KERNELS = {"flow_rows": "pose26_loss", "mask_bce_sum": "segment_loss", "mask_windows": "segment_loss", "windows": "crowded"}
 # The trick each kernel function belongs to, where it is not its own name.
 _TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 

@@ -62,9 +62,10 @@ import numpy as np
 from flax import nnx
 
 from jaxtal import _validate
+from jaxtal import kernels
 from jaxtal import task
 from jaxtal import terms
-from jaxtal.flow import FlowParams, RealNVP, flow_log_prob, validate_flow_params
+from jaxtal.flow import FlowParams, RealNVP, validate_flow_params
 from jaxtal.geometry import GeometryExtra, keypoint_oks
 from jaxtal.head import Head, Predictions, keypoint_xy26
 from jaxtal.labels import GroundTruth
@@ -166,7 +167,9 @@ def _assign_extra(inputs: task.Inputs, cfg: Pose26LossConfig) -> GeometryExtra:
   return GeometryExtra(gt=jnp.asarray(inputs.gt.keypoints, jnp.float32), pred=(xy, strides))
 
 
-def rle_term(kp: EntryKeypoints, sigma_rows: jax.Array, targets: Targets, flow: FlowParams, weights, axis_name: str | None) -> jax.Array:
+def rle_term(
+    kp: EntryKeypoints, sigma_rows: jax.Array, targets: Targets, flow: FlowParams, weights, axis_name: str | None, plain_kernels=()
+) -> jax.Array:
   """The RLE term before its gain: ``max(0, sum of the kept rows' losses / n_kept)`` (see :mod:`jaxtal.pose26`).
 
   Args:
@@ -176,6 +179,8 @@ def rle_term(kp: EntryKeypoints, sigma_rows: jax.Array, targets: Targets, flow: 
     flow: the flow's :class:`~jaxtal.FlowParams`.
     weights: the ``K`` per-keypoint weights.
     axis_name: the mapped batch axis, or None: the row count and the clamp are over the global batch.
+    plain_kernels: the config's; ``"flow_rows"`` runs the flow over every row (:func:`jaxtal.kernels.plain_flow_rows`)
+      instead of the kept ones only.
 
   Returns:
     A scalar: under ``axis_name`` this device's share (its rows' sum over the global count, 0 when
@@ -192,10 +197,11 @@ def rle_term(kp: EntryKeypoints, sigma_rows: jax.Array, targets: Targets, flow: 
   xy = jnp.where(keep[..., None], kp.xy, kp.gt_xy)
   sigma = jnp.maximum(jax.nn.sigmoid(logit), _TINY)
   error = jnp.clip((xy - kp.gt_xy) / (sigma + _SIGMA_EPS), -RESIDUAL_CLIP, RESIDUAL_CLIP)
-  log_phi = flow_log_prob(flow, error.reshape(-1, 2)).reshape(b, e, k)
   per_coord = jnp.log(sigma) + jnp.log(2.0 * sigma) + jnp.abs(error)
-  row = jnp.asarray(weights, jnp.float32) * (jnp.sum(per_coord, axis=-1) - 2.0 * log_phi)
-  local = jnp.sum(jnp.where(keep, row, 0.0))
+  weight = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), keep.shape)
+  # sum over kept rows of w * (per-coordinate terms - 2 log phi): the flow's share over the kept rows only.
+  log_phi_sum = kernels.select("flow_rows", plain_kernels)(flow, error.reshape(-1, 2), -2.0 * weight.reshape(-1), keep.reshape(-1))
+  local = jnp.sum(jnp.where(keep, weight * jnp.sum(per_coord, axis=-1), 0.0)) + log_phi_sum
   count = jnp.sum(keep, dtype=jnp.float32)
   total = local
   if axis_name is not None:
@@ -210,7 +216,7 @@ def _parts(flow: FlowParams, inputs: task.Inputs, targets: Targets, cfg: Pose26L
   kp = entry_keypoints(inputs.head, inputs.side.keypoints, inputs.gt.keypoints, targets, shared.target, cfg.kpt_shape,
                        decode=keypoint_xy26)
   pose, kobj = keypoint_terms(kp, targets, cfg)
-  rle = rle_term(kp, inputs.side.sigmas, targets, flow, cfg.rle_weights, cfg.axis_name)
+  rle = rle_term(kp, inputs.side.sigmas, targets, flow, cfg.rle_weights, cfg.axis_name, cfg.plain_kernels)
   return Pose26LossParts(det.box, cfg.pose * pose, cfg.kobj * kobj, det.cls, det.dfl, cfg.rle * rle)
 
 

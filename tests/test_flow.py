@@ -19,6 +19,8 @@ from jax.test_util import check_grads
 
 import jaxtal
 from jaxtal import flow
+from support.oracles import np_flow_log_prob
+from support.problems import random_flow_params
 
 # log_prob vs the reference: float32 rounding. With the large random weights some residuals are
 # ill-conditioned (a float32 ulp of x moves log_prob by ~3e-6 relative), and XLA's float32 tanh is a
@@ -28,37 +30,11 @@ LOG_RTOL = {"random": 3e-5, "reference_init": 1e-5}
 GRAD_RATIO = 1e-4  # max |grad - ref| <= GRAD_RATIO * max |ref|, per array
 
 
-def random_params(seed: int = 0, std: float = 0.3) -> jaxtal.FlowParams:
-  rng = np.random.default_rng(seed)
-  return jaxtal.FlowParams(
-      **{name: jnp.asarray(rng.normal(0.0, std, shape).astype(np.float32)) for name, shape in flow.FIELD_SHAPES.items()}
-  )
-
-
 def residuals(seed: int = 1) -> np.ndarray:
   """``(40, 2)``: standard normal draws, wide ones, and the corners and axes at +-100."""
   rng = np.random.default_rng(seed)
   big = np.array([[100, 100], [-100, 100], [100, -100], [-100, -100], [100, 0], [0, -100], [0, 0], [1e-3, -1e-3]])
   return np.concatenate([rng.normal(size=(20, 2)), rng.normal(0, 10, (12, 2)), big]).astype(np.float32)
-
-
-def numpy_log_prob(params: jaxtal.FlowParams, x: np.ndarray) -> np.ndarray:
-  """An independent float64 forward of the flow, written from the equations in jaxtal.flow's docstring."""
-  p = {k: np.asarray(v, np.float64) for k, v in params._asdict().items()}
-  silu = lambda a: a * 0.5 * (1 + np.tanh(a / 2))  # a * sigmoid(a), without overflow  # noqa: E731
-  net = lambda pre, i, a: silu(silu(a @ p[pre + "w1"][i] + p[pre + "b1"][i]) @ p[pre + "w2"][i] + p[pre + "b2"][i]) @ p[pre + "w3"][i] + p[pre + "b3"][i]  # noqa: E731
-  z, log_det = np.asarray(x, np.float64), np.zeros(len(x))
-  for i in range(5, -1, -1):
-    keep = 1 if i % 2 == 0 else 0  # the coordinate layer i keeps; the other one is updated
-    upd = 1 - keep
-    kept = np.zeros_like(z)
-    kept[:, keep] = z[:, keep]
-    s = np.tanh(net("s_", i, kept))[:, upd]
-    t = net("t_", i, kept)[:, upd]
-    z = z.copy()
-    z[:, upd] = (z[:, upd] - t) * np.exp(-s)
-    log_det -= s
-  return -0.5 * (z**2).sum(-1) - math.log(2 * math.pi) + log_det
 
 
 LOG_PROB = jax.jit(jaxtal.flow_log_prob)  # one wrapper, so tests of the same shapes share its compilation
@@ -84,9 +60,9 @@ def grad_close(got, want, name):
 
 
 def test_log_prob_matches_numpy_float64():
-  params, x = random_params(), residuals()
+  params, x = random_flow_params(), residuals()
   got = np.asarray(LOG_PROB(params, jnp.asarray(x)))
-  want = numpy_log_prob(params, x)
+  want = np_flow_log_prob(params, x)
   assert got.shape == (len(x),) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, rtol=5e-5, atol=1e-5)  # float32 through six layers vs exact: ~1.5e-5 seen
   assert np.ptp(want) > 100  # the large residuals reach far into the tails: the test can fail
@@ -102,13 +78,13 @@ NORMAL_ON_GRID = -0.5 * (GRID.astype(np.float64) ** 2).sum(-1) - math.log(2 * ma
 @pytest.mark.slow
 def test_density_integrates_to_one():
   """A flow is a change of variables: exp(log_prob) integrates to 1 (checks the sign of log_det)."""
-  for params in (jaxtal.init_flow_params(jax.random.key(0)), random_params(3, std=0.1)):
+  for params in (jaxtal.init_flow_params(jax.random.key(0)), random_flow_params(3, std=0.1)):
     mass = float(jnp.exp(LOG_PROB(params, jnp.asarray(GRID))).sum()) * STEP * STEP
     assert abs(mass - 1) < 2e-3, mass
 
 
 def test_every_matmul_runs_at_highest_precision():
-  params, x = random_params(), jnp.asarray(residuals())
+  params, x = random_flow_params(), jnp.asarray(residuals())
   for fn in (jaxtal.flow_log_prob, jax.grad(lambda p, x: jaxtal.flow_log_prob(p, x).sum(), argnums=(0, 1))):
     text = str(jax.make_jaxpr(fn)(params, x))
     dots = text.count("dot_general[")
@@ -116,7 +92,7 @@ def test_every_matmul_runs_at_highest_precision():
 
 
 def test_vmap_and_leading_axes():
-  params, other, x = random_params(), random_params(5), jnp.asarray(residuals())
+  params, other, x = random_flow_params(), random_flow_params(5), jnp.asarray(residuals())
   flat = LOG_PROB(params, x)
   np.testing.assert_allclose(LOG_PROB(params, x.reshape(4, 10, 2)), flat.reshape(4, 10), rtol=1e-6, atol=1e-6)
   # A batch of flows (e.g. one per keypoint) over a batch of residual sets: vmap over both.
@@ -127,7 +103,7 @@ def test_vmap_and_leading_axes():
 
 
 def test_lower_precision_input_computes_in_float32():
-  params, x = random_params(), residuals()
+  params, x = random_flow_params(), residuals()
   got = LOG_PROB(params, jnp.asarray(x, jnp.bfloat16))
   assert got.dtype == jnp.float32
   want = LOG_PROB(params, jnp.asarray(jnp.asarray(x, jnp.bfloat16), jnp.float32))
@@ -136,7 +112,7 @@ def test_lower_precision_input_computes_in_float32():
 
 def test_check_grads():
   """Reverse-mode gradients against finite differences (float32; small inputs keep log_prob O(1))."""
-  params = random_params(7, std=0.2)
+  params = random_flow_params(7, std=0.2)
   x = jnp.asarray(np.random.default_rng(2).normal(size=(6, 2)).astype(np.float32))
   check_grads(LOG_PROB, (params, x), order=1, modes=["rev"], eps=1e-2, atol=2e-2, rtol=2e-2)
 
@@ -153,15 +129,15 @@ def test_check_grads():
     ],
 )
 def test_errors_at_trace_time(change, error, match):
-  params, x = change(random_params(), jnp.ones((3, 2)))
+  params, x = change(random_flow_params(), jnp.ones((3, 2)))
   with pytest.raises(error, match="flow_log_prob: (flow params )?" + match):
     jax.jit(jaxtal.flow_log_prob)(params, x)
 
 
 def test_validate_flow_params_names_the_caller():
   with pytest.raises(ValueError, match=r"pose_loss: flow params s_b1 must have shape \(6, 64\), got \(6, 32\)"):
-    flow.validate_flow_params(random_params()._replace(s_b1=jnp.zeros((6, 32))), "pose_loss")
-  flow.validate_flow_params(random_params(), "pose_loss")
+    flow.validate_flow_params(random_flow_params()._replace(s_b1=jnp.zeros((6, 32))), "pose_loss")
+  flow.validate_flow_params(random_flow_params(), "pose_loss")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,7 +181,7 @@ def test_fresh_flow_is_close_to_the_standard_normal():
     gap = np.abs(np.asarray(LOG_PROB(params, jnp.asarray(GRID))) - NORMAL_ON_GRID)
     assert (pdf * gap).sum() < 0.4, (pdf * gap).sum()
     zero_weights = params._replace(**{n: jnp.zeros_like(getattr(params, n)) for n in params._fields if n[2] == "w"})
-    np.testing.assert_allclose(LOG_PROB(params, jnp.asarray(x)), numpy_log_prob(zero_weights, x), rtol=0.02, atol=0.05)
+    np.testing.assert_allclose(LOG_PROB(params, jnp.asarray(x)), np_flow_log_prob(zero_weights, x), rtol=0.02, atol=0.05)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -213,7 +189,7 @@ def test_fresh_flow_is_close_to_the_standard_normal():
 
 
 def test_state_dict_round_trip_and_prefix():
-  params = random_params()
+  params = random_flow_params()
   sd = jaxtal.flow_params_to_torch(params)
   assert sd["s.0.0.weight"].shape == (64, 2) and sd["t.5.4.weight"].shape == (2, 64) and sd["s.3.4.bias"].shape == (2,)
   np.testing.assert_array_equal(sd["t.2.2.weight"], np.asarray(params.t_w2[2]).T)
@@ -234,7 +210,7 @@ def test_state_dict_round_trip_and_prefix():
 
 
 def test_state_dict_errors():
-  sd = jaxtal.flow_params_to_torch(random_params())
+  sd = jaxtal.flow_params_to_torch(random_flow_params())
   missing = {k: v for k, v in sd.items() if k != "t.4.2.weight"}
   with pytest.raises(ValueError, match=r"missing key 't\.4\.2\.weight', expected shape \(64, 64\)"):
     jaxtal.flow_params_from_torch(missing)
@@ -261,13 +237,13 @@ def test_state_dict_errors():
 
 
 def test_module_matches_the_function_under_nnx_jit_and_grad():
-  model = jaxtal.RealNVP.from_torch(jaxtal.flow_params_to_torch(random_params()))
+  model = jaxtal.RealNVP.from_torch(jaxtal.flow_params_to_torch(random_flow_params()))
   params, x = model.params(), jnp.asarray(residuals())
   assert isinstance(params, jaxtal.FlowParams)
   assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == 12
   for name in jaxtal.FlowParams._fields:
     assert isinstance(getattr(model, name), nnx.Param)
-    np.testing.assert_array_equal(getattr(params, name), getattr(random_params(), name))
+    np.testing.assert_array_equal(getattr(params, name), getattr(random_flow_params(), name))
   w = jnp.linspace(-1.0, 1.0, x.shape[0])
   value, grads = nnx.jit(nnx.value_and_grad(lambda m: jnp.sum(w * m.log_prob(x))))(model)
   want, want_grads, _ = log_prob_and_grads(params, x, w)
@@ -299,7 +275,7 @@ def test_module_init_and_constructor():
 @pytest.mark.live
 @pytest.mark.parametrize("weights", ["random", "reference_init"])
 def test_log_prob_and_gradients_match_the_reference(reference, weights):
-  params = random_params() if weights == "random" else jaxtal.flow_params_from_torch(reference.flow_state_dict(0))
+  params = random_flow_params() if weights == "random" else jaxtal.flow_params_from_torch(reference.flow_state_dict(0))
   x = residuals()
   w = np.random.default_rng(4).uniform(-1, 1, len(x)).astype(np.float32)  # a cotangent with signs
   ref = reference.flow_log_prob(jaxtal.flow_params_to_torch(params), x, w)

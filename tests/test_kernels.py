@@ -23,8 +23,8 @@ from jax.test_util import check_grads
 import jaxtal
 from jaxtal import kernels
 from jaxtal._parallel import global_sum
-from support.oracles import np_bce_with_logits, np_logsumexp, np_softmax, np_two_bin_target
-from support.problems import R, crowded_loss_problem
+from support.oracles import np_bce_with_logits, np_flow_log_prob, np_logsumexp, np_softmax, np_two_bin_target
+from support.problems import R, crowded_loss_problem, random_flow_params
 
 GRAD_TOL = dict(atol=1e-6, rtol=1e-6, eps=1e-6)  # check_grads in float64
 
@@ -303,10 +303,75 @@ class TestTopK:
 # plain_kernels: every trick can be replaced by its twin through the config, and the loss does not change
 
 
+# --------------------------------------------------------------------------------------------------
+# flow_rows (the RLE term's flow over its kept rows)
+
+
+def _flow_rows_inputs(seed=0, rows=50, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda a: jnp.asarray(a, dtype), random_flow_params(seed, std=0.15))
+  x = rng.normal(0.0, 3.0, (rows, 2)).astype(dtype)
+  keep = rng.uniform(size=rows) < 0.6
+  x[~keep] = np.where(rng.uniform(size=((~keep).sum(), 2)) < 0.5, np.nan, np.inf)  # rows not kept hold anything
+  coef = rng.uniform(-2.0, 2.0, rows).astype(dtype)
+  return params, jnp.asarray(x), jnp.asarray(coef), jnp.asarray(keep)
+
+
+class TestFlowRows:
+
+  @pytest.mark.parametrize("chunk", [7, 8192])  # many chunks with a partial last one; one chunk
+  def test_value_and_gradients_equal_the_flow_over_the_kept_rows(self, chunk, monkeypatch):
+    monkeypatch.setattr(kernels, "FLOW_CHUNK", chunk)
+    params, x, coef, keep = _flow_rows_inputs()
+    k = np.asarray(keep)
+    want = float(np.sum(np.asarray(coef, np.float64)[k] * np_flow_log_prob(params, np.asarray(x)[k])))
+    grad = jax.jit(jax.value_and_grad(kernels.flow_rows, argnums=(0, 1, 2)))
+    value, (d_params, d_x, d_coef) = grad(params, x, coef, keep)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    p_value, (p_params, p_x, p_coef) = jax.value_and_grad(kernels.plain_flow_rows, argnums=(0, 1, 2))(params, x, coef, keep)
+    np.testing.assert_allclose(value, p_value, rtol=2e-5)  # float32 sums in another order
+    for got, ref in zip(d_params, p_params):
+      np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))  # sums with cancellation
+    np.testing.assert_allclose(d_x, p_x, rtol=1e-4, atol=1e-5 * float(np.abs(p_x).max()))
+    np.testing.assert_allclose(d_coef, p_coef, rtol=1e-4, atol=1e-5 * float(np.abs(p_coef).max()))
+    assert np.all(np.asarray(d_x)[~k] == 0) and np.all(np.asarray(d_coef)[~k] == 0)
+    np.testing.assert_allclose(np.asarray(d_coef)[k], np_flow_log_prob(params, np.asarray(x)[k]), rtol=1e-4)
+    np.testing.assert_allclose(jax.jit(kernels.flow_rows)(params, x, coef, keep), value, rtol=2e-5)  # value alone
+
+  def test_no_kept_row_gives_zero_and_zero_gradients(self):
+    params, x, coef, keep = _flow_rows_inputs(seed=1)
+    value, grads = jax.value_and_grad(kernels.flow_rows, argnums=(0, 1, 2))(params, x, coef, jnp.zeros_like(keep))
+    assert float(value) == 0.0
+    for g in jax.tree.leaves(grads):
+      assert np.all(np.asarray(g) == 0)
+
+  def test_vmap_equals_one_problem_at_a_time(self, monkeypatch):
+    monkeypatch.setattr(kernels, "FLOW_CHUNK", 16)
+    problems = [_flow_rows_inputs(seed=s) for s in (2, 3)]
+    params = problems[0][0]
+    x, coef, keep = (jnp.stack([p[i] for p in problems]) for i in (1, 2, 3))
+    keep = keep.at[1].set(False).at[1, :3].set(True)  # another kept count (trip count) per problem
+    grad = jax.value_and_grad(kernels.flow_rows, argnums=(0, 1))
+    values, (d_params, d_x) = jax.jit(jax.vmap(grad, in_axes=(None, 0, 0, 0)))(params, x, coef, keep)
+    for i in range(2):
+      v, (dp, dx) = grad(params, x[i], coef[i], keep[i])
+      np.testing.assert_allclose(values[i], v, rtol=1e-6)
+      np.testing.assert_allclose(d_x[i], dx, rtol=1e-6, atol=1e-7)
+      for got, ref in zip(d_params, dp):
+        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-6)
+
+  def test_check_grads(self, monkeypatch):
+    monkeypatch.setattr(kernels, "FLOW_CHUNK", 5)
+    with jax.enable_x64(True):
+      params, x, coef, keep = _flow_rows_inputs(seed=4, rows=12, dtype=np.float64)
+      x = jnp.where(keep[:, None], x, 0.0)  # finite differences perturb every row
+      check_grads(lambda p, x, c: kernels.flow_rows(p, x, c, keep), (params, x, coef), order=1, modes=("rev",), **GRAD_TOL)
+
+
 class TestPlainSwitch:
 
   def test_select_picks_the_twin_named_by_the_config(self):
-    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum", "mask_windows"):
+    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum", "mask_windows", "flow_rows"):
       assert kernels.select(name) is getattr(kernels, name)
       assert kernels.select(name, (name,)) is getattr(kernels, f"plain_{name}")
     for name in ("sigmoid", "sqrt_sigmoid", "whole_map_scores"):  # one trick spans three functions

@@ -21,7 +21,7 @@ from flax import nnx
 
 import jaxtal
 from jaxtal.pose import COCO_SIGMAS
-from support.oracles import np_anchors, np_bce_with_logits, np_detection_loss
+from support.oracles import np_anchors, np_detection_loss, np_pose_terms
 from support.problems import FEATURE_SHAPES, NC, R, STRIDES, loss_problem
 
 K = 3
@@ -53,45 +53,6 @@ def pose_problem(seed=0, b=2):
   vis[0, 0, :2] = [2.0, 0.0]
   kpts = np.concatenate([xy, vis[..., None]], -1).astype(np.float32)
   return feats, keypoint_maps(seed, b), gt._replace(keypoints=jnp.asarray(kpts))
-
-
-def np_pose_terms(kpt_maps, gt_keypoints, targets, *, strides, kpt_shape, sigmas, layout="NHWC"):
-  """``(pose, kobj)`` before gains, from the YOLO-Pose / COCO OKS formulas in float64.
-
-  ``targets``: a dict with ``fg_mask (b, A)``, ``gt_index (b, A)`` and ``boxes (b, A, 4)`` pixels.
-  A GT keypoint is labelled when its visibility is non-zero (``D = 2``: always) and its values
-  finite with ``|x| <= COORD_LIMIT``; per foreground anchor the OKS loss of its labelled keypoints
-  is scaled by ``K / labelled``; both terms are divided by ``n_fg * K``.
-  """
-  k, d = kpt_shape
-  rows = []
-  for m in kpt_maps:
-    m = np.asarray(m, np.float64)
-    m = m.transpose(0, 2, 3, 1) if layout == "NCHW" else m
-    rows.append(m.reshape(m.shape[0], -1, k, d))
-  raw = np.concatenate(rows, 1)
-  shapes = [(m.shape[1], m.shape[2]) if layout == "NHWC" else (m.shape[2], m.shape[3]) for m in kpt_maps]
-  anchors, stride = np_anchors(shapes, strides)
-  fg, gi = np.asarray(targets["fg_mask"], bool), np.asarray(targets["gt_index"])
-  gtk = np.asarray(gt_keypoints, np.float64)
-  pose = kobj = 0.0
-  for i, a in zip(*np.nonzero(fg)):
-    g = gtk[i, gi[i, a]]
-    with np.errstate(invalid="ignore"):
-      lab = np.isfinite(g).all(-1) & (np.abs(g[:, :2]) <= jaxtal.COORD_LIMIT).all(-1)
-    if g.shape[-1] == 3:
-      lab &= g[:, 2] != 0
-    box = np.asarray(targets["boxes"][i, a], np.float64) / stride[a]
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    pred_xy = 2 * raw[i, a, :, :2] + anchors[a] - 0.5
-    gt_xy = np.where(lab[:, None], g[:, :2], 0.0) / stride[a]
-    e = ((pred_xy - gt_xy) ** 2).sum(-1) / (8 * np.asarray(sigmas) ** 2 * (area + 1e-9))
-    if lab.any():
-      pose += k / lab.sum() * np.sum(np.where(lab, 1 - np.exp(-e), 0.0))
-    if d == 3:
-      kobj += np_bce_with_logits(raw[i, a, :, 2], lab.astype(np.float64)).sum()
-  n = max(fg.sum(), 1) * k
-  return pose / n, kobj / n
 
 
 def np_pose_loss(feats, kpt_maps, gt, cfg: jaxtal.PoseLossConfig, layout="NHWC"):

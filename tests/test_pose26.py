@@ -5,7 +5,7 @@ Expectations are computed here in NumPy (float64) from the inputs: the assignmen
 given the OKS pair overlaps and the level gate written out below, the detection terms by
 ``oracles.np_detection_loss`` on that assignment, ``pose`` and ``kobj`` by ``test_pose.np_pose_terms`` (YOLOv8's
 oracle, fed the raw keypoints that its decode turns into YOLO26's: ``2 r' + a - 0.5 = r + a`` for ``r' = (r +
-0.5) / 2``), and the RLE term by :func:`np_rle` with the flow's float64 forward (``test_flow.numpy_log_prob``).
+0.5) / 2``), and the RLE term by :func:`np_rle` with the flow's float64 forward (``support.oracles.np_flow_log_prob``).
 Parity with Ultralytics is ``test_parity_pose26.py``. The problem is ``pose26_cases``' ``invisible`` case in NHWC
 (a 64 x 64 input, levels 8x8, 4x4 and 2x2, A = 84, K = 5, ``reg_max = 1``, GTs without visible keypoints); one
 jitted step (:func:`step`) serves every test of the main configuration.
@@ -27,9 +27,7 @@ from flax import nnx
 import jaxtal
 from jaxtal.pose import COCO_SIGMAS, RLE_WEIGHTS_COCO17
 from support import pose26_cases
-from support.oracles import np_anchors, np_assign_one, np_box_iou, np_detection_loss, np_flat_head, np_sigmoid
-from test_flow import numpy_log_prob
-from test_pose import np_pose_terms
+from support.oracles import np_anchors, np_assign_one, np_box_iou, np_detection_loss, np_flat_head, np_flow_log_prob, np_pose_terms, np_sigmoid
 
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -130,7 +128,7 @@ def np_rle(raw, sigma_logits, gt_keypoints, targets, anchors, stride, flow, weig
       if not np.isfinite(e).all():
         continue
       e = np.clip(e, -100, 100)
-      log_phi = numpy_log_prob(flow, e[None].astype(np.float32))[0]
+      log_phi = np_flow_log_prob(flow, e[None].astype(np.float32))[0]
       total += weights[k] * (np.sum(np.log(sigma) + np.log(2 * sigma) + np.abs(e)) - 2 * log_phi)
       rows += 1
   return max(total / rows, 0.0) if rows else 0.0
@@ -317,6 +315,17 @@ def test_loss_matches_numpy_oracle_and_the_module():
   assert isinstance(m_parts, jaxtal.Pose26LossParts)
   np.testing.assert_allclose(float(m_total), total, rtol=1e-6)
   chex.assert_trees_all_close(np.asarray(m_parts), parts, rtol=1e-6, atol=1e-9)
+
+
+def test_flow_over_kept_rows_equals_the_flow_over_every_row():
+  """The RLE term's kernel (kernels.flow_rows; chunking is tested in test_kernels) against its plain twin."""
+  feats, kpts, sigmas, gt, flow, cfg = problem()
+  kernel = run(feats, kpts, sigmas, gt)
+  plain = run(feats, kpts, sigmas, gt, cfg=dataclasses.replace(cfg, plain_kernels=("flow_rows",)))
+  assert kernel[1][5] > 0
+  np.testing.assert_allclose(kernel[1], plain[1], rtol=2e-6, atol=1e-9)
+  for g, p in zip(jax.tree.leaves(kernel[2]), jax.tree.leaves(plain[2])):
+    np.testing.assert_allclose(g, p, rtol=1e-5, atol=1e-6 * float(np.abs(p).max()))
 
 
 def test_rle_rules_non_finite_sigma_logits_and_the_clamp():

@@ -280,3 +280,61 @@ def np_detection_loss(feats, gt, *, num_classes, strides, reg_max=16, layout="NH
     loss_dfl = np.sum((l1 * weight)[fg]) / n
   parts = np.array([box * loss_box, cls * loss_cls, dfl * loss_dfl])
   return parts.sum() * b, parts, targets
+
+
+def np_flow_log_prob(params, x: np.ndarray) -> np.ndarray:
+  """An independent float64 forward of the flow, written from the equations in jaxtal.flow's docstring (params: a jaxtal.FlowParams)."""
+  p = {k: np.asarray(v, np.float64) for k, v in params._asdict().items()}
+  silu = lambda a: a * 0.5 * (1 + np.tanh(a / 2))  # a * sigmoid(a), without overflow  # noqa: E731
+  net = lambda pre, i, a: silu(silu(a @ p[pre + "w1"][i] + p[pre + "b1"][i]) @ p[pre + "w2"][i] + p[pre + "b2"][i]) @ p[pre + "w3"][i] + p[pre + "b3"][i]  # noqa: E731
+  z, log_det = np.asarray(x, np.float64), np.zeros(len(x))
+  for i in range(5, -1, -1):
+    keep = 1 if i % 2 == 0 else 0  # the coordinate layer i keeps; the other one is updated
+    upd = 1 - keep
+    kept = np.zeros_like(z)
+    kept[:, keep] = z[:, keep]
+    s = np.tanh(net("s_", i, kept))[:, upd]
+    t = net("t_", i, kept)[:, upd]
+    z = z.copy()
+    z[:, upd] = (z[:, upd] - t) * np.exp(-s)
+    log_det -= s
+  return -0.5 * (z**2).sum(-1) - math.log(2 * math.pi) + log_det
+
+
+def np_pose_terms(kpt_maps, gt_keypoints, targets, *, strides, kpt_shape, sigmas, layout="NHWC"):
+  """``(pose, kobj)`` before gains, from the YOLO-Pose / COCO OKS formulas in float64.
+
+  ``targets``: a dict with ``fg_mask (b, A)``, ``gt_index (b, A)`` and ``boxes (b, A, 4)`` pixels.
+  A GT keypoint is labelled when its visibility is non-zero (``D = 2``: always) and its values
+  finite with ``|x| <= COORD_LIMIT``; per foreground anchor the OKS loss of its labelled keypoints
+  is scaled by ``K / labelled``; both terms are divided by ``n_fg * K``.
+  """
+  k, d = kpt_shape
+  rows = []
+  for m in kpt_maps:
+    m = np.asarray(m, np.float64)
+    m = m.transpose(0, 2, 3, 1) if layout == "NCHW" else m
+    rows.append(m.reshape(m.shape[0], -1, k, d))
+  raw = np.concatenate(rows, 1)
+  shapes = [(m.shape[1], m.shape[2]) if layout == "NHWC" else (m.shape[2], m.shape[3]) for m in kpt_maps]
+  anchors, stride = np_anchors(shapes, strides)
+  fg, gi = np.asarray(targets["fg_mask"], bool), np.asarray(targets["gt_index"])
+  gtk = np.asarray(gt_keypoints, np.float64)
+  pose = kobj = 0.0
+  for i, a in zip(*np.nonzero(fg)):
+    g = gtk[i, gi[i, a]]
+    with np.errstate(invalid="ignore"):
+      lab = np.isfinite(g).all(-1) & (np.abs(g[:, :2]) <= COORD_LIMIT).all(-1)
+    if g.shape[-1] == 3:
+      lab &= g[:, 2] != 0
+    box = np.asarray(targets["boxes"][i, a], np.float64) / stride[a]
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    pred_xy = 2 * raw[i, a, :, :2] + anchors[a] - 0.5
+    gt_xy = np.where(lab[:, None], g[:, :2], 0.0) / stride[a]
+    e = ((pred_xy - gt_xy) ** 2).sum(-1) / (8 * np.asarray(sigmas) ** 2 * (area + 1e-9))
+    if lab.any():
+      pose += k / lab.sum() * np.sum(np.where(lab, 1 - np.exp(-e), 0.0))
+    if d == 3:
+      kobj += np_bce_with_logits(raw[i, a, :, 2], lab.astype(np.float64)).sum()
+  n = max(fg.sum(), 1) * k
+  return pose / n, kobj / n

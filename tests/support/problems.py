@@ -222,3 +222,11 @@ def broken(t, how, image=0):
   elif how == "wrong_gt":  # a valid entry naming another GT
     e.gt[image, first_valid] = (gi[e.anchor[image, first_valid]] + 1) % t.positives_per_gt.shape[1]
   return with_entries(t, *(jnp.asarray(x) for x in e))
+
+
+def random_flow_params(seed: int = 0, std: float = 0.3) -> jaxtal.FlowParams:
+  """A flow with N(0, std) weights and biases (far from the near-identity init: every layer matters)."""
+  rng = np.random.default_rng(seed)
+  return jaxtal.FlowParams(
+      **{name: jnp.asarray(rng.normal(0.0, std, shape).astype(np.float32)) for name, shape in jaxtal.flow.FIELD_SHAPES.items()}
+  )
