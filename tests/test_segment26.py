@@ -307,7 +307,7 @@ def test_refine_with_non_finite_coefficients_and_prototypes_counts_those_logits_
     np.testing.assert_allclose(overlap[m, j], (ciou + miou) / 2, rtol=2e-6, atol=1e-7)
 
 
-def _windows_problem(seed, index_map):
+def _counting_problem(seed, index_map):
   """One image's short lists on a 24 x 20 plane with unquantised float32 values (any dot product's rounding
   shows): boxes touching each border, larger than the plane, inverted, NaN and infinite sides; pairs whose
   predicted mask is empty (coefficients 0) or full (positive prototypes and coefficients); NaN and infinite
@@ -339,66 +339,30 @@ def _windows_problem(seed, index_map):
   return coef, box, cand, jaxtal.MaskImage(jnp.asarray(proto), jnp.asarray(masks), jnp.float32(1.0))
 
 
-def _refined(coef, box, cand, image, **geometry):
-  """The refined ``(M, L)`` overlaps of ``mask_iou(**geometry)`` with pair ``(i, j)`` of the lists at anchor ``i * L + j``."""
-  m, size, nm = coef.shape
-  geo = jaxtal.mask_iou(**geometry)
-  g = geo.gt_data(jnp.asarray(np.tile([[1.0, 1.0, 9.0, 9.0]], (m, 1)), jnp.float32), jnp.ones((m,), bool), 0.0)
-  p = geo.pred_data(jnp.asarray(box.reshape(-1, 4)), jnp.zeros((m * size, 2), jnp.float32), jnp.asarray(coef.reshape(-1, nm)))
-  listed = jnp.arange(m * size, dtype=jnp.int32).reshape(m, size)
-  return np.asarray(jax.jit(geo.refine)(g, jax.tree.map(lambda x: x[listed], p), listed, jnp.asarray(cand), image)[1])
-
-
 @pytest.mark.parametrize("index_map", [True, False])
-@pytest.mark.parametrize(("window", "fallback", "chunk"), [(4, False, None), (7, True, 7), (24, False, 3), (1, True, None)])
-def test_windowed_refine_is_the_plane_one(index_map, window, fallback, chunk):
-  """The windowed counts give bit-identical refined overlaps to the full-plane decode: any window (not dividing
-  the plane, the whole plane, one pixel), with and without the run-time fallback, on borders, oversize, NaN and
-  infinite boxes, empty and full predicted masks and non-finite values; and the pairs' mask IoUs are not trivial."""
-  coef, box, cand, image = _windows_problem(1, index_map)
-  plane = _refined(coef, box, cand, image, iou_chunk=chunk, mask_window=False)
-  got = _refined(coef, box, cand, image, iou_chunk=chunk, mask_window=window, fallback=fallback)
-  np.testing.assert_array_equal(got, plane)
+@pytest.mark.parametrize(("chunk", "early_exit"), [(None, True), (7, True), (3, False), (1, True)])
+def test_listed_mask_iou_matches_numpy(index_map, chunk, early_exit):
+  """The refine's mask IoU of every listed pair equals a float64 NumPy count (one pass of ``pred + base * inter``
+  row sums): boxes on each border, oversize, inverted, NaN and infinite; empty and full predicted masks;
+  non-finite coefficients and prototype pixels; every chunking and both loop forms; the IoUs are not trivial."""
+  coef, box, cand, image = _counting_problem(1, index_map)
+  got = np.asarray(jax.jit(jaxtal.segment26._listed_iou, static_argnums=(4, 5))(
+      jnp.asarray(coef), jnp.asarray(box), jnp.asarray(cand), image, chunk, early_exit))
   per_slot = np.asarray(image.masks) if not index_map else np.asarray(image.masks)[None] == np.arange(1, 6)[:, None, None]
-  miou = np.array([[np_pair_iou(coef[i, j], box[i, j], np.asarray(image.proto), per_slot[i]) if cand[i, j] else 0.0
-                    for j in range(box.shape[1])] for i in range(box.shape[0])])
-  assert (miou[3, :3] > 0.3).all() and (miou[2, :3] == 0).all() and (miou > 0).sum() >= 15
+  with np.errstate(invalid="ignore", over="ignore"):
+    want = np.array([[np_pair_iou(coef[i, j], box[i, j], np.asarray(image.proto), per_slot[i]) if cand[i, j] else 0.0
+                      for j in range(box.shape[1])] for i in range(box.shape[0])])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+  assert (want[3, :3] > 0.3).all() and (want[2, :3] == 0).all() and (want > 0).sum() >= 15
 
 
-def test_the_windows_fall_back_to_the_plane_when_they_cost_more():
-  """Every box the whole plane in 1-pixel windows: the windows cost more, the plane loop runs instead (same
-  overlaps); forced, the windows give them too."""
-  coef, box, cand, image = _windows_problem(2, True)
-  box = np.broadcast_to(np.array([-1, -1, 30, 30], np.float32), box.shape)
-  cheaper = jaxtal.kernels.windows_cheaper(
-      jnp.array([int(cand.sum()) * 24 * 20]), jnp.asarray(cand.reshape(1, -1)), (24, 20), (1, 1), 1, cand.size)
-  assert not bool(cheaper)
-  plane = _refined(coef, box, cand, image, mask_window=False)
-  np.testing.assert_array_equal(_refined(coef, box, cand, image, mask_window=1), plane)
-  np.testing.assert_array_equal(_refined(coef, box, cand, image, mask_window=1, fallback=False), plane)
-
-
-WINDOWS_CFG = dataclasses.replace(CFG, mask_window=4)
-
-
-def test_the_config_switches_the_windows():
-  """The loss's geometry follows ``mask_window`` and the mask term's ``plain_kernels`` switch (the checked loss's
-  decodes the plane: its loop form has no windows)."""
-  geometry = jaxtal.segment26.MASK_IOU.geometry
-  assert geometry(WINDOWS_CFG) is jaxtal.mask_iou(mask_window=4) and geometry(CFG) is jaxtal.mask_iou()
-  for plain in (("mask_windows",), ("mask_bce_sum",)):
-    assert geometry(dataclasses.replace(WINDOWS_CFG, plain_kernels=plain)) is jaxtal.mask_iou(mask_window=False)
-  with pytest.raises(ValueError, match="mask_window"):
-    jaxtal.mask_iou(mask_window=0)
-
-
-@pytest.mark.slow
-def test_the_targets_with_windows_are_the_plane_ones():
-  """The assignment inside the loss with windows (4 pixels on the 16 x 16 prototypes) and without: identical targets."""
-  win, plain = WINDOWS_CFG, dataclasses.replace(WINDOWS_CFG, plain_kernels=("mask_windows",))
-  preds, gt = predictions(5), ground_truth(seed=5)
-  targets = jax.jit(lambda p, g, c: jaxtal.segment26_targets(p, g, c)[1], static_argnums=2)
-  chex.assert_trees_all_equal(targets(preds, gt, win), targets(preds, gt, plain))
+def test_wide_prototype_planes_are_refused():
+  """Row sums stay exact in float32 up to 4095 pixels a row: a wider plane is a clear trace-time error."""
+  assert jaxtal.segment26.MAX_PROTO_WIDTH == 4095
+  preds = predictions(0)
+  wide = jax.ShapeDtypeStruct((preds.proto.shape[0], 2, 4096, preds.proto.shape[-1]), jnp.float32)
+  with pytest.raises(ValueError, match="at most 4095 pixels a row"):
+    jax.eval_shape(lambda p: jaxtal.segment26_targets(preds._replace(proto=p), ground_truth(seed=0), CFG), wide)
 
 
 def test_the_geometry_needs_its_extras():
