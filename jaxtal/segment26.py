@@ -155,23 +155,23 @@ def _pairs_iou(coef, box, owner, proto, masks, area):
   ``area (M,)`` the GT masks' pixel counts (:func:`_gt_areas`).
 
   The box crop is separable: each count sums, over the box's rows, the row's positive pixels within
-  the box's columns. Both counts come from one pass over the logits: a positive pixel in the box adds
-  1, plus ``base`` (a power of two above the row's width) where the GT's mask holds it, so each
-  row's sum is ``pred + base * inter``, exact in float32 (below 2^24 for rows of up to 4095 pixels).
+  the box's columns. Both counts come from one integer pass over the logits: a positive pixel in the
+  box adds 1, plus ``base`` (a power of two above the row's width) where the GT's mask holds it, so
+  each row's sum is ``pred + base * inter`` (int32: rows of up to :data:`MAX_PROTO_WIDTH` pixels).
   """
   nm, mh, mw = proto.shape
-  base = float(1 << mw.bit_length())  # > mw: a row's predicted count never reaches it
+  base = 1 << mw.bit_length()  # > mw: a row's predicted count never reaches it
   logits = jnp.dot(coef, proto.reshape(nm, -1), precision=jax.lax.Precision.HIGHEST).reshape(-1, mh, mw)
   cols, rows = jnp.arange(mw, dtype=jnp.float32), jnp.arange(mh, dtype=jnp.float32)
   x1, y1, x2, y2 = (box[:, i : i + 1] for i in range(4))
-  in_rows = ((rows >= y1) & (rows < y2)).astype(jnp.float32)  # (K, mh); none for a NaN side
-  in_cols = ((cols >= x1) & (cols < x2)).astype(jnp.float32)  # (K, mw)
+  in_rows = (rows >= y1) & (rows < y2)  # (K, mh); none for a NaN side
+  in_cols = (cols >= x1) & (cols < x2)  # (K, mw)
   gt = masks[None] == (owner + 1)[:, None, None] if masks.ndim == 2 else masks[owner]
-  weight = in_cols[:, None, :] * jnp.where(gt, base + 1.0, 1.0)
-  row = jnp.sum(jnp.where((logits > 0) & (logits < jnp.inf), weight, 0.0), axis=-1)  # (K, mh); a non-finite logit is outside
-  inter_row = jnp.floor(row / base)
-  inter = jnp.sum(inter_row * in_rows, axis=-1)
-  pred = jnp.sum((row - base * inter_row) * in_rows, axis=-1)
+  weight = jnp.where(in_cols[:, None, :], jnp.where(gt, base + 1, 1), 0)
+  row = jnp.sum(jnp.where((logits > 0) & (logits < jnp.inf), weight, 0), axis=-1)  # (K, mh) int32; a non-finite logit is outside
+  row = jnp.where(in_rows, row, 0)
+  inter = jnp.sum(row >> (base.bit_length() - 1), axis=-1).astype(jnp.float32)
+  pred = jnp.sum(row & (base - 1), axis=-1).astype(jnp.float32)
   union = area[owner].astype(jnp.float32) + pred - inter
   return inter / jnp.maximum(union, 1.0)
 
@@ -298,8 +298,8 @@ def _gt_masks_at(gt: GroundTruth, index_map: bool, hw) -> jax.Array:
   return resize_nearest(inside, hw)
 
 
-# The widest prototype plane whose row counts stay exact in float32 (_pairs_iou).
-MAX_PROTO_WIDTH = 4095
+# The widest prototype plane whose packed row counts fit int32 (_pairs_iou).
+MAX_PROTO_WIDTH = 32767
 
 
 def _assign_extra(inputs: task.Inputs, cfg: Segment26LossConfig) -> GeometryExtra:

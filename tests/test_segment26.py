@@ -357,11 +357,11 @@ def test_listed_mask_iou_matches_numpy(index_map, chunk, early_exit):
 
 
 def test_wide_prototype_planes_are_refused():
-  """Row sums stay exact in float32 up to 4095 pixels a row: a wider plane is a clear trace-time error."""
-  assert jaxtal.segment26.MAX_PROTO_WIDTH == 4095
+  """Packed row counts fit int32 up to 32767 pixels a row: a wider plane is a clear trace-time error."""
+  assert jaxtal.segment26.MAX_PROTO_WIDTH == 32767
   preds = predictions(0)
-  wide = jax.ShapeDtypeStruct((preds.proto.shape[0], 2, 4096, preds.proto.shape[-1]), jnp.float32)
-  with pytest.raises(ValueError, match="at most 4095 pixels a row"):
+  wide = jax.ShapeDtypeStruct((preds.proto.shape[0], 2, 32768, preds.proto.shape[-1]), jnp.float32)
+  with pytest.raises(ValueError, match="at most 32767 pixels a row"):
     jax.eval_shape(lambda p: jaxtal.segment26_targets(preds._replace(proto=p), ground_truth(seed=0), CFG), wide)
 
 
