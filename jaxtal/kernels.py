@@ -903,11 +903,145 @@ mask_windows.defvjp(_mask_windows_fwd, _mask_windows_bwd)
 
 
 # ------------------------------------------------------------------------------------------------
+# The mask-IoU assignment's pixel counts (YOLO26 segmentation, segment26.py), over tiles of the plane.
+# Why: of each listed (GT, anchor) pair's predicted mask only the pixels inside its predicted box
+# count, and the plain form decodes every pair over the whole plane. The kernel visits the plane's
+# MASK_TILE x MASK_TILE tiles (a loop) and, in each, only the pairs whose box touches it
+# (compacted; a loop of ceil(touching / MASK_TILE_CHUNK) chunks, one compilation for any boxes): the
+# tile's prototypes are a static slice every pair shares (no gather per pair, which is what made
+# windows gathered per pair's box slower than the whole plane), the pairs' coefficients a row gather.
+# Both forms count the same per-pixel logits (each an nm-term dot product), so the counts are equal
+# integers. Bench row "segment26 loss, plain pair_mask_counts" (benchmarks/README.md).
 
-KERNELS = ("bce_sum", "flow_rows", "mask_bce_sum", "mask_windows", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
+MASK_TILE = 32  # pixels a side (16-54 measured: 32 best at 160 x 160 prototypes)
+MASK_TILE_CHUNK = 256  # pairs per chunk of a tile
+
+
+def _packed_counts(logits, gt, in_rows, in_cols) -> tuple[jax.Array, jax.Array]:
+  """``(|pred & gt|, |pred|)`` int32 ``(K,)`` of logits ``(K, h, w)`` against ``gt (K, h, w)`` bool, with ``pred``
+  the positive finite logits inside the box (``in_rows (K, h)`` times ``in_cols (K, w)``, bool).
+
+  One integer pass: a pixel adds 1, plus ``base`` (a power of two above ``w``) where ``gt`` holds it,
+  so each row's sum is ``pred + base * inter``; the rows' sums are then split and added up.
+  """
+  w = logits.shape[-1]
+  shift = w.bit_length()  # base = 2^shift > w: a row's predicted count never reaches it
+  weight = jnp.where(in_cols[:, None, :], jnp.where(gt, (1 << shift) + 1, 1), 0)
+  row = jnp.sum(jnp.where((logits > 0) & (logits < jnp.inf), weight, 0), axis=-1)  # a non-finite logit is outside
+  row = jnp.where(in_rows, row, 0)
+  return jnp.sum(row >> shift, axis=-1), jnp.sum(row & ((1 << shift) - 1), axis=-1)
+
+
+def _box_lines(box, rows, cols) -> tuple[jax.Array, jax.Array]:
+  """``(in_rows (K, h), in_cols (K, w))``: pixel rows / columns (float indices) inside each box ``(K, 4)``
+  (``x1 <= x < x2``; a NaN side holds none)."""
+  x1, y1, x2, y2 = (box[:, i : i + 1] for i in range(4))
+  return (rows >= y1) & (rows < y2), (cols >= x1) & (cols < x2)
+
+
+def _decode(coef, proto) -> jax.Array:
+  """``(K, h, w)`` mask logits of coefficients ``(K, nm)`` over prototypes ``(nm, h, w)``."""
+  nm, h, w = proto.shape
+  return jnp.dot(coef, proto.reshape(nm, -1), precision=jax.lax.Precision.HIGHEST).reshape(-1, h, w)
+
+
+def _slot_masks(masks, owner) -> jax.Array:
+  """``(K, h, w)`` bool: each pair's GT mask, from an index map ``(h, w)`` or per-slot masks ``(M, h, w)``."""
+  return masks[None] == (owner + 1)[:, None, None] if masks.ndim == 2 else masks[owner]
+
+
+def plain_pair_mask_counts(coef, box, owner, ok, proto, masks, chunk: int, early_exit: bool = True) -> tuple[jax.Array, jax.Array]:
+  """One image's ``n`` (GT, anchor) pairs: ``(|pred & gt| (n,), |pred| (n,))`` int32 (0 where not ``ok``), with
+  ``pred`` the pair's mask ``coef . proto > 0`` (a non-finite logit is outside) inside its box, ``gt`` its
+  GT slot's mask; every pair decoded over the whole plane.
+
+  Shapes: ``coef (n, nm)``; ``box (n, 4)`` xyxy in prototype pixels (a pixel of column ``x`` is in
+  it when ``x1 <= x < x2``, rows alike); ``owner (n,)`` int32 GT slot; ``ok (n,)`` bool; ``proto (nm,
+  h, w)``; ``masks`` an index map ``(h, w)`` int (pixel ``j + 1`` marks slot ``j``) or per-slot masks
+  ``(M, h, w)`` bool. The ``ok`` pairs go first (a stable sort) and run ``chunk`` (static) at a time in a
+  ``while_loop`` that stops after the last chunk holding one; without ``early_exit`` every chunk runs,
+  in a ``lax.map`` (what ``checkify`` can transform).
+  """
+  n, nm = coef.shape
+  _, h, w = proto.shape
+  rows, cols = jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32)
+  order = jnp.argsort(~ok, stable=True)
+  pad = -(-n // chunk) * chunk - n
+  sort = lambda x: jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
+  coef_s, box_s, owner_s = sort(coef), sort(jnp.where(ok[:, None], box, jnp.nan)), sort(owner)
+
+  def counts(c, b, o):
+    return _packed_counts(_decode(c, proto), _slot_masks(masks, o), *_box_lines(b, rows, cols))
+
+  if early_exit:
+    def body(carry):
+      i, inter, pred = carry
+      take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk)  # noqa: E731
+      di, dp = counts(take(coef_s), take(box_s), take(owner_s))
+      update = lambda out, v: jax.lax.dynamic_update_slice_in_dim(out, v, i * chunk, 0)  # noqa: E731
+      return i + 1, update(inter, di), update(pred, dp)
+
+    zeros = jnp.zeros((n + pad,), jnp.int32)
+    count = jnp.sum(ok, dtype=jnp.int32)
+    _, inter, pred = jax.lax.while_loop(lambda c: c[0] * chunk < count, body, (jnp.int32(0), zeros, zeros))
+  else:
+    chunks = lambda x: x.reshape((-1, chunk) + x.shape[1:])  # noqa: E731
+    inter, pred = (x.reshape(-1) for x in jax.lax.map(lambda xs: counts(*xs), (chunks(coef_s), chunks(box_s), chunks(owner_s))))
+  back = lambda x: jnp.zeros((n,), jnp.int32).at[order].set(x[:n])  # noqa: E731
+  return back(inter), back(pred)
+
+
+def pair_mask_counts(coef, box, owner, ok, proto, masks, chunk: int, early_exit: bool = True) -> tuple[jax.Array, jax.Array]:
+  """:func:`plain_pair_mask_counts` over the plane's ``MASK_TILE`` tiles that each pair's box touches.
+
+  Tiles (``min(MASK_TILE, side)`` pixels; the plane padded to whole tiles, the padding in no box) are a
+  loop (one compilation for any number of tiles); in each, the ``ok`` pairs whose box touches it are listed (:func:`jnp.nonzero`, static
+  size) and run ``MASK_TILE_CHUNK`` at a time in a loop of ``ceil(listed / chunk)`` iterations; each
+  chunk's counts are added to its pairs. The same integers as the plain form. Without
+  ``early_exit`` (``checkify``: no loop of traced length) this is the plain form; ``chunk`` is the
+  plain form's.
+  """
+  if not early_exit:
+    return plain_pair_mask_counts(coef, box, owner, ok, proto, masks, chunk, early_exit)
+  n, _ = coef.shape
+  _, h, w = proto.shape
+  th, tw = min(MASK_TILE, h), min(MASK_TILE, w)
+  gh, gw = -(-h // th), -(-w // tw)
+  grow = ((0, gh * th - h), (0, gw * tw - w))
+  proto = jnp.pad(proto, ((0, 0),) + grow)
+  masks = jnp.pad(masks, grow if masks.ndim == 2 else ((0, 0),) + grow)
+  x1, y1, x2, y2 = (box[:, i] for i in range(4))
+  k = min(MASK_TILE_CHUNK, n)
+  size = -(-n // k) * k
+  totals = (jnp.zeros((n + 1,), jnp.int32), jnp.zeros((n + 1,), jnp.int32))  # slot n: the listing's filler
+
+  def visit(t, totals):  # tile t: rows r0 + [0, th), columns c0 + [0, tw)
+    r0, c0 = (t // gw) * th, (t % gw) * tw
+    touch = ok & (y1 < r0 + th) & (y2 > r0) & (x1 < c0 + tw) & (x2 > c0)  # generous: the counts decide
+    ids = jnp.nonzero(touch, size=size, fill_value=n)[0]
+    line = lambda start, num, limit: jnp.where(start + jnp.arange(num) < limit, start + jnp.arange(num), jnp.inf).astype(jnp.float32)  # noqa: E731
+    rows, cols = line(r0, th, h), line(c0, tw, w)  # pixels past the plane: in no box
+    p_tile = jax.lax.dynamic_slice(proto, (0, r0, c0), (proto.shape[0], th, tw))
+    m_tile = jax.lax.dynamic_slice(masks, (r0, c0) if masks.ndim == 2 else (0, r0, c0), masks.shape[:-2] + (th, tw))
+
+    def body(j, totals):
+      item = jax.lax.dynamic_slice_in_dim(ids, j * k, k)
+      at = jnp.minimum(item, n - 1)
+      di, dp = _packed_counts(_decode(coef[at], p_tile), _slot_masks(m_tile, owner[at]), *_box_lines(box[at], rows, cols))
+      return totals[0].at[item].add(di), totals[1].at[item].add(dp)
+
+    return jax.lax.fori_loop(0, (jnp.sum(touch, dtype=jnp.int32) + k - 1) // k, body, totals)
+
+  totals = jax.lax.fori_loop(0, gh * gw, visit, totals)
+  return totals[0][:n], totals[1][:n]
+
+
+# ------------------------------------------------------------------------------------------------
+
+KERNELS = ("bce_sum", "flow_rows", "mask_bce_sum", "mask_windows", "pair_mask_counts", "shared_sigmoid", "softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "windows")
 # Kernels measured on another workload than the detection rows' (a task's loss, or the crowded scenes):
 # the detection ablation rows leave them out and bench.py times them there.
-TASK_KERNELS = {"flow_rows": "pose26_loss", "mask_bce_sum": "segment_loss", "mask_windows": "segment_loss", "windows": "crowded"}
+TASK_KERNELS = {"flow_rows": "pose26_loss", "mask_bce_sum": "segment_loss", "mask_windows": "segment_loss", "pair_mask_counts": "segment26_loss", "windows": "crowded"}
 # The trick each kernel function belongs to, where it is not its own name.
 _TRICK_OF = {"sigmoid": "shared_sigmoid", "sqrt_sigmoid": "shared_sigmoid", "whole_map_scores": "shared_sigmoid"}
 

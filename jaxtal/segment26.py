@@ -66,6 +66,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtal import _validate
+from jaxtal import kernels
 from jaxtal import task
 from jaxtal import terms
 from jaxtal.geometry import Geometry, GeometryExtra, axis_aligned
@@ -149,69 +150,21 @@ def _gt_areas(masks: jax.Array, m: int) -> jax.Array:
   return jnp.sum(masks, axis=(1, 2), dtype=jnp.int32)
 
 
-def _pairs_iou(coef, box, owner, proto, masks, area):
-  """Mask IoU of ``K`` (GT, anchor) pairs of one image: ``coef (K, nm)``, predicted ``box (K, 4)`` in
-  prototype pixels, ``owner (K,)`` GT slot, ``proto (nm, mh, mw)``, ``masks`` as :class:`MaskImage`'s,
-  ``area (M,)`` the GT masks' pixel counts (:func:`_gt_areas`).
-
-  The box crop is separable: each count sums, over the box's rows, the row's positive pixels within
-  the box's columns. Both counts come from one integer pass over the logits: a positive pixel in the
-  box adds 1, plus ``base`` (a power of two above the row's width) where the GT's mask holds it, so
-  each row's sum is ``pred + base * inter`` (int32: rows of up to :data:`MAX_PROTO_WIDTH` pixels).
-  """
-  nm, mh, mw = proto.shape
-  base = 1 << mw.bit_length()  # > mw: a row's predicted count never reaches it
-  logits = jnp.dot(coef, proto.reshape(nm, -1), precision=jax.lax.Precision.HIGHEST).reshape(-1, mh, mw)
-  cols, rows = jnp.arange(mw, dtype=jnp.float32), jnp.arange(mh, dtype=jnp.float32)
-  x1, y1, x2, y2 = (box[:, i : i + 1] for i in range(4))
-  in_rows = (rows >= y1) & (rows < y2)  # (K, mh); none for a NaN side
-  in_cols = (cols >= x1) & (cols < x2)  # (K, mw)
-  gt = masks[None] == (owner + 1)[:, None, None] if masks.ndim == 2 else masks[owner]
-  weight = jnp.where(in_cols[:, None, :], jnp.where(gt, base + 1, 1), 0)
-  row = jnp.sum(jnp.where((logits > 0) & (logits < jnp.inf), weight, 0), axis=-1)  # (K, mh) int32; a non-finite logit is outside
-  row = jnp.where(in_rows, row, 0)
-  inter = jnp.sum(row >> (base.bit_length() - 1), axis=-1).astype(jnp.float32)
-  pred = jnp.sum(row & (base - 1), axis=-1).astype(jnp.float32)
-  union = area[owner].astype(jnp.float32) + pred - inter
-  return inter / jnp.maximum(union, 1.0)
-
-
-def _listed_iou(coef, box, candidate, image: MaskImage, chunk: int | None, early_exit: bool = True) -> jax.Array:
-  """``(M, L)`` mask IoU of one image's listed pairs (0 off candidates).
-
-  The candidate pairs go first (a stable sort), then chunks of ``K`` pairs are decoded over the
-  plane (:func:`_pairs_iou`) in a ``while_loop`` that stops after the last chunk holding a
-  candidate (under ``vmap``: of any image); without ``early_exit``, every chunk in a ``lax.map``
-  (``checkify`` cannot transform a batched ``while_loop``; the checked loss takes this form). The
-  result is the same.
-  """
+def _listed_iou(coef, box, candidate, image: MaskImage, chunk: int | None, early_exit: bool = True, plain_kernels=()) -> jax.Array:
+  """``(M, L)`` mask IoU of one image's listed pairs (0 off candidates): the pixel counts of
+  :func:`jaxtal.kernels.pair_mask_counts` (the tiles each predicted box touches; ``plain_kernels=
+  ("pair_mask_counts",)``: every pair over the whole plane, ``chunk`` pairs at a time), each GT's area
+  once. ``early_exit=False`` runs no loop of traced length (what ``checkify`` can transform)."""
   m, size = candidate.shape
   n = m * size
   nm, mh, mw = image.proto.shape
   k = min(n, max(1, IOU_CHUNK_PIXELS // (mh * mw)) if chunk is None else int(chunk))
   owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), size)
   ok = candidate.reshape(n)
-  count = jnp.sum(ok, dtype=jnp.int32)
-  area = _gt_areas(image.masks, m)  # once per GT
-  order = jnp.argsort(~ok, stable=True)
-  pad = -(-n // k) * k - n
-  sort = lambda x: jnp.pad(x[order], [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # noqa: E731
-  coef_s, box_s = sort(coef.reshape(n, nm)), sort(box.reshape(n, 4) * image.scale)
-  owner_s = jnp.pad(owner[order], (0, pad))
-
-  def body(carry):
-    i, out = carry
-    lo = i * k
-    take = lambda x: jax.lax.dynamic_slice_in_dim(x, lo, k)  # noqa: E731
-    iou = _pairs_iou(take(coef_s), take(box_s), take(owner_s), image.proto, image.masks, area)
-    return i + 1, jax.lax.dynamic_update_slice_in_dim(out, iou, lo, 0)
-
-  if early_exit:
-    _, out = jax.lax.while_loop(lambda c: c[0] * k < count, body, (jnp.int32(0), jnp.zeros((n + pad,), jnp.float32)))
-  else:
-    chunks = lambda x: x.reshape((-1, k) + x.shape[1:])  # noqa: E731
-    out = jax.lax.map(lambda xs: _pairs_iou(*xs, image.proto, image.masks, area), (chunks(coef_s), chunks(box_s), chunks(owner_s))).reshape(-1)
-  iou = jnp.zeros((n,), jnp.float32).at[order].set(out[:n])
+  counts = kernels.select("pair_mask_counts", plain_kernels)
+  inter, pred = counts(coef.reshape(n, nm), box.reshape(n, 4) * image.scale, owner, ok, image.proto, image.masks, k, early_exit)
+  union = _gt_areas(image.masks, m)[owner] + pred - inter
+  iou = inter.astype(jnp.float32) / jnp.maximum(union, 1).astype(jnp.float32)
   return jnp.where(ok, iou, 0.0).reshape(m, size)
 
 
@@ -241,15 +194,15 @@ def _overlap(box: Geometry, g: _MaskGt, p: _MaskPred) -> jax.Array:
   return g.weight * jnp.maximum(box.overlap(g.box, p.box), 0.0)
 
 
-def _refine(box: Geometry, chunk: int | None, early_exit: bool, g: _MaskGt, p: _MaskPred, listed, candidate, image: MaskImage):
+def _refine(box: Geometry, chunk: int | None, early_exit: bool, plain_kernels, g: _MaskGt, p: _MaskPred, listed, candidate, image: MaskImage):
   """``(g', (M, L) overlaps)``: ``(box + mask IoU) / 2`` of the listed pairs; the rest then weigh ``1/2`` of the box's."""
   del listed  # the pairs' own data is in p (leaves (M, L, ...))
   iou = jnp.maximum(box.overlap(jax.tree.map(lambda x: x[:, None], g.box), p.box), 0.0)
-  miou = _listed_iou(p.coef, p.box.box, candidate, image, chunk, early_exit)
+  miou = _listed_iou(p.coef, p.box.box, candidate, image, chunk, early_exit, plain_kernels)
   return g._replace(weight=jnp.full_like(g.weight, 0.5)), (iou + miou) / 2
 
 
-def mask_iou(overlap: str = "ciou", iou_chunk: int | None = None, *, early_exit: bool = True) -> Geometry:
+def mask_iou(overlap: str = "ciou", iou_chunk: int | None = None, *, early_exit: bool = True, plain_kernels=()) -> Geometry:
   """Axis-aligned boxes whose overlap also scores the predicted mask (YOLO26 segmentation's assigner).
 
   Candidates: the box geometry's (:func:`~jaxtal.axis_aligned`, anchor centre inside the GT box).
@@ -258,16 +211,19 @@ def mask_iou(overlap: str = "ciou", iou_chunk: int | None = None, *, early_exit:
   the mask IoU as the module docstring says. Extras (:class:`~jaxtal.GeometryExtra`): ``pred`` the
   ``(b, A, nm)`` mask coefficients, ``image`` a :class:`MaskImage`. ``early_exit=False`` decodes
   every chunk of the short lists, padding slots' included, with no ``while_loop`` (what ``checkify``
-  can transform: :func:`checked_segment26_loss` uses it); the result is the same. One value per
-  arguments (cached).
+  can transform: :func:`checked_segment26_loss` uses it); the result is the same. ``plain_kernels``:
+  a config's; ``"pair_mask_counts"`` decodes every listed pair over the whole plane
+  (:func:`jaxtal.kernels.plain_pair_mask_counts`) instead of the tiles its predicted box touches,
+  the same counts. One value per arguments (cached).
   """
   if iou_chunk is not None:
     iou_chunk = _validate.whole("iou_chunk", iou_chunk, low=1)
-  return _mask_iou(overlap, iou_chunk, bool(early_exit))
+  plain = "pair_mask_counts" in kernels.check_names(plain_kernels, "mask_iou: plain_kernels")
+  return _mask_iou(overlap, iou_chunk, bool(early_exit), ("pair_mask_counts",) if plain else ())
 
 
 @functools.cache
-def _mask_iou(overlap: str, iou_chunk: int | None, early_exit: bool) -> Geometry:
+def _mask_iou(overlap: str, iou_chunk: int | None, early_exit: bool, plain_kernels: tuple[str, ...] = ()) -> Geometry:
   box = axis_aligned(overlap)
   return Geometry(
       name=f"{box.name}+mask-iou",
@@ -279,12 +235,13 @@ def _mask_iou(overlap: str, iou_chunk: int | None, early_exit: bool) -> Geometry
       candidate=functools.partial(_candidate, box),
       overlap=functools.partial(_overlap, box),
       shortlist=SHORTLIST,
-      refine=functools.partial(_refine, box, iou_chunk, early_exit),
+      refine=functools.partial(_refine, box, iou_chunk, early_exit, plain_kernels),
       bounds=functools.partial(_bounds, box),
   )
 
 
-MASK_IOU = terms.AXIS_ALIGNED._replace(name="xyxy+mask", geometry=lambda cfg: mask_iou(cfg.overlap, cfg.iou_chunk))
+MASK_IOU = terms.AXIS_ALIGNED._replace(
+    name="xyxy+mask", geometry=lambda cfg: mask_iou(cfg.overlap, cfg.iou_chunk, plain_kernels=cfg.plain_kernels))
 # The checked loss's: the same assignment without a batched while_loop, which checkify cannot transform.
 MASK_IOU_CHECKED = MASK_IOU._replace(geometry=lambda cfg: mask_iou(cfg.overlap, cfg.iou_chunk, early_exit=False))
 

@@ -24,6 +24,7 @@ import jaxtal
 from jaxtal import kernels
 from jaxtal._parallel import global_sum
 from support.oracles import np_bce_with_logits, np_flow_log_prob, np_logsumexp, np_softmax, np_two_bin_target
+from support import segment26_cases
 from support.problems import R, crowded_loss_problem, random_flow_params
 
 GRAD_TOL = dict(atol=1e-6, rtol=1e-6, eps=1e-6)  # check_grads in float64
@@ -368,10 +369,48 @@ class TestFlowRows:
       check_grads(lambda p, x, c: kernels.flow_rows(p, x, c, keep), (params, x, coef), order=1, modes=("rev",), **GRAD_TOL)
 
 
+# --------------------------------------------------------------------------------------------------
+# pair_mask_counts (the mask-IoU assignment's pixel counts over tiles)
+
+
+class TestPairMaskCounts:
+
+  @pytest.mark.parametrize("index_map", [True, False])
+  @pytest.mark.parametrize(("tile", "tile_chunk"), [(7, 5), (5, 64), (32, 3), (1, 100)])  # 1: 480 tiles, one pixel each
+  def test_tiles_count_what_the_plane_counts(self, index_map, tile, tile_chunk, monkeypatch):
+    """Equal integers for any tile (partial tiles on both sides, one pixel, the whole plane) and chunking, on boxes
+    past every border, NaN and infinite sides, empty and full masks, non-finite values; the counts are not trivial."""
+    monkeypatch.setattr(kernels, "MASK_TILE", tile)
+    monkeypatch.setattr(kernels, "MASK_TILE_CHUNK", tile_chunk)
+    coef, box, cand, image = segment26_cases.counting_problem(2, index_map)
+    m, size, nm = coef.shape
+    args = (jnp.asarray(coef.reshape(-1, nm)), jnp.asarray(box.reshape(-1, 4)), jnp.repeat(jnp.arange(m, dtype=jnp.int32), size),
+            jnp.asarray(cand.reshape(-1)), jnp.asarray(image.proto), jnp.asarray(image.masks))
+    # Fresh lambdas: jit's trace cache is keyed on the function, and MASK_TILE is read at trace time.
+    got = jax.jit(lambda *a: kernels.pair_mask_counts(*a, 8))(*args)
+    want = jax.jit(lambda *a: kernels.plain_pair_mask_counts(*a, 8))(*args)
+    chex.assert_trees_all_equal(got, want)
+    inter, pred = (np.asarray(x) for x in got)
+    assert (inter > 0).sum() >= 10 and (pred > inter).sum() >= 10 and not inter[~cand.reshape(-1)].any()
+
+  def test_vmap_over_images_with_other_pair_counts(self, monkeypatch):
+    monkeypatch.setattr(kernels, "MASK_TILE", 6)
+    monkeypatch.setattr(kernels, "MASK_TILE_CHUNK", 4)
+    problems = [segment26_cases.counting_problem(s, True) for s in (3, 4)]
+    stack = lambda f: jnp.stack([jnp.asarray(f(*p)) for p in problems])  # noqa: E731
+    m, size, nm = problems[0][0].shape
+    coef, box = stack(lambda c, b, k, i: c.reshape(-1, nm)), stack(lambda c, b, k, i: b.reshape(-1, 4))
+    ok = stack(lambda c, b, k, i: k.reshape(-1)).at[1, 10:].set(False)  # another trip count per image
+    proto, masks = stack(lambda c, b, k, i: i.proto), stack(lambda c, b, k, i: i.masks)
+    owner = jnp.repeat(jnp.arange(m, dtype=jnp.int32), size)
+    run = lambda fn: jax.jit(jax.vmap(lambda c, b, k, p, s: fn(c, b, owner, k, p, s, 8)))(coef, box, ok, proto, masks)  # noqa: E731  (a fresh trace)
+    chex.assert_trees_all_equal(run(kernels.pair_mask_counts), run(kernels.plain_pair_mask_counts))
+
+
 class TestPlainSwitch:
 
   def test_select_picks_the_twin_named_by_the_config(self):
-    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum", "mask_windows", "flow_rows"):
+    for name in ("softmax_stats", "split_channels", "two_bin_logit_sum", "top_k", "mask_bce_sum", "mask_windows", "flow_rows", "pair_mask_counts"):
       assert kernels.select(name) is getattr(kernels, name)
       assert kernels.select(name, (name,)) is getattr(kernels, f"plain_{name}")
     for name in ("sigmoid", "sqrt_sigmoid", "whole_map_scores"):  # one trick spans three functions

@@ -307,47 +307,20 @@ def test_refine_with_non_finite_coefficients_and_prototypes_counts_those_logits_
     np.testing.assert_allclose(overlap[m, j], (ciou + miou) / 2, rtol=2e-6, atol=1e-7)
 
 
-def _counting_problem(seed, index_map):
-  """One image's short lists on a 24 x 20 plane with unquantised float32 values (any dot product's rounding
-  shows): boxes touching each border, larger than the plane, inverted, NaN and infinite sides; pairs whose
-  predicted mask is empty (coefficients 0) or full (positive prototypes and coefficients); NaN and infinite
-  coefficients and prototype pixels."""
-  rng = np.random.default_rng(seed)
-  m, size, nm, (h, w) = 5, 12, 8, (24, 20)
-  coef = rng.normal(size=(m, size, nm)).astype(np.float32)
-  proto = rng.normal(size=(nm, h, w)).astype(np.float32)
-  corner = rng.uniform(-6.0, 26.0, (m, size, 2))
-  box = np.concatenate([corner, corner + rng.uniform(0.5, 18.0, (m, size, 2))], -1).astype(np.float32)
-  box[0, :6] = [[-9, -9, 99, 99], [0, 0, w, h], [w - 3.5, 2, w, 9], [2, h - 0.5, 9, h + 4], [-np.inf, 3, 5, np.inf], [7, 7, 3, 3]]
-  box[1, :2] = [[np.nan, 0, 5, 5], [0, 0, w, np.nan]]
-  coef[2, :3] = 0.0  # empty predicted masks
-  full = np.abs(proto[:, :12]).sum(0) > 0  # rows 0-11 of the plane: positive prototypes
-  proto[:, :12] = np.abs(proto[:, :12]) + 0.01
-  coef[3, :4] = np.abs(coef[3, :4]) + 0.01  # full predicted masks on rows 0-11
-  box[3, :4] = [[0, 0, w, 12], [3.2, 1.7, 15.1, 11.9], [-5, -5, 40, 12], [0, 0, 1, 1]]
-  coef[4, 0] = np.nan
-  coef[4, 1, 2] = np.inf
-  proto[1, 20, 3] = np.nan
-  proto[0, 15, :] = -np.inf
-  cand = rng.uniform(size=(m, size)) < 0.8
-  cand[:4, :6] = True
-  cand[4, :2] = True
-  index = rng.integers(0, m + 2, (h, w)).astype(np.int32)  # includes values past the slots
-  index[:12, :10] = 4  # slot 3 covers part of the full masks' rows
-  masks = index if index_map else index[None] == np.arange(1, m + 1)[:, None, None]
-  del full
-  return coef, box, cand, jaxtal.MaskImage(jnp.asarray(proto), jnp.asarray(masks), jnp.float32(1.0))
-
-
 @pytest.mark.parametrize("index_map", [True, False])
-@pytest.mark.parametrize(("chunk", "early_exit"), [(None, True), (7, True), (3, False), (1, True)])
-def test_listed_mask_iou_matches_numpy(index_map, chunk, early_exit):
-  """The refine's mask IoU of every listed pair equals a float64 NumPy count (one pass of ``pred + base * inter``
-  row sums): boxes on each border, oversize, inverted, NaN and infinite; empty and full predicted masks;
-  non-finite coefficients and prototype pixels; every chunking and both loop forms; the IoUs are not trivial."""
-  coef, box, cand, image = _counting_problem(1, index_map)
-  got = np.asarray(jax.jit(jaxtal.segment26._listed_iou, static_argnums=(4, 5))(
-      jnp.asarray(coef), jnp.asarray(box), jnp.asarray(cand), image, chunk, early_exit))
+@pytest.mark.parametrize(("chunk", "early_exit", "plain"), [
+    (None, True, ()), (7, True, ("pair_mask_counts",)), (3, False, ()), (1, True, ("pair_mask_counts",)), (None, True, ("pair_mask_counts",)),
+])
+def test_listed_mask_iou_matches_numpy(index_map, chunk, early_exit, plain, monkeypatch):
+  """The refine's mask IoU of every listed pair equals a float64 NumPy count: boxes on each border, oversize,
+  inverted, NaN and infinite; empty and full predicted masks; non-finite coefficients and prototype pixels;
+  the tiles (7 x 7 on the 24 x 20 plane: partial tiles on both sides, several chunks of 5 pairs a tile) and the
+  whole plane, every chunking and both loop forms; the IoUs are not trivial."""
+  monkeypatch.setattr(jaxtal.kernels, "MASK_TILE", 7)
+  monkeypatch.setattr(jaxtal.kernels, "MASK_TILE_CHUNK", 5)
+  coef, box, cand, image = segment26_cases.counting_problem(1, index_map)
+  listed_iou = lambda *a: jaxtal.segment26._listed_iou(*a, chunk, early_exit, plain)  # noqa: E731  (a fresh trace: MASK_TILE)
+  got = np.asarray(jax.jit(listed_iou)(jnp.asarray(coef), jnp.asarray(box), jnp.asarray(cand), image))
   per_slot = np.asarray(image.masks) if not index_map else np.asarray(image.masks)[None] == np.arange(1, 6)[:, None, None]
   with np.errstate(invalid="ignore", over="ignore"):
     want = np.array([[np_pair_iou(coef[i, j], box[i, j], np.asarray(image.proto), per_slot[i]) if cand[i, j] else 0.0

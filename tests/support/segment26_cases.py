@@ -251,3 +251,35 @@ def load_fixture(name: str) -> tuple[dict, dict, str]:
   for key in ("seg", "sem"):
     ref[key] = float(ref[key])
   return case, ref, version
+
+
+def counting_problem(seed, index_map):
+  """(The mask-IoU counts' tests, not a parity case.) One image's short lists on a 24 x 20 plane with unquantised float32 values (any dot product's rounding
+  shows): boxes touching each border, larger than the plane, inverted, NaN and infinite sides; pairs whose
+  predicted mask is empty (coefficients 0) or full (positive prototypes and coefficients); NaN and infinite
+  coefficients and prototype pixels."""
+  rng = np.random.default_rng(seed)
+  m, size, nm, (h, w) = 5, 12, 8, (24, 20)
+  coef = rng.normal(size=(m, size, nm)).astype(np.float32)
+  proto = rng.normal(size=(nm, h, w)).astype(np.float32)
+  corner = rng.uniform(-6.0, 26.0, (m, size, 2))
+  box = np.concatenate([corner, corner + rng.uniform(0.5, 18.0, (m, size, 2))], -1).astype(np.float32)
+  box[0, :6] = [[-9, -9, 99, 99], [0, 0, w, h], [w - 3.5, 2, w, 9], [2, h - 0.5, 9, h + 4], [-np.inf, 3, 5, np.inf], [7, 7, 3, 3]]
+  box[1, :2] = [[np.nan, 0, 5, 5], [0, 0, w, np.nan]]
+  coef[2, :3] = 0.0  # empty predicted masks
+  full = np.abs(proto[:, :12]).sum(0) > 0  # rows 0-11 of the plane: positive prototypes
+  proto[:, :12] = np.abs(proto[:, :12]) + 0.01
+  coef[3, :4] = np.abs(coef[3, :4]) + 0.01  # full predicted masks on rows 0-11
+  box[3, :4] = [[0, 0, w, 12], [3.2, 1.7, 15.1, 11.9], [-5, -5, 40, 12], [0, 0, 1, 1]]
+  coef[4, 0] = np.nan
+  coef[4, 1, 2] = np.inf
+  proto[1, 20, 3] = np.nan
+  proto[0, 15, :] = -np.inf
+  cand = rng.uniform(size=(m, size)) < 0.8
+  cand[:4, :6] = True
+  cand[4, :2] = True
+  index = rng.integers(0, m + 2, (h, w)).astype(np.int32)  # includes values past the slots
+  index[:12, :10] = 4  # slot 3 covers part of the full masks' rows
+  masks = index if index_map else index[None] == np.arange(1, m + 1)[:, None, None]
+  del full
+  return coef, box, cand, jaxtal.MaskImage(proto, masks, np.float32(1.0))
