@@ -118,27 +118,31 @@ def validate_flow_params(params, caller: str) -> None:
 
 
 def _net(u: jax.Array, a: int, c: int, w1, b1, w2, b2, w3, b3) -> jax.Array:
-  """One coupling net on its kept coordinate ``u (...)`` -> its output ``(...)`` on the updated one.
+  """One coupling net on its kept coordinate ``u (N,)`` -> its output ``(N,)`` on the updated one.
 
   The net's input ``m * z`` is zero but for coordinate ``a``, so its first Linear is ``u * w1[a] +
-  b1`` (the other row multiplies an exact zero), and only output ``c`` is ever read.
+  b1`` (the other row multiplies an exact zero), and only output ``c`` is ever read. The hidden
+  rows are feature-major, ``(64, N)``: every matmul of the forward and backward passes then has its
+  long axis last (none contracts over ``N`` on its left operand, which XLA:CPU runs 3x slower).
   """
-  h = jax.nn.silu(u[..., None] * w1[a] + b1)
-  h = jax.nn.silu(jnp.dot(h, w2, precision=_HIGHEST) + b2)
-  return jnp.dot(h, w3[:, c], precision=_HIGHEST) + b3[c]
+  h = jax.nn.silu(w1[a][:, None] * u[None, :] + b1[:, None])
+  h = jax.nn.silu(jnp.dot(w2.T, h, precision=_HIGHEST) + b2[:, None])
+  return jnp.dot(w3[:, c], h, precision=_HIGHEST) + b3[c]
 
 
 def flow_to_latent(params: FlowParams, x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The data-to-latent map: ``x (N, 2)`` -> ``(z (N, 2), log_det (N,))`` (any leading axes), ``log_det = log |det dz/dx|``.
 
   Each coupling reads one coordinate and updates the other (the masks are static), so the nets run
-  on ``(..., 64)`` hidden rows of their one input, never on the masked pair.
+  on ``(64, N)`` hidden rows of their one input, never on the masked pair.
   """
   dtype = x.dtype
+  lead = x.shape[:-1]
+  x = x.reshape(-1, DIM)
   p = [jnp.asarray(a, dtype) for a in params]
   s_params, t_params = p[:6], p[6:]
-  z = [x[..., 0], x[..., 1]]
-  log_det = jnp.zeros(x.shape[:-1], dtype)
+  z = [x[:, 0], x[:, 1]]
+  log_det = jnp.zeros(x.shape[:1], dtype)
   for i in reversed(range(NUM_LAYERS)):  # a static loop over the six layers
     a = 1 if i % 2 == 0 else 0  # the kept coordinate (mask (0, 1) on even layers); c is updated
     c = 1 - a
@@ -146,7 +150,7 @@ def flow_to_latent(params: FlowParams, x: jax.Array) -> tuple[jax.Array, jax.Arr
     t = _net(z[a], a, c, *(w[i] for w in t_params))
     z[c] = (z[c] - t) * jnp.exp(-s)
     log_det = log_det - s
-  return jnp.stack(z, axis=-1), log_det
+  return jnp.stack(z, axis=-1).reshape(lead + (DIM,)), log_det.reshape(lead)
 
 
 def flow_log_prob(params: FlowParams, x: jax.Array) -> jax.Array:

@@ -378,10 +378,21 @@ def windows(num_gts: int, num_anchors: int) -> bool:
 # entries' labelled keypoints count (about half at b = 16, M = 100); the plain form runs the flow's
 # 24 (rows, 64) matmuls over all of them and autodiff keeps every hidden activation of every row.
 # The kernel gathers the counted rows to the front and computes the value and its gradient over
-# ceil(n / FLOW_CHUNK) chunks of them, so the work follows the labelled keypoints and the memory
+# ceil(n / chunk) chunks of them, so the work follows the labelled keypoints and the memory
 # one chunk. Bench row "pose26 loss, plain flow_rows" (benchmarks/README.md).
 
-FLOW_CHUNK = 8192  # rows per chunk: 4096-32768 measured within 10% of each other on XLA:CPU
+# Rows per chunk. On XLA:CPU 2048 (1024-8192 within 10%; each chunk's activations stay in cache); an
+# accelerator runs each op over many rows at once and pays per launch, so far fewer, larger chunks.
+FLOW_CHUNK_CPU = 2048
+FLOW_CHUNK_ACCELERATOR = 32768
+FLOW_CHUNK: int | None = None  # an override of both (tests)
+
+
+def flow_chunk() -> int:
+  """Rows per chunk of :func:`flow_rows` on the default backend (read at trace time)."""
+  if FLOW_CHUNK is not None:
+    return FLOW_CHUNK
+  return FLOW_CHUNK_CPU if jax.default_backend() == "cpu" else FLOW_CHUNK_ACCELERATOR
 
 
 def plain_flow_rows(params, x, coef, keep) -> jax.Array:
@@ -396,7 +407,7 @@ def plain_flow_rows(params, x, coef, keep) -> jax.Array:
 def _flow_chunks(params, x, coef, keep, grad: bool):
   """The kept rows in chunks: ``(value, (d params, d x (R, 2), log_p (R,)))``, the gradients None without ``grad``."""
   r = x.shape[0]
-  chunk = max(1, min(FLOW_CHUNK, r))
+  chunk = max(1, min(flow_chunk(), r))
   size = -(-r // chunk) * chunk
   n = jnp.sum(keep, dtype=jnp.int32)
   idx = jnp.nonzero(keep, size=size, fill_value=r)[0]  # kept rows first, then r (past the end)
@@ -431,8 +442,8 @@ def _flow_chunks(params, x, coef, keep, grad: bool):
 def flow_rows(params, x, coef, keep) -> jax.Array:
   """:func:`plain_flow_rows` over the kept rows only, value and gradient in one pass of chunks.
 
-  The rows with ``keep`` go first (their order kept) and run in chunks of :data:`FLOW_CHUNK`, a
-  loop of ``ceil(n / FLOW_CHUNK)`` iterations for ``n`` kept rows (one compilation whatever ``n``):
+  The rows with ``keep`` go first (their order kept) and run in chunks of :func:`flow_chunk` rows, a
+  loop of ``ceil(n / chunk)`` iterations for ``n`` kept rows (one compilation whatever ``n``):
   the flow's cost follows the kept rows, its memory one chunk. Differentiable once, w.r.t.
   ``params``, ``x`` and ``coef`` (``keep`` is a mask); rows without ``keep`` get zero gradients.
   """

@@ -358,8 +358,8 @@ class TestFlowRows:
       v, (dp, dx) = grad(params, x[i], coef[i], keep[i])
       np.testing.assert_allclose(values[i], v, rtol=1e-6)
       np.testing.assert_allclose(d_x[i], dx, rtol=1e-6, atol=1e-7)
-      for got, ref in zip(d_params, dp):
-        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-6)
+      for got, ref in zip(d_params, dp):  # sums over rows in another order
+        np.testing.assert_allclose(got[i], ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
   def test_check_grads(self, monkeypatch):
     monkeypatch.setattr(kernels, "FLOW_CHUNK", 5)
