@@ -47,13 +47,19 @@ def detection_rows(args, table, m, feats, gt, cfg, make_loss_step, assign_inputs
       table.add(f"task_aligned_assign, plain {name}", m, ms, "ms", len(times), f"kernel saves {saving:.0f}% of the assignment")
 
 
-def segment_rows(args, table, cfg, make_step, inputs_by_m, medians) -> None:
-  """The segmentation step (``make_step(config)``, called as ``step(*inputs_by_m[m])``) with each of its task
-  kernels plain; ``medians[m]`` is the step's own time."""
-  for name in task_kernels("segment_loss"):
+def task_rows(args, table, task: str, label: str, cfg, make_step, inputs_by_m, medians) -> None:
+  """A task's step (``make_step(config)``, called as ``step(*inputs_by_m[m])``) with each of its task kernels
+  (``TASK_KERNELS`` entries naming ``task``) plain; ``medians[m]`` is the step's own time; rows ``"{label}
+  fwd+bwd, plain <kernel>"``."""
+  for name in task_kernels(task):
     for m, inputs in inputs_by_m.items():
       step = jax.jit(make_step(plain(cfg, name))).lower(*inputs).compile()
       times = time_runs(lambda: jax.block_until_ready(step(*inputs)), args.warmup, args.repeats)  # noqa: B023
       ms = median_ms(times)
       saving = 100 * (ms - medians[m]) / ms
-      table.add(f"segment loss fwd+bwd, plain {name}", m, ms, "ms", len(times), f"kernel saves {saving:.0f}% of the step")
+      table.add(f"{label} fwd+bwd, plain {name}", m, ms, "ms", len(times), f"kernel saves {saving:.0f}% of the step")
+
+
+def segment_rows(args, table, cfg, make_step, inputs_by_m, medians) -> None:
+  """:func:`task_rows` of the v8 segmentation step."""
+  task_rows(args, table, "segment_loss", "segment loss", cfg, make_step, inputs_by_m, medians)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+import ablation
 import jaxtal
 import timing
 from timing import BATCH, IMAGE_SIZE, REG_MAX, SEED, STRIDES
@@ -90,21 +91,27 @@ def rows26(args, table) -> None:
     flow_model = RealNVP()
     flow = jaxtal.flow_params_from_torch({k_: v.detach().numpy() for k_, v in flow_model.state_dict().items()})
 
-  @jax.jit
-  def step(feats, kpts, sigmas, flow, gt):
-    def total(f, p, s, fl):
-      return jaxtal.pose26_loss(jaxtal.Predictions(f, keypoints=p, keypoint_sigmas=s), gt, cfg, flow=fl)[0]
+  def make_step26(cfg):
+    def step(feats, kpts, sigmas, flow, gt):
+      def total(f, p, s, fl):
+        return jaxtal.pose26_loss(jaxtal.Predictions(f, keypoints=p, keypoint_sigmas=s), gt, cfg, flow=fl)[0]
 
-    return jax.value_and_grad(total, argnums=(0, 1, 2, 3))(feats, kpts, sigmas, flow)
+      return jax.value_and_grad(total, argnums=(0, 1, 2, 3))(feats, kpts, sigmas, flow)
+
+    return step
+
+  step = jax.jit(make_step26(cfg))
 
   rows_by_m = {m: timing.make_label_rows(m, seed=SEED + 5, num_classes=POSE_NUM_CLASSES) for m in POSE_BOX_COUNTS}
   keypoints_by_m = {m: make_pose_keypoints(r) for m, r in rows_by_m.items()}
-  runs = {}
+  runs, inputs_by_m = {}, {}
   for m in POSE_BOX_COUNTS:
     gt = jax.device_put(jaxtal.pack_labels(rows_by_m[m], BATCH, m, IMAGE_SIZE, keypoints=keypoints_by_m[m]))
+    inputs_by_m[m] = (feats, kpts, sigmas, flow, gt)
     runs[m] = lambda gt=gt: jax.block_until_ready(step(feats, kpts, sigmas, flow, gt))  # noqa: E731
   if reference is None:
-    timing.compare_rows(args, table, NAME26, "jaxtal.pose26_loss", runs)
+    medians = timing.compare_rows(args, table, NAME26, "jaxtal.pose26_loss", runs)
+    ablation.task_rows(args, table, "pose26_loss", "YOLO26 pose loss", cfg, make_step26, inputs_by_m, medians)
     return
   from ultralytics.utils.loss import PoseLoss26
 
@@ -117,10 +124,11 @@ def rows26(args, table) -> None:
   crit.assigner.stride_val = 0.0  # min_box_side=0 on both sides
   leaves = leaves + list(flow_model.parameters())  # its gradients are cleared between runs too
   ref_runs = _reference_runs(crit, preds, leaves, rows_by_m, keypoints_by_m)
-  timing.compare_rows(
+  medians = timing.compare_rows(
       args, table, NAME26, "jaxtal.pose26_loss", runs,
-      "Ultralytics PoseLoss26 fwd+bwd", ref_runs, timing.reference_note(reference), "YOLO26 pose loss", "",
+      "Ultralytics PoseLoss26 fwd+bwd", ref_runs, timing.reference_note(reference), "YOLO26 pose loss", "target >= v8's",
   )  # fmt: skip
+  ablation.task_rows(args, table, "pose26_loss", "YOLO26 pose loss", cfg, make_step26, inputs_by_m, medians)
 
 
 def _reference_runs(crit, preds, leaves, rows_by_m, keypoints_by_m) -> dict:

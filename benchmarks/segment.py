@@ -152,11 +152,16 @@ def segment26_rows(args, table) -> None:
       semantic=jax.device_put(sem_np),
   )
   cfg = jaxtal.Segment26LossConfig(num_classes=NUM_CLASSES, strides=STRIDES, reg_max=REG_MAX)  # min_box_side: strides[1]
-  step = jax.jit(lambda p, gt: jax.value_and_grad(lambda p: jaxtal.segment26_loss(p, gt, cfg)[0])(p))
+
+  def make_step26(cfg):
+    return lambda p, gt: jax.value_and_grad(lambda p: jaxtal.segment26_loss(p, gt, cfg)[0])(p)
+
+  step = jax.jit(make_step26(cfg))
   data = {m: make_index_maps(timing.make_label_rows(m, seed=SEED + 11), BATCH, (mh, mw)) for m in SEG_BOX_COUNTS}
-  runs = {}
+  runs, inputs_by_m = {}, {}
   for m, (label_rows, index_maps) in data.items():
     gt = jax.device_put(jaxtal.pack_labels(label_rows, BATCH, m, IMAGE_SIZE)._replace(masks=index_maps))
+    inputs_by_m[m] = (preds, gt)
     runs[m] = lambda gt=gt: jax.block_until_ready(step(preds, gt))  # noqa: E731
   b_mem, m_mem = SEG_MEMORY
   shape = lambda *s, dt=np.float32: jax.ShapeDtypeStruct(s, dt)  # noqa: E731
@@ -173,7 +178,8 @@ def segment26_rows(args, table) -> None:
   timing.memory_row(table, f"segment26 loss step XLA memory, b{b_mem}", m_mem, step.lower(*abstract).compile())
   reference = None if args.no_ultralytics else timing.import_reference(table)
   if reference is None:
-    timing.compare_rows(args, table, NAME26, "jaxtal.segment26_loss", runs)
+    medians = timing.compare_rows(args, table, NAME26, "jaxtal.segment26_loss", runs)
+    ablation.task_rows(args, table, "segment26_loss", "segment26 loss", cfg, make_step26, inputs_by_m, medians)
     return
   import torch
   from ultralytics.utils.loss import SegmentLoss26
@@ -194,7 +200,8 @@ def segment26_rows(args, table) -> None:
     batch = {"batch_idx": t[:, 0], "cls": t[:, 1:2], "bboxes": t[:, 2:6], "masks": torch.from_numpy(index_maps),
              "sem_masks": torch.from_numpy(sem.astype(np.float32))}
     ref_runs[m] = timing.reference_run(crit, ref_preds, batch, leaves)
-  timing.compare_rows(
+  medians = timing.compare_rows(
       args, table, NAME26, "jaxtal.segment26_loss", runs,
-      "Ultralytics SegmentLoss26 fwd+bwd", ref_runs, timing.reference_note(reference), "segment26 loss", "target >= 3",
+      "Ultralytics SegmentLoss26 fwd+bwd", ref_runs, timing.reference_note(reference), "segment26 loss", "target >= 4.06 (v8's)",
   )  # fmt: skip
+  ablation.task_rows(args, table, "segment26_loss", "segment26 loss", cfg, make_step26, inputs_by_m, medians)
