@@ -346,6 +346,7 @@ class TestFlowRows:
     for g in jax.tree.leaves(grads):
       assert np.all(np.asarray(g) == 0)
 
+  @pytest.mark.slow
   def test_vmap_equals_one_problem_at_a_time(self, monkeypatch):
     monkeypatch.setattr(kernels, "FLOW_CHUNK", 16)
     problems = [_flow_rows_inputs(seed=s) for s in (2, 3)]

@@ -317,6 +317,7 @@ def test_loss_matches_numpy_oracle_and_the_module():
   chex.assert_trees_all_close(np.asarray(m_parts), parts, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_flow_over_kept_rows_equals_the_flow_over_every_row():
   """The RLE term's kernel (kernels.flow_rows; chunking is tested in test_kernels) against its plain twin."""
   feats, kpts, sigmas, gt, flow, cfg = problem()
