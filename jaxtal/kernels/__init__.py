@@ -32,27 +32,26 @@ The tricks live in four modules, one family each; every public name is re-export
 - :mod:`jaxtal.kernels.yolo26`: the YOLO26 pose and segmentation steps': ``flow_rows`` and ``pair_mask_counts``.
 
 The tunables (``TILE``, ``WINDOW_GTS``, ``WINDOW_COST``, ``FLOW_CHUNK``, ``MASK_TILE``, ``MASK_TILE_CHUNK``) are
-read at trace time from their own module: set them there (``jaxtal.kernels.yolo26.FLOW_CHUNK``); the names
-re-exported here are copies taken at import.
+read at trace time from their own module and are not re-exported here, so that setting one sets what is read
+(``jaxtal.kernels.yolo26.FLOW_CHUNK = 4096``).
 """
 
 from __future__ import annotations
 
 import functools
 
-from jaxtal.kernels.assign import TILE, WINDOW_GTS, plain_top_k, plain_windows, top_k, windows  # noqa: F401  (re-exported)
+from jaxtal.kernels.assign import plain_top_k, plain_windows, top_k, windows  # noqa: F401  (re-exported)
 from jaxtal.kernels.loss import (  # noqa: F401  (re-exported)
     bce_sum, plain_bce_sum, plain_sigmoid, plain_softmax_stats, plain_split_channels, plain_sqrt_sigmoid,
     plain_two_bin_logit_sum, plain_whole_map_scores, sigmoid, softmax_stats, split_channels, sqrt_sigmoid,
     two_bin_logit_sum, two_bin_target, whole_map_scores,
 )  # fmt: skip
 from jaxtal.kernels.masks import (  # noqa: F401  (re-exported)
-    WINDOW_COST, BoxWindows, box_windows, entry_groups, gather_windows, mask_bce_sum, mask_windows, plain_chunk_sum,
+    BoxWindows, box_windows, entry_groups, gather_windows, mask_bce_sum, mask_windows, plain_chunk_sum,
     plain_mask_bce_sum, plain_mask_windows, scatter_add_windows, window_at, window_items, windows_cheaper,
 )  # fmt: skip
 from jaxtal.kernels.yolo26 import (  # noqa: F401  (re-exported)
-    FLOW_CHUNK, FLOW_CHUNK_ACCELERATOR, FLOW_CHUNK_CPU, MASK_TILE, MASK_TILE_CHUNK, flow_chunk, flow_rows,
-    pair_mask_counts, plain_flow_rows, plain_pair_mask_counts,
+    flow_chunk, flow_rows, pair_mask_counts, plain_flow_rows, plain_pair_mask_counts,
 )  # fmt: skip
 
 # ------------------------------------------------------------------------------------------------
