@@ -62,7 +62,8 @@ def test_public_callables_come_from_jaxtal():
 
 
 def _cross_module_private_uses(path: pathlib.Path, modules: set[str]) -> list[str]:
-  """``from jaxtal.x import _name`` and ``x._name`` (``x`` a jaxtal module imported here) in one file.
+  """``from jaxtal.x import _name`` and ``x._name`` (``x`` a jaxtal module imported here, also from a subpackage:
+  ``from jaxtal.kernels import masks``) in one file.
 
   Package-internal modules (``_validate``, ``_parallel``) may be imported whole; NamedTuple's own
   ``_replace``/``_fields``/``_asdict``/``_make`` are public API despite the underscore.
@@ -72,7 +73,7 @@ def _cross_module_private_uses(path: pathlib.Path, modules: set[str]) -> list[st
   for node in ast.walk(tree):
     if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "jaxtal":
       for alias in node.names:
-        if node.module == "jaxtal" and alias.name in modules:
+        if alias.name in modules:
           module_aliases[alias.asname or alias.name] = alias.name
         elif alias.name.startswith("_"):
           found.append(f"{path.name}:{node.lineno} imports {node.module}.{alias.name}")
@@ -93,13 +94,17 @@ def _cross_module_private_uses(path: pathlib.Path, modules: set[str]) -> list[st
 def test_no_module_reads_another_modules_underscore_names():
   """What two modules share has a public name in the module that owns it (the shared loss terms live in jaxtal.terms)."""
   package = pathlib.Path(jaxtal.__file__).parent
-  modules = {p.stem for p in package.glob("*.py")} - {"__init__"}
-  found = [use for path in sorted(package.glob("*.py")) for use in _cross_module_private_uses(path, modules)]
+  files = sorted(package.rglob("*.py"))  # the subpackage jaxtal.kernels and its modules too
+  modules = {p.parent.name if p.stem == "__init__" else p.stem for p in files} - {package.name}
+  found = [use for path in files for use in _cross_module_private_uses(path, modules)]
   assert not found, f"cross-module underscore names: {found}"
 
 
 def test_the_walker_finds_what_it_forbids(tmp_path):
   bad = tmp_path / "bad.py"
-  bad.write_text("from jaxtal.terms import _x\nfrom jaxtal import segment, _validate\nsegment._mask_sum(1)\nt._replace(a=1)\n")
-  found = _cross_module_private_uses(bad, {"segment", "_validate", "terms"})
-  assert found == ["bad.py:1 imports jaxtal.terms._x", "bad.py:3 reads segment._mask_sum"], found
+  bad.write_text(
+      "from jaxtal.terms import _x\nfrom jaxtal import segment, _validate\nsegment._mask_sum(1)\nt._replace(a=1)\n"
+      "from jaxtal.kernels import masks\nmasks._chunks(1)\n"
+  )
+  found = _cross_module_private_uses(bad, {"segment", "_validate", "terms", "masks"})
+  assert found == ["bad.py:1 imports jaxtal.terms._x", "bad.py:3 reads segment._mask_sum", "bad.py:6 reads masks._chunks"], found

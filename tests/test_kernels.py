@@ -322,7 +322,7 @@ class TestFlowRows:
 
   @pytest.mark.parametrize("chunk", [7, 8192])  # many chunks with a partial last one; one chunk
   def test_value_and_gradients_equal_the_flow_over_the_kept_rows(self, chunk, monkeypatch):
-    monkeypatch.setattr(kernels, "FLOW_CHUNK", chunk)
+    monkeypatch.setattr(kernels.yolo26, "FLOW_CHUNK", chunk)
     params, x, coef, keep = _flow_rows_inputs()
     k = np.asarray(keep)
     want = float(np.sum(np.asarray(coef, np.float64)[k] * np_flow_log_prob(params, np.asarray(x)[k])))
@@ -348,7 +348,7 @@ class TestFlowRows:
 
   @pytest.mark.slow
   def test_vmap_equals_one_problem_at_a_time(self, monkeypatch):
-    monkeypatch.setattr(kernels, "FLOW_CHUNK", 16)
+    monkeypatch.setattr(kernels.yolo26, "FLOW_CHUNK", 16)
     problems = [_flow_rows_inputs(seed=s) for s in (2, 3)]
     params = problems[0][0]
     x, coef, keep = (jnp.stack([p[i] for p in problems]) for i in (1, 2, 3))
@@ -363,7 +363,7 @@ class TestFlowRows:
         np.testing.assert_allclose(got[i], ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
   def test_check_grads(self, monkeypatch):
-    monkeypatch.setattr(kernels, "FLOW_CHUNK", 5)
+    monkeypatch.setattr(kernels.yolo26, "FLOW_CHUNK", 5)
     with jax.enable_x64(True):
       params, x, coef, keep = _flow_rows_inputs(seed=4, rows=12, dtype=np.float64)
       x = jnp.where(keep[:, None], x, 0.0)  # finite differences perturb every row
@@ -381,8 +381,8 @@ class TestPairMaskCounts:
   def test_tiles_count_what_the_plane_counts(self, index_map, tile, tile_chunk, monkeypatch):
     """Equal integers for any tile (partial tiles on both sides, one pixel, the whole plane) and chunking, on boxes
     past every border, NaN and infinite sides, empty and full masks, non-finite values; the counts are not trivial."""
-    monkeypatch.setattr(kernels, "MASK_TILE", tile)
-    monkeypatch.setattr(kernels, "MASK_TILE_CHUNK", tile_chunk)
+    monkeypatch.setattr(kernels.yolo26, "MASK_TILE", tile)
+    monkeypatch.setattr(kernels.yolo26, "MASK_TILE_CHUNK", tile_chunk)
     coef, box, cand, image = segment26_cases.counting_problem(2, index_map)
     m, size, nm = coef.shape
     args = (jnp.asarray(coef.reshape(-1, nm)), jnp.asarray(box.reshape(-1, 4)), jnp.repeat(jnp.arange(m, dtype=jnp.int32), size),
@@ -395,8 +395,8 @@ class TestPairMaskCounts:
     assert (inter > 0).sum() >= 10 and (pred > inter).sum() >= 10 and not inter[~cand.reshape(-1)].any()
 
   def test_vmap_over_images_with_other_pair_counts(self, monkeypatch):
-    monkeypatch.setattr(kernels, "MASK_TILE", 6)
-    monkeypatch.setattr(kernels, "MASK_TILE_CHUNK", 4)
+    monkeypatch.setattr(kernels.yolo26, "MASK_TILE", 6)
+    monkeypatch.setattr(kernels.yolo26, "MASK_TILE_CHUNK", 4)
     problems = [segment26_cases.counting_problem(s, True) for s in (3, 4)]
     stack = lambda f: jnp.stack([jnp.asarray(f(*p)) for p in problems])  # noqa: E731
     m, size, nm = problems[0][0].shape

@@ -316,8 +316,8 @@ def test_listed_mask_iou_matches_numpy(index_map, chunk, early_exit, plain, monk
   inverted, NaN and infinite; empty and full predicted masks; non-finite coefficients and prototype pixels;
   the tiles (7 x 7 on the 24 x 20 plane: partial tiles on both sides, several chunks of 5 pairs a tile) and the
   whole plane, every chunking and both loop forms; the IoUs are not trivial."""
-  monkeypatch.setattr(jaxtal.kernels, "MASK_TILE", 7)
-  monkeypatch.setattr(jaxtal.kernels, "MASK_TILE_CHUNK", 5)
+  monkeypatch.setattr(jaxtal.kernels.yolo26, "MASK_TILE", 7)
+  monkeypatch.setattr(jaxtal.kernels.yolo26, "MASK_TILE_CHUNK", 5)
   coef, box, cand, image = segment26_cases.counting_problem(1, index_map)
   listed_iou = lambda *a: jaxtal.segment26._listed_iou(*a, chunk, early_exit, plain)  # noqa: E731  (a fresh trace: MASK_TILE)
   got = np.asarray(jax.jit(listed_iou)(jnp.asarray(coef), jnp.asarray(box), jnp.asarray(cand), image))

@@ -364,12 +364,12 @@ def test_detection_loss_windowed_equals_dense():
 
 
 def test_the_pass_is_chosen_by_gt_count_grid_and_geometry():
-  assert kernels.select("windows")(kernels.WINDOW_GTS, 8400) and not kernels.select("windows")(kernels.WINDOW_GTS - 1, 8400)
+  assert kernels.select("windows")(kernels.assign.WINDOW_GTS, 8400) and not kernels.select("windows")(kernels.assign.WINDOW_GTS - 1, 8400)
   assert not kernels.select("windows", ("windows",))(10_000, 8400)  # the ablation's plain form: always dense
   assert "windows" in kernels.KERNELS
   jaxpr = lambda cfg, **kw: str(jax.make_jaxpr(  # noqa: E731
       lambda *a: jaxtal.assign_targets((a[0],), a[1], a[2], a[3], cfg, geometry=jaxtal.axis_aligned(), from_logits=False, **kw)
-  )(*crowded_problem(m=kernels.WINDOW_GTS)))
+  )(*crowded_problem(m=kernels.assign.WINDOW_GTS)))
   assert "while" in jaxpr(jaxtal.AssignerConfig(), grid=GRID)  # automatic, M = WINDOW_GTS
   assert "while" not in jaxpr(jaxtal.AssignerConfig(plain_kernels=("windows",)), grid=GRID)
   assert "while" not in jaxpr(jaxtal.AssignerConfig(windows=True))  # no grid: dense
