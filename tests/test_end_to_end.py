@@ -110,6 +110,7 @@ def test_gradients_reach_both_branches_and_only_through_the_weighted_totals():
     np.testing.assert_allclose(got, (1 - w) * want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_module_equals_function_and_compiles_once_over_epochs():
   many, one = maps(0), maps(1)
   module = jaxtal.EndToEndLoss(CFG)

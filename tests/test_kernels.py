@@ -320,7 +320,7 @@ def _flow_rows_inputs(seed=0, rows=50, dtype=np.float32):
 
 class TestFlowRows:
 
-  @pytest.mark.parametrize("chunk", [7, 8192])  # many chunks with a partial last one; one chunk
+  @pytest.mark.parametrize("chunk", [7, pytest.param(8192, marks=pytest.mark.slow)])  # many chunks, a partial last one; one chunk
   def test_value_and_gradients_equal_the_flow_over_the_kept_rows(self, chunk, monkeypatch):
     monkeypatch.setattr(kernels.yolo26, "FLOW_CHUNK", chunk)
     params, x, coef, keep = _flow_rows_inputs()
@@ -362,6 +362,7 @@ class TestFlowRows:
       for got, ref in zip(d_params, dp):  # sums over rows in another order
         np.testing.assert_allclose(got[i], ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
 
+  @pytest.mark.slow
   def test_check_grads(self, monkeypatch):
     monkeypatch.setattr(kernels.yolo26, "FLOW_CHUNK", 5)
     with jax.enable_x64(True):
@@ -433,6 +434,7 @@ class TestPlainSwitch:
     assert not kernels.whole_map_scores(40, 80, False, 0.5) and kernels.whole_map_scores(80, 80, False, 1.0)
     assert kernels.plain_whole_map_scores(80, 80, True, 0.5) and not kernels.plain_whole_map_scores(40, 80, True, 0.5)
 
+  @pytest.mark.slow
   def test_loss_with_every_plain_twin_equals_the_loss(self):
     """Value and gradient of the whole loss (and its targets) with all tricks swapped for their twins."""
     feats, gt = crowded_loss_problem(seed=1)

@@ -135,6 +135,7 @@ def _dense_assignment(feats, gt, config):
   return jaxtal.task_aligned_assign(scores, head.boxes * head.strides, head.anchors * head.strides, gt, config)
 
 
+@pytest.mark.slow
 def test_round_trip_through_a_dense_assignment_equals_detection_loss():
   feats, gt = crowded_loss_problem(seed=2)
   cfg = loss_config()

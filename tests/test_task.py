@@ -84,7 +84,7 @@ def test_detection_keeps_its_first_names_as_aliases():
 
 
 @pytest.mark.parametrize("task", [*TASKS[:1], pytest.param("obb", marks=pytest.mark.slow),
-                                  pytest.param("pose", marks=pytest.mark.slow), TASKS[3]])
+                                  pytest.param("pose", marks=pytest.mark.slow), pytest.param(TASKS[3], marks=pytest.mark.slow)])
 def test_loss_equals_the_loss_from_its_own_targets_and_the_module(task):
   preds, gt, cfg = problem(task)
   loss, _ = entry(task, "loss")
