@@ -67,7 +67,8 @@ def check_values(
       finite, and every labelled keypoint (visibility non-zero, or ``D = 2``) has finite
       coordinates within ``COORD_LIMIT``. With ``gt.masks``: per-slot masks ``(b, M, mh, mw)``
       hold finite values in ``[0, 1]`` on real slots; an index map ``(b, mh, mw)`` holds values in
-      ``[0, M]``.
+      ``[0, M]``. With ``gt.class_map``: every pixel's class is in ``[-1, num_classes)`` (-1: no
+      instance; inside the losses other values count as uncovered).
     num_classes: ``nc``; required with ``gt``.
     predictions: arrays that must be entirely finite (head maps, logits, scores, boxes),
       as a sequence or as a ``{name: array}`` mapping (the name appears in the error).
@@ -132,6 +133,20 @@ def check_values(
     _check_keypoints(jnp.asarray(gt.keypoints), real)
   if gt.masks is not None:
     _check_masks(jnp.asarray(gt.masks), real)
+  if gt.class_map is not None:
+    _check_class_map(jnp.asarray(gt.class_map), num_classes)
+
+
+def _check_class_map(cmap: jax.Array, num_classes: int) -> None:
+  """A class map ``(b, h, w)``: every pixel's class in ``[-1, nc)``."""
+  bad = (cmap < -1) | (cmap >= num_classes)
+  idx = _first(bad)
+  checkify.check(
+      ~jnp.any(bad),
+      f"gt.class_map: {{n}} pixel(s) hold a class outside [-1, {num_classes}) (-1: no instance covers the pixel);"
+      " the first is image {i}, pixel (y, x) = ({y}, {x}) with value {v}",
+      n=jnp.sum(bad), i=idx[0], y=idx[1], x=idx[2], v=cmap[idx],
+  )
 
 
 def _check_keypoints(kpts: jax.Array, real: jax.Array) -> None:

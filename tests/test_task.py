@@ -221,7 +221,7 @@ def _values_error(gt):
   return err.get()
 
 
-def test_check_values_names_bad_keypoints_and_masks_of_real_rows_only():
+def test_check_values_names_bad_keypoints_masks_and_class_maps():
   _, gt, _ = problem("pose")
   assert _values_error(gt) is None
   assert _values_error(gt._replace(keypoints=gt.keypoints.at[0, 2, 1, 0].set(jnp.nan))) is None  # slot 2 is padding
@@ -233,3 +233,8 @@ def test_check_values_names_bad_keypoints_and_masks_of_real_rows_only():
   assert msg and "not a finite value in [0, 1]" in msg and "image 1, slot 1, pixel (y, x) = (2, 3)" in msg, msg
   msg = _values_error(gt._replace(masks=gt.masks.at[0, 0, 0].set(-1)))
   assert msg and "outside [0, M = 3]" in msg, msg
+  cmap = jnp.full(gt.masks.shape, -1, jnp.int32).at[:, :4, :4].set(NC - 1)  # a pipeline's class map
+  assert _values_error(gt._replace(class_map=cmap)) is None
+  msg = _values_error(gt._replace(class_map=cmap.at[1, 5, 6].set(NC)))
+  assert msg and f"class outside [-1, {NC})" in msg and "image 1, pixel (y, x) = (5, 6) with value {NC}".format(NC=NC) in msg, msg
+  assert "gt.class_map" in _values_error(gt._replace(class_map=cmap.at[0, 0, 0].set(-2)))
