@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 
 from jaxtal import _validate
+from jaxtal.anchors import make_anchors
 from jaxtal.assigner import task_aligned_assign
 from jaxtal.config import AssignerConfig, make_config
 from jaxtal.geometry import axis_aligned, rotated
@@ -201,16 +202,31 @@ def _check_masks(masks: jax.Array, real: jax.Array) -> None:
 
 
 def checked_task_aligned_assign(
-    pred_scores, pred_boxes, anchor_points, gt: GroundTruth, config: AssignerConfig | None = None, **overrides
+    pred_scores, pred_boxes, anchor_points, gt: GroundTruth, config: AssignerConfig | None = None, *, grid=None, **overrides
 ) -> Assignment:
   """:func:`~jaxtal.task_aligned_assign` that raises (through ``checkify``) on invalid values.
 
   Requires finite ``pred_scores`` in ``[0, 1]``, finite ``pred_boxes`` and anchor points, and for
-  every real GT row a class in ``[0, nc)`` and a finite, bounded, non-inverted box.
-  Use under ``checkify.checkify``.
+  every real GT row a class in ``[0, nc)`` and a finite, bounded, non-inverted box. With ``grid``
+  (``((H_l, W_l, stride_l), ...)``, as :func:`~jaxtal.task_aligned_assign` takes it), the anchor
+  points must be that grid's cell centres in pixels, in :func:`~jaxtal.make_anchors`' order (within
+  1e-3 of a pixel): a grid of the right cell count but another layout (``H`` and ``W`` swapped,
+  levels reordered) would make the windowed pass read the wrong anchors. Use under ``checkify.checkify``.
   """
   cfg = make_config(AssignerConfig, config, overrides, "checked_task_aligned_assign")
   _validate.assigner_inputs(pred_scores, pred_boxes, anchor_points, gt, 4, "checked_task_aligned_assign")
+  grid = _validate.grid(grid, anchor_points.shape[0], "checked_task_aligned_assign")
+  if grid is not None:
+    cells, strides = make_anchors([(h, w) for h, w, _ in grid], [s for _, _, s in grid])
+    want = cells * strides
+    off = ~(jnp.abs(jnp.asarray(anchor_points, jnp.float32) - want) <= 1e-3).all(axis=-1)  # NaN is off too
+    (a,) = _first(off)
+    checkify.check(
+        ~jnp.any(off),
+        f"anchor_points are not the cell centres of grid={grid} in make_anchors' order: {{n}} differ; the first is"
+        " anchor {a} at {got}, the grid's is {want} (check each level's (H, W, stride) and the levels' order)",
+        n=jnp.sum(off), a=a, got=jnp.asarray(anchor_points, jnp.float32)[a], want=want[a],
+    )
   check_values(
       gt,
       num_classes=pred_scores.shape[-1],
@@ -225,4 +241,4 @@ def checked_task_aligned_assign(
       idx=jnp.stack(idx),
       v=pred_scores[idx].astype(jnp.float32),
   )
-  return task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, cfg)
+  return task_aligned_assign(pred_scores, pred_boxes, anchor_points, gt, cfg, grid=grid)

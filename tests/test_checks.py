@@ -17,7 +17,7 @@ from jax.experimental import checkify
 
 import jaxtal
 # The same small problem as the masking rules of test_contract.py: the checks turn those rules into errors.
-from support.contract import KW, NC, R, assign_inputs, make_feats, make_gt, replace
+from support.contract import KW, NC, R, SHAPES, STRIDES, assign_inputs, make_feats, make_gt, replace
 from support.problems import broken, crowded_loss_problem, loss_config, targets_jit
 
 F = make_feats()
@@ -129,6 +129,23 @@ def test_checked_assign():
   assert re.search(r"pred_boxes .* 1 non-finite .* index \[0 3 1\]", err.get()), err.get()
   err, _ = fn(scores, boxes, anchors, replace(gt, labels=gt.labels.at[0, 0].set(NC)))
   assert "class id outside [0, 3)" in err.get()
+
+
+def test_checked_assign_checks_the_grid_layout():
+  """``grid=``: the anchors must be that grid's cell centres in make_anchors' order; a grid of the right cell count
+  but another layout (the levels in another order) is named, as are anchors off the grid."""
+  scores, boxes, anchors, gt = assign_inputs()
+  grid = tuple((h, w, float(s)) for (h, w), s in zip(SHAPES, STRIDES))
+  run = lambda g, a=anchors: jax.jit(checkify.checkify(  # noqa: E731
+      functools.partial(jaxtal.checked_task_aligned_assign, topk=5, grid=g)))(scores, boxes, a, gt)
+  err, out = run(grid)
+  assert err.get() is None
+  expected = jax.jit(functools.partial(jaxtal.task_aligned_assign, topk=5))(scores, boxes, anchors, gt)
+  np.testing.assert_array_equal(out.fg_mask, expected.fg_mask)
+  msg = run(grid[::-1])[0].get()
+  assert msg and "are not the cell centres of grid=" in msg and "the first is anchor 0" in msg, msg
+  msg = run(grid, anchors.at[5, 1].add(0.5))[0].get()
+  assert msg and "1 differ; the first is anchor 5" in msg, msg
 
 
 def test_check_values_requires_num_classes_with_gt():
