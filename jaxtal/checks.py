@@ -138,16 +138,21 @@ def check_values(
     _check_class_map(jnp.asarray(gt.class_map), num_classes)
 
 
-def _check_class_map(cmap: jax.Array, num_classes: int) -> None:
-  """A class map ``(b, h, w)``: every pixel's class in ``[-1, nc)``."""
-  bad = (cmap < -1) | (cmap >= num_classes)
+def _check_plane(bad: jax.Array, values: jax.Array, what: str) -> None:
+  """``checkify.check`` that no pixel of ``(b, h, w)`` planes is ``bad``: ``what`` names the rule; the error adds
+  the count and the first pixel with its value."""
   idx = _first(bad)
   checkify.check(
       ~jnp.any(bad),
-      f"gt.class_map: {{n}} pixel(s) hold a class outside [-1, {num_classes}) (-1: no instance covers the pixel);"
-      " the first is image {i}, pixel (y, x) = ({y}, {x}) with value {v}",
-      n=jnp.sum(bad), i=idx[0], y=idx[1], x=idx[2], v=cmap[idx],
+      what + "; the first is image {i}, pixel (y, x) = ({y}, {x}) with value {v}",
+      n=jnp.sum(bad), i=idx[0], y=idx[1], x=idx[2], v=values[idx],
   )
+
+
+def _check_class_map(cmap: jax.Array, num_classes: int) -> None:
+  """A class map ``(b, h, w)``: every pixel's class in ``[-1, nc)``."""
+  _check_plane((cmap < -1) | (cmap >= num_classes), cmap,
+               f"gt.class_map: {{n}} pixel(s) hold a class outside [-1, {num_classes}) (-1: no instance covers the pixel)")
 
 
 def _check_keypoints(kpts: jax.Array, real: jax.Array) -> None:
@@ -191,14 +196,7 @@ def _check_masks(masks: jax.Array, real: jax.Array) -> None:
     )
     return
   m = real.shape[-1]
-  bad = (masks < 0) | (masks > m)
-  idx = _first(bad)
-  checkify.check(
-      ~jnp.any(bad),
-      f"gt.masks: {{n}} index-map pixel(s) are outside [0, M = {m}] (value j + 1 marks slot j); the first is image"
-      " {i}, pixel (y, x) = ({y}, {x}) with value {v}",
-      n=jnp.sum(bad), i=idx[0], y=idx[1], x=idx[2], v=masks[idx],
-  )
+  _check_plane((masks < 0) | (masks > m), masks, f"gt.masks: {{n}} index-map pixel(s) are outside [0, M = {m}] (value j + 1 marks slot j)")
 
 
 def checked_task_aligned_assign(
