@@ -21,10 +21,10 @@ computed only for each GT's ``L = min(3 * topk, A)`` best candidates by the box 
 ``score^alpha * CIoU^beta + eps``; every other pair's mask IoU is 0 (overlap ``CIoU / 2``).
 
 **Memory and cost**: predicted masks exist only for the listed pairs (never ``(b, M, A, mh,
-mw)``, nor ``(b, M, L, mh, mw)``): the candidate pairs of each image are decoded a chunk of
-``iou_chunk`` pairs at a time (:class:`Segment26LossConfig`) in a loop that stops after the
-last chunk holding a candidate of any image, so padding GT slots cost nothing (``checked_segment26_loss``
-decodes every chunk: ``checkify`` cannot transform that batched ``while_loop``). Each pair is
+mw)``, nor ``(b, M, L, mh, mw)``): the candidate pairs of each image are decoded a chunk at a
+time in loops that end after the last chunk holding a candidate of any image, so padding GT slots
+cost nothing (``checked_segment26_loss`` decodes every chunk of the whole-plane form, ``iou_chunk``
+pairs each: ``checkify`` cannot transform a batched ``while_loop``). Each pair is
 decoded on its own (``nm`` multiply-adds per prototype pixel), also where two GTs list the same
 anchor (about 90% of the listed anchors are distinct), and only over the ``32 x 32`` tiles of the
 plane its predicted box touches (:func:`jaxtal.kernels.pair_mask_counts`; the pairs touching a
@@ -96,10 +96,12 @@ class Segment26LossConfig(SegmentLossConfig):
   """Settings of the YOLO26 segmentation loss: :class:`~jaxtal.SegmentLossConfig` plus the assignment's chunking.
 
   Attributes:
-    iou_chunk: candidate pairs per image whose predicted masks the assignment decodes together.
-      ``None`` picks as many as keep one chunk's masks under ``2^20`` pixels per image (one pair at
-      least, at most the whole short list). Smaller uses less memory and more sequential steps; the
-      result does not depend on it.
+    iou_chunk: candidate pairs per image whose predicted masks the whole-plane form of the
+      assignment decodes together (the checked loss, or ``plain_kernels=("pair_mask_counts",)``;
+      the default tiled form decodes ``jaxtal.kernels.yolo26.MASK_TILE_CHUNK`` pairs of a tile at a
+      time). ``None`` picks as many as keep one chunk's masks under ``2^20`` pixels per image (one
+      pair at least, at most the whole short list). Smaller uses less memory and more sequential
+      steps; the result does not depend on it.
   """
 
   iou_chunk: int | None = None
